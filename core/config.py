@@ -1,0 +1,154 @@
+"""Run configuration: frozen dataclasses for a chain of training stages, built from plain dicts (YAML at the CLI edge)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+
+from core.backbones import BACKBONES
+from core.model import HeadConfig
+from core.splits import SplitConfig
+from core.transforms import AUGMENTATIONS
+
+SCHEDULERS = ("none", "plateau", "cosine")
+SELECT_METRICS = ("roc_auc", "recall", "accuracy", "f1", "pr_auc", "loss")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be run, with the offending key."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A manifest CSV, or a labelled CSV + image folder imported on the fly (column names as in `train.data csv`)."""
+    manifest: str | None = None
+    csv: str | None = None
+    images: str | None = None
+    domain: str | None = None
+    image_col: str = "image"
+    label_col: str = "label"
+    patient_col: str = "patient_id"
+
+    def __post_init__(self):
+        if bool(self.manifest) == bool(self.csv):
+            raise ConfigError("a data source names exactly one of 'manifest' or 'csv'")
+        if self.csv and not self.images:
+            raise ConfigError(f"data source csv={self.csv!r} needs 'images' (the image folder)")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    data: tuple[DataSource, ...]
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    dropout: float = 0.5
+    freeze_backbone: bool = False
+    scheduler: str = "none"
+    augment: str = "smartphone"
+    batch_size: int = 32
+
+    def __post_init__(self):
+        for key, value, allowed in (("scheduler", self.scheduler, SCHEDULERS),
+                                    ("augment", self.augment, AUGMENTATIONS)):
+            if value not in allowed:
+                raise ConfigError(f"stage {self.name!r}: {key} must be one of {allowed}, not {value!r}")
+        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise ConfigError(f"stage {self.name!r}: epochs, lr and batch_size must be positive")
+        if not self.data:
+            raise ConfigError(f"stage {self.name!r} names no data")
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    rule: str = "sensitivity"   # 'sensitivity' (highest threshold reaching target), 'youden', 'fixed'
+    target: float = 0.90
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    stages: tuple[StageConfig, ...]
+    backbone: str = "convnext_tiny"
+    weights: str = "imagenet"     # 'imagenet' (timm download), 'none' (random), or a local weights file
+    head: HeadConfig = field(default_factory=HeadConfig)
+    input_size: int | None = None  # None: the weights' own input size (tests use small images for speed)
+    init_from: str | None = None  # a previous run folder whose bundle starts this run
+    seed: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    select_metric: str = "roc_auc"  # best epoch on validation; recall breaks ties
+    precision: str = "auto"       # 'auto' = bf16-mixed on GPUs, fp32 on CPUs; or any Fabric precision
+    device: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    num_workers: int | None = None  # None: sized to the machine
+    grad_checkpointing: bool = False
+    channels_last: bool = True
+    report_test: bool = False     # after selection, evaluate the chosen model once on the last stage's test split
+    n_boot: int = 1000
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"select_metric must be one of {SELECT_METRICS}")
+        if self.threshold.rule not in ("sensitivity", "youden", "fixed"):
+            raise ConfigError("threshold.rule must be 'sensitivity', 'youden' or 'fixed'")
+        if not self.stages:
+            raise ConfigError("a run needs at least one stage")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, raw: dict, where: str):
+    """Instantiate a frozen dataclass from a dict, naming unknown keys instead of a TypeError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for f in dataclasses.fields(cls):
+        if f.name in raw and isinstance(raw[f.name], str) and f.type in ("float", "int"):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                raw = {**raw, f.name: float(raw[f.name]) if f.type == "float" else int(raw[f.name])}
+            except ValueError:
+                raise ConfigError(f"{where}.{f.name}: expected a number, got {raw[f.name]!r}") from None
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def run_config_from_dict(raw: dict) -> RunConfig:
+    raw = dict(raw)
+    stages = []
+    for i, s in enumerate(raw.pop("stages", None) or []):
+        s = dict(s)
+        data = tuple(_build(DataSource, d, f"stages[{i}].data") for d in (s.pop("data", None) or []))
+        stages.append(_build(StageConfig, {**s, "data": data}, f"stages[{i}]"))
+    nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig}
+    for key, cls in nested.items():
+        if key in raw:
+            raw[key] = _build(cls, raw[key], key)
+    return _build(RunConfig, {**raw, "stages": tuple(stages)}, "run")
+
+
+def apply_override(raw: dict, dotted: str) -> None:
+    """Apply one `a.b.0.c=value` override in place (value parsed as YAML: numbers, booleans, lists)."""
+    import yaml
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like key.path=value")
+    path, value = dotted.split("=", 1)
+    keys = path.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+    last = keys[-1]
+    parsed = yaml.safe_load(value)
+    if isinstance(node, list):
+        node[int(last)] = parsed
+    else:
+        node[last] = parsed

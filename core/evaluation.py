@@ -1,0 +1,77 @@
+"""Evaluate a model on manifest rows: probabilities, metrics with confidence intervals, ROC, subgroups."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from core import metrics
+from core.dataset import ManifestDataset
+from core.device import autocast
+from core.transforms import eval_transform
+
+SUBGROUP_COLUMNS = ("fitzpatrick", "domain")
+
+
+def default_workers() -> int:
+    """DataLoader workers sized to the machine: leave one core for the model."""
+    import os
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+@torch.no_grad()
+def predict_probs(model, df: pd.DataFrame, *, device="cpu", batch_size=32, num_workers=None,
+                  dtype=None, progress=None) -> np.ndarray:
+    """P(malignant) for every row of df, in row order."""
+    pp = model.spec.preprocessing
+    ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
+                        num_workers=default_workers() if num_workers is None else num_workers)
+    device = torch.device(device)
+    model.eval()
+    out = np.empty(len(ds), dtype=np.float64)
+    for x, _, idx in (progress(loader) if progress else loader):
+        with autocast(device, dtype):
+            logits = model(x.to(device, memory_format=torch.channels_last))
+        out[idx.numpy()] = torch.sigmoid(logits.float()).squeeze(1).cpu().numpy()
+    return out
+
+
+def groups_of(df: pd.DataFrame):
+    """Patient ids for the cluster bootstrap, or None when the data has none."""
+    if "patient_id" in df and df["patient_id"].notna().any():
+        return df["patient_id"].astype(str).where(df["patient_id"].notna(), None).tolist()
+    return None
+
+
+def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boot=1000, seed=0,
+                 model_meta: dict | None = None, split: str | None = None) -> dict:
+    """The evaluation report: metrics with 95% CIs, confusion matrix, ROC points, per-image rows, subgroups."""
+    y = df["label"].to_numpy().astype(int)
+    groups = groups_of(df)
+    report = metrics.metric_report(y, probs, threshold, groups=groups, n_boot=n_boot, seed=seed)
+    report["roc"] = metrics.roc_points(y, probs)
+    report["split"] = split
+    report["subgroups"] = {}
+    for col in SUBGROUP_COLUMNS:
+        if col in df and df[col].notna().any():
+            report["subgroups"][col] = metrics.subgroup_reports(
+                y, probs, threshold, df[col].tolist(), groups=groups, n_boot=min(n_boot, 500), seed=seed)
+    keep = [c for c in ("image", "label", "patient_id", "lesion_id", "domain", "fitzpatrick") if c in df]
+    rows = df[keep].copy()
+    rows["prob"] = probs
+    rows["pred"] = (probs >= threshold).astype(int)
+    report["predictions"] = rows.where(rows.notna(), None).to_dict(orient="records")
+    if model_meta is not None:
+        report["model"] = model_summary(model_meta)
+    return report
+
+
+def model_summary(meta: dict) -> dict:
+    """The provenance a report or a prediction must carry: what model, trained on what, validated how."""
+    prov = meta.get("provenance", {})
+    return {"run": prov.get("run_name"), "backbone": meta["backbone"]["name"],
+            "weights": prov.get("weights"), "training_data": prov.get("data"),
+            "split_counts": prov.get("split_counts"), "threshold": meta.get("threshold"),
+            "validation_metrics": prov.get("validation_metrics"), "intended_use": meta.get("intended_use")}

@@ -1,0 +1,172 @@
+"""The one manifest CSV format every dataset is mapped onto, with its reader, writer and generic importers."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED = ("image", "label")
+OPTIONAL = ("patient_id", "lesion_id", "domain", "fitzpatrick",
+            "crop_left", "crop_top", "crop_width", "crop_height", "split")
+CROP_COLUMNS = ("crop_left", "crop_top", "crop_width", "crop_height")
+SPLITS = ("train", "val", "test")
+# Values accepted for the label column: the importer maps these onto 1 malignant / 0 benign.
+LABEL_WORDS = {"1": 1, "0": 0, "malignant": 1, "benign": 0, "true": 1, "false": 0,
+               "1.0": 1, "0.0": 0, "yes": 1, "no": 0}
+
+
+class ManifestError(ValueError):
+    """A manifest or labelled CSV that cannot be used, with the reason."""
+
+
+@dataclass
+class ImportReport:
+    """What an importer kept and what it dropped, per reason (nothing is dropped silently)."""
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def summary(self, df: pd.DataFrame | None = None) -> str:
+        lines = [f"kept {self.kept} images"]
+        if df is not None and len(df):
+            pos = int(df["label"].sum())
+            lines[0] += f" ({pos} malignant, {len(df) - pos} benign)"
+            if "patient_id" in df and df["patient_id"].notna().any():
+                lines.append(f"patients: {df['patient_id'].nunique()}")
+        for reason, n in sorted(self.dropped.items()):
+            lines.append(f"dropped {n}: {reason}")
+        return "\n".join(lines)
+
+
+def require_columns(df: pd.DataFrame, columns, source: str) -> None:
+    """Raise a ManifestError naming every missing column (and what is there instead)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source}: missing required column(s) {', '.join(missing)}; "
+                            f"found: {', '.join(map(str, df.columns))}")
+
+
+def parse_label(value) -> int | None:
+    """Map a label cell onto 1/0, or None when it is not a recognised malignant/benign value."""
+    if pd.isna(value):
+        return None
+    return LABEL_WORDS.get(str(value).strip().lower())
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and validate a manifest; image paths come back absolute (relative ones resolve against its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    try:
+        df = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str, "domain": str,
+                                      "fitzpatrick": str, "split": str, "image": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not a readable CSV ({e})") from e
+    require_columns(df, REQUIRED, str(path))
+    bad = df[~df["label"].isin([0, 1])]
+    if len(bad):
+        raise ManifestError(f"{path}: label must be 0 (benign) or 1 (malignant); "
+                            f"row {bad.index[0] + 2} has {bad['label'].iloc[0]!r}")
+    if "split" in df and not df["split"].dropna().isin(SPLITS).all():
+        odd = sorted(set(df["split"].dropna()) - set(SPLITS))
+        raise ManifestError(f"{path}: split values must be {SPLITS}, found {odd}")
+    df["label"] = df["label"].astype(int)
+    df["image"] = [str((path.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
+    df.attrs["source"] = str(path)
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a manifest with image paths relative to its folder, so a copied dataset folder keeps working."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = df.copy()
+    base = path.parent.resolve()
+    out["image"] = [os.path.relpath(Path(p).resolve(), base) for p in out["image"]]
+    ordered = [c for c in (*REQUIRED, *OPTIONAL) if c in out.columns]
+    out = out[ordered + [c for c in out.columns if c not in ordered]]
+    out.to_csv(path, index=False)
+    return path
+
+
+def crop_of(row) -> dict | None:
+    """The crop box of a manifest row as a dict, or None when the row has no (complete) box."""
+    if not all(c in row and pd.notna(row[c]) for c in CROP_COLUMNS):
+        return None
+    return {c.removeprefix("crop_"): int(round(float(row[c]))) for c in CROP_COLUMNS}
+
+
+def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image", label_col="label",
+               patient_col="patient_id", lesion_col="lesion_id", fitzpatrick_col="fitzpatrick",
+               domain: str | None = None) -> tuple[pd.DataFrame, ImportReport]:
+    """Map any labelled CSV + image folder onto the manifest format."""
+    labels_csv, images = Path(labels_csv), Path(images)
+    if not labels_csv.is_file():
+        raise ManifestError(f"{labels_csv}: labels CSV not found")
+    if not images.is_dir():
+        raise ManifestError(f"{images}: image folder not found")
+    src = pd.read_csv(labels_csv, dtype=str)
+    require_columns(src, (image_col, label_col), str(labels_csv))
+    report = ImportReport()
+    rows = []
+    for _, r in src.iterrows():
+        label = parse_label(r[label_col])
+        if label is None:
+            report.drop(f"label not malignant/benign ({r[label_col]!r})")
+            continue
+        img = images / str(r[image_col])
+        if not img.is_file():
+            report.drop("image file missing")
+            continue
+        row = {"image": str(img.resolve()), "label": label}
+        for col, name in ((patient_col, "patient_id"), (lesion_col, "lesion_id"),
+                          (fitzpatrick_col, "fitzpatrick")):
+            if col and col in src.columns:
+                row[name] = r[col]
+        if domain:
+            row["domain"] = domain
+        rows.append(row)
+    return _finish(rows, report, str(labels_csv))
+
+
+def import_folder(root: str | Path, *, domain: str | None = None) -> tuple[pd.DataFrame, ImportReport]:
+    """Import `root/benign/*` and `root/malignant/*` (no patient ids: splits fall back to images)."""
+    from core.images import SUPPORTED_SUFFIXES
+    root = Path(root)
+    folders = {name: root / name for name in ("benign", "malignant")}
+    if not all(p.is_dir() for p in folders.values()):
+        raise ManifestError(f"{root}: expected sub-folders benign/ and malignant/")
+    report, rows = ImportReport(), []
+    for name, folder in folders.items():
+        for f in sorted(folder.rglob("*")):
+            if not f.is_file():
+                continue
+            if f.suffix.lower() not in SUPPORTED_SUFFIXES:
+                report.drop(f"not an image file type ({f.suffix or 'no suffix'})")
+                continue
+            rows.append({"image": str(f.resolve()), "label": int(name == "malignant"),
+                         **({"domain": domain} if domain else {})})
+    return _finish(rows, report, str(root))
+
+
+def _finish(rows: list[dict], report: ImportReport, source: str) -> tuple[pd.DataFrame, ImportReport]:
+    if not rows:
+        raise ManifestError(f"{source}: no usable images ({report.summary()})")
+    df = pd.DataFrame(rows)
+    report.kept = len(df)
+    return df, report

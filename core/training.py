@@ -1,0 +1,366 @@
+"""One readable training loop: a chain of stages under Lightning Fabric, best epoch on validation, resumable."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from lightning_fabric import Fabric
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from core import metrics
+from core.backbones import get_spec
+from core.bundle import load_bundle, save_bundle
+from core.config import DataSource, RunConfig, StageConfig
+from core.dataset import ManifestDataset, check_images
+from core.device import fabric_precision, pick_device
+from core.evaluation import build_report, default_workers, groups_of
+from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
+from core.model import LesionClassifier
+from core.splits import assign_splits, split_counts
+from core.transforms import eval_transform, train_transform
+
+
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM from the app's stop button, or Ctrl-C)."""
+
+
+# ---------------------------------------------------------------- data
+def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
+    """A stage's data source as manifest rows, plus its provenance (path and content hash)."""
+    if src.manifest:
+        df = read_manifest(src.manifest)
+        prov = {"manifest": src.manifest, "sha256": file_sha256(src.manifest)}
+    else:
+        df, report = import_csv(src.csv, src.images, image_col=src.image_col, label_col=src.label_col,
+                                patient_col=src.patient_col)
+        prov = {"csv": src.csv, "images": src.images, "sha256": file_sha256(src.csv), "dropped": report.dropped}
+    if src.domain:
+        df["domain"] = src.domain
+    prov.update(images=int(len(df)), malignant=int(df["label"].sum()), domain=src.domain)
+    return df, prov
+
+
+def stage_data(stage: StageConfig, cfg: RunConfig) -> tuple[pd.DataFrame, list[dict], str]:
+    parts = [load_source(s) for s in stage.data]
+    df = pd.concat([p[0] for p in parts], ignore_index=True)
+    df, how = assign_splits(df, cfg.split)
+    check_images(df)
+    return df, [p[1] for p in parts], how
+
+
+# ---------------------------------------------------------------- run folder state
+@dataclass
+class RunState:
+    """What a killed run needs to resume; saved after every epoch (tensors in a weights_only torch file)."""
+    stage: int = 0
+    epoch: int = -1                 # last completed epoch of `stage`
+    best_score: list = field(default_factory=lambda: [-np.inf, -np.inf])
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+    stage_prov: list = field(default_factory=list)
+
+
+class RunFolder:
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "splits").mkdir(exist_ok=True)
+
+    def log(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        with open(self.out / "train.log", "a") as f:
+            f.write(line + "\n")
+        print(line, flush=True)
+
+    def status(self, **fields) -> None:
+        path = self.out / "status.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update(fields, updated=time.time(), pid=os.getpid())
+        _atomic_write(path, json.dumps(old, indent=1))
+
+    def save_checkpoint(self, model, optimizer, scheduler, state: RunState) -> None:
+        blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else {},
+                "state": json.dumps(asdict(state), default=_json_default)}
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, self.out / "checkpoint.pt")
+
+    def load_checkpoint(self):
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return None
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        state = RunState(**json.loads(blob["state"]))
+        return blob, state
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return str(o)
+
+
+# ---------------------------------------------------------------- the loop
+def _score(m: dict, select: str) -> list[float]:
+    """Selection key: the chosen validation metric, recall as tie-break; undefined counts as worst."""
+    def v(x):
+        return -np.inf if x is None else x
+    primary = -m["loss"] if select == "loss" else v(m.get(select))
+    return [primary, v(m.get("recall"))]
+
+
+def _make_scheduler(optimizer, stage: StageConfig):
+    if stage.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
+    if stage.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=stage.epochs)
+    return None
+
+
+def _progress(iterable, total, desc, fabric):
+    if sys.stderr.isatty() and fabric.is_global_zero:
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False)
+    return iterable
+
+
+def train_epoch(fabric, model, optimizer, loader, channels_last: bool, desc: str) -> float:
+    model.train()
+    total, n = 0.0, 0
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for x, y, _ in _progress(loader, len(loader), desc, fabric):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).squeeze(1)
+        loss = loss_fn(logits.float(), y.float())
+        optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        optimizer.step()
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+    return float(fabric.all_reduce(torch.tensor(total / max(n, 1)), reduce_op="mean"))
+
+
+@torch.no_grad()
+def predict_loader(fabric, model, loader, n: int, channels_last: bool) -> tuple[np.ndarray, float]:
+    """Probabilities in dataset order (gathered across ranks; the distributed sampler's padding is dropped)."""
+    model.eval()
+    probs, idxs, losses = [], [], []
+    for x, y, idx in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).squeeze(1).float()
+        losses.append(torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum"))
+        probs.append(torch.sigmoid(logits))
+        idxs.append(idx.to(logits.device))
+    p, i = fabric.all_gather(torch.cat(probs)), fabric.all_gather(torch.cat(idxs))
+    loss = fabric.all_reduce(torch.stack(losses).sum(), reduce_op="sum")
+    out = np.full(n, np.nan)
+    out[i.reshape(-1).cpu().numpy()] = p.reshape(-1).cpu().numpy()
+    return out, float(loss) / n
+
+
+def _loaders(fabric, df, stage, pp, workers):
+    train_df, val_df = df[df["split"] == "train"], df[df["split"] == "val"]
+    mk = lambda part, tf, shuffle: DataLoader(  # noqa: E731
+        ManifestDataset(part, tf, short_side=pp.resize_to), batch_size=stage.batch_size, shuffle=shuffle,
+        num_workers=workers, drop_last=shuffle and len(part) > stage.batch_size,
+        persistent_workers=workers > 0)
+    train = mk(train_df, train_transform(pp, stage.augment), True)
+    val = mk(val_df, eval_transform(pp), False)
+    return fabric.setup_dataloaders(train, val), train_df, val_df
+
+
+def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i: int, state: RunState,
+              resume_blob=None) -> None:
+    stage = cfg.stages[i]
+    df, sources, how = stage_data(stage, cfg)
+    if fabric.is_global_zero:
+        write_manifest(df, rf.out / "splits" / f"{i}_{stage.name}.csv")
+    counts = split_counts(df)
+    rf.log(f"stage {i} '{stage.name}': {len(df)} images; split {how}; {counts}")
+    model.freeze_backbone(stage.freeze_backbone)
+    model.set_dropout(stage.dropout)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = _make_scheduler(optimizer, stage)
+    if resume_blob is not None:
+        optimizer.load_state_dict(resume_blob["optimizer"])
+        if scheduler:
+            scheduler.load_state_dict(resume_blob["scheduler"])
+    wrapped, optimizer = fabric.setup(model, optimizer)  # re-set up each stage: the trainable set changed
+    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+    (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers)
+    best_path = rf.out / f"best_stage{i}.safetensors"
+    if len(state.stage_prov) <= i:
+        state.stage_prov.append({"name": stage.name, "data": sources, "split": how, "split_counts": counts,
+                                 "recipe": asdict(stage)})
+    y_val = val_df["label"].to_numpy()
+    for epoch in range(state.epoch + 1, stage.epochs):
+        t0 = time.time()
+        rf.status(state="running", stage=i, stage_name=stage.name, epoch=epoch, epochs=stage.epochs)
+        loss = train_epoch(fabric, wrapped, optimizer, train_dl, cfg.channels_last, f"{stage.name} {epoch}")
+        probs, val_loss = predict_loader(fabric, wrapped, val_dl, len(val_df), cfg.channels_last)
+        m = metrics.point_metrics(y_val, probs, 0.5) | {"loss": val_loss}
+        score = _score(m, cfg.select_metric)
+        if scheduler is not None:
+            scheduler.step(score[0]) if stage.scheduler == "plateau" else scheduler.step()
+        row = {"stage": i, "stage_name": stage.name, "epoch": epoch, "train_loss": loss, "val_loss": val_loss,
+               **{f"val_{k}": m[k] for k in ("roc_auc", "recall", "specificity", "accuracy")},
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
+        state.history.append(row)
+        if score > state.best_score:
+            state.best_score, state.best_epoch = score, epoch
+            if fabric.is_global_zero:
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                          str(best_path))
+        state.epoch = epoch
+        if fabric.is_global_zero:
+            pd.DataFrame(state.history).to_csv(rf.out / "metrics.csv", index=False)
+            rf.save_checkpoint(model, optimizer, scheduler, state)
+        rf.log(f"stage {i} epoch {epoch}: train_loss {loss:.4f} val_loss {val_loss:.4f} "
+               f"val_auc {_fmt(m['roc_auc'])} val_recall {_fmt(m['recall'])} ({row['seconds']}s)")
+    fabric.barrier()
+    model.load_state_dict(load_file(str(best_path)))  # the stage ends on its best validation epoch
+    state.stage_prov[i]["best_epoch"] = state.best_epoch
+    rf.log(f"stage {i} done: best epoch {state.best_epoch} (validation {cfg.select_metric})")
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def initial_model(cfg: RunConfig) -> tuple[LesionClassifier, dict | None]:
+    if cfg.init_from:
+        b = load_bundle(cfg.init_from)
+        if b.spec.name != cfg.backbone:
+            raise ValueError(f"init_from {cfg.init_from} is a {b.spec.name} model but the config asks for "
+                             f"{cfg.backbone}")
+        return b.model, b.meta["provenance"]
+    spec = get_spec(cfg.backbone)
+    if cfg.input_size:
+        spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=cfg.input_size))
+    return LesionClassifier(spec, cfg.head, weights=cfg.weights), None
+
+
+def _install_stop_handler():
+    def handler(signum, frame):
+        raise Stopped(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+
+
+def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train every stage, choose the threshold on validation, write the bundle and the validation report."""
+    rf = RunFolder(out)
+    accelerator = pick_device(cfg.device).type
+    fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                    precision=fabric_precision(cfg.precision, accelerator))
+    fabric.launch()
+    fabric.seed_everything(cfg.seed)
+    if fabric.is_global_zero:
+        _install_stop_handler()
+        (rf.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t_start = time.time()
+    try:
+        model, parent = initial_model(cfg)
+        if cfg.grad_checkpointing:
+            model.backbone.set_grad_checkpointing(True)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        state, blob = RunState(), None
+        if resume and (loaded := rf.load_checkpoint()):
+            blob, state = loaded
+            model.load_state_dict(blob["model"])
+            rf.log(f"resuming: stage {state.stage}, after epoch {state.epoch}")
+        rf.status(state="running", started=t_start)
+        for i in range(state.stage, len(cfg.stages)):
+            run_stage(fabric, rf, cfg, model, i, state, resume_blob=blob if i == state.stage else None)
+            blob = None
+            state.stage, state.epoch, state.best_score, state.best_epoch = i + 1, -1, [-np.inf, -np.inf], -1
+        bundle = finish(fabric, rf, cfg, model, state, parent, time.time() - t_start)
+        rf.status(state="finished", finished=time.time())
+        return bundle
+    except Stopped:
+        rf.log("stopped on request; resume with --resume")
+        rf.status(state="stopped")
+        raise
+    except Exception as e:
+        rf.log(f"failed: {type(e).__name__}: {e}")
+        rf.status(state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
+    """Threshold and validation report from the last stage's validation split, then the bundle (rank 0)."""
+    last = len(cfg.stages) - 1
+    df = read_manifest(rf.out / "splits" / f"{last}_{cfg.stages[last].name}.csv")
+    val_df = df[df["split"] == "val"].reset_index(drop=True)
+    pp = model.spec.preprocessing
+    loader = fabric.setup_dataloaders(DataLoader(ManifestDataset(val_df, eval_transform(pp), pp.resize_to),
+                                                 batch_size=64, num_workers=0))
+    probs, _ = predict_loader(fabric, model, loader, len(val_df), cfg.channels_last)
+    if not fabric.is_global_zero:
+        return rf.out / "bundle"
+    y = val_df["label"].to_numpy()
+    t = cfg.threshold
+    chosen = metrics.choose_threshold(y, probs, rule=t.rule, target=t.target)
+    val_report = build_report(val_df, probs, chosen["threshold"], n_boot=cfg.n_boot, seed=cfg.seed, split="val")
+    vm = val_report["metrics"]
+    threshold = {"value": chosen["threshold"], "rule": t.rule, "target": t.target,
+                 "chosen_on": "validation split of the last stage",
+                 "val_sensitivity": vm["recall"], "val_specificity": vm["specificity"],
+                 "n_val": int(len(y)), "n_val_malignant": int(y.sum())}
+    provenance = _provenance(cfg, state, parent, vm, seconds)
+    model = model.to(memory_format=torch.contiguous_format)
+    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance)
+    val_report["model"] = {"run": cfg.name, "bundle": str(bundle)}
+    (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
+    rf.log("validation (last stage, chosen model, threshold from validation):\n" +
+           metrics.format_table([(f"{cfg.name} (val)", vm)]))
+    rf.log(f"trained in {seconds / 60:.1f} min; bundle: {bundle}")
+    if cfg.report_test:
+        _report_test(rf, cfg, bundle, df)
+    return bundle
+
+
+def _report_test(rf, cfg, bundle_path, df) -> None:
+    """The chosen model, evaluated once on held-out patients (selection and threshold were fixed before)."""
+    from core.evaluation import predict_probs
+    b = load_bundle(bundle_path)
+    test_df = df[df["split"] == "test"].reset_index(drop=True)
+    probs = predict_probs(b.model, test_df)
+    report = build_report(test_df, probs, b.threshold, n_boot=cfg.n_boot, seed=cfg.seed,
+                          model_meta=b.meta, split="test")
+    (rf.out / "test_report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    rf.log("test (held-out patients):\n" + metrics.format_table([(f"{cfg.name} (test)", report["metrics"])]))
+
+
+def _provenance(cfg, state, parent, val_metrics, seconds) -> dict:
+    import platform
+
+    import timm
+    return {"run_name": cfg.name, "weights": cfg.weights if not cfg.init_from else f"init_from {cfg.init_from}",
+            "data": [s["data"] for s in state.stage_prov], "stages": state.stage_prov,
+            "split_counts": state.stage_prov[-1]["split_counts"], "seed": cfg.seed, "recipe": cfg.to_dict(),
+            "validation_metrics": val_metrics, "parent": parent, "train_seconds": round(seconds, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "timm": timm.__version__}}

@@ -1,0 +1,35 @@
+"""Per-stage augmentation (the paper's ISIC and smartphone recipes) and the evaluation transform."""
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+from core.backbones import Preprocessing
+
+AUGMENTATIONS = ("isic", "smartphone", "none")
+_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+           "nearest": T.InterpolationMode.NEAREST}
+
+
+def _tail(pp: Preprocessing) -> list:
+    return [T.ToTensor(), T.Normalize(pp.mean, pp.std)]
+
+
+def eval_transform(pp: Preprocessing) -> T.Compose:
+    """Resize the short side to input/crop_pct, centre-crop, normalise with the weights' statistics."""
+    interp = _INTERP[pp.interpolation]
+    return T.Compose([T.Resize(pp.resize_to, interpolation=interp), T.CenterCrop(pp.input_size), *_tail(pp)])
+
+
+def train_transform(pp: Preprocessing, augment: str) -> T.Compose:
+    """'isic': random resized crop + flip + colour jitter; 'smartphone': random crop + flip, no jitter
+    (the paper found jitter hurt on phone photos); 'none': the evaluation transform."""
+    interp = _INTERP[pp.interpolation]
+    if augment == "isic":
+        return T.Compose([T.RandomResizedCrop(pp.input_size, scale=(0.6, 1.0), interpolation=interp),
+                          T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2, 0.02), *_tail(pp)])
+    if augment == "smartphone":
+        return T.Compose([T.Resize(pp.resize_to, interpolation=interp), T.RandomCrop(pp.input_size),
+                          T.RandomHorizontalFlip(), *_tail(pp)])
+    if augment == "none":
+        return eval_transform(pp)
+    raise ValueError(f"augment must be one of {AUGMENTATIONS}, not {augment!r}")

@@ -1,0 +1,65 @@
+"""Command line: evaluate a run's model on a manifest (`python -m train.evaluate --run runs/X --manifest M.csv`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from core import metrics
+from core.bundle import BundleError, load_bundle
+from core.device import pick_device
+from core.evaluation import build_report, predict_probs
+from core.manifest import ManifestError, read_manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__)
+    p.add_argument("--run", required=True, help="run folder (or bundle folder)")
+    p.add_argument("--manifest", required=True, help="manifest CSV to evaluate on")
+    p.add_argument("--split", default=None, help="test|val|train|all (default: test when the manifest has "
+                                                  "a split column, else all)")
+    p.add_argument("--out", help="report.json to write (default <run>/report_<manifest>_<split>.json)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--name", help="row label in the printed table")
+    return p
+
+
+def select_rows(df, split):
+    if split in (None, "all") or "split" not in df:
+        if split not in (None, "all"):
+            raise ManifestError(f"--split {split} asked for, but the manifest has no split column")
+        return df.reset_index(drop=True), "all"
+    chosen = df[df["split"] == split]
+    if chosen.empty:
+        raise ManifestError(f"the manifest has no rows with split == {split!r}")
+    return chosen.reset_index(drop=True), split
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        bundle = load_bundle(args.run, device=pick_device(args.device))
+        df = read_manifest(args.manifest)
+        split = args.split or ("test" if "split" in df else "all")
+        df, split = select_rows(df, split)
+    except (BundleError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    probs = predict_probs(bundle.model, df, device=pick_device(args.device))
+    report = build_report(df, probs, bundle.threshold, n_boot=args.n_boot, model_meta=bundle.meta, split=split)
+    report["manifest"] = str(args.manifest)
+    out = Path(args.out or Path(args.run) / f"report_{Path(args.manifest).stem}_{split}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    name = args.name or f"{bundle.meta['provenance'].get('run_name')} ({split})"
+    print(metrics.format_table([(name, report["metrics"])]))
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Command line: train a run from a YAML recipe (`python -m train.fit --config train/configs/X.yaml`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from core.config import ConfigError, apply_override, run_config_from_dict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.fit", description=__doc__)
+    p.add_argument("--config", help="YAML recipe (train/configs/*.yaml); with --resume, defaults to the run's own")
+    p.add_argument("--out", help="run folder to write (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue a killed or stopped run in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stages.1.lr=1e-4 (repeatable)")
+    for flag in ("name", "backbone", "weights", "init_from", "device", "precision"):
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"override '{flag}'")
+    p.add_argument("--epochs", type=int, help="override every stage's epochs")
+    p.add_argument("--devices", type=int, help="GPUs (or CPU processes) per node")
+    p.add_argument("--num-nodes", type=int, dest="num_nodes")
+    return p
+
+
+def load_raw(args) -> dict:
+    config = args.config
+    if args.resume and not config and args.out:
+        config = str(Path(args.out) / "config.yaml")
+    if not config:
+        raise ConfigError("--config is required (or --resume --out RUN)")
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key in ("name", "backbone", "weights", "init_from", "device", "precision", "devices", "num_nodes"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    if args.epochs is not None:
+        for s in raw.get("stages", []):
+            s["epochs"] = args.epochs
+    for item in args.set:
+        apply_override(raw, item)
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from core.training import Stopped, fit
+    try:
+        cfg = run_config_from_dict(load_raw(args))
+        out = Path(args.out or Path("runs") / cfg.name)
+        if not args.resume and (out / "checkpoint.pt").exists():
+            raise ConfigError(f"{out} already holds a run; use --resume to continue it or pick another --out")
+        bundle = fit(cfg, out, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Stopped:
+        return 130
+    print(f"bundle: {bundle}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
