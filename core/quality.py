@@ -1,0 +1,102 @@
+"""Image-quality warnings (too small, blurred, too dark/bright, flat) shown before a prediction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# Sharpness and contrast are measured on a grayscale/RGB copy shrunk to this long side, so a 12 MP
+# photo and its 1000 px export score alike. Smaller photos are not enlarged: interpolation would add
+# blur that is not in the photo (and "too_small" already covers them).
+WORK_LONG_SIDE = 512
+
+# Thresholds, measured over all 518 PAD-UFES-20 smartphone photos in shared/data (218-1024 px,
+# mostly 300x300-400x300); tests/core/test_quality.py re-checks the rates on a sample:
+# - sharpness (Laplacian variance): PAD median 70, 1st percentile 6.2, minimum 4.5; copies blurred with
+#   a Gaussian of sigma = 1% of the long side score at most 4.2 (sigma 0.5%: 70% fall below 5).
+#   At 5, 2/518 (0.4%) PAD photos warn - both visibly soft - and every heavily blurred copy does.
+# - mean luma: PAD ranges 86-215, so 0% warn. The dark limit is kept far below that on purpose: PAD is
+#   mostly light skin, and a well-exposed photo of very dark skin (Fitzpatrick V-VI) is much darker
+#   on average without being a bad photo.
+# - contrast (largest per-channel standard deviation): PAD minimum 6.6, 0% warn. Pale lesions on pale
+#   skin differ mostly in colour (luma std goes down to 5.3), so luma alone would flag usable photos.
+# - too_small: 1 of 518 PAD photos (0.2%) has a short side below 224 (218 px).
+# The 243 ISIC 2017 dermoscopic images (1024 px JPEGs) trigger no warning at all.
+BLUR_THRESHOLD = 5.0
+DARK_THRESHOLD = 40.0
+BRIGHT_THRESHOLD = 225.0
+MIN_CONTRAST = 5.0
+MIN_SIDE = 224
+
+
+@dataclass(frozen=True)
+class QualityWarning:
+    """One problem with a photo: a stable code for the app and a plain-English message for the clinician."""
+    code: str  # "too_small" | "blurry" | "too_dark" | "too_bright" | "low_contrast"
+    message: str
+
+
+def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_threshold: float = BLUR_THRESHOLD,
+                     dark: float = DARK_THRESHOLD, bright: float = BRIGHT_THRESHOLD,
+                     min_contrast: float = MIN_CONTRAST) -> list[QualityWarning]:
+    """Every quality problem found in `img` (an empty list means the photo looks usable)."""
+    out: list[QualityWarning] = []
+    w, h = img.size
+    if min(w, h) < min_side:
+        out.append(QualityWarning(
+            "too_small", f"The photo is only {w}x{h} pixels (shortest side {min(w, h)} < {min_side}); "
+                         "use a higher-resolution photo or a larger crop around the lesion."))
+    rgb = _working_copy(img)
+    luma = np.asarray(rgb.convert("L"), dtype=np.float64)
+    brightness = float(luma.mean())
+    if brightness < dark:
+        out.append(QualityWarning(
+            "too_dark", f"The photo looks too dark (brightness {brightness:.0f} < {dark:.0f} out of 255); "
+                        "retake it in better light."))
+    elif brightness > bright:
+        out.append(QualityWarning(
+            "too_bright", f"The photo looks overexposed (brightness {brightness:.0f} > {bright:.0f} "
+                          "out of 255); retake it without flash glare or direct sunlight."))
+    contrast = colour_contrast(rgb)
+    if contrast < min_contrast:
+        out.append(QualityWarning(
+            "low_contrast", f"The photo has very little contrast ({contrast:.1f} < {min_contrast:.0f}); "
+                            "check that the lesion is in frame and the lens is clean."))
+    score = laplacian_variance(luma)
+    # A flat image has no edges at all; "low contrast" already explains it, so don't also blame focus.
+    if score < blur_threshold and contrast >= min_contrast:
+        out.append(QualityWarning(
+            "blurry", f"The photo looks blurred (sharpness {score:.1f} < {blur_threshold:g}); "
+                      "retake it in focus, holding the phone steady."))
+    return out
+
+
+def sharpness(img: Image.Image) -> float:
+    """Laplacian variance of the grayscale working copy (higher is sharper)."""
+    return laplacian_variance(np.asarray(_working_copy(img).convert("L"), dtype=np.float64))
+
+
+def laplacian_variance(gray: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian: edges and fine texture raise it, defocus lowers it."""
+    if gray.shape[0] < 3 or gray.shape[1] < 3:
+        return 0.0
+    lap = (gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1]
+           - 4.0 * gray[1:-1, 1:-1])
+    return float(lap.var())
+
+
+def colour_contrast(rgb: Image.Image) -> float:
+    """Largest per-channel standard deviation, so red-on-pink lesions count as contrast."""
+    a = np.asarray(rgb, dtype=np.float64).reshape(-1, 3)
+    return float(a.std(axis=0).max())
+
+
+def _working_copy(img: Image.Image) -> Image.Image:
+    """RGB copy whose long side is at most WORK_LONG_SIDE (antialiased downscale, never enlarged)."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = rgb.size
+    scale = WORK_LONG_SIDE / max(w, h)
+    if scale >= 1:
+        return rgb
+    return rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
