@@ -1,0 +1,216 @@
+"""The crop-box CSV shared by the app's crop page and the data loader: read, upsert, apply, resume."""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from core.manifest import CROP_COLUMNS, ImportReport, ManifestError, require_columns
+
+COLUMNS = ("image_id", "left", "top", "width", "height", "unusable", "note")
+BOX = ("left", "top", "width", "height")
+NO_BOX = "no crop box"
+UNUSABLE = "marked unusable in the crop file"
+_FLAGS = {"0": 0, "1": 1, "false": 0, "true": 1, "": 0, "0.0": 0, "1.0": 1}
+
+
+def read_crops(path: str | Path) -> pd.DataFrame:
+    """Read and validate a crop file; a missing file is an empty one (nothing cropped yet)."""
+    path = Path(path)
+    if not path.exists():
+        return _empty()
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        return _empty()
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not a readable crop CSV ({e})") from e
+    require_columns(raw, COLUMNS[:-1], str(path))  # `note` is optional
+    rows = [_parse_row(r, i + 2, path) for i, r in enumerate(raw.to_dict("records"))]
+    df = pd.DataFrame(rows, columns=list(COLUMNS)) if rows else _empty()
+    dup = df["image_id"][df["image_id"].duplicated()]
+    if len(dup):
+        raise ManifestError(f"{path}: image_id {dup.iloc[0]!r} appears more than once")
+    return _typed(df)
+
+
+def upsert_crop(path: str | Path, image_id: str, box: dict | None, unusable: bool = False,
+                note: str = "") -> pd.DataFrame:
+    """Add or replace one image's entry; the file is rewritten atomically so earlier crops survive a crash."""
+    image_id = str(image_id).strip()
+    if not image_id:
+        raise ManifestError("crop entry needs an image_id")
+    if box is None and not unusable:
+        raise ManifestError(f"{image_id}: give a crop box or mark the image unusable")
+    entry = _parse_row({"image_id": image_id, "unusable": "1" if unusable else "0", "note": note,
+                        **{k: "" if box is None else _cell(box.get(k)) for k in BOX}}, None, path)
+    path = Path(path)
+    with _locked(path):  # two app sessions must not interleave read-modify-write
+        df = read_crops(path)
+        df = df[df["image_id"] != image_id]
+        df = _typed(pd.concat([df, pd.DataFrame([entry])], ignore_index=True))
+        _atomic_write(df, path)
+    return df
+
+
+def apply_crops(manifest_df: pd.DataFrame, crops_df: pd.DataFrame, *,
+                validate_sizes: bool = True) -> tuple[pd.DataFrame, ImportReport]:
+    """Set crop_* on manifest rows that have a box; drop (and count) unusable and unboxed rows."""
+    require_columns(manifest_df, ("image",), "manifest")
+    lookup = _lookup(crops_df)
+    name_counts = Counter(os.path.basename(str(p)) for p in manifest_df["image"])
+    report, kept = ImportReport(), []
+    for i, image in enumerate(manifest_df["image"]):
+        entry = _match(image, manifest_df, lookup, name_counts)
+        if entry is not None and entry["unusable"]:
+            report.drop(UNUSABLE)
+        elif entry is None or pd.isna(entry["left"]):
+            report.drop(NO_BOX)
+        else:
+            box = {k: int(entry[k]) for k in BOX}
+            if validate_sizes:
+                _check_inside(image, box)
+            kept.append((i, box))
+    out = manifest_df.iloc[[i for i, _ in kept]].copy().reset_index(drop=True)
+    for col, key in zip(CROP_COLUMNS, BOX):
+        out[col] = pd.Series([box[key] for _, box in kept], dtype="int64")
+    report.kept = len(out)
+    return out, report
+
+
+def next_unlabelled(manifest_df: pd.DataFrame, crops_df: pd.DataFrame) -> int | None:
+    """Row position of the first image with no box and no unusable flag (None when all are done)."""
+    lookup = _lookup(crops_df)
+    for i, image in enumerate(manifest_df["image"]):
+        entry = _match(image, manifest_df, lookup)
+        if entry is None or (not entry["unusable"] and pd.isna(entry["left"])):
+            return i
+    return None
+
+
+def _parse_row(r: dict, line: int | None, path) -> dict:
+    where = f"{path}: line {line}" if line else f"{path}"
+    image_id = str(r["image_id"]).strip()
+    if not image_id:
+        raise ManifestError(f"{where}: empty image_id")
+    flag = _FLAGS.get(str(r["unusable"]).strip().lower())
+    if flag is None:
+        raise ManifestError(f"{where}: unusable must be 0 or 1, got {r['unusable']!r}")
+    cells = [str(r[k]).strip() for k in BOX]
+    out = {"image_id": image_id, "unusable": flag, "note": str(r.get("note") or "")}
+    if not any(cells):
+        return out | {k: None for k in BOX}
+    if not all(cells):
+        raise ManifestError(f"{where}: crop box for {image_id!r} is incomplete ({dict(zip(BOX, cells))})")
+    try:
+        values = [float(c) for c in cells]
+    except ValueError:
+        raise ManifestError(f"{where}: crop box for {image_id!r} is not numeric ({dict(zip(BOX, cells))})")
+    box = dict(zip(BOX, (round(v) if math.isfinite(v) else -1 for v in values)))
+    if box["left"] < 0 or box["top"] < 0 or box["width"] <= 0 or box["height"] <= 0:
+        raise ManifestError(f"{where}: crop box for {image_id!r} must have left, top >= 0 and "
+                            f"width, height > 0, got {box}")
+    return out | box
+
+
+def _cell(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def _empty() -> pd.DataFrame:
+    return _typed(pd.DataFrame({c: [] for c in COLUMNS}))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["image_id"] = df["image_id"].astype(str)
+    for k in BOX:
+        df[k] = pd.array(df[k].tolist(), dtype="Int64")
+    df["unusable"] = df["unusable"].astype(int)
+    df["note"] = df["note"].fillna("").astype(str)
+    return df[list(COLUMNS)].reset_index(drop=True)
+
+
+def _atomic_write(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _locked(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: atomic replace still protects against crashes
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _lookup(crops_df: pd.DataFrame) -> dict[str, dict]:
+    return {os.path.normpath(r["image_id"]): r for r in crops_df.to_dict("records")}
+
+
+def _match(image: str, manifest_df: pd.DataFrame, lookup: dict[str, dict],
+           name_counts: Counter | None = None) -> dict | None:
+    """An entry keyed by the image's path (absolute or as written in the manifest) wins over its basename."""
+    image = str(image)
+    keys = [os.path.normpath(image)]
+    source = manifest_df.attrs.get("source")
+    if source and os.path.isabs(image):
+        keys.append(os.path.normpath(os.path.relpath(image, os.path.dirname(os.path.abspath(source)))))
+    entry = next((lookup[k] for k in keys if k in lookup), None)
+    name = os.path.basename(image)
+    if entry is None and name in lookup:
+        # Two images sharing a file name (e.g. IMG_0001.jpg from two phones) cannot share one box.
+        if name_counts and name_counts[name] > 1:
+            raise ManifestError(f"crop entry {name!r} matches several manifest images by file name; "
+                                "key it by the image path instead")
+        entry = lookup[name]
+    return entry
+
+
+def _check_inside(image: str, box: dict) -> None:
+    width, height = _image_size(image)
+    if box["left"] + box["width"] > width or box["top"] + box["height"] > height:
+        raise ManifestError(f"{image}: crop box {box} falls outside the image ({width}x{height} px "
+                            "after EXIF orientation)")
+
+
+def _image_size(image: str) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, without decoding the pixels."""
+    try:
+        from core.images import image_size
+    except ImportError:
+        image_size = _pil_size
+    try:
+        return tuple(image_size(image))
+    except Exception as e:  # any loader failure (missing, corrupt, unsupported) is a bad manifest row
+        raise ManifestError(f"{image}: cannot read the image to check its crop box ({e})") from e
+
+
+def _pil_size(image: str) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(image) as im:
+        w, h = im.size
+        # EXIF orientations 5-8 rotate by 90 degrees, as ImageOps.exif_transpose would.
+        return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
