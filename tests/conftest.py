@@ -1,0 +1,64 @@
+"""Shared test fixtures: synthetic lesion-like images with patient ids, tiny run configs, shared-data paths."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts) -> Path:
+    """A path under ../shared, or skip the test when that folder is absent (it is in CI)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path}")
+    return path
+
+
+def make_images(folder: Path, n: int = 40, seed: int = 0, size=(96, 80), images_per_patient: int = 2):
+    """Write n synthetic photos: malignant ones have a darker, larger blob, so a model can learn something."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        w, h = size
+        yy, xx = np.mgrid[:h, :w]
+        r = (0.35 if label else 0.18) * min(w, h)
+        blob = ((xx - w / 2) ** 2 + (yy - h / 2) ** 2) < r ** 2
+        img = np.full((h, w, 3), 200.0) + rng.normal(0, 12, (h, w, 3))
+        img[blob] = np.array([90, 50, 40]) if label else np.array([160, 120, 100])
+        name = f"img{i:03d}.png"
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / name)
+        # the first half come in pairs per patient (a split must keep them together), the rest are singles
+        patient = f"P{i // images_per_patient:03d}" if i < n // 2 else f"Q{i:03d}"
+        rows.append({"image": name, "label": label, "patient_id": patient})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def image_set(tmp_path):
+    """(labels.csv path, image folder) for 40 synthetic images, 2 images for some patients."""
+    folder = tmp_path / "images"
+    df = make_images(folder)
+    labels = tmp_path / "labels.csv"
+    df.to_csv(labels, index=False)
+    return labels, folder
+
+
+def tiny_config(labels: Path, images: Path, **run) -> dict:
+    """A two-stage run (frozen head stage, then unfrozen) on random weights at 64 px: seconds on a CPU."""
+    data = [{"csv": str(labels), "images": str(images), "domain": "synthetic"}]
+    stage = {"data": data, "batch_size": 8, "augment": "smartphone"}
+    cfg = {"name": "tiny", "backbone": "mobilenetv2_100", "weights": "none", "input_size": 64, "n_boot": 50,
+           "num_workers": 0, "device": "cpu", "split": {"val": 0.25, "test": 0.25, "seed": 0},
+           "stages": [{**stage, "name": "head", "freeze_backbone": True, "epochs": 1, "lr": 1e-3,
+                       "weight_decay": 0.0},
+                      {**stage, "name": "finetune", "epochs": 2, "lr": 1e-3, "scheduler": "plateau"}]}
+    cfg.update(run)
+    return cfg

@@ -1,0 +1,71 @@
+"""Run configs: YAML-shaped dicts become frozen dataclasses, and mistakes name the offending key."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.config import ConfigError, apply_override, run_config_from_dict
+from tests.conftest import tiny_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
+
+
+def test_shipped_recipes_parse_and_say_what_the_paper_says():
+    isic = run_config_from_dict(yaml.safe_load((CONFIGS / "paper_isic.yaml").read_text()))
+    s = isic.stages[0]
+    assert (isic.backbone, s.epochs, s.lr, s.weight_decay, s.dropout, s.freeze_backbone, s.augment) == \
+        ("convnext_tiny", 10, 1e-4, 1e-5, 0.5, False, "isic")
+    transfer = run_config_from_dict(yaml.safe_load((CONFIGS / "paper_transfer.yaml").read_text()))
+    one, two = transfer.stages
+    assert (one.freeze_backbone, one.lr, one.weight_decay, one.epochs) == (True, 1e-4, 0.0, 2)
+    assert (two.freeze_backbone, two.lr, two.weight_decay, two.dropout, two.scheduler) == \
+        (False, 1e-5, 1e-5, 0.5, "plateau")
+    assert transfer.init_from == "runs/paper_isic"
+    demo = run_config_from_dict(yaml.safe_load((CONFIGS / "shared_demo.yaml").read_text()))
+    assert demo.backbone == "mobilenetv2_100_tflite" and demo.weights.endswith(".safetensors")
+
+
+def test_configs_are_frozen():
+    cfg = run_config_from_dict(tiny_config("l.csv", "imgs"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+
+
+def test_yaml_exponent_without_dot_is_read_as_a_number():
+    raw = yaml.safe_load("lr: 1e-4")
+    assert raw["lr"] == "1e-4"  # YAML 1.1: a string
+    cfg = tiny_config("l.csv", "imgs")
+    cfg["stages"][0]["lr"] = raw["lr"]
+    assert run_config_from_dict(cfg).stages[0].lr == 1e-4
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(colour="red"), "unknown key"),
+    (lambda c: c["stages"][0].update(lr="fast"), "expected a number"),
+    (lambda c: c["stages"][0].update(scheduler="step"), "scheduler must be one of"),
+    (lambda c: c["stages"][0].update(augment="mixup"), "augment must be one of"),
+    (lambda c: c.update(backbone="vgg"), "unknown backbone"),
+    (lambda c: c.update(stages=[]), "at least one stage"),
+    (lambda c: c["stages"][0]["data"][0].pop("images"), "needs 'images'"),
+    (lambda c: c["stages"][0].update(data=[{"manifest": "a.csv", "csv": "b.csv"}]), "exactly one"),
+    (lambda c: c.update(threshold={"rule": "vibes"}), "threshold.rule"),
+])
+def test_mistakes_are_named(mutate, message):
+    cfg = tiny_config("l.csv", "imgs")
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        run_config_from_dict(cfg)
+
+
+def test_dotted_overrides_reach_nested_stage_values():
+    raw = tiny_config("l.csv", "imgs")
+    apply_override(raw, "stages.1.lr=3e-4")
+    apply_override(raw, "threshold.target=0.95")
+    apply_override(raw, "seed=5")
+    cfg = run_config_from_dict(raw)
+    assert cfg.stages[1].lr == 3e-4 and cfg.threshold.target == 0.95 and cfg.seed == 5
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_override(raw, "seed")

@@ -1,0 +1,84 @@
+"""The manifest format and the generic csv/folder importers."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from core.manifest import ManifestError, crop_of, import_csv, import_folder, read_manifest, write_manifest
+
+
+def test_written_manifest_reads_back_with_absolute_paths(image_set, tmp_path):
+    labels, images = image_set
+    df, report = import_csv(labels, images, domain="synthetic")
+    out = write_manifest(df, tmp_path / "sub" / "m.csv")
+    raw = pd.read_csv(out)
+    assert not raw["image"].str.startswith("/").any()  # relative on disk, so the folder can move
+    back = read_manifest(out)
+    assert back["image"].tolist() == df["image"].tolist()
+    assert back["patient_id"].tolist() == df["patient_id"].tolist()
+    assert report.kept == 40 and set(back["domain"]) == {"synthetic"}
+
+
+def test_csv_import_counts_what_it_drops(image_set, tmp_path):
+    labels, images = image_set
+    df = pd.read_csv(labels, dtype=str)
+    df.loc[0, "label"] = "indeterminate"
+    df.loc[1, "image"] = "missing.png"
+    df.loc[2, "label"] = "malignant"
+    df.to_csv(labels, index=False)
+    out, report = import_csv(labels, images)
+    assert report.kept == 38
+    assert report.dropped == {"image file missing": 1, "label not malignant/benign ('indeterminate')": 1}
+    assert out.loc[out["image"].str.endswith("img002.png"), "label"].item() == 1
+
+
+def test_csv_import_with_other_column_names(image_set):
+    labels, images = image_set
+    pd.read_csv(labels).rename(columns={"image": "file", "label": "malignant", "patient_id": "pid"}) \
+        .to_csv(labels, index=False)
+    df, _ = import_csv(labels, images, image_col="file", label_col="malignant", patient_col="pid")
+    assert len(df) == 40 and df["patient_id"].notna().all()
+
+
+def test_wrong_columns_are_named(image_set):
+    labels, images = image_set
+    pd.read_csv(labels).rename(columns={"label": "dx"}).to_csv(labels, index=False)
+    with pytest.raises(ManifestError, match=r"missing required column\(s\) label; found: image, dx"):
+        import_csv(labels, images)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("image,label\na.png,2\n", "label must be 0"),
+    ("image,diagnosis\na.png,1\n", "missing required column"),
+    ("image,label,split\na.png,1,holdout\n", "split values"),
+])
+def test_bad_manifests_are_refused(tmp_path, content, message):
+    path = tmp_path / "m.csv"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path)
+
+
+def test_missing_manifest_is_named(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_folder_import(tmp_path, image_set):
+    _, images = image_set
+    for name in ("benign", "malignant"):
+        (tmp_path / "ds" / name).mkdir(parents=True)
+    (images / "img000.png").rename(tmp_path / "ds" / "benign" / "a.png")
+    (images / "img001.png").rename(tmp_path / "ds" / "malignant" / "b.png")
+    (tmp_path / "ds" / "malignant" / "notes.txt").write_text("x")
+    df, report = import_folder(tmp_path / "ds")
+    assert sorted(df["label"]) == [0, 1]
+    assert report.dropped == {"not an image file type (.txt)": 1}
+    with pytest.raises(ManifestError, match="benign/ and malignant/"):
+        import_folder(images)
+
+
+def test_crop_of_needs_all_four_columns():
+    assert crop_of({"crop_left": 1, "crop_top": 2, "crop_width": 3, "crop_height": 4}) == \
+        {"left": 1, "top": 2, "width": 3, "height": 4}
+    assert crop_of({"crop_left": 1, "crop_top": 2, "crop_width": 3, "crop_height": float("nan")}) is None

@@ -1,0 +1,95 @@
+"""Patient-level splits: stratified, seeded, and never leaking a patient across train/val/test."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.manifest import ManifestError
+from core.splits import SplitConfig, assign_splits, check_no_leak, split_counts
+
+
+def _df(n_patients=120, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        label = int(rng.random() < 0.35)
+        for k in range(rng.integers(1, 4)):  # 1-3 images per patient
+            rows.append({"image": f"/x/p{p}_{k}.png", "label": label, "patient_id": f"P{p}",
+                         "lesion_id": f"L{p}_{k % 2}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_no_patient_in_two_splits(seed):
+    out, how = assign_splits(_df(seed=seed), SplitConfig(0.15, 0.15, seed))
+    assert out.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(out["split"]) == {"train", "val", "test"}
+    assert "patient_id" in how
+
+
+def test_fractions_and_stratification_are_roughly_kept():
+    df = _df(400)
+    out, _ = assign_splits(df, SplitConfig(0.15, 0.15, 0))
+    frac = out["split"].value_counts(normalize=True)
+    assert abs(frac["test"] - 0.15) < 0.05 and abs(frac["val"] - 0.15) < 0.05
+    rate = df["label"].mean()
+    for name, part in out.groupby("split"):
+        assert abs(part["label"].mean() - rate) < 0.08, name
+
+
+def test_same_seed_same_split_different_seed_different_split():
+    df = _df()
+    a, _ = assign_splits(df, SplitConfig(seed=3))
+    b, _ = assign_splits(df, SplitConfig(seed=3))
+    c, _ = assign_splits(df, SplitConfig(seed=4))
+    assert (a["split"] == b["split"]).all()
+    assert (a["split"] != c["split"]).any()
+
+
+def test_falls_back_to_lesion_then_image_and_says_so():
+    df = _df().drop(columns=["patient_id"])
+    out, how = assign_splits(df, SplitConfig())
+    assert "grouped by lesion_id" in how and "one patient may appear" in how
+    assert out.groupby("lesion_id")["split"].nunique().max() == 1
+    _, how = assign_splits(df.drop(columns=["lesion_id"]), SplitConfig())
+    assert "grouped by image" in how
+
+
+def test_partial_patient_ids_do_not_count_as_patient_grouping():
+    df = _df()
+    df.loc[0, "patient_id"] = None
+    _, how = assign_splits(df, SplitConfig())
+    assert "grouped by lesion_id" in how
+
+
+def test_existing_split_column_is_kept_but_checked_for_leaks():
+    df = _df()
+    df["split"] = "train"
+    df.loc[df["patient_id"] == "P1", "split"] = "test"
+    out, how = assign_splits(df, SplitConfig())
+    assert (out["split"] == df["split"]).all() and "from the manifest" in how
+    leaky = df.copy()
+    leaky.loc[leaky.index[leaky["patient_id"] == "P0"][:1], "split"] = "val"
+    if (leaky["patient_id"] == "P0").sum() > 1:
+        with pytest.raises(ManifestError, match="more than one split"):
+            assign_splits(leaky, SplitConfig())
+
+
+def test_check_no_leak_names_the_patient():
+    df = pd.DataFrame({"patient_id": ["A", "A", "B"], "split": ["train", "test", "val"]})
+    with pytest.raises(ManifestError, match="'A'"):
+        check_no_leak(df, "patient_id")
+
+
+def test_too_few_patients_is_a_clear_error():
+    df = _df(3)
+    with pytest.raises(ManifestError, match="too few to hold out"):
+        assign_splits(df, SplitConfig(0.15, 0.15))
+
+
+def test_split_counts_report_images_malignant_and_patients():
+    out, _ = assign_splits(_df(), SplitConfig())
+    counts = split_counts(out)
+    assert sum(c["images"] for c in counts.values()) == len(out)
+    assert sum(c["patient_ids"] for c in counts.values()) == out["patient_id"].nunique()

@@ -1,0 +1,150 @@
+"""End-to-end: a two-stage run on synthetic images, its bundle, resume after a kill, and evaluation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from core import training
+from core.bundle import load_bundle
+from core.config import run_config_from_dict
+from core.evaluation import predict_probs
+from core.manifest import ManifestError, read_manifest
+from tests.conftest import tiny_config
+from train import evaluate as evaluate_cli
+from train import fit as fit_cli
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from tests.conftest import make_images
+    root = tmp_path_factory.mktemp("fit")
+    df = make_images(root / "images")
+    df.to_csv(root / "labels.csv", index=False)
+    cfg_path = root / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(root / "labels.csv", root / "images", report_test=True)))
+    assert fit_cli.main(["--config", str(cfg_path), "--out", str(root / "run")]) == 0
+    return root
+
+
+def test_run_folder_has_everything_it_promises(finished_run):
+    run = finished_run / "run"
+    for name in ("config.yaml", "metrics.csv", "train.log", "status.json", "val_report.json",
+                 "test_report.json", "bundle/model.json", "bundle/model.safetensors",
+                 "splits/0_head.csv", "splits/1_finetune.csv"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "metrics.csv")
+    assert history[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0], [1, 1]]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+def test_bundle_reloads_to_identical_probabilities(finished_run):
+    run = finished_run / "run"
+    val = json.loads((run / "val_report.json").read_text())
+    bundle = load_bundle(run)
+    split = read_manifest(run / "splits" / "1_finetune.csv")
+    val_df = split[split["split"] == "val"].reset_index(drop=True)
+    probs = predict_probs(bundle.model, val_df, num_workers=0)
+    trained = np.array([r["prob"] for r in val["predictions"]])
+    np.testing.assert_allclose(probs, trained, atol=1e-6)
+
+
+def test_threshold_and_provenance_are_stored(finished_run):
+    meta = load_bundle(finished_run / "run").meta
+    thr = meta["threshold"]
+    assert thr["rule"] == "sensitivity" and thr["target"] == 0.9
+    assert set(thr["val_sensitivity"]) == {"value", "ci95"}
+    prov = meta["provenance"]
+    assert prov["split_counts"]["test"]["images"] > 0
+    assert prov["data"][0][0]["sha256"] and prov["seed"] == 0
+    assert [s["recipe"]["freeze_backbone"] for s in prov["stages"]] == [True, False]
+    assert prov["validation_metrics"]["roc_auc"].keys() == {"value", "ci95"}
+
+
+def test_splits_keep_patients_apart_and_match_between_stages(finished_run):
+    run = finished_run / "run"
+    a, b = read_manifest(run / "splits" / "0_head.csv"), read_manifest(run / "splits" / "1_finetune.csv")
+    assert a.groupby("patient_id")["split"].nunique().max() == 1
+    assert a["split"].tolist() == b["split"].tolist()
+
+
+def test_evaluate_cli_writes_report_with_cis(finished_run, tmp_path, capsys):
+    run = finished_run / "run"
+    out = tmp_path / "report.json"
+    rc = evaluate_cli.main(["--run", str(run), "--manifest", str(run / "splits" / "1_finetune.csv"),
+                            "--split", "test", "--out", str(out), "--n-boot", "50"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    auc = report["metrics"]["roc_auc"]
+    assert set(auc) == {"value", "ci95"}
+    assert report["split"] == "test" and report["model"]["backbone"] == "mobilenetv2_100"
+    assert len(report["predictions"]) == report["n"]
+    assert "ROC-AUC" in capsys.readouterr().out
+    # the test split here equals the one the run itself reported
+    assert report["n"] == json.loads((run / "test_report.json").read_text())["n"]
+
+
+def test_evaluate_one_class_subset_says_auc_is_undefined(finished_run, tmp_path, capsys):
+    run = finished_run / "run"
+    m = read_manifest(run / "splits" / "1_finetune.csv")
+    only_benign = tmp_path / "benign.csv"
+    m[m["label"] == 0].drop(columns=["split"]).to_csv(only_benign, index=False)
+    out = tmp_path / "r.json"
+    assert evaluate_cli.main(["--run", str(run), "--manifest", str(only_benign), "--out", str(out),
+                              "--n-boot", "20"]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["roc_auc"]["value"] is None
+    assert any("one class" in n for n in report["notes"])
+
+
+def test_evaluate_cli_errors(finished_run, tmp_path, capsys):
+    run = finished_run / "run"
+    assert evaluate_cli.main(["--run", str(tmp_path), "--manifest", str(run / "splits" / "0_head.csv")]) == 2
+    assert "no model.json" in capsys.readouterr().err
+    bare = tmp_path / "bare.csv"
+    read_manifest(run / "splits" / "0_head.csv").drop(columns=["split"]).to_csv(bare, index=False)
+    assert evaluate_cli.main(["--run", str(run), "--manifest", str(bare), "--split", "test"]) == 2
+    assert "no split column" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_from_its_last_epoch(image_set, tmp_path, monkeypatch):
+    labels, images = image_set
+    cfg = run_config_from_dict(tiny_config(labels, images))
+    real = training.train_epoch
+    calls = []
+
+    def dies_in_second_stage(*args, **kwargs):
+        calls.append(args[-1])
+        if len(calls) == 3:  # stage 0 epoch 0, stage 1 epoch 0 done; killed in stage 1 epoch 1
+            raise training.Stopped("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", dies_in_second_stage)
+    with pytest.raises(training.Stopped):
+        training.fit(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
+    assert not (tmp_path / "run" / "bundle").exists()
+    monkeypatch.setattr(training, "train_epoch", real)
+    calls.clear()
+    training.fit(cfg, tmp_path / "run", resume=True)
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert history[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0], [1, 1]]
+    assert load_bundle(tmp_path / "run").threshold is not None
+
+
+def test_fit_cli_refuses_to_overwrite_a_run_without_resume(finished_run, capsys):
+    rc = fit_cli.main(["--config", str(finished_run / "cfg.yaml"), "--out", str(finished_run / "run")])
+    assert rc == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_corrupt_image_is_reported_before_training(image_set, tmp_path):
+    labels, images = image_set
+    (images / "img005.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (images / "img006.png").write_bytes(b"")
+    cfg = run_config_from_dict(tiny_config(labels, images))
+    with pytest.raises(ManifestError, match=r"2 unusable image\(s\).*img005\.png.*img006\.png"):
+        training.fit(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
