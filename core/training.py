@@ -309,16 +309,19 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
 
 
 def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
-    """Threshold and validation report from the last stage's validation split, then the bundle (rank 0)."""
+    """Threshold and validation report from the last stage's validation split, then the bundle (rank 0).
+
+    Validation probabilities here come from the same fp32 path as `train.evaluate`, so the stored
+    threshold means the same thing wherever the model is evaluated."""
+    fabric.barrier()
+    if not fabric.is_global_zero:
+        return rf.out / "bundle"
+    from core.evaluation import predict_probs
     last = len(cfg.stages) - 1
     df = read_manifest(rf.out / "splits" / f"{last}_{cfg.stages[last].name}.csv")
     val_df = df[df["split"] == "val"].reset_index(drop=True)
-    pp = model.spec.preprocessing
-    loader = fabric.setup_dataloaders(DataLoader(ManifestDataset(val_df, eval_transform(pp), pp.resize_to),
-                                                 batch_size=64, num_workers=0))
-    probs, _ = predict_loader(fabric, model, loader, len(val_df), cfg.channels_last)
-    if not fabric.is_global_zero:
-        return rf.out / "bundle"
+    model = model.to(memory_format=torch.contiguous_format)
+    probs = predict_probs(model, val_df, device=fabric.device, num_workers=0)
     y = val_df["label"].to_numpy()
     t = cfg.threshold
     chosen = metrics.choose_threshold(y, probs, rule=t.rule, target=t.target)
@@ -329,7 +332,6 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                  "val_sensitivity": vm["recall"], "val_specificity": vm["specificity"],
                  "n_val": int(len(y)), "n_val_malignant": int(y.sum())}
     provenance = _provenance(cfg, state, parent, vm, seconds)
-    model = model.to(memory_format=torch.contiguous_format)
     bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance)
     val_report["model"] = {"run": cfg.name, "bundle": str(bundle)}
     (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
