@@ -1,0 +1,257 @@
+"""Shared UI pieces for the pages: the sidebar model picker, the provenance box, the photo carried between
+pages, the cropper wrapper and the cached predictor. Logic lives in core.appstate; this only renders.
+
+Session-state keys (all in memory; nothing is written to disk unless the user saves a crop file):
+  model_label / model_path  the chosen bundle (label in the picker, bundle folder)
+  extra_models              {label: folder} added from a typed path or an uploaded zip
+  photo_bytes, photo_name   the current photo (from the Crop or Predict page uploader, or a test)
+  photo_id                  the upload it came from (a new upload replaces the photo and clears the crop)
+  photo_crop                {left, top, width, height} in original upright pixels, or None (whole image)
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from core import appstate
+from core.bundle import BundleError, read_meta
+
+IMAGE_TYPES = ["jpg", "jpeg", "png", "heic", "heif"]
+DISCLAIMER = ("Research tool, not a diagnostic device. The score is a model output for research and "
+              "demonstration; it cannot make or rule out a diagnosis. Any changing, bleeding, itching or "
+              "otherwise worrying skin lesion needs a clinician's examination.")
+CLI_EXAMPLE = "python -m train.fit --config train/configs/shared_demo.yaml --out runs/shared_demo"
+
+
+PAGE_CONFIG = dict(page_title="Skin lesion screening (research)", page_icon=":material/dermatology:", layout="wide")
+
+
+def page_setup() -> None:
+    """Call first on every page.
+
+    Streamlit has a legacy mode that runs a file from a folder named `pages/` on its own, without app.py: it
+    picks it for a server's first request of a page URL (e.g. /predict) before app.py has ever called
+    st.navigation, and AppTest picks it on every rerun. Switch it off; in a server, rerun through app.py (same
+    page: page hashes come from the URL path). Under AppTest draw what app.py would have (page config, sidebar)
+    in place instead, since a rerun there would swallow the button click that started the run."""
+    try:
+        from streamlit import config
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - internal module moved; st.navigation still works
+        return
+    if not getattr(PagesManager, "uses_pages_directory", None):
+        return
+    PagesManager.uses_pages_directory = False
+    if not config.get_option("global.appTest"):
+        st.rerun()
+    st.set_page_config(**PAGE_CONFIG)
+    sidebar()
+
+
+def no_model_message(where=None, short: bool = False) -> None:
+    if short:
+        (where or st).info("**No model loaded.** Train one on the **Train** page, run "
+                           f"`{CLI_EXAMPLE}`, or give a bundle path / zip below. The Crop page works without one.")
+        return
+    (where or st).info(
+        "**No model loaded.** To get one:\n"
+        "1. train one on the **Train** page, or\n"
+        f"2. from a terminal in the project folder: `{CLI_EXAMPLE}` "
+        f"(bundles appear here from `{appstate.runs_dir()}`), or\n"
+        "3. give the path of a bundle folder, or upload a bundle zip, under **Use another model** "
+        "in the sidebar.\n\nThe Crop page works without a model.")
+
+
+# ------------------------------------------------------------------------------------------ model picker
+def _add_path() -> None:
+    path = (st.session_state.get("bundle_path_input") or "").strip()
+    st.session_state.pop("model_error_path", None)
+    if not path:
+        return
+    try:
+        meta = read_meta(Path(path).expanduser())
+    except BundleError as e:
+        st.session_state["model_error_path"] = str(e)
+        return
+    label = f"{Path(meta['_folder']).resolve()}"
+    st.session_state.setdefault("extra_models", {})[label] = meta["_folder"]
+    st.session_state["model_label"] = label
+
+
+def _add_zip() -> None:
+    upload = st.session_state.get("bundle_zip")
+    st.session_state.pop("model_error_zip", None)
+    if upload is None:
+        return
+    try:
+        folder = appstate.extract_bundle_zip(upload.getvalue())
+    except BundleError as e:
+        st.session_state["model_error_zip"] = f"{upload.name}: {e}"
+        return
+    label = f"uploaded: {upload.name}"
+    st.session_state.setdefault("extra_models", {})[label] = str(folder)
+    st.session_state["model_label"] = label
+
+
+def sidebar() -> None:
+    """Model picker (bundles in RUNS_DIR, a typed path, an uploaded zip) and the chosen model's provenance."""
+    root = appstate.runs_dir()
+    entries = appstate.list_bundles(root)
+    options = {e.label: str(e.path) for e in entries if e.meta}
+    options.update(st.session_state.get("extra_models", {}))
+    with st.sidebar:
+        st.header("Model")
+        if options:
+            labels = list(options)
+            if st.session_state.get("model_label") not in options:
+                st.session_state["model_label"] = labels[0]
+            label = st.selectbox("Model bundle", labels, key="model_label", help=f"Bundles found in {root}")
+            st.session_state["model_path"] = options[label]
+        else:
+            st.session_state["model_path"] = None
+            no_model_message(st.sidebar, short=True)
+        for e in entries:
+            if e.error:
+                st.warning(f"{e.label}: cannot be used: {e.error}")
+        with st.expander("Use another model", expanded=not options):
+            st.text_input("Path to a bundle or run folder", key="bundle_path_input", on_change=_add_path,
+                          placeholder="runs/my_run or /path/to/bundle")
+            st.file_uploader("…or upload a bundle (.zip with model.json + model.safetensors; up to 50 MB, "
+                             "larger ones: use the path)", type=["zip"], key="bundle_zip", on_change=_add_zip)
+            for key in ("model_error_path", "model_error_zip"):
+                if st.session_state.get(key):
+                    st.error(st.session_state[key])
+        meta = current_meta()
+        if meta is not None:
+            provenance_box(meta, st.sidebar)
+
+
+def current_meta() -> dict | None:
+    path = st.session_state.get("model_path")
+    if not path:
+        return None
+    try:
+        return read_meta(path)
+    except BundleError as e:  # e.g. the folder was deleted since it was picked
+        st.sidebar.error(str(e))
+        return None
+
+
+def provenance_box(meta: dict, where=None) -> None:
+    """What the model is, what it was trained on and what its threshold means: shown with every probability."""
+    d = appstate.describe_model(meta)
+    box = (where or st).container(border=True)
+    box.markdown(f"**Model:** {d['run']} · backbone `{d['backbone']}` · initial weights: {d['weights']}")
+    box.markdown("**Training data:**\n" + "\n".join(f"- {line}" for line in d["training_data"]))
+    box.markdown(f"**Split sizes:** {d['splits']}")
+    thr = f"{d['threshold']:.3f}" if isinstance(d["threshold"], (int, float)) else "?"
+    box.markdown(f"**Threshold {thr}** ({d['threshold_rule']}). On {d['n_val'] or '?'} validation images "
+                 f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant): "
+                 f"sensitivity {d['sensitivity']}, specificity {d['specificity']}; "
+                 f"validation ROC-AUC {d['val_auc']}.")
+    box.caption(f"Intended use: {d['intended_use']}")
+
+
+# ------------------------------------------------------------------------------------------ photo state
+@dataclass(frozen=True)
+class Photo:
+    data: bytes
+    name: str
+    crop: dict | None
+    id: str
+
+
+def take_upload(uploaded) -> None:
+    """A new upload becomes the current photo (kept in memory only) and clears any earlier crop."""
+    if uploaded is None:
+        return
+    file_id = getattr(uploaded, "file_id", None) or uploaded.name
+    if st.session_state.get("photo_id") != file_id:
+        st.session_state.update(photo_bytes=uploaded.getvalue(), photo_name=uploaded.name, photo_crop=None,
+                                photo_id=file_id)
+
+
+def current_photo() -> Photo | None:
+    data = st.session_state.get("photo_bytes")
+    if data is None:
+        return None
+    data = bytes(data)
+    pid = st.session_state.get("photo_id") or hashlib.sha1(data).hexdigest()[:12]
+    return Photo(data, st.session_state.get("photo_name") or "photo", st.session_state.get("photo_crop"), str(pid))
+
+
+def clear_photo() -> None:
+    for k in ("photo_bytes", "photo_name", "photo_crop", "photo_id"):
+        st.session_state.pop(k, None)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def preview(data: bytes, name: str, max_side: int = 700):
+    """Display copy (<= max_side, EXIF applied) and original size; raises ImageLoadError for bad files."""
+    return appstate.preview(data, name=name, max_side=max_side)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def preview_file(path: str, mtime: float, max_side: int = 700):
+    return appstate.preview(path, max_side=max_side)
+
+
+def draw_box(img, *, square: bool, key: str, default: dict | None = None, color: str = "#00B4FF") -> dict:
+    """The box drawn on `img` (in img's pixels) with streamlit-cropper.
+
+    Kept tiny on purpose: tests replace `streamlit_cropper.st_cropper` to inject a box (under AppTest the
+    component is an UnknownElement that returns its default, the central 60%)."""
+    from streamlit_cropper import st_cropper
+    coords = None
+    if default:
+        coords = (default["left"], default["left"] + default["width"],
+                  default["top"], default["top"] + default["height"])
+    box = st_cropper(img, realtime_update=True, box_color=color, aspect_ratio=(1, 1) if square else None,
+                     return_type="box", default_coords=coords, key=key)
+    return {k: int(box[k]) for k in ("left", "top", "width", "height")}
+
+
+# ------------------------------------------------------------------------------------------ prediction
+@st.cache_resource(max_entries=3, show_spinner="Loading the model…")
+def _predictor(path: str, mtime: float):
+    from core.bundle import load_bundle
+    from core.inference import Predictor
+    predictor = Predictor(load_bundle(path), device="auto")
+    if hasattr(predictor, "warmup"):
+        predictor.warmup()  # kernel selection happens under the loading spinner, not the first prediction
+    return predictor
+
+
+def get_predictor(path: str):
+    return _predictor(str(path), (Path(path) / "model.safetensors").stat().st_mtime)
+
+
+def predict(photo: Photo, model_path: str, cam_method: str):
+    """The prediction for the current photo, crop, model and heat-map method; recomputed only when one changes
+    (moving the opacity slider does not rerun the model)."""
+    crop = tuple(photo.crop[k] for k in ("left", "top", "width", "height")) if photo.crop else None
+    key = (hashlib.sha1(photo.data).hexdigest(), crop, str(model_path), cam_method)
+    cached = st.session_state.get("_prediction")
+    if cached and cached[0] == key:
+        return cached[1]
+    pred = get_predictor(model_path).predict_source(photo.data, name=photo.name, crop=photo.crop,
+                                                    cam_method=cam_method)
+    st.session_state["_prediction"] = (key, pred)
+    return pred
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _thumb(path: str, mtime: float, size: int):
+    return appstate.thumbnail(path, size)
+
+
+def thumbnail(path: str, size: int = 160):
+    """A cached thumbnail of an image file, or None when it is missing or unreadable."""
+    try:
+        mtime = Path(path).stat().st_mtime
+    except (OSError, TypeError, ValueError):
+        return None
+    return _thumb(str(path), mtime, size)

@@ -1,0 +1,327 @@
+"""AppTest tests of every page: what each shows with and without a model, injected uploads and crop boxes,
+bad files, the dashboard from a saved report, and the training lock."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import zipfile
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import appstate
+from tests.app.conftest import APP, RUN_NAME, jpeg_bytes, lesion_photo
+
+TIMEOUT = 60
+
+
+def app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+
+
+def texts(at, kind="markdown") -> str:
+    return "\n".join(str(e.value) for e in at.get(kind))
+
+
+def everything(at) -> str:
+    return "\n".join(texts(at, k) for k in ("markdown", "caption", "info", "error", "warning", "success", "code"))
+
+
+# ------------------------------------------------------------------ no model
+def test_no_model_state(without_model):
+    at = app()
+    assert not at.exception
+    info = "\n".join(i.value for i in at.sidebar.info)
+    assert "No model loaded" in info and "python -m train.fit" in info and "Train" in info
+    assert "Crop" in texts(at, "title")  # the crop page (the default) works without a model
+    at.switch_page("pages/predict.py").run()
+    assert not at.exception
+    assert any("No model loaded" in i.value and "bundle" in i.value for i in at.main.info)
+    assert "Probability" not in texts(at)
+
+
+# ------------------------------------------------------------------ sidebar
+def test_sidebar_lists_runs_and_shows_provenance(with_model):
+    at = app()
+    assert not at.exception
+    assert at.sidebar.selectbox(key="model_label").value == RUN_NAME
+    side = texts(at.sidebar) + texts(at.sidebar, "caption")
+    assert "mobilenetv2_100" in side
+    assert "pad_ufes.csv" in side and "train 140" in side and "val 40" in side
+    assert "sensitivity 90% (95% CI 80%–97%)" in side and "specificity 55% (95% CI 41%–68%)" in side
+    assert "On 40 validation images (16 malignant)" in side
+    assert "Research tool, not a diagnostic device" in side
+
+
+def test_bundle_path_and_zip_upload(with_model, tmp_path):
+    at = app()
+    at.sidebar.text_input(key="bundle_path_input").set_value(str(tmp_path)).run()
+    assert not at.exception and "no model.json" in "\n".join(e.value for e in at.sidebar.error)
+    at.sidebar.text_input(key="bundle_path_input").set_value(str(with_model.run)).run()  # a run folder
+    assert not at.sidebar.error
+    assert at.sidebar.selectbox(key="model_label").value == str(with_model.bundle.resolve())
+    assert at.session_state["model_path"] == str(with_model.bundle)
+    # a zip of a bundle with another format version: its clear message, the app keeps running
+    meta = json.loads((with_model.bundle / "model.json").read_text()) | {"format_version": 7}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("b/model.json", json.dumps(meta))
+        z.writestr("b/model.safetensors", b"0")
+    at.sidebar.file_uploader(key="bundle_zip").set_value(("old.zip", buf.getvalue(), "application/zip")).run()
+    assert not at.exception
+    assert "format version 7 but this tool reads version 1" in "\n".join(e.value for e in at.sidebar.error)
+    # a good zip becomes the chosen model
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in ("model.json", "model.safetensors"):
+            z.write(with_model.bundle / f, f)
+    at.sidebar.file_uploader(key="bundle_zip").set_value(("good.zip", buf.getvalue(), "application/zip")).run()
+    assert not at.sidebar.error and at.sidebar.selectbox(key="model_label").value == "uploaded: good.zip"
+
+
+# ------------------------------------------------------------------ predict
+def _predict_page(env, data: bytes | None = None, name="lesion.jpg", crop=None):
+    at = app()
+    at.session_state["photo_bytes"] = data if data is not None else env.photo.read_bytes()
+    at.session_state["photo_name"] = name
+    at.session_state["photo_crop"] = crop
+    return at.switch_page("pages/predict.py").run()
+
+
+def test_predict_with_injected_photo(with_model):
+    at = _predict_page(with_model)
+    assert not at.exception, at.exception
+    md = texts(at)
+    assert "### Probability of malignancy:" in md
+    prob = float(md.split("Probability of malignancy: ")[1].split("%")[0]) / 100
+    verdict = "\n".join(e.value for e in (*at.main.error, *at.main.success))
+    assert "model's threshold (0.500)" in verdict
+    assert ("flagged as suspicious" in verdict) == (prob >= 0.5)
+    assert "What the threshold means" in md and "40 validation images (16 malignant)" in md
+    assert "90% (95% CI 80%–97%) of the malignant lesions" in md and "55% (95% CI 41%–68%)" in md
+    images = at.main.get("image")
+    assert len(images) >= 1  # the Grad-CAM overlay (+ the plain input in the expander)
+    assert any("Grad-CAM" in c for im in images for c in im.captions)
+    assert "Model:** demo_run" in md  # the provenance box sits next to the probability
+    assert any("not a diagnostic device" in c.value for c in at.main.caption)
+    # Grad-CAM++ and the opacity slider re-render without errors
+    at.radio(key="cam_method").set_value("Grad-CAM++").run()
+    at.slider(key="cam_opacity").set_value(0.8).run()
+    assert not at.exception
+    assert any("Grad-CAM++" in c for im in at.main.get("image") for c in im.captions)
+
+
+def test_predict_uses_crop_and_real_uploader(with_model):
+    crop = {"left": 200, "top": 150, "width": 240, "height": 240}
+    at = _predict_page(with_model, crop=crop)
+    assert not at.exception
+    assert "cropped on the Crop page to 240×240 px at (200, 150)" in texts(at)
+    # the real uploader replaces the carried-over photo and clears the crop
+    data = jpeg_bytes(lesion_photo(7, malignant=False))
+    at.file_uploader(key="predict_upload").set_value(("upload.jpg", data, "image/jpeg")).run()
+    assert not at.exception
+    assert at.session_state["photo_bytes"] == data and at.session_state["photo_crop"] is None
+    assert "Photo **upload.jpg** (whole photo" in texts(at) and "Probability of malignancy" in texts(at)
+
+
+def test_quality_warning_shown_before_result(with_model):
+    from PIL import Image
+    dark = io.BytesIO()
+    Image.new("RGB", (120, 100), (10, 8, 6)).save(dark, "PNG")
+    at = _predict_page(with_model, dark.getvalue(), "dark.png")
+    assert not at.exception
+    warnings = "\n".join(w.value for w in at.main.warning)
+    assert "too dark" in warnings and "only 120x100 pixels" in warnings
+    order = [type(e).__name__ + ":" + str(getattr(e, "value", "")) for e in at.main]
+    first_warning = next(i for i, s in enumerate(order) if s.startswith("Warning:"))
+    result = next(i for i, s in enumerate(order) if "Probability of malignancy" in s)
+    assert first_warning < result
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", "file is empty (0 bytes)"),
+    (b"this is not a picture at all", "not an image"),
+    ("truncated", "truncated or corrupt"),
+])
+def test_bad_uploads_show_error_and_app_keeps_running(with_model, data, expected):
+    if data == "truncated":
+        full = with_model.photo.read_bytes()
+        data = full[: len(full) // 2]
+    at = _predict_page(with_model, data, "bad.jpg")
+    assert not at.exception
+    errors = "\n".join(e.value for e in at.main.error)
+    assert "This file cannot be used" in errors and expected in errors
+    assert "Probability of malignancy" not in texts(at)
+    at.switch_page("pages/dashboard.py").run()  # still alive
+    assert not at.exception
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own warning; we raise
+def test_enormous_dimensions_rejected(with_model):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("1", (12000, 9000)).save(buf, "PNG")  # 108 MP, a few KB on disk
+    at = _predict_page(with_model, buf.getvalue(), "huge.png")
+    assert not at.exception
+    assert "megapixel limit" in "\n".join(e.value for e in at.main.error)
+
+
+# ------------------------------------------------------------------ crop
+def test_crop_page_without_model_and_injected_box_flows_to_state(without_model, monkeypatch):
+    import streamlit_cropper
+    calls = []
+
+    def fake_cropper(img, **kw):
+        calls.append((img.size, kw))
+        return {"left": 70, "top": 35, "width": 140, "height": 140}  # in display pixels
+
+    monkeypatch.setattr(streamlit_cropper, "st_cropper", fake_cropper)
+    # a 1400x1050 photo stored sideways (EXIF 6): upright it is 1050x1400, shown at 525x700
+    data = jpeg_bytes(lesion_photo(3, size=(1400, 1050)), exif_orientation=6)
+    at = app()
+    at.session_state["photo_bytes"] = data
+    at.session_state["photo_name"] = "phone.jpg"
+    at.run()
+    assert not at.exception
+    assert "1050×1400 px (upright); shown at 525×700" in texts(at)
+    assert calls and calls[-1][0] == (525, 700) and calls[-1][1]["aspect_ratio"] == (1, 1)
+    assert calls[-1][1]["return_type"] == "box"
+    assert at.session_state["photo_crop"] == {"left": 140, "top": 70, "width": 280, "height": 280}
+    at.checkbox(key="crop_whole").check().run()
+    assert at.session_state["photo_crop"] is None
+    at.checkbox(key="crop_whole").uncheck().run()
+    at.checkbox(key="crop_square").uncheck().run()
+    assert calls[-1][1]["aspect_ratio"] is None
+
+
+def test_crop_page_real_component_default_box(without_model):
+    at = app()
+    data = jpeg_bytes(lesion_photo(4, size=(600, 400)))
+    at.file_uploader(key="crop_upload").set_value(("p.jpg", data, "image/jpeg")).run()
+    assert not at.exception
+    assert at.session_state["photo_bytes"] == data
+    box = at.session_state["photo_crop"]  # the component's default under AppTest: the central 60%, square
+    assert box["width"] == box["height"] and 0 < box["left"] < 300 and box["left"] + box["width"] <= 600
+
+
+def test_crop_page_bad_file(without_model):
+    at = app()
+    at.session_state["photo_bytes"] = b"GIF89a-not-really"
+    at.run()
+    assert not at.exception
+    assert "This file cannot be used" in "\n".join(e.value for e in at.main.error)
+
+
+def test_dataset_crop_mode_saves_and_resumes(without_model, tmp_path, monkeypatch):
+    import streamlit_cropper
+    monkeypatch.setattr(streamlit_cropper, "st_cropper",
+                        lambda img, **kw: {"left": 10, "top": 10, "width": 100, "height": 100})
+    crops = tmp_path / "crops.csv"
+    at = app()
+    at.radio(key="crop_mode").set_value("A dataset (crop-box file for training)").run()
+    at.text_input(key="ds_manifest").set_value(str(without_model.manifest)).run()
+    at.text_input(key="ds_crops").set_value(str(crops)).run()
+    assert not at.exception
+    assert "0 / 8 images done" in str(at.get("progress")[0].proto)
+    save = next(b for b in at.button if b.label.startswith("Save"))
+    save.click().run()
+    assert not at.exception
+    from core.cropbox import read_crops
+    df = read_crops(crops)
+    # 480x360 images are shown unscaled (<= 700), so the box is saved as drawn
+    assert df["image_id"].tolist() == ["lesion_0.jpg"] and df.loc[0, "width"] == 100
+    assert "1 / 8 images done" in str(at.get("progress")[0].proto)
+    assert at.session_state["ds_index"] == 1
+    at.checkbox(key="ds_unusable_1").check().run()
+    at.text_input(key="ds_note_1").set_value("blurry").run()
+    next(b for b in at.button if b.label.startswith("Save")).click().run()
+    df = read_crops(crops).set_index("image_id")
+    assert df.loc["lesion_1.jpg", "unusable"] == 1 and df.loc["lesion_1.jpg", "note"] == "blurry"
+    # a new session resumes at the first unlabelled image
+    again = app()
+    again.radio(key="crop_mode").set_value("A dataset (crop-box file for training)").run()
+    again.text_input(key="ds_manifest").set_value(str(without_model.manifest)).run()
+    again.text_input(key="ds_crops").set_value(str(crops)).run()
+    assert again.session_state["ds_index"] == 2 and "2 / 8 images done" in str(again.get("progress")[0].proto)
+
+
+# ------------------------------------------------------------------ dashboard
+def test_dashboard_from_saved_report(with_model):
+    at = app().switch_page("pages/dashboard.py").run()
+    assert not at.exception
+    assert at.multiselect(key="dash_reports").value == [f"{RUN_NAME}/val_report.json"]
+    table = at.dataframe[0].value
+    assert list(table.columns[:7]) == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "ROC-AUC"]
+    assert table.loc[0, "Model"] == f"{RUN_NAME}/val_report.json" and table.loc[0, "n"] == 8
+    assert "[" in table.loc[0, "ROC-AUC"]  # value [lo, hi]
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3  # ROC, one confusion matrix, the PCA scatter
+    specs = [json.loads(c.proto.spec) for c in charts]
+    assert any(t.get("type") == "heatmap" for s in specs for t in s["data"])
+    assert any("AUC" in str(t.get("name")) for s in specs for t in s["data"])
+    subgroup_tables = [d.value for d in at.dataframe[1:]]
+    assert any("fitzpatrick" in t.columns for t in subgroup_tables)
+    assert any("domain" in t.columns for t in subgroup_tables)
+    images = at.main.get("image")
+    assert len(images) >= 2  # thumbnails of correct and incorrect examples
+    assert "Most confident incorrect predictions" in texts(at)
+
+
+def test_dashboard_without_reports(without_model):
+    at = app().switch_page("pages/dashboard.py").run()
+    assert not at.exception
+    assert any("No evaluation reports" in i.value for i in at.main.info)
+
+
+# ------------------------------------------------------------------ train
+def test_train_page_lists_runs_and_refuses_second_job(with_model):
+    root = with_model.runs
+    me = {"pid": os.getpid(), "start": appstate._proc_start(os.getpid()), "run": "busy_run", "device": "cpu",
+          "started": time.time()}
+    appstate.acquire_lock(root, me)
+    try:
+        at = app().switch_page("pages/train.py").run()
+        assert not at.exception
+        runs = at.dataframe[0].value
+        assert runs.set_index("run").loc[RUN_NAME, "state"] == "finished"
+        assert any("Training **busy_run** on **cpu**" in i.value for i in at.main.info)
+        assert f"**{RUN_NAME}**: finished" in texts(at)
+        assert len(at.get("plotly_chart")) == 1  # loss and AUC curves from metrics.csv
+        at.text_input(key="tf_name_shared_demo").set_value("second_job")
+        next(b for b in at.button if b.label == "Start training").click().run()
+        assert not at.exception
+        err = "\n".join(e.value for e in at.main.error)
+        assert "Not started" in err and "already running: run 'busy_run'" in err
+        assert not (root / "second_job").exists()
+    finally:
+        appstate.release_lock(root)
+    assert appstate.read_lock(root) is None
+
+
+def test_train_form_builds_the_request(with_model, monkeypatch):
+    started = []
+
+    def fake_start(req, root=None, **kw):
+        started.append((req, root))
+        return {"run": req.name, "device": req.device, "pid": 4242}
+
+    monkeypatch.setattr(appstate, "start_training", fake_start)
+    at = app().switch_page("pages/train.py").run()
+    assert at.selectbox(key="train_recipe").value.name == "shared_demo.yaml"
+    k = "shared_demo"
+    at.text_input(key=f"tf_name_{k}").set_value("my_run")
+    at.selectbox(key=f"tf_backbone_{k}").set_value("resnet18")
+    at.selectbox(key=f"tf_init_{k}").set_value("none")        # no initial run
+    at.selectbox(key=f"tf_device_{k}").set_value("cpu")
+    at.number_input(key=f"tf_epochs_{k}").set_value(2)
+    at.text_input(key=f"tf_lr_{k}").set_value("3e-4")
+    at.text_input(key=f"tf_manifest_{k}").set_value("/data/m.csv")
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception
+    (req, root), = started
+    assert root == with_model.runs and req.name == "my_run" and req.recipe.endswith("shared_demo.yaml")
+    assert (req.backbone, req.device, req.epochs, req.lr, req.manifest) == ("resnet18", "cpu", 2, 3e-4, "/data/m.csv")
+    assert req.weights is None and req.init_from is None and req.sets == ("init_from=null",)
+    assert any("Started **my_run** on cpu" in s.value for s in at.main.success)
