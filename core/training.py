@@ -86,6 +86,8 @@ class RunFolder:
         path = self.out / "status.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         old.update(fields, updated=time.time(), pid=os.getpid())
+        if old.get("state") != "failed":
+            old.pop("error", None)  # an earlier failure's message must not outlive a resume
         _atomic_write(path, json.dumps(old, indent=1))
 
     def save_checkpoint(self, model, optimizer, scheduler, state: RunState) -> None:
