@@ -83,6 +83,7 @@ class RunConfig:
     devices: int = 1
     num_nodes: int = 1
     num_workers: int | None = None  # None: sized to the machine
+    decode_cache: str | None = None  # folder for decoded, downsized photos (core.cache.DecodeCache); None: off
     grad_checkpointing: bool = False
     channels_last: bool = True
     report_test: bool = False     # after selection, evaluate the chosen model once on the last stage's test split

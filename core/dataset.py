@@ -10,9 +10,16 @@ from core.images import ImageLoadError, image_size, load_image
 from core.manifest import ManifestError, crop_of
 
 
+# JPEGs are draft-decoded (DCT-domain 1/2, 1/4, 1/8) no further than DRAFT_MARGIN x the short side, then resized:
+# drafting all the way down aliases (probabilities moved by up to 0.016 for ConvNeXt against a full decode; see
+# benchmarks/README.md). core.inference uses the same margin, so training, evaluation and the app see the same pixels.
+DRAFT_MARGIN = 2
+DECODE_VERSION = 2  # bump whenever decode() returns different pixels: core.cache.DecodeCache keys include it
+
+
 def decode(path: str, crop: dict | None, short_side: int) -> Image.Image:
     """Decode one photo at no more resolution than training needs (short side ~ short_side)."""
-    img = load_image(path, crop=crop, min_side=short_side)
+    img = load_image(path, crop=crop, min_side=DRAFT_MARGIN * short_side)
     w, h = img.size
     scale = short_side / min(w, h)
     if scale < 1:  # phone photos are 12 MP: shrinking once here keeps every epoch's transforms cheap

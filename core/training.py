@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from core import metrics
 from core.backbones import get_spec
+from core.cache import DecodeCache
 from core.bundle import load_bundle, save_bundle
 from core.config import DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
 from core.device import fabric_precision, pick_device
-from core.evaluation import build_report, default_workers, groups_of
+from core.evaluation import build_report, groups_of
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
 from core.splits import assign_splits, split_counts
@@ -71,18 +72,26 @@ class RunState:
 
 
 class RunFolder:
-    def __init__(self, out: Path):
+    """The run's files. Under DDP only the global-zero process writes (is_main); the others only read."""
+
+    def __init__(self, out: Path, is_main: bool = True):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "splits").mkdir(exist_ok=True)
+        self.is_main = is_main
+        if is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "splits").mkdir(exist_ok=True)
 
     def log(self, msg: str) -> None:
+        if not self.is_main:
+            return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
         with open(self.out / "train.log", "a") as f:
             f.write(line + "\n")
         print(line, flush=True)
 
     def status(self, **fields) -> None:
+        if not self.is_main:
+            return
         path = self.out / "status.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         old.update(fields, updated=time.time(), pid=os.getpid())
@@ -181,10 +190,10 @@ def predict_loader(fabric, model, loader, n: int, channels_last: bool) -> tuple[
     return out, float(loss) / n
 
 
-def _loaders(fabric, df, stage, pp, workers):
+def _loaders(fabric, df, stage, pp, workers, cache=None):
     train_df, val_df = df[df["split"] == "train"], df[df["split"] == "val"]
     mk = lambda part, tf, shuffle: DataLoader(  # noqa: E731
-        ManifestDataset(part, tf, short_side=pp.resize_to), batch_size=stage.batch_size, shuffle=shuffle,
+        ManifestDataset(part, tf, short_side=pp.resize_to, cache=cache), batch_size=stage.batch_size, shuffle=shuffle,
         num_workers=workers, drop_last=shuffle and len(part) > stage.batch_size,
         persistent_workers=workers > 0)
     train = mk(train_df, train_transform(pp, stage.augment), True)
@@ -209,8 +218,9 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
         if scheduler:
             scheduler.load_state_dict(resume_blob["scheduler"])
     wrapped, optimizer = fabric.setup(model, optimizer)  # re-set up each stage: the trainable set changed
-    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
-    (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers)
+    workers = _workers(cfg)
+    cache = DecodeCache(cfg.decode_cache) if cfg.decode_cache else None
+    (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache)
     best_path = rf.out / f"best_stage{i}.safetensors"
     if len(state.stage_prov) <= i:
         state.stage_prov.append({"name": stage.name, "data": sources, "split": how, "split_counts": counts,
@@ -246,6 +256,13 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     rf.log(f"stage {i} done: best epoch {state.best_epoch} (validation {cfg.select_metric})")
 
 
+def _workers(cfg: RunConfig) -> int:
+    """DataLoader workers per process: the node's cores shared by its ranks, one core each left for the rank."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, cfg.devices) - 1))
+
+
 def _fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -271,11 +288,12 @@ def _install_stop_handler():
 
 def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
     """Train every stage, choose the threshold on validation, write the bundle and the validation report."""
-    rf = RunFolder(out)
     accelerator = pick_device(cfg.device).type
     fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                     precision=fabric_precision(cfg.precision, accelerator))
     fabric.launch()
+    rf = RunFolder(out, is_main=fabric.is_global_zero)  # after launch: only rank 0 writes the run's files
+    fabric.barrier()  # the folder exists before any rank reads from it
     fabric.seed_everything(cfg.seed)
     if fabric.is_global_zero:
         _install_stop_handler()
