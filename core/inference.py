@@ -1,21 +1,58 @@
-"""Single-photo and batch prediction from a bundle: probability, verdict, Grad-CAM and the model's provenance."""
+"""Single-photo and batch prediction from a bundle: probability, verdict, Grad-CAM and the model's provenance.
+
+The fast path (``fast=True``, the default) is what the app and ``train.screen`` use:
+
+- decode only the resolution the model needs (JPEG DCT-domain draft down to DRAFT_MARGIN x the resize target,
+  see ``core.images.load_image``);
+- resize/crop with PIL exactly as ``core.transforms.eval_transform`` does, then go straight from the uint8
+  crop to a normalised channels-last tensor (no ToTensor/Normalize round trips);
+- one forward pass serves both the probability and the heat-map: Grad-CAM weights come from the head's
+  gradient with respect to the last feature map (``core.gradcam``), no backward through the backbone;
+- on CPUs with native bf16 (AVX512-BF16/AMX) and on GPUs the backbone runs under autocast with its
+  convolution/linear weights cast to the low-precision type once, at load time (plain autocast re-casts every
+  weight on every call, which costs more than it saves on a CPU). Norm layers and the head stay fp32.
+  A measured check at load time compares the reduced-precision and fp32 feature maps and probabilities and
+  falls back to fp32 when they differ by more than ``FEATURE_TOLERANCE`` / ``PRECISION_TOLERANCE``
+  (``Predictor.precision`` records the decision and the measured numbers).
+"""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from core.bundle import Bundle
-from core.device import fast_dtype, pick_device
+from core.dataset import DRAFT_MARGIN
+from core.device import autocast, fast_dtype, pick_device
 from core.evaluation import model_summary
-from core.gradcam import cams, map_and_grads
+from core.gradcam import cams
 from core.images import load_image
-from core.quality import QualityWarning, quality_warnings
+from core.quality import MIN_SIDE, WORK_LONG_SIDE, QualityWarning, quality_warnings
 from core.transforms import eval_transform
+
+# The load-time check accepts the reduced precision only if, on a fixed batch of photo-like inputs, the last
+# feature map's relative error ||A_low - A_fp32|| / ||A_fp32|| is at most FEATURE_TOLERANCE and no probability
+# moves by more than PRECISION_TOLERANCE. The feature error does not depend on how confident the head is and
+# transfers from synthetic inputs to real photos (measured: convnext_tiny 0.6%, resnet50 0.6%, resnet18 0.5%,
+# efficientnet_b0 1.6-1.9%, mobilenetv2_100 6-8%, the TFLite MobileNetV2 12-14%; benchmarks/README.md), whereas a
+# probability check alone passed the TFLite MobileNetV2 on synthetic inputs and then missed by 0.036 on photos.
+FEATURE_TOLERANCE = 0.01
+PRECISION_TOLERANCE = 0.01
+# JPEGs are draft-decoded (DCT-domain 1/2, 1/4, 1/8) only down to DRAFT_MARGIN x the resize target, as in training
+# (core.dataset). Drafting all the way to the target aliases: on ISIC photos it moved probabilities by up to 0.016
+# (ConvNeXt) and 0.16 (TFLite MobileNetV2, head scaled to logit std 2) against a full decode; with a margin of 2 by
+# 0.001 / 0.02, for ~8 ms more on a 12 MP photo.
+# A photo whose short side is at least this many times the target is first shrunk by an integer box
+# reduction (PIL's reducing_gap); JPEGs are already reduced in the decoder, this covers PNG/HEIC/TIFF.
+REDUCING_GAP = 3.0
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+_REDUCED_TYPES = (nn.Conv2d, nn.Linear)
 
 
 @dataclass
@@ -37,52 +74,179 @@ class Predictor:
     def __init__(self, bundle: Bundle, device: str = "auto", fast: bool = True):
         self.bundle = bundle
         self.device = pick_device(device)
-        self.dtype = fast_dtype(self.device) if fast else None
+        self.fast = fast
         self.model = bundle.model.to(self.device).eval()
         if fast:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.pp = bundle.spec.preprocessing
-        self.transform = eval_transform(self.pp)
+        self.transform = eval_transform(self.pp)  # the reference pipeline (prepare_reference); fast path mirrors it
         self.summary = model_summary(bundle.meta)
+        # min_side for load_image's JPEG draft decoding. Never below what the quality checks measure at (a photo
+        # drafted below MIN_SIDE would be called "too small", one below WORK_LONG_SIDE would score blur differently)
+        self.decode_side = max(DRAFT_MARGIN * self.pp.resize_to, WORK_LONG_SIDE, MIN_SIDE)
         self._lock = threading.Lock()
+        self._mean = torch.tensor(self.pp.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.pp.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # The module that computes feature maps: the fp32 model, or a reduced-precision copy of its backbone.
+        self._features = self.model
+        self.dtype = None
+        self.precision = {"dtype": "float32", "reason": "fast=False" if not fast else "no fast reduced precision "
+                          "on this device", "max_abs_prob_diff": None}
+        if fast:
+            dtype = fast_dtype(self.device)
+            if dtype is not None:
+                self._choose_precision(dtype)
+            self.warmup()
+
+    # ------------------------------------------------------------------ precision
+    def _choose_precision(self, dtype: torch.dtype) -> None:
+        """Use `dtype` only if it reproduces fp32's feature maps and probabilities on a fixed photo-like batch."""
+        reduced = reduced_precision_copy(self.model, dtype)
+        x = check_inputs(self.pp, self.device)
+        with torch.no_grad():
+            f32 = self.model.feature_map(x).float()
+            with autocast(self.device, dtype):
+                low = reduced.feature_map(x).float()
+            p32 = torch.sigmoid(self.model.logit_from_map(f32).float())
+            plow = torch.sigmoid(self.model.logit_from_map(low).float())
+        rel = float(((low - f32).flatten(1).norm(dim=1) / f32.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
+        diff = float((plow - p32).abs().max())
+        name = str(dtype).removeprefix("torch.")
+        measured = f"feature error {rel:.2%} (limit {FEATURE_TOLERANCE:.0%}), max |dP| {diff:.2g} (limit " \
+                   f"{PRECISION_TOLERANCE:g}) on the load-time check"
+        self.precision = {"dtype": name, "reason": measured, "max_abs_prob_diff": diff, "feature_rel_err": rel}
+        if rel <= FEATURE_TOLERANCE and diff <= PRECISION_TOLERANCE:
+            self._features, self.dtype = reduced, dtype
+        else:
+            self.precision.update(dtype="float32", reason=f"{name} rejected: {measured}")
+
+    def warmup(self) -> None:
+        """One forward + CAM at the input size, so the first real request does not pay for kernel selection."""
+        s = self.pp.input_size
+        img = np.zeros((s, s, 3), np.uint8)
+        self._forward(self.to_input(img[None]), "gradcam", (s, s))
+
+    # ------------------------------------------------------------------ preprocessing
+    def crop(self, img: Image.Image) -> np.ndarray:
+        """The model's view of `img` as uint8 (S, S, 3); see model_view."""
+        return model_view(img, self.pp)
+
+    def to_input(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 crops (B, S, S, 3) -> normalised float (B, 3, S, S) in channels-last memory on the device."""
+        t = torch.as_tensor(crops).to(self.device)
+        x = t.permute(0, 3, 1, 2).float()  # a permuted NHWC buffer is already channels-last
+        x = (x * (1.0 / 255.0) - self._mean.to(self.device)) / self._std.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last)
 
     def prepare(self, img: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
         """Normalised input tensor (1, 3, S, S) and the matching RGB crop for display."""
-        x = self.transform(img).unsqueeze(0)
-        mean = torch.tensor(self.pp.mean)[:, None, None]
-        std = torch.tensor(self.pp.std)[:, None, None]
-        rgb = ((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        return x, rgb
+        rgb = self.crop(img)
+        return self.to_input(rgb[None]), rgb
+
+    def prepare_reference(self, img: Image.Image) -> torch.Tensor:
+        """The same input through torchvision's eval_transform (the reference the fast preprocessing must equal)."""
+        return self.transform(img).unsqueeze(0)
+
+    # ------------------------------------------------------------------ model
+    def _forward(self, x: torch.Tensor, cam_method: str | None, size) -> tuple[torch.Tensor, np.ndarray | None]:
+        with self._lock:
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                fmap = self._features.feature_map(x)
+            if not cam_method:
+                with torch.no_grad():
+                    return self.model.logit_from_map(fmap.float()), None
+            fmap = fmap.float().detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.model.logit_from_map(fmap)
+                grads, = torch.autograd.grad(logits.sum(), fmap)  # samples are independent: per-sample grads
+        return logits.detach(), cams(fmap.detach(), grads, size, cam_method)
 
     def predict_image(self, img: Image.Image, cam_method: str | None = "gradcam") -> Prediction:
         t0 = time.perf_counter()
         quality = quality_warnings(img)
         x, rgb = self.prepare(img)
-        x = x.to(self.device, memory_format=torch.channels_last)
         t1 = time.perf_counter()
-        with self._lock:
-            if cam_method:
-                fmap, grads, logits = map_and_grads(self.model, x, self.dtype)
-                heat = cams(fmap, grads, rgb.shape[:2], cam_method)[0]
-            else:
-                logits, heat = self.logits(x), None
+        logits, heat = self._forward(x, cam_method, rgb.shape[:2])
         prob = float(torch.sigmoid(logits.float()).item())
         t2 = time.perf_counter()
         thr = self.bundle.threshold
-        return Prediction(prob=prob, malignant=prob >= thr, threshold=thr, model_input=rgb, cam=heat,
-                          cam_method=cam_method, quality=quality, model=self.summary,
+        return Prediction(prob=prob, malignant=prob >= thr, threshold=thr, model_input=rgb,
+                          cam=None if heat is None else heat[0], cam_method=cam_method, quality=quality,
+                          model=self.summary,
                           timings_ms={"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
 
     def predict_source(self, source, *, name=None, crop=None, cam_method="gradcam") -> Prediction:
         """From a path, bytes or an upload: decode only as much resolution as the model needs."""
         t0 = time.perf_counter()
-        img = load_image(source, name=name, crop=crop, min_side=self.pp.resize_to)
+        img = load_image(source, name=name, crop=crop, min_side=self.decode_side)
+        t1 = time.perf_counter()
         pred = self.predict_image(img, cam_method)
-        pred.timings_ms["decode"] = (time.perf_counter() - t0) * 1e3 - sum(pred.timings_ms.values())
+        pred.timings_ms = {"decode": (t1 - t0) * 1e3, **pred.timings_ms}
         return pred
 
-    @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        from core.device import autocast
-        with autocast(self.device, self.dtype):
-            return self.model(x.to(self.device, memory_format=torch.channels_last)).float()
+        """Logits (B, 1) of a normalised batch, in fp32, through the same (possibly reduced-precision) path."""
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._lock, torch.no_grad():
+            with autocast(self.device, self.dtype):
+                fmap = self._features.feature_map(x)
+            return self.model.logit_from_map(fmap.float()).float()
+
+    def probs(self, x: torch.Tensor) -> np.ndarray:
+        """P(malignant) per image of a normalised batch."""
+        return torch.sigmoid(self.logits(x)).squeeze(1).cpu().numpy().astype(np.float64)
+
+
+def model_view(img: Image.Image, pp) -> np.ndarray:
+    """uint8 (S, S, 3): short side resized to pp.resize_to, centre crop of pp.input_size (no model needed, so
+    DataLoader workers can run it).
+
+    Same geometry and filter as torchvision's Resize(int) + CenterCrop on a PIL image (eval_transform); only a
+    photo whose short side is >= REDUCING_GAP x the target is box-reduced first (near-identical, much faster)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    short, long_ = (w, h) if w <= h else (h, w)
+    target = pp.resize_to
+    new_long = int(target * long_ / short)
+    size = (target, new_long) if w <= h else (new_long, target)
+    if size != (w, h):
+        gap = REDUCING_GAP if short >= REDUCING_GAP * target else None
+        img = img.resize(size, _PIL_FILTERS[pp.interpolation], reducing_gap=gap)
+    s = pp.input_size
+    w, h = img.size
+    if w < s or h < s:  # torchvision pads with zeros when the crop is larger than the image
+        canvas = Image.new("RGB", (max(w, s), max(h, s)))
+        canvas.paste(img, ((max(w, s) - w) // 2, (max(h, s) - h) // 2))
+        img, (w, h) = canvas, canvas.size
+    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    return np.array(img.crop((left, top, left + s, top + s)))  # a writable copy (torch wants one)
+
+
+def reduced_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` whose backbone convolutions and linear layers hold `dtype` weights.
+
+    Run under autocast(dtype): those layers then use the weights as they are instead of casting them on every
+    call; norm layers (fp32 under autocast's rules) and the head keep fp32 weights, so only feature_map() is
+    meant to be called on the copy."""
+    reduced = copy.deepcopy(model)
+    for module in reduced.backbone.modules():
+        if isinstance(module, _REDUCED_TYPES):
+            module.to(dtype)
+    return reduced.eval()
+
+
+def check_inputs(pp, device, n: int = 4, seed: int = 0) -> torch.Tensor:
+    """A fixed batch of photo-like synthetic inputs (smooth skin tones, a darker blob, fine texture), normalised."""
+    g = torch.Generator().manual_seed(seed)
+    s = pp.input_size
+    low = torch.rand(n, 3, 6, 6, generator=g)
+    base = torch.nn.functional.interpolate(low, size=(s, s), mode="bicubic", align_corners=False)
+    skin = torch.tensor([0.80, 0.60, 0.50]).view(1, 3, 1, 1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+    blob = torch.exp(-((xx / 0.4) ** 2 + (yy / 0.3) ** 2)).view(1, 1, s, s)
+    img = skin * (0.75 + 0.25 * base) * (1 - 0.6 * blob) + 0.03 * torch.randn(n, 3, s, s, generator=g)
+    mean = torch.tensor(pp.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pp.std).view(1, 3, 1, 1)
+    x = (img.clamp(0, 1) - mean) / std
+    return x.to(device).contiguous(memory_format=torch.channels_last)

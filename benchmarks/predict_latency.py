@@ -1,0 +1,199 @@
+"""Single-photo latency: the naive path against Predictor's fast path, per backbone, plus accuracy checks.
+
+    python benchmarks/predict_latency.py --json benchmarks/results/predict_latency_<cpu>.json
+    python benchmarks/predict_latency.py --backbones convnext_tiny --repeats 9 --threads 2
+
+NAIVE: full decode of a 12 MP phone JPEG, torchvision eval transform on the full image, fp32 model (NCHW),
+a no-grad forward for the probability, then pytorch-grad-cam's GradCAM (forward + backward).
+FAST: Predictor(fast=True).predict_source(jpeg_bytes): draft decode, one channels-last forward in the
+precision the load-time check chose, head-only Grad-CAM, plus the quality checks (the naive path skips them).
+Naive and fast calls alternate so both see the same load on a shared machine; medians after warm-up.
+
+Accuracy, on real photos from shared/data (random weights: the head's last layer is rescaled so that the
+fp32 logits over these photos have mean 0 and standard deviation 2, as a trained classifier's do; a raw
+random head barely reacts to its input and would make every difference look small):
+- max_abs_prob_diff: |P_fast - P_fp32| on the identical input tensor (the fast path's precision and CAM-free
+  head evaluation against the fp32 reference model);
+- max_abs_prob_diff_vs_naive: |P_fast - P_naive| end to end (draft vs full decode and resize, plus precision);
+- cam_corr (mean) / cam_corr_min: Pearson correlation of the fast heat-map with pytorch-grad-cam's GradCAM
+  on the backbone's Grad-CAM layer, fp32, same decoded photo.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+
+from common import (DEFAULT_BACKBONES, TFLITE_WEIGHTS, machine_info, make_bundle, median_ms, phone_jpeg,
+                    random_model, real_photos, set_threads, write_json)
+import core.inference as inf
+from core.device import fast_dtype
+from core.gradcam import reference_cam
+from core.images import load_image
+from core.inference import Predictor
+from core.transforms import eval_transform
+
+LOGIT_STD = 2.0
+
+
+def calibrate_head(model, inputs: list[torch.Tensor]) -> None:
+    """Rescale the last head layer so fp32 logits over `inputs` have mean 0 and std LOGIT_STD."""
+    with torch.no_grad():
+        z = torch.cat([model(x) for x in inputs]).flatten()
+        std = float(z.std())
+        if len(z) < 2 or std < 1e-12:
+            return
+        last = model.head[-1]
+        a = LOGIT_STD / std
+        last.weight.mul_(a)
+        last.bias.sub_(float(z.mean())).mul_(a)
+
+
+def naive_predict(model, tf, data) -> tuple[float, np.ndarray, dict]:
+    t0 = time.perf_counter()
+    img = load_image(data)  # full resolution
+    t1 = time.perf_counter()
+    x = tf(img).unsqueeze(0)
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        prob = float(torch.sigmoid(model(x)).item())
+    t3 = time.perf_counter()
+    cam = reference_cam(model, x)[0]
+    t4 = time.perf_counter()
+    return prob, cam, {"decode": t1 - t0, "transform": t2 - t1, "forward": t3 - t2, "gradcam": t4 - t3}
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    if a.std() < 1e-12 and b.std() < 1e-12:
+        return 1.0
+    if a.std() < 1e-12 or b.std() < 1e-12:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def accuracy(predictor, naive_model, tf, photos, with_naive: bool) -> dict:
+    e2e, same, corrs = [], [], []
+    for path in photos:
+        pred = predictor.predict_source(str(path))
+        if with_naive:
+            e2e.append(abs(pred.prob - naive_predict(naive_model, tf, str(path))[0]))
+        img = load_image(str(path), min_side=predictor.decode_side)  # the fast path's decode
+        x, _ = predictor.prepare(img)
+        with torch.no_grad():
+            p32 = float(torch.sigmoid(naive_model(x.contiguous())).item())
+        same.append(abs(pred.prob - p32))
+        corrs.append(corr(pred.cam, reference_cam(naive_model, x.contiguous())[0]))
+    out = {"max_abs_prob_diff": round(max(same), 5), "cam_corr": round(float(np.mean(corrs)), 4),
+           "cam_corr_min": round(float(np.min(corrs)), 4)}
+    if with_naive:
+        out["max_abs_prob_diff_vs_naive"] = round(max(e2e), 5)
+    return out
+
+
+def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int) -> dict:
+    model = random_model(name)
+    pp = model.spec.preprocessing
+    tf = eval_transform(pp)
+    calibrate_head(model, [tf(load_image(p)).unsqueeze(0) for p in photos])
+    naive_model = copy.deepcopy(model).eval()  # fp32, default (NCHW) memory format
+    t0 = time.perf_counter()
+    predictor = Predictor(make_bundle(model), device="cpu", fast=True)
+    init_s = time.perf_counter() - t0
+
+    # ---- latency, interleaved
+    for _ in range(warmup):
+        naive_predict(naive_model, tf, jpeg)
+        predictor.predict_source(jpeg)
+    naive_t, fast_t, naive_parts, fast_parts = [], [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        *_, parts = naive_predict(naive_model, tf, jpeg)
+        naive_t.append(time.perf_counter() - t)
+        naive_parts.append(parts)
+        t = time.perf_counter()
+        pred = predictor.predict_source(jpeg)
+        fast_t.append(time.perf_counter() - t)
+        fast_parts.append(pred.timings_ms)
+
+    # ---- accuracy on real photos
+    acc = accuracy(predictor, naive_model, tf, photos, with_naive=True)
+    out_forced = None
+    if predictor.dtype is None and fast_dtype(predictor.device) is not None:
+        # what the rejected reduced precision would have given (the evidence for the fallback)
+        saved = inf.FEATURE_TOLERANCE, inf.PRECISION_TOLERANCE
+        inf.FEATURE_TOLERANCE = inf.PRECISION_TOLERANCE = float("inf")
+        try:
+            forced = Predictor(make_bundle(copy.deepcopy(naive_model)), device="cpu", fast=True)
+        finally:
+            inf.FEATURE_TOLERANCE, inf.PRECISION_TOLERANCE = saved
+        forced_t = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            forced.predict_source(jpeg)
+            forced_t.append(time.perf_counter() - t)
+        fa = accuracy(forced, naive_model, tf, photos, with_naive=False)
+        out_forced = {"dtype": forced.precision["dtype"], "fast_ms": median_ms(forced_t),
+                      "max_abs_prob_diff": fa["max_abs_prob_diff"], "cam_corr_min": fa["cam_corr_min"],
+                      "feature_rel_err": forced.precision["feature_rel_err"]}
+
+    naive_ms, fast_ms = median_ms(naive_t), median_ms(fast_t)
+    return {
+        "naive_ms": naive_ms, "fast_ms": fast_ms, "ratio": round(naive_ms / fast_ms, 2),
+        **acc, "n_photos": len(photos),
+        "fast_precision": predictor.precision,
+        "rejected_precision_if_forced": out_forced,
+        "weights": "shared/weights TFLite ImageNet backbone" if name == "mobilenetv2_100_tflite" else "random",
+        "input_size": pp.input_size,
+        "predictor_init_s": round(init_s, 2),
+        "naive_breakdown_ms": {k: median_ms([p[k] for p in naive_parts]) for k in naive_parts[0]},
+        "fast_breakdown_ms": {k: round(float(np.median([p[k] for p in fast_parts])), 2) for k in fast_parts[0]},
+        "naive_all_ms": [round(t * 1e3, 1) for t in naive_t], "fast_all_ms": [round(t * 1e3, 1) for t in fast_t],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--backbones", nargs="+", default=None,
+                   help=f"default: {' '.join(DEFAULT_BACKBONES)} (+ mobilenetv2_100_tflite if its weights exist)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--photos", type=int, default=6, help="real photos per data set for the accuracy checks")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = idle cores by load average")
+    args = p.parse_args(argv)
+    backbones = args.backbones or list(DEFAULT_BACKBONES) + (
+        ["mobilenetv2_100_tflite"] if TFLITE_WEIGHTS.is_file() else [])
+    threads = set_threads(args.threads)
+    info = machine_info()
+    jpeg = phone_jpeg()
+    photos = real_photos(args.photos)
+    out = {"machine": info, "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads,
+                                         "phone_jpeg": "synthetic 4000x3000, quality 92",
+                                         "phone_jpeg_bytes": len(jpeg), "photos": [str(p.name) for p in photos]}}
+    print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | threads {threads} | "
+          f"bf16 {info['cpu_bf16']} | load {info['load_avg_1min_at_start']}")
+    hdr = (f"{'backbone':24} {'naive ms':>9} {'fast ms':>8} {'ratio':>6} {'max|dP|':>8} {'vs naive':>8} "
+           f"{'cam r':>7} {'min r':>7}  precision (feature err)")
+    print(hdr)
+    print("-" * len(hdr))
+    for name in backbones:
+        r = bench_backbone(name, jpeg, photos, args.repeats, args.warmup)
+        out[name] = r
+        fp = r["fast_precision"]
+        err = f" ({fp['feature_rel_err']:.2%})" if fp.get("feature_rel_err") is not None else ""
+        print(f"{name:24} {r['naive_ms']:9.1f} {r['fast_ms']:8.1f} {r['ratio']:6.2f} {r['max_abs_prob_diff']:8.4f} "
+              f"{r['max_abs_prob_diff_vs_naive']:8.4f} {r['cam_corr']:7.4f} {r['cam_corr_min']:7.4f}  "
+              f"{fp['dtype']}{err}", flush=True)
+    out["machine"]["load_avg_1min_at_end"] = round(__import__("os").getloadavg()[0], 2)
+    if args.json:
+        write_json(args.json, out)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

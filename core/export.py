@@ -1,0 +1,141 @@
+"""Export a bundle's model to ONNX (dynamic batch), check it with onnxruntime, and describe it in a sidecar JSON.
+
+The ONNX graph takes the normalised image batch `image` (float32, N x 3 x S x S, RGB, NCHW) and returns `logit`
+(N x 1) and `prob_malignant` (N x 1, the sigmoid). Preprocessing is not in the graph: `<file>.onnx.json` says
+how to do it (resize the short side to resize_to with the named filter, centre-crop input_size, scale to [0, 1],
+subtract mean, divide by std), and carries the decision threshold and the model's provenance, so the exported
+file is never used without the threshold and validation numbers it was chosen with.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from core.bundle import Bundle
+from core.evaluation import model_summary
+from core.manifest import file_sha256
+
+SIDECAR_FORMAT = "skinscreen-onnx-model"
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The export failed, or the exported graph does not reproduce PyTorch's probabilities."""
+
+
+class _ProbModel(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        logit = self.model(image)
+        return logit, torch.sigmoid(logit)
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def example_inputs(size: int, n: int, seed: int) -> torch.Tensor:
+    """Photo-like normalised inputs (smooth colour fields plus noise) rather than pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 8, 8, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    return (x + 0.2 * torch.randn(n, 3, size, size, generator=g)).contiguous()
+
+
+def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = None, example_batch: int = 2,
+                check_batch: int = 3, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """Write `onnx_path` and its sidecar; return the sidecar dict. Raises ExportError when the check fails.
+
+    The example batch must have at least 2 images (a batch of 1 specialises the batch dimension to 1), and the
+    onnxruntime check runs on a batch of another size, so a graph that silently fixed the batch would fail."""
+    if example_batch < 2:
+        raise ValueError("example_batch must be >= 2: torch.export specialises a batch dimension of 1")
+    if check_batch == example_batch:
+        raise ValueError("check_batch must differ from example_batch, or a fixed batch size would go unnoticed")
+    onnx_path = Path(onnx_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(bundle.model).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    wrapper = _ProbModel(model).eval()
+    pp = bundle.spec.preprocessing
+    s = pp.input_size
+    example = example_inputs(s, example_batch, seed=0)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    kwargs = {} if opset is None else {"opset_version": opset}
+    t0 = time.time()
+    try:
+        program = torch.onnx.export(wrapper, (example,), str(onnx_path), input_names=["image"],
+                                    output_names=["logit", "prob_malignant"],
+                                    dynamic_shapes={"image": {0: batch}}, dynamo=True, external_data=False,
+                                    **kwargs)
+    except Exception as e:  # the exporter raises many types; all mean "no usable file"
+        raise ExportError(f"ONNX export of {bundle.spec.name} failed: {type(e).__name__}: {str(e)[:500]}") from e
+    export_s = time.time() - t0
+    check = verify_onnx(onnx_path, wrapper, s, check_batch, tolerance)
+    opset_used = _opset_of(onnx_path)
+    meta = bundle.meta
+    weights = Path(bundle.path) / "model.safetensors" if bundle.path else None
+    sidecar = {
+        "format": SIDECAR_FORMAT, "format_version": 1,
+        "onnx_file": onnx_path.name, "onnx_sha256": file_sha256(onnx_path), "opset": opset_used,
+        "inputs": {"image": {"dtype": "float32", "shape": ["batch", 3, s, s], "layout": "NCHW", "colour": "RGB",
+                             "normalisation": "(pixel / 255 - mean) / std"}},
+        "outputs": {"logit": "N x 1 malignancy logit", "prob_malignant": "N x 1 sigmoid(logit) = P(malignant)"},
+        "preprocessing": {**asdict(pp), "resize_to": pp.resize_to,
+                          "steps": ["decode to RGB, apply EXIF orientation, crop to the lesion if a box is given",
+                                    f"resize the short side to {pp.resize_to} ({pp.interpolation})",
+                                    f"centre-crop {s}x{s}", "scale to [0, 1], subtract mean, divide by std"]},
+        "threshold": meta.get("threshold"), "labels": meta.get("labels"),
+        "intended_use": meta.get("intended_use"),
+        "provenance": {**model_summary(meta), "bundle": str(bundle.path) if bundle.path else None,
+                       "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
+                       "backbone_spec": meta.get("backbone"), "head": meta.get("head")},
+        "verification": check,
+        "exported": {"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
+                     "seconds": round(export_s, 1), "program": type(program).__name__,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+    tmp = sidecar_path(onnx_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(sidecar, indent=1, default=str))
+    tmp.replace(sidecar_path(onnx_path))
+    return sidecar
+
+
+def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tolerance: float) -> dict:
+    """Run the file in onnxruntime on a batch of `batch` images; compare logits and probabilities with PyTorch."""
+    import onnxruntime as ort
+    x = example_inputs(size, batch, seed=1)
+    with torch.no_grad():
+        ref_logit, ref_prob = (t.numpy() for t in wrapper(x))
+    try:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        logit, prob = sess.run(["logit", "prob_malignant"], {"image": x.numpy()})
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ExportError(f"{onnx_path}: onnxruntime could not run the exported model on a batch of {batch}: "
+                          f"{type(e).__name__}: {str(e)[:500]}") from e
+    if prob.shape != ref_prob.shape:
+        raise ExportError(f"{onnx_path}: output shape {prob.shape} for a batch of {batch}, expected {ref_prob.shape}")
+    diff = float(np.abs(prob - ref_prob).max())
+    result = {"runtime": f"onnxruntime {ort.__version__} (CPU)", "batch": batch,
+              "max_abs_prob_diff": diff, "max_abs_logit_diff": float(np.abs(logit - ref_logit).max()),
+              "tolerance": tolerance, "passed": diff <= tolerance}
+    if not diff <= tolerance:  # also catches NaN
+        raise ExportError(f"{onnx_path}: onnxruntime probabilities differ from PyTorch by {diff:.3g} "
+                          f"(> {tolerance:g}) on a batch of {batch}")
+    return result
+
+
+def _opset_of(onnx_path: Path) -> int | None:
+    import onnx
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)

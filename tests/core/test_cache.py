@@ -1,0 +1,141 @@
+"""Tests for core.cache.DecodeCache: decode once, invalidate on change, per-crop entries, exact pixels, workers."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import core.cache as cache_mod
+from core.cache import DecodeCache
+from core.dataset import ManifestDataset, decode
+
+
+def photo(path, size=(480, 360), seed=0, fmt="JPEG"):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    Image.fromarray(a).resize(size, Image.BICUBIC).save(path, fmt)
+    return str(path)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+
+    def counting_decode(path, crop, short_side):
+        calls.append((path, crop, short_side))
+        return decode(path, crop, short_side)
+
+    monkeypatch.setattr(cache_mod, "decode", counting_decode)
+    return calls
+
+
+def test_second_get_does_not_decode_again(tmp_path, counted):
+    src = photo(tmp_path / "a.jpg")
+    cache = DecodeCache(tmp_path / "cache")
+    first = cache.get(src, None, 64)
+    second = cache.get(src, None, 64)
+    assert len(counted) == 1 and (cache.hits, cache.misses) == (1, 1)
+    # a new cache object on the same folder (the next epoch's worker) reads the entry too
+    third = DecodeCache(tmp_path / "cache").get(src, None, 64)
+    assert len(counted) == 1
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    assert np.array_equal(np.asarray(first), np.asarray(third))
+
+
+def test_rewritten_file_invalidates_the_entry(tmp_path, counted):
+    src = photo(tmp_path / "a.jpg", seed=0)
+    cache = DecodeCache(tmp_path / "cache")
+    old = np.asarray(cache.get(src, None, 64))
+    st = os.stat(src)
+    photo(tmp_path / "a.jpg", seed=1)  # same name and size in pixels, new content
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    new = np.asarray(cache.get(src, None, 64))
+    assert len(counted) == 2
+    assert not np.array_equal(old, new)
+    assert np.array_equal(new, np.asarray(decode(src, None, 64)))
+
+
+def test_touch_alone_makes_a_new_entry(tmp_path, counted):
+    src = photo(tmp_path / "a.jpg")
+    cache = DecodeCache(tmp_path / "cache")
+    cache.get(src, None, 64)
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    cache.get(src, None, 64)
+    assert len(counted) == 2 and len(cache) == 2
+
+
+def test_different_crop_or_size_gives_different_entries(tmp_path, counted):
+    src = photo(tmp_path / "a.jpg")
+    cache = DecodeCache(tmp_path / "cache")
+    a = cache.get(src, {"left": 0, "top": 0, "width": 200, "height": 200}, 64)
+    b = cache.get(src, {"left": 100, "top": 50, "width": 300, "height": 200}, 64)
+    c = cache.get(src, {"left": 0, "top": 0, "width": 200, "height": 200}, 96)
+    assert len(counted) == 3 and len(cache) == 3
+    assert a.size == (64, 64) and b.size == (96, 64) and c.size == (96, 96)
+    assert cache.entry(src, {"left": 0, "top": 0, "width": 200, "height": 200}, 64) != \
+        cache.entry(src, {"left": 100, "top": 50, "width": 300, "height": 200}, 64)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "png"])
+@pytest.mark.parametrize("crop", [None, {"left": 40, "top": 30, "width": 300, "height": 250}])
+def test_cached_image_equals_fresh_decode(tmp_path, fmt, crop):
+    src = photo(tmp_path / "a.jpg", size=(1200, 900))
+    cache = DecodeCache(tmp_path / "cache", fmt=fmt)
+    fresh = decode(src, crop, 100)
+    cache.get(src, crop, 100)
+    cached = cache.get(src, crop, 100)
+    assert cache.hits == 1
+    assert cached.mode == "RGB" and cached.size == fresh.size
+    assert np.array_equal(np.asarray(cached), np.asarray(fresh))
+
+
+def test_damaged_entry_is_decoded_again(tmp_path, counted):
+    src = photo(tmp_path / "a.jpg")
+    cache = DecodeCache(tmp_path / "cache")
+    good = np.asarray(cache.get(src, None, 64))
+    cache.entry(src, None, 64).write_bytes(b"\x93NUMPY truncated")
+    again = np.asarray(cache.get(src, None, 64))
+    assert len(counted) == 2 and np.array_equal(good, again)
+    assert np.array_equal(np.asarray(cache.get(src, None, 64)), good) and len(counted) == 2
+
+
+def test_no_temporary_files_are_left_behind(tmp_path):
+    cache = DecodeCache(tmp_path / "cache")
+    for i in range(3):
+        cache.get(photo(tmp_path / f"{i}.png", seed=i, fmt="PNG"), None, 48)
+    files = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(files) == 3 and not any(name.startswith(".tmp-") for name in files)
+
+
+def test_a_new_decoder_version_makes_new_entries(tmp_path, counted, monkeypatch):
+    import core.dataset
+    src = photo(tmp_path / "a.jpg")
+    cache = DecodeCache(tmp_path / "cache")
+    cache.get(src, None, 64)
+    monkeypatch.setattr(core.dataset, "DECODE_VERSION", 99, raising=False)
+    cache.get(src, None, 64)
+    assert len(counted) == 2 and len(cache) == 2
+
+
+def test_unknown_format_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="npy"):
+        DecodeCache(tmp_path, fmt="jpeg")
+
+
+def test_dataset_with_cache_in_two_workers_matches_uncached(tmp_path):
+    paths = [photo(tmp_path / f"{i}.jpg", seed=i) for i in range(6)]
+    df = pd.DataFrame({"image": paths, "label": [0, 1] * 3})
+    tf = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1)  # noqa: E731
+    cache = DecodeCache(tmp_path / "cache")
+    for _ in range(2):  # epoch 1 fills the cache from two worker processes, epoch 2 reads it
+        cached = DataLoader(ManifestDataset(df, tf, 64, cache=cache), batch_size=3, num_workers=2)
+        got = torch.cat([x for x, _, _ in cached])
+    plain = torch.cat([x for x, _, _ in DataLoader(ManifestDataset(df, tf, 64), batch_size=3)])
+    assert torch.equal(got, plain)
+    assert len(cache) == 6

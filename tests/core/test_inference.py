@@ -1,0 +1,192 @@
+"""Tests for core.inference.Predictor: fast preprocessing equals the reference transform, one forward gives the
+probability and the heat-map, the reduced-precision decision, batch and thread consistency."""
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import core.inference as inf
+from core.backbones import get_spec
+from core.bundle import load_bundle, save_bundle
+from core.gradcam import reference_cam
+from core.images import load_image
+from core.inference import Prediction, Predictor
+from core.model import HeadConfig, LesionClassifier
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU an OpenMP team spins at every barrier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(name="mobilenetv2_100", seed=0) -> LesionClassifier:
+    torch.manual_seed(seed)
+    spec = get_spec(name)
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=SIZE))
+    model = LesionClassifier(spec, HeadConfig()).eval()
+    spread_logits(model)
+    return model
+
+
+def spread_logits(model, std=2.0):
+    """A random head barely reacts to its input: rescale its last layer so logits over varied inputs have
+    mean 0 and std `std`, like a trained classifier's."""
+    g = torch.Generator().manual_seed(1)
+    s = model.spec.preprocessing.input_size
+    x = torch.nn.functional.interpolate(torch.randn(16, 3, 6, 6, generator=g), size=(s, s), mode="bicubic")
+    with torch.no_grad():
+        z = model(x).flatten()
+        last = model.head[-1]
+        last.weight.mul_(std / float(z.std()))
+        last.bias.sub_(float(z.mean())).mul_(std / float(z.std()))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle")
+    return save_bundle(small_model(), folder, threshold={"value": 0.4, "rule": "fixed"},
+                       provenance={"run_name": "unit-test", "validation_metrics": {"roc_auc": 0.5}})
+
+
+def photo_bytes(size=(400, 300), seed=0, fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (size[1] // 10 + 1, size[0] // 10 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(a).resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 400), (73, 200), (210, 180), (97, 61)])
+def test_fast_preprocessing_equals_eval_transform(bundle_dir, size):
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    img = Image.open(io.BytesIO(photo_bytes(size, fmt="PNG"))).convert("RGB")
+    x, rgb = p.prepare(img)
+    ref = p.prepare_reference(img)
+    assert x.shape == ref.shape == (1, 3, SIZE, SIZE)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x, ref, atol=1e-5)
+    assert rgb.dtype == np.uint8 and rgb.shape == (SIZE, SIZE, 3)
+
+
+def test_large_non_jpeg_is_reduced_first_but_stays_close(bundle_dir):
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    img = Image.open(io.BytesIO(photo_bytes((1600, 1200), fmt="PNG"))).convert("RGB")
+    x, _ = p.prepare(img)
+    ref = p.prepare_reference(img)
+    assert float((x - ref).abs().mean()) < 0.02  # normalised units; reducing_gap=3 is near-identical
+
+
+def test_predict_source_gives_probability_heatmap_and_provenance(bundle_dir):
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    pred = p.predict_source(photo_bytes(), name="upload.jpg")
+    assert isinstance(pred, Prediction)
+    assert 0.0 <= pred.prob <= 1.0 and pred.threshold == 0.4 and pred.malignant == (pred.prob >= 0.4)
+    assert pred.model_input.shape == (SIZE, SIZE, 3) and pred.model_input.dtype == np.uint8
+    assert pred.cam.shape == (SIZE, SIZE) and 0.0 <= pred.cam.min() and pred.cam.max() <= 1.0
+    assert pred.cam_method == "gradcam"
+    assert pred.model["run"] == "unit-test" and pred.model["validation_metrics"] == {"roc_auc": 0.5}
+    assert set(pred.timings_ms) == {"decode", "preprocess", "model"}
+    assert all(v >= 0 for v in pred.timings_ms.values())
+
+
+def test_fast_and_fp32_paths_agree_and_cam_matches_pytorch_grad_cam(bundle_dir):
+    data = photo_bytes(seed=3)
+    fast = Predictor(load_bundle(bundle_dir), device="cpu", fast=True).predict_source(data)
+    slow_p = Predictor(load_bundle(bundle_dir), device="cpu", fast=False)
+    slow = slow_p.predict_source(data)
+    assert abs(fast.prob - slow.prob) < 0.01
+    assert np.corrcoef(fast.cam.ravel(), slow.cam.ravel())[0, 1] > 0.98
+    # the head-only Grad-CAM equals the hook-based reference on the same layer (fp32)
+    x, _ = slow_p.prepare(load_image(data, min_side=slow_p.decode_side))
+    ref = reference_cam(slow_p.model, x.contiguous())[0]
+    assert np.corrcoef(slow.cam.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_without_cam_and_with_gradcam_plus_plus(bundle_dir):
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    data = photo_bytes(seed=4)
+    plain = p.predict_source(data, cam_method=None)
+    pp = p.predict_source(data, cam_method="gradcam++")
+    assert plain.cam is None and plain.cam_method is None
+    assert pp.cam.shape == (SIZE, SIZE) and abs(pp.prob - plain.prob) < 1e-6
+    with pytest.raises(ValueError, match="CAM method"):
+        p.predict_source(data, cam_method="eigencam")
+
+
+def test_draft_decoding_does_not_make_a_large_photo_look_small(bundle_dir):
+    # the model needs only ~73 px; drafting a 1000x750 JPEG to 2x that would decode it at 1/4: 250x187
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    pred = p.predict_source(photo_bytes((1000, 750), seed=8))
+    assert "too_small" not in [w.code for w in pred.quality]
+    small = p.predict_source(photo_bytes((200, 150), seed=8))
+    assert "too_small" in [w.code for w in small.quality]
+
+
+def test_crop_reaches_the_model(bundle_dir):
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    data = photo_bytes((400, 300), seed=5)
+    whole = p.predict_source(data)
+    part = p.predict_source(data, crop={"left": 0, "top": 0, "width": 150, "height": 150})
+    assert not np.array_equal(whole.model_input, part.model_input)
+
+
+def test_reduced_precision_is_accepted_or_rejected_by_the_measured_check(bundle_dir, monkeypatch):
+    # bf16 is emulated (slowly) on CPUs without native support, so the decision logic runs everywhere
+    monkeypatch.setattr(inf, "fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(inf, "PRECISION_TOLERANCE", 1.0)  # everything passes
+    monkeypatch.setattr(inf, "FEATURE_TOLERANCE", 1.0)
+    bundle = load_bundle(bundle_dir)
+    ok = Predictor(bundle, device="cpu")
+    assert ok.dtype == torch.bfloat16 and ok.precision["dtype"] == "bfloat16"
+    assert 0 < ok.precision["max_abs_prob_diff"] < 0.1 and 0 < ok.precision["feature_rel_err"] < 0.5  # measured
+    # the reduced copy is private: the bundle's own model stays fp32
+    assert all(t.dtype == torch.float32 for t in bundle.model.state_dict().values() if t.is_floating_point())
+    assert any(t.dtype == torch.bfloat16 for t in ok._features.state_dict().values())
+
+    monkeypatch.setattr(inf, "PRECISION_TOLERANCE", -1.0)  # nothing passes: must fall back to fp32
+    strict = Predictor(load_bundle(bundle_dir), device="cpu")
+    assert strict.dtype is None and strict.precision["dtype"] == "float32"
+    assert "rejected" in strict.precision["reason"]
+    assert strict._features is strict.model
+    data = photo_bytes(seed=6)
+    fp32 = Predictor(load_bundle(bundle_dir), device="cpu", fast=False).predict_source(data).prob
+    assert strict.predict_source(data).prob == pytest.approx(fp32, abs=1e-5)
+
+
+def test_batch_probs_equal_single_predictions(bundle_dir):
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    imgs = [load_image(photo_bytes(seed=s), min_side=p.decode_side) for s in range(4)]
+    batch = p.probs(p.to_input(np.stack([p.crop(im) for im in imgs])))
+    single = [p.predict_image(im, cam_method=None).prob for im in imgs]
+    assert batch.shape == (4,)
+    assert np.allclose(batch, single, atol=2e-3)  # reduced precision may block differently per batch size
+
+
+def test_concurrent_calls_give_the_sequential_answers(bundle_dir):
+    p = Predictor(load_bundle(bundle_dir), device="cpu")
+    sources = [photo_bytes(seed=s) for s in range(6)]
+    expected = [p.predict_source(s).prob for s in sources]
+    got = [None] * len(sources)
+
+    def work(i):
+        got[i] = p.predict_source(sources[i]).prob
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == pytest.approx(expected, abs=1e-6)
