@@ -352,10 +352,8 @@ def training_command(req: TrainRequest, out: str | Path, python: str | None = No
 
 
 def resolved_device(device: str) -> str:
-    if device == "auto":
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    from core.device import pick_device
+    return pick_device(device).type if device == "auto" else device
 
 
 def start_training(req: TrainRequest, root: str | Path | None = None, *, python: str | None = None,
