@@ -141,7 +141,7 @@ def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image",
         if domain:
             row["domain"] = domain
         rows.append(row)
-    return _finish(rows, report, str(labels_csv))
+    return finish_import(rows, report, str(labels_csv))
 
 
 def import_folder(root: str | Path, *, domain: str | None = None) -> tuple[pd.DataFrame, ImportReport]:
@@ -161,10 +161,11 @@ def import_folder(root: str | Path, *, domain: str | None = None) -> tuple[pd.Da
                 continue
             rows.append({"image": str(f.resolve()), "label": int(name == "malignant"),
                          **({"domain": domain} if domain else {})})
-    return _finish(rows, report, str(root))
+    return finish_import(rows, report, str(root))
 
 
-def _finish(rows: list[dict], report: ImportReport, source: str) -> tuple[pd.DataFrame, ImportReport]:
+def finish_import(rows: list[dict], report: ImportReport, source: str) -> tuple[pd.DataFrame, ImportReport]:
+    """Rows -> manifest frame; an import that kept nothing is an error saying what was dropped."""
     if not rows:
         raise ManifestError(f"{source}: no usable images ({report.summary()})")
     df = pd.DataFrame(rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.manifest import ImportReport, ManifestError, require_columns
+from core.manifest import ImportReport, ManifestError, finish_import, require_columns
 
 # Used only when core.images (the project's loader) is not importable.
 _FALLBACK_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
@@ -104,7 +104,7 @@ def import_isic(metadata_csv: str | Path, images: str | Path, *,
                "fitzpatrick": parse_fitzpatrick(r.get("fitzpatrick_skin_type"))}
         row.update({c: r[c] for c in ISIC_KEEP if c in r})
         rows.append(row)
-    return _finish(rows, report, str(metadata_csv))
+    return finish_import(rows, report, str(metadata_csv))
 
 
 def _isic_label(r: dict) -> tuple[int | None, str]:
@@ -143,7 +143,7 @@ def import_pad_ufes(metadata_csv: str | Path, images: str | Path, *,
             "lesion_id": f"{r['patient_id']}_{r['lesion_id']}", "domain": domain,
             "fitzpatrick": parse_fitzpatrick(r.get("fitspatrick", r.get("fitzpatrick"))),
             "region": r.get("region"), "biopsed": r.get("biopsed"), "diagnostic": dx})
-    return _finish(rows, report, str(metadata_csv))
+    return finish_import(rows, report, str(metadata_csv))
 
 
 def import_midas(xlsx: str | Path, images: str | Path, *, domain: str | None = "midas",
@@ -174,7 +174,7 @@ def import_midas(xlsx: str | Path, images: str | Path, *, domain: str | None = "
             "domain": domain, "fitzpatrick": parse_fitzpatrick(r.get("midas_fitzpatrick")),
             "distance": distance, "distance_in": MIDAS_DISTANCE_IN.get(distance),
             "location": _text(r["midas_location"]), "pathology": _text(r["midas_path"])})
-    df, report = _finish(rows, report, str(xlsx))
+    df, report = finish_import(rows, report, str(xlsx))
     return keep_one_per_lesion(df, report) if one_per_lesion else (df, report)
 
 
@@ -253,11 +253,3 @@ def _read_xlsx(path: str | Path) -> pd.DataFrame:
         return pd.read_excel(path, dtype=str)
     except (ValueError, OSError, KeyError) as e:  # openpyxl raises these for non-xlsx content
         raise ManifestError(f"{path}: not a readable .xlsx file ({e})") from e
-
-
-def _finish(rows: list[dict], report: ImportReport, source: str) -> tuple[pd.DataFrame, ImportReport]:
-    if not rows:
-        raise ManifestError(f"{source}: no usable images ({report.summary()})")
-    df = pd.DataFrame(rows)
-    report.kept = len(df)
-    return df, report

@@ -41,6 +41,16 @@ def make_images(folder: Path, n: int = 40, seed: int = 0, size=(96, 80), images_
     return pd.DataFrame(rows)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU an OpenMP team spins at every barrier."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def image_set(tmp_path):
     """(labels.csv path, image folder) for 40 synthetic images, 2 images for some patients."""

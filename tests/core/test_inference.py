@@ -22,13 +22,7 @@ from core.model import HeadConfig, LesionClassifier
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU an OpenMP team spins at every barrier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(name="mobilenetv2_100", seed=0) -> LesionClassifier:
