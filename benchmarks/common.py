@@ -129,3 +129,13 @@ def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def finish(out: dict, json_path: str | None) -> int:
+    """Record the load at the end (the machine may be shared) and write the JSON if asked."""
+    import os
+    out["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    if json_path:
+        write_json(json_path, out)
+        print(f"wrote {json_path}")
+    return 0

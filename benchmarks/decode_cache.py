@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REAL_PHOTOS, machine_info, phone_jpeg, set_threads, write_json
+from common import REAL_PHOTOS, machine_info, phone_jpeg, set_threads, finish
 from core.cache import DecodeCache
 from core.dataset import decode
 from throughput import timed
@@ -52,11 +52,7 @@ def main(argv=None) -> int:
             out[name] = row
             print(f"{name:18} {row['decode_ms']:10.1f} {row['npy_hit_ms']:11.2f} {row['png_hit_ms']:11.2f} "
                   f"{row['npy_entry_kb']:7.0f} {row['png_entry_kb']:7.0f}")
-    out["machine"]["load_avg_1min_at_end"] = round(__import__("os").getloadavg()[0], 2)
-    if args.json:
-        write_json(args.json, out)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(out, args.json)
 
 
 if __name__ == "__main__":

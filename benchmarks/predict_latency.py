@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common import (DEFAULT_BACKBONES, TFLITE_WEIGHTS, machine_info, make_bundle, median_ms, phone_jpeg,
-                    random_model, real_photos, set_threads, write_json)
+                    random_model, real_photos, set_threads, finish)
 import core.inference as inf
 from core.device import fast_dtype
 from core.gradcam import reference_cam
@@ -188,11 +188,7 @@ def main(argv=None) -> int:
         print(f"{name:24} {r['naive_ms']:9.1f} {r['fast_ms']:8.1f} {r['ratio']:6.2f} {r['max_abs_prob_diff']:8.4f} "
               f"{r['max_abs_prob_diff_vs_naive']:8.4f} {r['cam_corr']:7.4f} {r['cam_corr_min']:7.4f}  "
               f"{fp['dtype']}{err}", flush=True)
-    out["machine"]["load_avg_1min_at_end"] = round(__import__("os").getloadavg()[0], 2)
-    if args.json:
-        write_json(args.json, out)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(out, args.json)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ Random weights (speed does not depend on them). Shared machine: medians, and noi
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import machine_info, make_bundle, phone_jpeg, random_model, set_threads, write_json
+from common import machine_info, make_bundle, phone_jpeg, random_model, set_threads, finish
 from core.images import load_image
 from core.inference import Predictor
 
@@ -173,11 +172,7 @@ def main(argv=None) -> int:
               f"{tr['frozen_backbone_fp32']['images_per_s']:11.1f} {tr['frozen_backbone_bf16_autocast']['images_per_s']:11.1f} "
               f"{tr['unfrozen_fp32']['images_per_s']:9.1f} {tr['unfrozen_bf16_autocast']['images_per_s']:9.1f} "
               f"{tr['unfrozen_bf16_autocast']['ideal_images_per_s']:15.0f}", flush=True)
-    out["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
-    if args.json:
-        write_json(args.json, out)
-        print(f"wrote {args.json}")
-    return 0
+    return finish(out, args.json)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from core.gradcam import reference_cam
 from core.images import load_image
 from core.inference import Prediction, Predictor
 from core.model import HeadConfig, LesionClassifier
+from tests.conftest import spread_logits
 
 SIZE = 64
 
@@ -34,17 +35,6 @@ def small_model(name="mobilenetv2_100", seed=0) -> LesionClassifier:
     return model
 
 
-def spread_logits(model, std=2.0):
-    """A random head barely reacts to its input: rescale its last layer so logits over varied inputs have
-    mean 0 and std `std`, like a trained classifier's."""
-    g = torch.Generator().manual_seed(1)
-    s = model.spec.preprocessing.input_size
-    x = torch.nn.functional.interpolate(torch.randn(16, 3, 6, 6, generator=g), size=(s, s), mode="bicubic")
-    with torch.no_grad():
-        z = model(x).flatten()
-        last = model.head[-1]
-        last.weight.mul_(std / float(z.std()))
-        last.bias.sub_(float(z.mean())).mul_(std / float(z.std()))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from core.bundle import load_bundle, save_bundle
 from core.inference import Predictor
 from core.manifest import file_sha256
 from core.model import HeadConfig, LesionClassifier
+from tests.conftest import spread_logits
 from train.screen import main, sidecar_path
 
 THRESHOLD = 0.45
@@ -38,17 +39,6 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def spread_logits(model, std=2.0):
-    """A random head barely reacts to its input: rescale its last layer so logits over varied inputs have
-    mean 0 and std `std`, like a trained classifier's (probabilities then straddle the threshold)."""
-    g = torch.Generator().manual_seed(1)
-    s = model.spec.preprocessing.input_size
-    x = torch.nn.functional.interpolate(torch.randn(16, 3, 6, 6, generator=g), size=(s, s), mode="bicubic")
-    with torch.no_grad():
-        z = model(x).flatten()
-        last = model.head[-1]
-        last.weight.mul_(std / float(z.std()))
-        last.bias.sub_(float(z.mean())).mul_(std / float(z.std()))
 
 
 def textured(path, size=(160, 120), seed=0, dark=False):
