@@ -87,10 +87,40 @@ def next_unlabelled(manifest_df: pd.DataFrame, crops_df: pd.DataFrame) -> int | 
     """Row position of the first image with no box and no unusable flag (None when all are done)."""
     lookup = _lookup(crops_df)
     for i, image in enumerate(manifest_df["image"]):
-        entry = _match(image, manifest_df, lookup)
-        if entry is None or (not entry["unusable"] and pd.isna(entry["left"])):
+        if not is_labelled(_match(image, manifest_df, lookup)):
             return i
     return None
+
+
+def image_id_for(image: str, manifest_df: pd.DataFrame) -> str:
+    """The key to save a manifest image's entry under: its path relative to the manifest's folder (portable)."""
+    source = manifest_df.attrs.get("source")
+    if source and os.path.isabs(image):
+        return os.path.normpath(os.path.relpath(image, os.path.dirname(os.path.abspath(source))))
+    return os.path.normpath(image)
+
+
+def entries_for(manifest_df: pd.DataFrame, crops_df: pd.DataFrame) -> list[dict | None]:
+    """Per manifest row, the crop-file entry that applies to it (matched as apply_crops does), or None."""
+    lookup = _lookup(crops_df)
+    return [_match(image, manifest_df, lookup) for image in manifest_df["image"]]
+
+
+def is_labelled(entry: dict | None) -> bool:
+    """Whether an entry settles its image: it has a box or marks the image unusable."""
+    return entry is not None and (bool(entry["unusable"]) or not pd.isna(entry["left"]))
+
+
+def crop_progress(entries: list[dict | None]) -> tuple[int, int]:
+    """(done, total) over entries_for's list."""
+    return sum(map(is_labelled, entries)), len(entries)
+
+
+def entry_box(entry: dict | None) -> dict | None:
+    """An entry's box in original pixels, or None when there is no entry or it has no box."""
+    if entry is None or pd.isna(entry["left"]):
+        return None
+    return {k: int(entry[k]) for k in BOX}
 
 
 def _parse_row(r: dict, line: int | None, path) -> dict:
@@ -174,10 +204,7 @@ def _match(image: str, manifest_df: pd.DataFrame, lookup: dict[str, dict],
            name_counts: Counter | None = None) -> dict | None:
     """An entry keyed by the image's path (absolute or as written in the manifest) wins over its basename."""
     image = str(image)
-    keys = [os.path.normpath(image)]
-    source = manifest_df.attrs.get("source")
-    if source and os.path.isabs(image):
-        keys.append(os.path.normpath(os.path.relpath(image, os.path.dirname(os.path.abspath(source)))))
+    keys = [os.path.normpath(image), image_id_for(image, manifest_df)]
     entry = next((lookup[k] for k in keys if k in lookup), None)
     name = os.path.basename(image)
     if entry is None and name in lookup:

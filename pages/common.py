@@ -1,5 +1,5 @@
 """Shared UI pieces for the pages: the sidebar model picker, the provenance box, the photo carried between
-pages, the cropper wrapper and the cached predictor. Logic lives in core.appstate; this only renders.
+pages, the cropper wrapper and the cached predictor. Logic lives in core (appstate, photos); this only renders.
 
 Session-state keys (all in memory; nothing is written to disk unless the user saves a crop file):
   model_label / model_path  the chosen bundle (label in the picker, bundle folder)
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import appstate
+from core import appstate, photos
 from core.bundle import BundleError, read_meta
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "heic", "heif"]
@@ -191,12 +191,12 @@ def clear_photo() -> None:
 @st.cache_data(max_entries=8, show_spinner=False)
 def preview(data: bytes, name: str, max_side: int = 700):
     """Display copy (<= max_side, EXIF applied) and original size; raises ImageLoadError for bad files."""
-    return appstate.preview(data, name=name, max_side=max_side)
+    return photos.preview(data, name=name, max_side=max_side)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def preview_file(path: str, mtime: float, max_side: int = 700):
-    return appstate.preview(path, max_side=max_side)
+    return photos.preview(path, max_side=max_side)
 
 
 def draw_box(img, *, square: bool, key: str, default: dict | None = None, color: str = "#00B4FF") -> dict:
@@ -245,7 +245,7 @@ def predict(photo: Photo, model_path: str, cam_method: str):
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _thumb(path: str, mtime: float, size: int):
-    return appstate.thumbnail(path, size)
+    return photos.thumbnail(path, size)
 
 
 def thumbnail(path: str, size: int = 160):

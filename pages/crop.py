@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import appstate
+from core import cropbox, photos
 from core.cropbox import read_crops, upsert_crop
 from core.images import ImageLoadError
 from core.manifest import ManifestError, read_manifest
@@ -40,15 +40,15 @@ def single_photo() -> None:
         st.image(disp)
     else:
         box = common.draw_box(disp, square=square, key=f"cropper-{photo.id}-{square}")
-        crop = appstate.to_original(box, disp.size, size)
+        crop = photos.to_original(box, disp.size, size)
         st.session_state["photo_crop"] = crop
-        d = appstate.to_display(crop, disp.size, size)
+        d = photos.to_display(crop, disp.size, size)
         st.image(disp.crop((d["left"], d["top"], d["left"] + d["width"], d["top"] + d["height"])), width=224,
                  caption=f"Crop: {crop['width']}×{crop['height']} px at ({crop['left']}, {crop['top']}) "
                          "in the original photo")
     crop = st.session_state["photo_crop"]
     st.download_button("Save the " + ("photo" if whole else "crop") + " (PNG)", on_click="ignore",
-                       data=lambda: appstate.crop_png(photo.data, photo.name, crop), mime="image/png",
+                       data=lambda: photos.crop_png(photo.data, photo.name, crop), mime="image/png",
                        file_name=f"{Path(photo.name).stem}_crop.png", icon=":material/download:")
     st.page_link("pages/predict.py", label="Predict on this " + ("photo" if whole else "crop"),
                  icon=":material/search:")
@@ -76,10 +76,10 @@ def dataset() -> None:
     if df.empty:
         st.warning("The manifest has no images.")
         return
-    entries = appstate.crop_entries(df, crops)
-    done, total = appstate.crop_progress(entries)
+    entries = cropbox.entries_for(df, crops)
+    done, total = cropbox.crop_progress(entries)
     st.progress(done / total, text=f"{done} / {total} images done")
-    todo = [i for i, e in enumerate(entries) if appstate.entry_box(e) is None and not (e and e["unusable"])]
+    todo = [i for i, e in enumerate(entries) if not cropbox.is_labelled(e)]
     if "ds_index" not in st.session_state or st.session_state.get("ds_source") != (manifest_path, crops_path):
         st.session_state.update(ds_index=todo[0] if todo else 0, ds_source=(manifest_path, crops_path))
     i = min(max(0, st.session_state["ds_index"]), total - 1)
@@ -93,10 +93,10 @@ def dataset() -> None:
     nav[3].markdown(f"Image **{i + 1}** of {total}")
 
     image = str(df["image"].iloc[i])
-    image_id = appstate.image_id_for(image, df)
+    image_id = cropbox.image_id_for(image, df)
     entry = entries[i]
     saved = ("not labelled yet" if entry is None else "saved: unusable" if entry["unusable"]
-             else f"saved box {appstate.entry_box(entry)}")
+             else f"saved box {cropbox.entry_box(entry)}")
     st.markdown(f"`{image_id}` · label {'malignant' if df['label'].iloc[i] == 1 else 'benign'} · {saved}")
 
     unusable = st.checkbox("Unusable (blurred, lesion out of focus, taken too far away)",
@@ -110,10 +110,10 @@ def dataset() -> None:
     else:
         if not unusable:
             square = st.checkbox("Square box", value=True, key="ds_square")
-            existing = appstate.entry_box(entry)
-            shown = appstate.to_display(existing, disp.size, size) if existing else None
+            existing = cropbox.entry_box(entry)
+            shown = photos.to_display(existing, disp.size, size) if existing else None
             drawn = common.draw_box(disp, square=square, key=f"ds-cropper-{i}-{square}", default=shown)
-            box = appstate.to_original(drawn, disp.size, size)
+            box = photos.to_original(drawn, disp.size, size)
             st.caption(f"Box in original pixels: {box}")
     if st.button("Save and go to the next unlabelled", type="primary", disabled=box is None and not unusable):
         try:

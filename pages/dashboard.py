@@ -6,38 +6,38 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import appstate
+from core import appstate, reports
 from pages import common
 
 common.page_setup()
 st.title("Dashboard")
 root = appstate.runs_dir()
-paths = appstate.find_reports(root)
+paths = reports.find_reports(root)
 if not paths:
     st.info(f"No evaluation reports in `{root}` yet. Training writes `val_report.json` (and `test_report.json` "
             "with `report_test: true`); `python -m train.evaluate --run runs/NAME --manifest M.csv` writes "
             "`report_*.json`.")
-labels = {appstate.report_label(p, root): p for p in paths}
+labels = {reports.report_label(p, root): p for p in paths}
 chosen = st.multiselect("Reports", list(labels), default=list(labels)[:3], key="dash_reports")
 
-reports = {}
+loaded = {}
 for label in chosen:
     try:
-        reports[label] = appstate.load_report(labels[label])
+        loaded[label] = reports.load_report(labels[label])
     except ValueError as e:
         st.warning(str(e))
 
-if reports:
+if loaded:
     st.subheader("Metrics (95% confidence intervals)")
-    st.dataframe(appstate.metrics_table(reports), hide_index=True, width="stretch")
-    for label, rep in reports.items():
+    st.dataframe(reports.metrics_table(loaded), hide_index=True, width="stretch")
+    for label, rep in loaded.items():
         notes = rep.get("notes") or []
         if rep.get("ci_method") or notes:
             st.caption(f"**{label}**: {rep.get('ci_method', '')}" + "".join(f"; {n}" for n in notes))
 
     st.subheader("ROC curves")
     roc = go.Figure()
-    for label, rep in reports.items():
+    for label, rep in loaded.items():
         if rep.get("roc"):
             auc = (rep["metrics"].get("roc_auc") or {}).get("value")
             roc.add_trace(go.Scatter(x=rep["roc"]["fpr"], y=rep["roc"]["tpr"], mode="lines",
@@ -50,8 +50,8 @@ if reports:
     st.plotly_chart(roc, width="stretch", key="roc")
 
     st.subheader("Confusion matrices (at each model's threshold)")
-    cols = st.columns(min(3, len(reports)))
-    for n, (label, rep) in enumerate(reports.items()):
+    cols = st.columns(min(3, len(loaded)))
+    for n, (label, rep) in enumerate(loaded.items()):
         cm = rep.get("confusion_matrix")
         if not cm:
             continue
@@ -64,8 +64,8 @@ if reports:
 
     st.subheader("Subgroups")
     any_sub = False
-    for label, rep in reports.items():
-        for kind, table in appstate.subgroup_tables(rep).items():
+    for label, rep in loaded.items():
+        for kind, table in reports.subgroup_tables(rep).items():
             any_sub = True
             st.markdown(f"**{label}** by {kind}")
             st.dataframe(table, hide_index=True, width="stretch")
@@ -74,13 +74,13 @@ if reports:
 
 st.subheader("PCA of the data (ISIC vs smartphone photos)")
 pca_extra = st.text_input("Another folder with PCA outputs (`python -m train.pca ... --out DIR`)", key="pca_dir")
-pcas = appstate.find_pca([root] + ([Path(pca_extra)] if pca_extra.strip() else []))
+pcas = reports.find_pca([root] + ([Path(pca_extra)] if pca_extra.strip() else []))
 if not pcas:
     st.caption("No PCA outputs found (a folder with summary.json and CSVs with pc1, pc2 columns).")
 for n, res in enumerate(pcas):
-    with st.expander(f"{appstate.report_label(res.folder, root)}", expanded=n == 0):
+    with st.expander(f"{reports.report_label(res.folder, root)}", expanded=n == 0):
         for m, table in enumerate(res.tables):
-            df = appstate.read_pca_table(table)
+            df = reports.read_pca_table(table)
             color = "domain" if "domain" in df else None
             symbol = "label" if "label" in df else None
             if symbol:
@@ -92,11 +92,11 @@ for n, res in enumerate(pcas):
         if res.summary is not None:
             st.json(res.summary, expanded=False)
 
-if reports:
+if loaded:
     st.subheader("Example predictions")
-    label = st.selectbox("From report", list(reports), key="dash_examples")
-    examples = appstate.example_predictions(reports[label], n=4)
-    thr = reports[label].get("threshold", 0.5)
+    label = st.selectbox("From report", list(loaded), key="dash_examples")
+    examples = reports.example_predictions(loaded[label], n=4)
+    thr = loaded[label].get("threshold", 0.5)
     for kind in ("correct", "incorrect"):
         st.markdown(f"**Most confident {kind} predictions**")
         rows = examples[kind]

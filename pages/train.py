@@ -6,32 +6,32 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core import appstate
+from core import appstate, jobs
 from core.backbones import BACKBONES
 from pages import common
 
 common.page_setup()
 st.title("Train")
 root = appstate.runs_dir()
-job = appstate.current_job(root)
+job = jobs.current_job(root)
 if job:
     st.info(f"Training **{job['run']}** on **{job['device']}** (pid {job['pid']}). One job at a time: a new one "
             "can start when it finishes or is stopped.")
 
 # ------------------------------------------------------------------ new run
 with st.expander("Start a new run", expanded=job is None):
-    recipes = appstate.list_recipes()
+    recipes = jobs.list_recipes()
     if not recipes:
-        st.error(f"No recipes in {appstate.RECIPES_DIR}")
+        st.error(f"No recipes in {jobs.RECIPES_DIR}")
         st.stop()
     default_recipe = next((i for i, r in enumerate(recipes) if r.stem == "shared_demo"), 0)
     recipe = st.selectbox("Recipe", recipes, index=default_recipe, format_func=lambda p: p.name,
                           key="train_recipe", help="train/configs/*.yaml: shared_demo runs offline on ../shared; the paper_* recipes "
                                "need the ISIC / MIDAS manifests named inside.")
-    summary = appstate.recipe_summary(recipe)
+    summary = jobs.recipe_summary(recipe)
     st.caption("Stages: " + "; ".join(f"{s['name']} ({s['epochs']} epochs, lr {s['lr']}, data "
                                       f"{', '.join(map(str, s['data']))})" for s in summary["stages"]))
-    finished = [r for r in appstate.list_runs(root) if r.has_bundle]
+    finished = [r for r in jobs.list_runs(root) if r.has_bundle]
     names = list(BACKBONES)
     with st.form(f"train_form_{recipe.stem}"):
         k = recipe.stem  # widget keys per recipe: switching recipe resets the fields to its values
@@ -44,8 +44,8 @@ with st.expander("Start a new run", expanded=job is None):
                                 key=f"tf_weights_{k}")
         init_options = ["(recipe: " + (summary["init_from"] or "none") + ")", "none"] + [r.name for r in finished]
         init_choice = c1.selectbox("Start from a previous run (transfer)", init_options, key=f"tf_init_{k}")
-        device = c2.selectbox("Device", appstate.DEVICES,
-                              index=appstate.DEVICES.index(summary["device"]) if summary["device"] in appstate.DEVICES
+        device = c2.selectbox("Device", jobs.DEVICES,
+                              index=jobs.DEVICES.index(summary["device"]) if summary["device"] in jobs.DEVICES
                               else 0, key=f"tf_device_{k}")
         epochs = c1.number_input("Epochs per stage (0 = recipe)", min_value=0, max_value=500, value=0,
                                  key=f"tf_epochs_{k}")
@@ -63,26 +63,26 @@ with st.expander("Start a new run", expanded=job is None):
             init_from = str(root / init_choice)
         try:
             lr_value = float(lr) if lr.strip() else None
-            req = appstate.TrainRequest(recipe=str(recipe), name=name.strip(),
-                                        backbone=backbone if backbone != summary["backbone"] else None,
-                                        weights=weights.strip() if weights.strip() != str(summary["weights"]) else None,
-                                        init_from=init_from, epochs=int(epochs) or None, lr=lr_value, device=device,
-                                        manifest=manifest.strip() or None, domain=domain.strip() or None, sets=sets)
-            record = appstate.start_training(req, root)
+            req = jobs.TrainRequest(recipe=str(recipe), name=name.strip(),
+                                    backbone=backbone if backbone != summary["backbone"] else None,
+                                    weights=weights.strip() if weights.strip() != str(summary["weights"]) else None,
+                                    init_from=init_from, epochs=int(epochs) or None, lr=lr_value, device=device,
+                                    manifest=manifest.strip() or None, domain=domain.strip() or None, sets=sets)
+            record = jobs.start_training(req, root)
         except ValueError as e:  # LaunchError, bad learning rate
             st.error(f"Not started: {e}")
-        except appstate.TrainingBusy as e:
+        except jobs.TrainingBusy as e:
             st.error(f"Not started: {e}")
         else:
             st.success(f"Started **{record['run']}** on {record['device']} (pid {record['pid']}).")
             st.session_state["train_watch"] = record["run"]
             job = record
-    st.caption("The same from a terminal: `" + " ".join(appstate.training_command(
-        appstate.TrainRequest(recipe=str(recipe.relative_to(appstate.PROJECT_ROOT)), name=summary["name"]),
+    st.caption("The same from a terminal: `" + " ".join(jobs.training_command(
+        jobs.TrainRequest(recipe=str(recipe.relative_to(appstate.PROJECT_ROOT)), name=summary["name"]),
         f"runs/{summary['name']}", python="python")) + "`")
 
 # ------------------------------------------------------------------ runs
-runs = appstate.list_runs(root)
+runs = jobs.list_runs(root)
 st.subheader("Runs")
 if not runs:
     st.caption(f"No runs in `{root}` yet.")
@@ -97,20 +97,20 @@ run_path = root / watched
 
 
 def _stop(path, force: bool = False) -> None:
-    st.session_state["train_msg"] = appstate.stop_training(path, force=force)
+    st.session_state["train_msg"] = jobs.stop_training(path, force=force)
 
 
 def _resume(path) -> None:
     try:
-        rec = appstate.resume_training(path, root)
+        rec = jobs.resume_training(path, root)
         st.session_state["train_msg"] = f"resumed {rec['run']} (pid {rec['pid']})"
-    except (appstate.TrainingBusy, ValueError) as e:
+    except (jobs.TrainingBusy, ValueError) as e:
         st.session_state["train_msg"] = f"Not resumed: {e}"
 
 
 def progress_panel() -> None:
-    st.dataframe(appstate.runs_table(appstate.list_runs(root)), hide_index=True, width="stretch")
-    info = appstate.run_info(run_path)
+    st.dataframe(jobs.runs_table(jobs.list_runs(root)), hide_index=True, width="stretch")
+    info = jobs.run_info(run_path)
     was_alive = st.session_state.get("_train_alive")
     st.session_state["_train_alive"] = info.alive
     if was_alive is not None and was_alive != info.alive:
@@ -132,7 +132,7 @@ def progress_panel() -> None:
         b1.button("Resume", on_click=_resume, args=(run_path,), key="resume_btn", disabled=job is not None)
     if st.session_state.get("train_msg"):
         b3.caption(st.session_state["train_msg"])
-    m = appstate.read_metrics(run_path)
+    m = jobs.read_metrics(run_path)
     if not m.empty:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation ROC-AUC"))
         hover = m["stage_name"].astype(str) + " epoch " + m["epoch"].astype(str) if "stage_name" in m else None
@@ -145,16 +145,16 @@ def progress_panel() -> None:
         fig.update_xaxes(title_text="epoch (all stages)")
         fig.update_layout(height=320, margin={"t": 40, "b": 10})
         st.plotly_chart(fig, width="stretch", key="train_curves")
-    tail = appstate.log_tail(run_path, "train.log", 25)
-    console = appstate.log_tail(run_path, appstate.CONSOLE_LOG, 25)
+    tail = jobs.log_tail(run_path, "train.log", 25)
+    console = jobs.log_tail(run_path, jobs.CONSOLE_LOG, 25)
     if tail:
         st.code(tail, language=None)
     if console and (info.state in ("failed", "starting") or not tail):
-        st.caption(f"{appstate.CONSOLE_LOG} (stdout/stderr of the process)")
+        st.caption(f"{jobs.CONSOLE_LOG} (stdout/stderr of the process)")
         st.code(console, language=None)
 
 
-info_now = appstate.run_info(run_path)
+info_now = jobs.run_info(run_path)
 # Poll the run folder every 2 s while the process lives; a finished run is drawn once.
 st.fragment(progress_panel, run_every=2 if info_now.alive else None)()
 st.caption(common.DISCLAIMER)

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import appstate
+from core import jobs
 from tests.app.conftest import APP, RUN_NAME, jpeg_bytes, lesion_photo
 
 TIMEOUT = 60
@@ -278,9 +278,9 @@ def test_dashboard_without_reports(without_model):
 # ------------------------------------------------------------------ train
 def test_train_page_lists_runs_and_refuses_second_job(with_model):
     root = with_model.runs
-    me = {"pid": os.getpid(), "start": appstate._proc_start(os.getpid()), "run": "busy_run", "device": "cpu",
+    me = {"pid": os.getpid(), "start": jobs._proc_start(os.getpid()), "run": "busy_run", "device": "cpu",
           "started": time.time()}
-    appstate.acquire_lock(root, me)
+    jobs.acquire_lock(root, me)
     try:
         at = app().switch_page("pages/train.py").run()
         assert not at.exception
@@ -296,8 +296,8 @@ def test_train_page_lists_runs_and_refuses_second_job(with_model):
         assert "Not started" in err and "already running: run 'busy_run'" in err
         assert not (root / "second_job").exists()
     finally:
-        appstate.release_lock(root)
-    assert appstate.read_lock(root) is None
+        jobs.release_lock(root)
+    assert jobs.read_lock(root) is None
 
 
 def test_train_form_builds_the_request(with_model, monkeypatch):
@@ -307,7 +307,7 @@ def test_train_form_builds_the_request(with_model, monkeypatch):
         started.append((req, root))
         return {"run": req.name, "device": req.device, "pid": 4242}
 
-    monkeypatch.setattr(appstate, "start_training", fake_start)
+    monkeypatch.setattr(jobs, "start_training", fake_start)
     at = app().switch_page("pages/train.py").run()
     assert at.selectbox(key="train_recipe").value.name == "shared_demo.yaml"
     k = "shared_demo"

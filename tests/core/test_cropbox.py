@@ -155,6 +155,44 @@ def test_next_unlabelled_resumes_where_the_user_left_off(tmp_path, manifest):
     assert next_unlabelled(manifest, read_crops(crops)) is None
 
 
+def test_crop_progress(tmp_path):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30)).save(imgs / f"p{i}.jpg")
+    manifest = write_manifest(pd.DataFrame({"image": [str(imgs / f"p{i}.jpg") for i in range(3)],
+                                            "label": [0, 1, 0]}), tmp_path / "m.csv")
+    df = read_manifest(manifest)
+    key = cropbox.image_id_for(df["image"][0], df)
+    assert key == os.path.join("images", "p0.jpg")
+    crops = tmp_path / "crops.csv"
+    upsert_crop(crops, key, {"left": 1, "top": 2, "width": 10, "height": 10})
+    upsert_crop(crops, "p2.jpg", None, unusable=True, note="blurry")
+    entries = cropbox.entries_for(df, read_crops(crops))
+    assert cropbox.crop_progress(entries) == (2, 3)
+    assert cropbox.entry_box(entries[0]) == {"left": 1, "top": 2, "width": 10, "height": 10}
+    assert entries[1] is None and cropbox.entry_box(entries[2]) is None and entries[2]["unusable"] == 1
+
+
+def test_entries_for_matches_as_apply_crops_does(tmp_path, manifest):
+    df = read_manifest(write_manifest(manifest, tmp_path / "m.csv"))
+    crops = tmp_path / "crops.csv"
+    upsert_crop(crops, cropbox.image_id_for(df["image"][0], df), BOXES["p0.jpg"])  # relative to the manifest
+    upsert_crop(crops, manifest["image"][1], BOXES["p1.jpg"])                      # absolute path
+    upsert_crop(crops, "p2.jpg", None, unusable=True)                              # file name only
+    upsert_crop(crops, "p1.jpg", None, unusable=True)                              # a path beats a file name
+    entries = cropbox.entries_for(df, read_crops(crops))
+    assert [e and e["image_id"] for e in entries] == [os.path.join("img", "p0.jpg"), manifest["image"][1],
+                                                      "p2.jpg", None]
+    assert [cropbox.entry_box(e) for e in entries] == [BOXES["p0.jpg"], BOXES["p1.jpg"], None, None]
+    assert [cropbox.is_labelled(e) for e in entries] == [True, True, True, False]
+    assert cropbox.crop_progress(entries) == (3, 4)
+    assert next_unlabelled(df, read_crops(crops)) == 3
+    kept, report = apply_crops(df, read_crops(crops))
+    assert [Path(p).name for p in kept["image"]] == ["p0.jpg", "p1.jpg"]
+    assert report.dropped == {"marked unusable in the crop file": 1, "no crop box": 1}
+
+
 @pytest.mark.parametrize("text, message", [
     ("image_id,left,top,width\na.jpg,1,1,1\n", "missing required column.*height, unusable"),
     ("image_id,left,top,width,height,unusable\na.jpg,1,1,5,5,maybe\n", "line 2: unusable must be 0 or 1"),

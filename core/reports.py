@@ -1,0 +1,133 @@
+"""Saved evaluation reports and PCA outputs under RUNS_DIR: finding, loading and turning them into tables."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from core.appstate import runs_dir
+from core.metrics import DISPLAY_NAMES, TABLE_METRICS
+
+REPORT_NAMES = ("val_report.json", "test_report.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, ValueError):
+        return None
+
+
+def _walk(root: Path, max_depth: int):
+    root = Path(root)
+    if not root.is_dir():
+        return
+    base = len(root.parts)
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).parts) - base
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("bundle", "splits")
+                             and depth < max_depth)
+        yield Path(dirpath), sorted(filenames)
+
+
+def find_reports(root: str | Path | None = None, max_depth: int = 3) -> list[Path]:
+    """Saved evaluation reports: val_report.json, test_report.json and report_*.json under root."""
+    root = Path(root) if root is not None else runs_dir()
+    return [d / f for d, files in _walk(root, max_depth) for f in files
+            if f in REPORT_NAMES or (f.startswith("report_") and f.endswith(".json"))]
+
+
+def report_label(path: str | Path, root: str | Path | None = None) -> str:
+    root = Path(root) if root is not None else runs_dir()
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def load_report(path: str | Path) -> dict:
+    data = _read_json(Path(path))
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise ValueError(f"{path}: not an evaluation report (no 'metrics')")
+    return data
+
+
+def _cell(entry) -> str:
+    if not isinstance(entry, dict):
+        entry = {"value": entry}
+    v, ci = entry.get("value"), entry.get("ci95")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else "")
+
+
+def metrics_table(named: dict[str, dict]) -> pd.DataFrame:
+    """The paper's Table 1/2 layout: one row per report, cells 'value [lo, hi]' (95% CI), plus n."""
+    rows = []
+    for name, rep in named.items():
+        m = rep.get("metrics", {})
+        rows.append({"Model": name, **{DISPLAY_NAMES[k]: _cell(m.get(k)) for k in TABLE_METRICS},
+                     DISPLAY_NAMES["pr_auc"]: _cell(m.get("pr_auc")),
+                     "n": rep.get("n"), "threshold": rep.get("threshold")})
+    return pd.DataFrame(rows)
+
+
+def subgroup_tables(report: dict) -> dict[str, pd.DataFrame]:
+    """{'fitzpatrick': table, 'domain': table}: the same layout with one row per subgroup value."""
+    out = {}
+    for kind, groups in (report.get("subgroups") or {}).items():
+        if groups:
+            table = metrics_table({str(k): v for k, v in groups.items()}).rename(columns={"Model": kind})
+            out[kind] = table.drop(columns=["threshold"])
+    return out
+
+
+def example_predictions(report: dict, n: int = 4) -> dict[str, list[dict]]:
+    """The most confident correct and incorrect predictions (rows of report['predictions'])."""
+    thr = report.get("threshold", 0.5)
+    rows = [r for r in report.get("predictions") or [] if r.get("prob") is not None and "label" in r]
+    for r in rows:
+        r.setdefault("pred", int(r["prob"] >= thr))
+    margin = lambda r: abs(r["prob"] - thr)  # noqa: E731
+    correct = sorted((r for r in rows if int(r["pred"]) == int(r["label"])), key=margin, reverse=True)
+    wrong = sorted((r for r in rows if int(r["pred"]) != int(r["label"])), key=margin, reverse=True)
+    return {"correct": correct[:n], "incorrect": wrong[:n]}
+
+
+@dataclass(frozen=True)
+class PcaResult:
+    folder: Path
+    summary: dict | None
+    tables: tuple[Path, ...]    # CSVs with pc1, pc2 columns
+    html: tuple[Path, ...]
+
+
+def find_pca(roots, max_depth: int = 4) -> list[PcaResult]:
+    """Folders holding PCA outputs (summary.json and/or CSVs with pc1, pc2 columns); absent ones are skipped."""
+    found = []
+    for root in roots:
+        for d, files in _walk(Path(root), max_depth):
+            tables = tuple(d / f for f in files if f.endswith(".csv") and _has_pc_columns(d / f))
+            summary = _read_json(d / "summary.json") if "summary.json" in files else None
+            if tables or (summary is not None and "pca" in json.dumps(summary)[:2000].lower()):
+                found.append(PcaResult(d, summary, tables, tuple(d / f for f in files if f.endswith(".html"))))
+    return found
+
+
+def _has_pc_columns(path: Path) -> bool:
+    try:
+        with open(path, newline="") as f:
+            header = f.readline().lower().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "pc1" in header and "pc2" in header
+
+
+def read_pca_table(path: str | Path, max_rows: int = 20000) -> pd.DataFrame:
+    df = pd.read_csv(path, nrows=max_rows)
+    df.columns = [c.lower() for c in df.columns]
+    return df

@@ -1,0 +1,50 @@
+"""Tests for core.reports: finding saved evaluation reports, their tables and examples, and PCA outputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import reports
+
+
+def _report(probs, labels, thr=0.5):
+    from core.evaluation import build_report
+    df = pd.DataFrame({"image": [f"/nope/{i}.jpg" for i in range(len(labels))], "label": labels,
+                       "fitzpatrick": ["II", "V"] * (len(labels) // 2)})
+    return build_report(df, np.asarray(probs, float), thr, n_boot=20, split="val")
+
+
+def test_reports_tables_and_examples(tmp_path):
+    rep = _report([0.9, 0.2, 0.7, 0.4, 0.1, 0.6], [1, 0, 0, 1, 0, 1])
+    for rel in ("a/val_report.json", "a/test_report.json", "b/report_pad_test.json", "b/bundle/val_report.json",
+                "c/report_other.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(rep if "other" not in rel else {"hello": 1}))
+    found = [reports.report_label(p, tmp_path) for p in reports.find_reports(tmp_path)]
+    assert found == ["a/test_report.json", "a/val_report.json", "b/report_pad_test.json", "c/report_other.json"]
+    loaded = reports.load_report(tmp_path / "a/val_report.json")
+    table = reports.metrics_table({"A (val)": loaded})
+    assert list(table.columns[:7]) == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "ROC-AUC"]
+    assert table.loc[0, "Accuracy"].startswith("0.667") and table.loc[0, "n"] == 6
+    subs = reports.subgroup_tables(loaded)
+    assert list(subs["fitzpatrick"]["fitzpatrick"]) == ["II", "V"]
+    ex = reports.example_predictions(loaded, n=2)
+    assert [r["prob"] for r in ex["correct"]] == [0.9, 0.1]
+    assert [r["prob"] for r in ex["incorrect"]] == [0.7, 0.4]
+    with pytest.raises(ValueError, match="not an evaluation report"):
+        reports.load_report(tmp_path / "c/report_other.json")
+
+
+def test_find_pca(tmp_path):
+    d = tmp_path / "pca"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"pca": {"explained_variance_ratio": [0.3, 0.1]}}))
+    pd.DataFrame({"pc1": [0.1], "pc2": [0.2], "domain": ["isic"], "label": [1]}).to_csv(d / "pixels.csv", index=False)
+    (d / "other.csv").write_text("a,b\n1,2\n")
+    (d / "pca.html").write_text("<html></html>")
+    found = reports.find_pca([tmp_path, tmp_path / "absent"])
+    assert len(found) == 1 and found[0].tables == (d / "pixels.csv",) and found[0].html == (d / "pca.html",)
+    assert reports.read_pca_table(found[0].tables[0])["domain"].tolist() == ["isic"]
