@@ -43,6 +43,7 @@ def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: dict,
     """Write the weights and the description; the json is written last, so a half-written bundle never loads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.json").unlink(missing_ok=True)  # overwriting: no moment where old json meets new weights
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,

@@ -43,22 +43,24 @@ class DecodeCache:
         self.hits = 0    # per process (each DataLoader worker counts its own)
         self.misses = 0
 
-    def key(self, path: str | os.PathLike, crop: CropBox | Mapping | None, short_side: int) -> str:
+    def key(self, path: str | os.PathLike, crop: CropBox | Mapping | None, short_side: int,
+            interpolation: str = "bicubic") -> str:
         path = os.path.abspath(path)
         st = os.stat(path)
         payload = json.dumps([FORMAT_VERSION, _decode_version(), self.fmt, path, st.st_size, st.st_mtime_ns,
-                              _crop_tuple(crop), int(short_side)])
+                              _crop_tuple(crop), int(short_side), interpolation])
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def entry(self, path, crop, short_side) -> Path:
-        k = self.key(path, crop, short_side)
+    def entry(self, path, crop, short_side, interpolation: str = "bicubic") -> Path:
+        k = self.key(path, crop, short_side, interpolation)
         return self.root / k[:2] / f"{k}.{self.fmt}"
 
-    def get(self, path: str | os.PathLike, crop: CropBox | Mapping | None, short_side: int) -> Image.Image:
+    def get(self, path: str | os.PathLike, crop: CropBox | Mapping | None, short_side: int,
+            interpolation: str = "bicubic") -> Image.Image:
         try:
-            target = self.entry(path, crop, short_side)
+            target = self.entry(path, crop, short_side, interpolation)
         except OSError:  # missing/unreadable file: let the decoder report it in its own words
-            return decode(str(path), crop, short_side)
+            return decode(str(path), crop, short_side, interpolation)
         if target.exists():
             try:
                 img = self._read(target)
@@ -66,7 +68,7 @@ class DecodeCache:
                 return img
             except (OSError, ValueError, EOFError):  # damaged entry (e.g. disk filled up): decode it again
                 pass
-        img = decode(str(path), crop, short_side)
+        img = decode(str(path), crop, short_side, interpolation)
         self.misses += 1
         self._write(target, img)
         return img

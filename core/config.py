@@ -62,7 +62,13 @@ class StageConfig:
 @dataclass(frozen=True)
 class ThresholdConfig:
     rule: str = "sensitivity"   # 'sensitivity' (highest threshold reaching target), 'youden', 'fixed'
-    target: float = 0.90
+    target: float | None = None  # None: 0.90 sensitivity for 'sensitivity', 0.5 for 'fixed'
+
+    def __post_init__(self):
+        if self.target is None and self.rule in ("sensitivity", "fixed"):
+            object.__setattr__(self, "target", 0.90 if self.rule == "sensitivity" else 0.5)
+        if self.target is not None and not 0.0 <= float(self.target) <= 1.0:
+            raise ConfigError(f"threshold.target must be in [0, 1], not {self.target}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,11 @@ class RunConfig:
             raise ConfigError("threshold.rule must be 'sensitivity', 'youden' or 'fixed'")
         if not self.stages:
             raise ConfigError("a run needs at least one stage")
+        if not 0 < self.split.val < 1 or not 0 <= self.split.test < 1 or self.split.val + self.split.test >= 1:
+            raise ConfigError("split: val must be > 0 (epochs and the threshold are chosen on it), test >= 0, "
+                              "and val + test < 1")
+        if self.report_test and self.split.test == 0:
+            raise ConfigError("report_test needs a test split (split.test > 0)")
 
     def to_dict(self) -> dict:
         return asdict(self)

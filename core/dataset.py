@@ -8,42 +8,52 @@ from torch.utils.data import Dataset
 
 from core.images import ImageLoadError, image_size, load_image
 from core.manifest import ManifestError, crop_of
+from core.transforms import resize_short
 
 
 # JPEGs are draft-decoded (DCT-domain 1/2, 1/4, 1/8) no further than DRAFT_MARGIN x the short side, then resized:
 # drafting all the way down aliases (probabilities moved by up to 0.016 for ConvNeXt against a full decode; see
 # benchmarks/README.md). core.inference uses the same margin, so training, evaluation and the app see the same pixels.
 DRAFT_MARGIN = 2
-DECODE_VERSION = 2  # bump whenever decode() returns different pixels: core.cache.DecodeCache keys include it
+# ... and never below this short side, so the app's quality checks (core.quality measures at 512 px) see the
+# same decode as training and evaluation whatever the input size.
+DECODE_FLOOR = 512
+DECODE_VERSION = 3  # bump whenever decode() returns different pixels: core.cache.DecodeCache keys include it
 
 
-def decode(path: str, crop: dict | None, short_side: int) -> Image.Image:
-    """Decode one photo at no more resolution than training needs (short side ~ short_side)."""
-    img = load_image(path, crop=crop, min_side=DRAFT_MARGIN * short_side)
-    w, h = img.size
-    scale = short_side / min(w, h)
-    if scale < 1:  # phone photos are 12 MP: shrinking once here keeps every epoch's transforms cheap
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+def draft_side(short_side: int) -> int:
+    """The smallest short side a JPEG may be draft-decoded to, for a model that resizes to short_side."""
+    return max(DRAFT_MARGIN * short_side, DECODE_FLOOR)
+
+
+def decode(path: str, crop: dict | None, short_side: int, interpolation: str = "bicubic") -> Image.Image:
+    """Decode one photo at no more resolution than the model needs: the short side shrunk to short_side.
+
+    Smaller photos are left as they are; the transform's Resize then enlarges them with the same geometry."""
+    img = load_image(path, crop=crop, min_side=draft_side(short_side))
+    if min(img.size) > short_side:  # phone photos are 12 MP: shrinking once here keeps every epoch cheap
+        img = resize_short(img, short_side, interpolation)
     return img
 
 
 class ManifestDataset(Dataset):
     """Items are (image tensor, label as float, row position) so predictions can be gathered across ranks."""
 
-    def __init__(self, df: pd.DataFrame, transform, short_side: int, cache=None):
+    def __init__(self, df: pd.DataFrame, transform, short_side: int, cache=None, interpolation: str = "bicubic"):
         self.paths = df["image"].tolist()
         self.labels = df["label"].astype(float).tolist()
         self.crops = [crop_of(r) for _, r in df.iterrows()]
         self.transform, self.short_side, self.cache = transform, short_side, cache
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         if self.cache is not None:
-            img = self.cache.get(self.paths[i], self.crops[i], self.short_side)
+            img = self.cache.get(self.paths[i], self.crops[i], self.short_side, self.interpolation)
         else:
-            img = decode(self.paths[i], self.crops[i], self.short_side)
+            img = decode(self.paths[i], self.crops[i], self.short_side, self.interpolation)
         return self.transform(img), torch.tensor(self.labels[i]), i
 
 

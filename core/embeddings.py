@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from core.backbones import BackboneSpec, Preprocessing, build_backbone, get_spec
-from core.dataset import ManifestDataset
+from core.dataset import DECODE_VERSION, ManifestDataset
 from core.manifest import crop_of, file_sha256
 from core.transforms import eval_transform
 
@@ -120,7 +120,9 @@ class EmbeddingCache:
         return self._sha[memo]
 
     def key(self, identity: str, image: str, crop: dict | None, pp: Preprocessing) -> str:
-        return _digest({"model": identity, "image": self.image_sha(image), "crop": crop, "pp": asdict(pp)})
+        # the decoder's version too: a change in how photos are decoded changes every embedding
+        return _digest({"model": identity, "image": self.image_sha(image), "crop": crop, "pp": asdict(pp),
+                        "decode": DECODE_VERSION})
 
     def _path(self, identity: str, key: str) -> Path:
         return self.root / identity[:32] / key[:2] / f"{key}.npy"
@@ -157,7 +159,7 @@ def _feature_module(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _forward(module: nn.Module, df: pd.DataFrame, pp: Preprocessing, device, batch_size: int,
              num_workers: int) -> np.ndarray:
-    ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to)
+    ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to, interpolation=pp.interpolation)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out = None
     for x, _, idx in loader:

@@ -25,7 +25,7 @@ def predict_probs(model, df: pd.DataFrame, *, device="cpu", batch_size=32, num_w
                   dtype=None, progress=None) -> np.ndarray:
     """P(malignant) for every row of df, in row order."""
     pp = model.spec.preprocessing
-    ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to)
+    ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to, interpolation=pp.interpolation)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
                         num_workers=default_workers() if num_workers is None else num_workers)
     device = torch.device(device)
@@ -39,10 +39,10 @@ def predict_probs(model, df: pd.DataFrame, *, device="cpu", batch_size=32, num_w
 
 
 def groups_of(df: pd.DataFrame):
-    """Patient ids for the cluster bootstrap, or None when the data has none."""
-    if "patient_id" in df and df["patient_id"].notna().any():
-        return df["patient_id"].astype(str).where(df["patient_id"].notna(), None).tolist()
-    return None
+    """Cluster-bootstrap groups: the same units the split was grouped by (patient, else lesion), or None."""
+    from core.splits import grouping
+    by, groups = grouping(df)
+    return None if by == "image" else groups.tolist()
 
 
 def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boot=1000, seed=0,

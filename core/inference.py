@@ -28,13 +28,13 @@ import torch.nn as nn
 from PIL import Image
 
 from core.bundle import Bundle
-from core.dataset import DRAFT_MARGIN
+from core.dataset import draft_side
 from core.device import autocast, fast_dtype, pick_device
 from core.evaluation import model_summary
 from core.gradcam import cams
 from core.images import load_image
 from core.quality import MIN_SIDE, WORK_LONG_SIDE, QualityWarning, quality_warnings
-from core.transforms import eval_transform
+from core.transforms import eval_transform, resize_short
 
 # The load-time check accepts the reduced precision only if, on a fixed batch of photo-like inputs, the last
 # feature map's relative error ||A_low - A_fp32|| / ||A_fp32|| is at most FEATURE_TOLERANCE and no probability
@@ -48,10 +48,6 @@ PRECISION_TOLERANCE = 0.01
 # (core.dataset). Drafting all the way to the target aliases: on ISIC photos it moved probabilities by up to 0.016
 # (ConvNeXt) and 0.16 (TFLite MobileNetV2, head scaled to logit std 2) against a full decode; with a margin of 2 by
 # 0.001 / 0.02, for ~8 ms more on a 12 MP photo.
-# A photo whose short side is at least this many times the target is first shrunk by an integer box
-# reduction (PIL's reducing_gap); JPEGs are already reduced in the decoder, this covers PNG/HEIC/TIFF.
-REDUCING_GAP = 3.0
-_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 _REDUCED_TYPES = (nn.Conv2d, nn.Linear)
 
 
@@ -83,7 +79,7 @@ class Predictor:
         self.summary = model_summary(bundle.meta)
         # min_side for load_image's JPEG draft decoding. Never below what the quality checks measure at (a photo
         # drafted below MIN_SIDE would be called "too small", one below WORK_LONG_SIDE would score blur differently)
-        self.decode_side = max(DRAFT_MARGIN * self.pp.resize_to, WORK_LONG_SIDE, MIN_SIDE)
+        self.decode_side = max(draft_side(self.pp.resize_to), WORK_LONG_SIDE, MIN_SIDE)
         self._lock = threading.Lock()
         self._mean = torch.tensor(self.pp.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(self.pp.std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -205,14 +201,7 @@ def model_view(img: Image.Image, pp) -> np.ndarray:
     photo whose short side is >= REDUCING_GAP x the target is box-reduced first (near-identical, much faster)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    w, h = img.size
-    short, long_ = (w, h) if w <= h else (h, w)
-    target = pp.resize_to
-    new_long = int(target * long_ / short)
-    size = (target, new_long) if w <= h else (new_long, target)
-    if size != (w, h):
-        gap = REDUCING_GAP if short >= REDUCING_GAP * target else None
-        img = img.resize(size, _PIL_FILTERS[pp.interpolation], reducing_gap=gap)
+    img = resize_short(img, pp.resize_to, pp.interpolation)
     s = pp.input_size
     w, h = img.size
     if w < s or h < s:  # torchvision pads with zeros when the crop is larger than the image

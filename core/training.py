@@ -51,12 +51,18 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
     return df, prov
 
 
-def stage_data(stage: StageConfig, cfg: RunConfig) -> tuple[pd.DataFrame, list[dict], str]:
-    parts = [load_source(s) for s in stage.data]
-    df = pd.concat([p[0] for p in parts], ignore_index=True)
-    df, how = assign_splits(df, cfg.split)
-    check_images(df)
-    return df, [p[1] for p in parts], how
+def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str]:
+    """Every stage's rows, split once for the whole run: a patient held out for validation or test in the
+    last stage was never trained on in an earlier stage either."""
+    stages = []
+    for stage in cfg.stages:
+        parts = [load_source(s) for s in stage.data]
+        stages.append((pd.concat([p[0] for p in parts], ignore_index=True), [p[1] for p in parts]))
+    union = pd.concat([df for df, _ in stages], ignore_index=True).drop_duplicates("image", ignore_index=True)
+    union, how = assign_splits(union, cfg.split)
+    check_images(union)
+    split_of = dict(zip(union["image"], union["split"]))
+    return [(df.assign(split=df["image"].map(split_of)), sources) for df, sources in stages], how
 
 
 # ---------------------------------------------------------------- run folder state
@@ -193,7 +199,8 @@ def predict_loader(fabric, model, loader, n: int, channels_last: bool) -> tuple[
 def _loaders(fabric, df, stage, pp, workers, cache=None):
     train_df, val_df = df[df["split"] == "train"], df[df["split"] == "val"]
     mk = lambda part, tf, shuffle: DataLoader(  # noqa: E731
-        ManifestDataset(part, tf, short_side=pp.resize_to, cache=cache), batch_size=stage.batch_size, shuffle=shuffle,
+        ManifestDataset(part, tf, short_side=pp.resize_to, cache=cache, interpolation=pp.interpolation),
+        batch_size=stage.batch_size, shuffle=shuffle,
         num_workers=workers, drop_last=shuffle and len(part) > stage.batch_size,
         persistent_workers=workers > 0)
     train = mk(train_df, train_transform(pp, stage.augment), True)
@@ -202,9 +209,9 @@ def _loaders(fabric, df, stage, pp, workers, cache=None):
 
 
 def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i: int, state: RunState,
-              resume_blob=None) -> None:
+              data, resume_blob=None) -> None:
     stage = cfg.stages[i]
-    df, sources, how = stage_data(stage, cfg)
+    (df, sources), how = data[0][i], data[1]
     if fabric.is_global_zero:
         write_manifest(df, rf.out / "splits" / f"{i}_{stage.name}.csv")
     counts = split_counts(df)
@@ -212,12 +219,12 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     model.freeze_backbone(stage.freeze_backbone)
     model.set_dropout(stage.dropout)
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    wrapped, optimizer = fabric.setup(model, optimizer)  # re-set up each stage: the trainable set changed
     scheduler = _make_scheduler(optimizer, stage)
-    if resume_blob is not None:
+    if resume_blob is not None:  # after setup: load_state_dict puts Adam's state on the parameters' device
         optimizer.load_state_dict(resume_blob["optimizer"])
         if scheduler:
             scheduler.load_state_dict(resume_blob["scheduler"])
-    wrapped, optimizer = fabric.setup(model, optimizer)  # re-set up each stage: the trainable set changed
     workers = _workers(cfg)
     cache = DecodeCache(cfg.decode_cache) if cfg.decode_cache else None
     (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache)
@@ -239,11 +246,12 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
                **{f"val_{k}": m[k] for k in ("roc_auc", "recall", "specificity", "accuracy")},
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
         state.history.append(row)
-        if score > state.best_score:
+        if score > state.best_score or state.best_epoch < 0:  # an undefined score still keeps the first epoch
             state.best_score, state.best_epoch = score, epoch
             if fabric.is_global_zero:
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                          str(best_path))
+                tmp = best_path.with_suffix(".tmp")  # a kill mid-write must not leave a truncated best file
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+                os.replace(tmp, best_path)
         state.epoch = epoch
         if fabric.is_global_zero:
             pd.DataFrame(state.history).to_csv(rf.out / "metrics.csv", index=False)
@@ -267,7 +275,9 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def initial_model(cfg: RunConfig) -> tuple[LesionClassifier, dict | None]:
+def initial_model(cfg: RunConfig, resuming: bool = False) -> tuple[LesionClassifier, dict | None]:
+    """The starting model: a previous run's bundle, or the backbone with its weights (random when resuming,
+    since the checkpoint replaces them: an offline resume must not need a download)."""
     if cfg.init_from:
         b = load_bundle(cfg.init_from)
         if b.spec.name != cfg.backbone:
@@ -277,7 +287,7 @@ def initial_model(cfg: RunConfig) -> tuple[LesionClassifier, dict | None]:
     spec = get_spec(cfg.backbone)
     if cfg.input_size:
         spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=cfg.input_size))
-    return LesionClassifier(spec, cfg.head, weights=cfg.weights), None
+    return LesionClassifier(spec, cfg.head, weights="none" if resuming else cfg.weights), None
 
 
 def _install_stop_handler():
@@ -297,10 +307,12 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
     fabric.seed_everything(cfg.seed)
     if fabric.is_global_zero:
         _install_stop_handler()
-        (rf.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if not resume:  # a resumed run keeps the config it started with
+            (rf.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_start = time.time()
     try:
-        model, parent = initial_model(cfg)
+        data = run_data(cfg)
+        model, parent = initial_model(cfg, resuming=resume and (rf.out / "checkpoint.pt").exists())
         if cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         if cfg.channels_last:
@@ -312,13 +324,13 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
             rf.log(f"resuming: stage {state.stage}, after epoch {state.epoch}")
         rf.status(state="running", started=t_start)
         for i in range(state.stage, len(cfg.stages)):
-            run_stage(fabric, rf, cfg, model, i, state, resume_blob=blob if i == state.stage else None)
+            run_stage(fabric, rf, cfg, model, i, state, data, resume_blob=blob if i == state.stage else None)
             blob = None
             state.stage, state.epoch, state.best_score, state.best_epoch = i + 1, -1, [-np.inf, -np.inf], -1
         bundle = finish(fabric, rf, cfg, model, state, parent, time.time() - t_start)
         rf.status(state="finished", finished=time.time())
         return bundle
-    except Stopped:
+    except (Stopped, KeyboardInterrupt):
         rf.log("stopped on request; resume with --resume")
         rf.status(state="stopped")
         raise

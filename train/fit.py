@@ -49,6 +49,9 @@ def load_raw(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from core.backbones import WeightsError
+    from core.bundle import BundleError
+    from core.manifest import ManifestError
     from core.training import Stopped, fit
     try:
         cfg = run_config_from_dict(load_raw(args))
@@ -56,10 +59,11 @@ def main(argv=None) -> int:
         if not args.resume and (out / "checkpoint.pt").exists():
             raise ConfigError(f"{out} already holds a run; use --resume to continue it or pick another --out")
         bundle = fit(cfg, out, resume=args.resume)
-    except ConfigError as e:
+    except (ConfigError, ManifestError, WeightsError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Stopped:
+    except (Stopped, KeyboardInterrupt):
+        print("stopped; continue with --resume", file=sys.stderr)
         return 130
     print(f"bundle: {bundle}")
     return 0

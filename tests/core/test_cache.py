@@ -26,9 +26,9 @@ def photo(path, size=(480, 360), seed=0, fmt="JPEG"):
 def counted(monkeypatch):
     calls = []
 
-    def counting_decode(path, crop, short_side):
+    def counting_decode(path, crop, short_side, interpolation="bicubic"):
         calls.append((path, crop, short_side))
-        return decode(path, crop, short_side)
+        return decode(path, crop, short_side, interpolation)
 
     monkeypatch.setattr(cache_mod, "decode", counting_decode)
     return calls

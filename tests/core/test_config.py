@@ -69,3 +69,22 @@ def test_dotted_overrides_reach_nested_stage_values():
     assert cfg.stages[1].lr == 3e-4 and cfg.threshold.target == 0.95 and cfg.seed == 5
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_override(raw, "seed")
+
+
+@pytest.mark.parametrize("split, message", [({"val": 0.0}, "val must be > 0"),
+                                            ({"val": 0.5, "test": 0.5}, "val \\+ test < 1")])
+def test_splits_that_cannot_choose_anything_are_refused(split, message):
+    with pytest.raises(ConfigError, match=message):
+        run_config_from_dict(tiny_config("l.csv", "imgs", split=split))
+
+
+def test_report_test_needs_a_test_split():
+    with pytest.raises(ConfigError, match="report_test needs"):
+        run_config_from_dict(tiny_config("l.csv", "imgs", split={"val": 0.2, "test": 0.0}, report_test=True))
+
+
+def test_threshold_target_defaults_follow_the_rule():
+    assert run_config_from_dict(tiny_config("l.csv", "imgs", threshold={"rule": "fixed"})).threshold.target == 0.5
+    assert run_config_from_dict(tiny_config("l.csv", "imgs")).threshold.target == 0.9
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+        run_config_from_dict(tiny_config("l.csv", "imgs", threshold={"target": 1.5}))

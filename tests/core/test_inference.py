@@ -174,3 +174,30 @@ def test_concurrent_calls_give_the_sequential_answers(bundle_dir):
     for t in threads:
         t.join()
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_app_path_sees_the_pixels_evaluation_saw(tmp_path, interpolation):
+    """The threshold is chosen on train.evaluate's probabilities: the app's Predictor must reproduce them
+    (fp32) on photos of awkward aspect ratios, large PNGs (box-reduced first) and JPEGs (draft-decoded)."""
+    import pandas as pd
+
+    from core.backbones import Preprocessing
+    from core.evaluation import predict_probs
+    pp = Preprocessing(input_size=SIZE, crop_pct=0.875, interpolation=interpolation, mean=(0.5,) * 3, std=(0.5,) * 3)
+    spec = replace(get_spec("mobilenetv2_100"), preprocessing=pp)
+    torch.manual_seed(0)
+    model = LesionClassifier(spec, HeadConfig(), weights="none").eval()
+    spread_logits(model)
+    folder = save_bundle(model, tmp_path / "b", threshold={"value": 0.5, "rule": "fixed"}, provenance={})
+    paths = []
+    for i, (size, fmt) in enumerate([((1024, 683), "JPEG"), ((683, 1024), "PNG"), ((300, 211), "PNG"),
+                                     ((640, 480), "JPEG"), ((50, 90), "PNG")]):
+        path = tmp_path / f"p{i}.{fmt.lower()}"
+        path.write_bytes(photo_bytes(size, seed=i, fmt=fmt))
+        paths.append(str(path))
+    df = pd.DataFrame({"image": paths, "label": [0, 1, 0, 1, 0]})
+    evaluated = predict_probs(load_bundle(folder).model, df, num_workers=0)
+    predictor = Predictor(load_bundle(folder), device="cpu", fast=False)
+    app = [predictor.predict_source(p, cam_method=None).prob for p in paths]
+    np.testing.assert_allclose(app, evaluated, atol=1e-5)

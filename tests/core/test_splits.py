@@ -56,11 +56,23 @@ def test_falls_back_to_lesion_then_image_and_says_so():
     assert "grouped by image" in how
 
 
-def test_partial_patient_ids_do_not_count_as_patient_grouping():
+def test_rows_without_patient_ids_do_not_switch_off_patient_grouping_for_the_rest():
+    # e.g. a dataset with patient ids mixed with one without (ISIC subsets)
     df = _df()
-    df.loc[0, "patient_id"] = None
-    _, how = assign_splits(df, SplitConfig())
-    assert "grouped by lesion_id" in how
+    others = pd.DataFrame({"image": [f"/isic/{i}.jpg" for i in range(60)], "label": [i % 3 == 0 for i in range(60)]})
+    mixed = pd.concat([df, others.astype({"label": int})], ignore_index=True)
+    out, how = assign_splits(mixed, SplitConfig())
+    assert "patient_id where known" in how
+    with_ids = out[out["patient_id"].notna()]
+    assert with_ids.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_a_partial_split_column_is_refused():
+    df = _df()
+    df["split"] = None
+    df.loc[:5, "split"] = "train"
+    with pytest.raises(ManifestError, match="covers 6 of"):
+        assign_splits(df, SplitConfig())
 
 
 def test_existing_split_column_is_kept_but_checked_for_leaks():
@@ -79,7 +91,7 @@ def test_existing_split_column_is_kept_but_checked_for_leaks():
 def test_check_no_leak_names_the_patient():
     df = pd.DataFrame({"patient_id": ["A", "A", "B"], "split": ["train", "test", "val"]})
     with pytest.raises(ManifestError, match="'A'"):
-        check_no_leak(df, "patient_id")
+        check_no_leak(df, df["patient_id"], "patient_id")
 
 
 def test_too_few_patients_is_a_clear_error():

@@ -148,3 +148,31 @@ def test_corrupt_image_is_reported_before_training(image_set, tmp_path):
     with pytest.raises(ManifestError, match=r"2 unusable image\(s\).*img005\.png.*img006\.png"):
         training.fit(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_stages_share_one_split_so_held_out_patients_are_never_trained_on(tmp_path):
+    """Stage 0 trains on A + B, the last stage on B alone: B's val/test patients must be held out in stage 0 too."""
+    from tests.conftest import make_images
+    a, b = make_images(tmp_path / "a", n=24, seed=1), make_images(tmp_path / "b", n=32, seed=2)
+    a["patient_id"] = "A" + a["patient_id"]  # two datasets, distinct patients
+    a.to_csv(tmp_path / "a.csv", index=False)
+    b.to_csv(tmp_path / "b.csv", index=False)
+    raw = tiny_config(tmp_path / "b.csv", tmp_path / "b")
+    raw["stages"][0]["data"] = [{"csv": str(tmp_path / "a.csv"), "images": str(tmp_path / "a")},
+                                {"csv": str(tmp_path / "b.csv"), "images": str(tmp_path / "b")}]
+    cfg = run_config_from_dict(raw)
+    (first, _), (last, _) = training.run_data(cfg)[0]
+    trained_first = set(first.loc[first["split"] == "train", "image"])
+    held_out_last = set(last.loc[last["split"] != "train", "image"])
+    assert held_out_last and not held_out_last & trained_first
+    assert first.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_resume_keeps_the_config_the_run_started_with(image_set, tmp_path):
+    labels, images = image_set
+    cfg = run_config_from_dict(tiny_config(labels, images))
+    training.fit(cfg, tmp_path / "run")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    other = run_config_from_dict(tiny_config(labels, images, seed=99))
+    training.fit(other, tmp_path / "run", resume=True)  # nothing left to train: finishes again
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
