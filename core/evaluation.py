@@ -75,3 +75,20 @@ def model_summary(meta: dict) -> dict:
             "weights": prov.get("weights"), "training_data": prov.get("data"),
             "split_counts": prov.get("split_counts"), "threshold": meta.get("threshold"),
             "validation_metrics": prov.get("validation_metrics"), "intended_use": meta.get("intended_use")}
+
+
+def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
+    """How many of df's images this run trained or validated on (any stage), from its own split files.
+
+    Metrics on such images are optimistic; the caller says so in the report."""
+    from pathlib import Path
+
+    from core.manifest import read_manifest
+    used: dict[str, str] = {}
+    for path in sorted((Path(run_folder) / "splits").glob("*.csv")):
+        split = read_manifest(path)
+        for image, part in zip(split["image"], split["split"]):
+            if part in ("train", "val") and used.get(image) != "train":
+                used[image] = part
+    hits = [used[i] for i in df["image"] if i in used]
+    return {"train": hits.count("train"), "val": hits.count("val")}

@@ -9,7 +9,7 @@ from pathlib import Path
 from core import metrics
 from core.bundle import BundleError, load_bundle
 from core.device import pick_device
-from core.evaluation import build_report, predict_probs
+from core.evaluation import build_report, predict_probs, seen_by_model
 from core.manifest import ManifestError, read_manifest
 
 
@@ -50,6 +50,14 @@ def main(argv=None) -> int:
     probs = predict_probs(bundle.model, df, device=pick_device(args.device))
     report = build_report(df, probs, bundle.threshold, n_boot=args.n_boot, model_meta=bundle.meta, split=split)
     report["manifest"] = str(args.manifest)
+    seen = seen_by_model(args.run, df)
+    report["seen_by_model"] = seen
+    if seen["train"] or seen["val"]:
+        warning = (f"{seen['train']} of these {len(df)} images were in this model's training split and "
+                   f"{seen['val']} in its validation split: these metrics are optimistic, not an estimate "
+                   f"for new patients")
+        report.setdefault("notes", []).append(warning)
+        print(f"warning: {warning}", file=sys.stderr)
     out = Path(args.out or Path(args.run) / f"report_{Path(args.manifest).stem}_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))

@@ -83,6 +83,7 @@ def test_evaluate_cli_writes_report_with_cis(finished_run, tmp_path, capsys):
     assert report["split"] == "test" and report["model"]["backbone"] == "mobilenetv2_100"
     assert len(report["predictions"]) == report["n"]
     assert "ROC-AUC" in capsys.readouterr().out
+    assert report["seen_by_model"] == {"train": 0, "val": 0}
     # the test split here equals the one the run itself reported
     assert report["n"] == json.loads((run / "test_report.json").read_text())["n"]
 
@@ -98,6 +99,19 @@ def test_evaluate_one_class_subset_says_auc_is_undefined(finished_run, tmp_path,
     report = json.loads(out.read_text())
     assert report["metrics"]["roc_auc"]["value"] is None
     assert any("one class" in n for n in report["notes"])
+
+
+def test_evaluating_on_training_images_is_flagged(finished_run, tmp_path, capsys):
+    run = finished_run / "run"
+    out = tmp_path / "all.json"
+    assert evaluate_cli.main(["--run", str(run), "--manifest", str(run / "splits" / "1_finetune.csv"),
+                              "--split", "all", "--out", str(out), "--n-boot", "20"]) == 0
+    report = json.loads(out.read_text())
+    split = read_manifest(run / "splits" / "1_finetune.csv")
+    assert report["seen_by_model"] == {"train": int((split["split"] == "train").sum()),
+                                       "val": int((split["split"] == "val").sum())}
+    assert any("optimistic" in n for n in report["notes"])
+    assert "optimistic" in capsys.readouterr().err
 
 
 def test_evaluate_cli_errors(finished_run, tmp_path, capsys):
