@@ -91,13 +91,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a manifest with image paths relative to its folder, so a copied dataset folder keeps working."""
+def write_manifest(df: pd.DataFrame, path: str | Path, relative: bool = True) -> Path:
+    """Write a manifest. Paths relative to its folder by default, so a dataset folder moved with its manifest
+    keeps working; absolute (relative=False) for files that move without the data, such as a run's splits."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = df.copy()
     base = path.parent.resolve()
-    out["image"] = [os.path.relpath(Path(p).resolve(), base) for p in out["image"]]
+    out["image"] = [os.path.relpath(Path(p).resolve(), base) if relative else str(Path(p).resolve())
+                    for p in out["image"]]
     ordered = [c for c in (*REQUIRED, *OPTIONAL) if c in out.columns]
     out = out[ordered + [c for c in out.columns if c not in ordered]]
     out.to_csv(path, index=False)

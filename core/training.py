@@ -213,7 +213,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     stage = cfg.stages[i]
     (df, sources), how = data[0][i], data[1]
     if fabric.is_global_zero:
-        write_manifest(df, rf.out / "splits" / f"{i}_{stage.name}.csv")
+        write_manifest(df, rf.out / "splits" / f"{i}_{stage.name}.csv", relative=False)  # the run folder may move
     counts = split_counts(df)
     rf.log(f"stage {i} '{stage.name}': {len(df)} images; split {how}; {counts}")
     model.freeze_backbone(stage.freeze_backbone)

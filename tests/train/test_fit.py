@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -62,6 +63,14 @@ def test_threshold_and_provenance_are_stored(finished_run):
     assert prov["data"][0][0]["sha256"] and prov["seed"] == 0
     assert [s["recipe"]["freeze_backbone"] for s in prov["stages"]] == [True, False]
     assert prov["validation_metrics"]["roc_auc"].keys() == {"value", "ci95"}
+
+
+def test_run_folder_can_move_without_breaking_its_splits(finished_run, tmp_path):
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(finished_run / "run" / "splits", moved / "splits")
+    split = read_manifest(moved / "splits" / "1_finetune.csv")
+    assert all(Path(p).is_file() for p in split["image"])
 
 
 def test_splits_keep_patients_apart_and_match_between_stages(finished_run):
