@@ -93,8 +93,9 @@ def dataset() -> None:
     nav[3].markdown(f"Image **{i + 1}** of {total}")
 
     image = str(df["image"].iloc[i])
-    image_id = cropbox.image_id_for(image, df)
     entry = entries[i]
+    # re-labelling overwrites the entry that matched (the loader would keep reading that one)
+    image_id = entry["image_id"] if entry else cropbox.image_id_for(image, df)
     saved = ("not labelled yet" if entry is None else "saved: unusable" if entry["unusable"]
              else f"saved box {cropbox.entry_box(entry)}")
     st.markdown(f"`{image_id}` · label {'malignant' if df['label'].iloc[i] == 1 else 'benign'} · {saved}")
