@@ -164,8 +164,10 @@ class Predictor:
         t1 = time.perf_counter()
         logits, heat = self._forward(x, cam_method, rgb.shape[:2])
         prob = float(torch.sigmoid(logits.float()).item())
-        t2 = time.perf_counter()
         thr = self.bundle.threshold
+        if self.dtype is not None and abs(prob - thr) <= PRECISION_TOLERANCE:
+            prob = self.fp32_prob(x)  # near the threshold the verdict must be fp32's, where it was chosen
+        t2 = time.perf_counter()
         return Prediction(prob=prob, malignant=prob >= thr, threshold=thr, model_input=rgb,
                           cam=None if heat is None else heat[0], cam_method=cam_method, quality=quality,
                           model=self.summary,
@@ -179,6 +181,11 @@ class Predictor:
         pred = self.predict_image(img, cam_method)
         pred.timings_ms = {"decode": (t1 - t0) * 1e3, **pred.timings_ms}
         return pred
+
+    def fp32_prob(self, x: torch.Tensor) -> float:
+        """P(malignant) of one normalised image through the full-precision model (the evaluation path)."""
+        with self._lock, torch.no_grad():
+            return float(torch.sigmoid(self.model(x).float()).item())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1) of a normalised batch, in fp32, through the same (possibly reduced-precision) path."""

@@ -201,3 +201,25 @@ def test_app_path_sees_the_pixels_evaluation_saw(tmp_path, interpolation):
     predictor = Predictor(load_bundle(folder), device="cpu", fast=False)
     app = [predictor.predict_source(p, cam_method=None).prob for p in paths]
     np.testing.assert_allclose(app, evaluated, atol=1e-5)
+
+
+def test_near_the_threshold_the_verdict_comes_from_fp32(tmp_path):
+    """bf16 may move P by up to PRECISION_TOLERANCE: a photo that close to the threshold is re-scored in fp32."""
+    torch.manual_seed(0)
+    spec = get_spec("resnet18")
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=SIZE))
+    model = LesionClassifier(spec, HeadConfig()).eval()
+    spread_logits(model)
+    data = photo_bytes((300, 220), seed=3)
+    reference = Predictor(load_bundle(save_bundle(model, tmp_path / "a", threshold={"value": 0.5}, provenance={})),
+                          device="cpu", fast=False).predict_source(data, cam_method=None).prob
+    near = save_bundle(model, tmp_path / "b", threshold={"value": reference + 0.004}, provenance={})
+    fast = Predictor(load_bundle(near), device="cpu", fast=True)
+    if fast.dtype is None:
+        pytest.skip("no reduced precision accepted on this machine")
+    pred = fast.predict_source(data, cam_method="gradcam")
+    assert pred.prob == pytest.approx(reference, abs=1e-5)
+    assert pred.malignant is False and pred.cam is not None
+    far = save_bundle(model, tmp_path / "c", threshold={"value": 0.999}, provenance={})
+    far_pred = Predictor(load_bundle(far), device="cpu", fast=True).predict_source(data, cam_method=None)
+    assert abs(far_pred.prob - reference) <= inf.PRECISION_TOLERANCE  # bf16 value, not re-scored
