@@ -166,7 +166,7 @@ class Predictor:
         prob = float(torch.sigmoid(logits.float()).item())
         thr = self.bundle.threshold
         if self.dtype is not None and abs(prob - thr) <= PRECISION_TOLERANCE:
-            prob = self.fp32_prob(x)  # near the threshold the verdict must be fp32's, where it was chosen
+            prob = float(self.probs(x)[0])  # near the threshold the verdict must be fp32's, where it was chosen
         t2 = time.perf_counter()
         return Prediction(prob=prob, malignant=prob >= thr, threshold=thr, model_input=rgb,
                           cam=None if heat is None else heat[0], cam_method=cam_method, quality=quality,
@@ -182,11 +182,6 @@ class Predictor:
         pred.timings_ms = {"decode": (t1 - t0) * 1e3, **pred.timings_ms}
         return pred
 
-    def fp32_prob(self, x: torch.Tensor) -> float:
-        """P(malignant) of one normalised image through the full-precision model (the evaluation path)."""
-        with self._lock, torch.no_grad():
-            return float(torch.sigmoid(self.model(x).float()).item())
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1) of a normalised batch, in fp32, through the same (possibly reduced-precision) path."""
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
@@ -196,8 +191,14 @@ class Predictor:
             return self.model.logit_from_map(fmap.float()).float()
 
     def probs(self, x: torch.Tensor) -> np.ndarray:
-        """P(malignant) per image of a normalised batch."""
-        return torch.sigmoid(self.logits(x)).squeeze(1).cpu().numpy().astype(np.float64)
+        """P(malignant) per image of a normalised batch; images near the threshold re-scored in fp32."""
+        p = torch.sigmoid(self.logits(x)).squeeze(1).cpu().numpy().astype(np.float64)
+        near = np.flatnonzero(np.abs(p - self.bundle.threshold) <= PRECISION_TOLERANCE)
+        if self.dtype is not None and len(near):
+            with self._lock, torch.no_grad():
+                exact = torch.sigmoid(self.model(x[near].to(self.device)).float()).squeeze(1)
+            p[near] = exact.cpu().numpy()
+        return p
 
 
 def model_view(img: Image.Image, pp) -> np.ndarray:

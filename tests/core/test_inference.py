@@ -223,3 +223,23 @@ def test_near_the_threshold_the_verdict_comes_from_fp32(tmp_path):
     far = save_bundle(model, tmp_path / "c", threshold={"value": 0.999}, provenance={})
     far_pred = Predictor(load_bundle(far), device="cpu", fast=True).predict_source(data, cam_method=None)
     assert abs(far_pred.prob - reference) <= inf.PRECISION_TOLERANCE  # bf16 value, not re-scored
+
+
+def test_batch_scoring_also_rescores_near_the_threshold(tmp_path):
+    torch.manual_seed(0)
+    spec = get_spec("resnet18")
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=SIZE))
+    model = LesionClassifier(spec, HeadConfig()).eval()
+    spread_logits(model)
+    exact = Predictor(load_bundle(save_bundle(model, tmp_path / "a", threshold={"value": 0.5}, provenance={})),
+                      device="cpu", fast=False)
+    imgs = [load_image(photo_bytes((260, 200), seed=s)) for s in range(4)]
+    x = torch.cat([exact.prepare(im)[0] for im in imgs])
+    reference = exact.probs(x)
+    fast = Predictor(load_bundle(save_bundle(model, tmp_path / "b", threshold={"value": float(reference[1]) + 0.003},
+                                             provenance={})), device="cpu", fast=True)
+    if fast.dtype is None:
+        pytest.skip("no reduced precision accepted on this machine")
+    got = fast.probs(x)
+    assert got[1] == pytest.approx(reference[1], abs=1e-5)
+    assert np.abs(got - reference).max() <= inf.PRECISION_TOLERANCE
