@@ -136,6 +136,9 @@ def _build(cls, raw: dict, where: str):
 
 def run_config_from_dict(raw: dict) -> RunConfig:
     raw = dict(raw)
+    ignored = [k for k in ("weights", "head", "input_size") if raw.get("init_from") and k in raw]
+    if ignored:  # the parent bundle fixes these; silently ignoring them would misdescribe the run
+        raise ConfigError(f"init_from {raw['init_from']!r} fixes the model: remove {', '.join(ignored)}")
     stages = []
     for i, s in enumerate(raw.pop("stages", None) or []):
         s = dict(s)

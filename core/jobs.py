@@ -179,7 +179,7 @@ def training_command(req: TrainRequest, out: str | Path, python: str | None = No
         cmd += ["--device", req.device]
     if req.backbone:
         cmd += ["--backbone", req.backbone]
-    if req.weights:
+    if req.weights and not req.init_from:  # a previous run's bundle fixes the starting weights
         cmd += ["--weights", req.weights]
     if req.init_from:
         cmd += ["--init-from", str(req.init_from)]

@@ -35,6 +35,9 @@ def load_raw(args) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     raw = yaml.safe_load(path.read_text()) or {}
+    if args.init_from:  # starting from a run replaces the recipe's own starting model
+        for key in ("weights", "head", "input_size"):
+            raw.pop(key, None)
     for key in ("name", "backbone", "weights", "init_from", "device", "precision", "devices", "num_nodes"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)

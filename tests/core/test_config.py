@@ -88,3 +88,12 @@ def test_threshold_target_defaults_follow_the_rule():
     assert run_config_from_dict(tiny_config("l.csv", "imgs")).threshold.target == 0.9
     with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
         run_config_from_dict(tiny_config("l.csv", "imgs", threshold={"target": 1.5}))
+
+
+def test_init_from_refuses_settings_the_parent_bundle_fixes():
+    with pytest.raises(ConfigError, match="remove weights, input_size"):
+        run_config_from_dict(tiny_config("l.csv", "imgs", init_from="runs/parent"))
+    raw = tiny_config("l.csv", "imgs", init_from="runs/parent")
+    for k in ("weights", "input_size"):
+        raw.pop(k)
+    assert run_config_from_dict(raw).init_from == "runs/parent"

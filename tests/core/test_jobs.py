@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 import time
@@ -120,10 +121,13 @@ def test_training_command_overrides():
     cmd = jobs.training_command(req, "/r/x", python="py")
     assert cmd[:8] == ["py", "-m", "train.fit", "--config", str(recipe), "--out", "/r/x", "--name"]
     joined = " ".join(cmd)
-    for part in ("--device cpu", "--backbone resnet18", "--weights none", "--init-from runs/a", "--epochs 3",
+    for part in ("--device cpu", "--backbone resnet18", "--init-from runs/a", "--epochs 3",
                  "stages.0.lr=0.0002", "stages.1.lr=0.0002",
                  'stages.1.data=[{"manifest": "/d/m.csv", "domain": "midas"}]'):
         assert part in joined
+    assert "--weights" not in cmd  # the initial run's bundle fixes the weights
+    no_parent = jobs.training_command(replace(req, init_from=None), "/r/x", python="py")
+    assert no_parent[no_parent.index("--weights") + 1] == "none"
     # the data override parses as the YAML the trainer's --set reads
     from core.config import apply_override
     raw = yaml.safe_load(recipe.read_text())

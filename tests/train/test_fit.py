@@ -199,3 +199,13 @@ def test_resume_keeps_the_config_the_run_started_with(image_set, tmp_path):
     other = run_config_from_dict(tiny_config(labels, images, seed=99))
     training.fit(other, tmp_path / "run", resume=True)  # nothing left to train: finishes again
     assert (tmp_path / "run" / "config.yaml").read_text() == saved
+
+
+def test_init_from_on_the_command_line_replaces_the_recipes_starting_model(finished_run, tmp_path):
+    """Transfer from a finished run: the recipe's own weights/input_size give way to the parent bundle's."""
+    out = tmp_path / "child"
+    assert fit_cli.main(["--config", str(finished_run / "cfg.yaml"), "--out", str(out), "--epochs", "1",
+                         "--init-from", str(finished_run / "run")]) == 0
+    meta = load_bundle(out).meta
+    assert meta["provenance"]["parent"]["run_name"] == "tiny"
+    assert meta["preprocessing"]["input_size"] == 64  # from the parent bundle
