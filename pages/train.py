@@ -77,7 +77,7 @@ with st.expander("Start a new run", expanded=job is None):
             st.success(f"Started **{record['run']}** on {record['device']} (pid {record['pid']}).")
             st.session_state["train_watch"] = record["run"]
             job = record
-    st.caption("The same from a terminal: `" + " ".join(jobs.training_command(
+    st.caption("This recipe as it stands, from a terminal: `" + " ".join(jobs.training_command(
         jobs.TrainRequest(recipe=str(recipe.relative_to(appstate.PROJECT_ROOT)), name=summary["name"]),
         f"runs/{summary['name']}", python="python")) + "`")
 
