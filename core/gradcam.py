@@ -8,15 +8,15 @@ import torch.nn.functional as F
 METHODS = ("gradcam", "gradcam++")
 
 
-def map_and_grads(model, x: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Feature map A, d(logit)/dA and the logits.
+def map_and_grads(model, x: torch.Tensor, dtype=None, features=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feature map A, d(logit)/dA and the logits (`features`: a module computing the map, e.g. a bf16 copy).
 
     The map is the output of the backbone's last stage (the Grad-CAM layer). Only pooling and the head
     sit between it and the logit, so its gradient needs a backward through the head alone; this also
     works when every backbone parameter is frozen (where hook-based Grad-CAM gets no gradient)."""
     from core.device import autocast
     with torch.no_grad(), autocast(x.device, dtype):
-        fmap = model.feature_map(x)
+        fmap = (features or model).feature_map(x)
     fmap = fmap.float().detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model.logit_from_map(fmap)

@@ -31,7 +31,7 @@ from core.bundle import Bundle
 from core.dataset import draft_side
 from core.device import autocast, fast_dtype, pick_device
 from core.evaluation import model_summary
-from core.gradcam import cams
+from core.gradcam import cams, map_and_grads
 from core.images import load_image
 from core.quality import MIN_SIDE, WORK_LONG_SIDE, QualityWarning, quality_warnings
 from core.transforms import eval_transform, resize_short
@@ -145,17 +145,11 @@ class Predictor:
 
     # ------------------------------------------------------------------ model
     def _forward(self, x: torch.Tensor, cam_method: str | None, size) -> tuple[torch.Tensor, np.ndarray | None]:
+        if not cam_method:
+            return self.logits(x), None
         with self._lock:
-            with torch.no_grad(), autocast(self.device, self.dtype):
-                fmap = self._features.feature_map(x)
-            if not cam_method:
-                with torch.no_grad():
-                    return self.model.logit_from_map(fmap.float()), None
-            fmap = fmap.float().detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = self.model.logit_from_map(fmap)
-                grads, = torch.autograd.grad(logits.sum(), fmap)  # samples are independent: per-sample grads
-        return logits.detach(), cams(fmap.detach(), grads, size, cam_method)
+            fmap, grads, logits = map_and_grads(self.model, x, self.dtype, features=self._features)
+        return logits, cams(fmap, grads, size, cam_method)
 
     def predict_image(self, img: Image.Image, cam_method: str | None = "gradcam") -> Prediction:
         t0 = time.perf_counter()
