@@ -48,3 +48,9 @@ def fabric_precision(preference: str, accelerator: str) -> str:
     if accelerator in ("cuda", "gpu") or (accelerator == "cpu" and cpu_has_bf16()):
         return "bf16-mixed"
     return "32-true"
+
+
+def dataloader_workers(processes: int = 1) -> int:
+    """DataLoader workers per process: the machine's cores shared by its processes, one core each kept for
+    the process itself, at most 8 (decoding beyond that rarely pays)."""
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, processes) - 1))

@@ -8,16 +8,10 @@ from torch.utils.data import DataLoader
 
 from core import metrics
 from core.dataset import ManifestDataset
-from core.device import autocast
+from core.device import autocast, dataloader_workers
 from core.transforms import eval_transform
 
 SUBGROUP_COLUMNS = ("fitzpatrick", "domain")
-
-
-def default_workers() -> int:
-    """DataLoader workers sized to the machine: leave one core for the model."""
-    import os
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 @torch.no_grad()
@@ -27,7 +21,7 @@ def predict_probs(model, df: pd.DataFrame, *, device="cpu", batch_size=32, num_w
     pp = model.spec.preprocessing
     ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to, interpolation=pp.interpolation)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
-                        num_workers=default_workers() if num_workers is None else num_workers)
+                        num_workers=dataloader_workers() if num_workers is None else num_workers)
     device = torch.device(device)
     model.eval()
     out = np.empty(len(ds), dtype=np.float64)

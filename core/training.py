@@ -23,7 +23,7 @@ from core.cache import DecodeCache
 from core.bundle import load_bundle, save_bundle
 from core.config import DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
-from core.device import fabric_precision, pick_device
+from core.device import dataloader_workers, fabric_precision, pick_device
 from core.evaluation import build_report, groups_of
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
@@ -225,7 +225,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
         optimizer.load_state_dict(resume_blob["optimizer"])
         if scheduler:
             scheduler.load_state_dict(resume_blob["scheduler"])
-    workers = _workers(cfg)
+    workers = cfg.num_workers if cfg.num_workers is not None else dataloader_workers(cfg.devices)
     cache = DecodeCache(cfg.decode_cache) if cfg.decode_cache else None
     (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache)
     best_path = rf.out / f"best_stage{i}.safetensors"
@@ -262,13 +262,6 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     model.load_state_dict(load_file(str(best_path)))  # the stage ends on its best validation epoch
     state.stage_prov[i]["best_epoch"] = state.best_epoch
     rf.log(f"stage {i} done: best epoch {state.best_epoch} (validation {cfg.select_metric})")
-
-
-def _workers(cfg: RunConfig) -> int:
-    """DataLoader workers per process: the node's cores shared by its ranks, one core each left for the rank."""
-    if cfg.num_workers is not None:
-        return cfg.num_workers
-    return max(0, min(8, (os.cpu_count() or 1) // max(1, cfg.devices) - 1))
 
 
 def _fmt(x):

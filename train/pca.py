@@ -20,7 +20,7 @@ from core.bundle import BundleError
 from core.dataset import check_images
 from core.device import pick_device
 from core.embeddings import EmbeddingCache, embed, load_embedder
-from core.evaluation import default_workers
+from core.device import dataloader_workers
 from core.images import ImageLoadError
 from core.manifest import ManifestError
 
@@ -56,7 +56,7 @@ def embed_rows(args, embedder, df) -> tuple:
     t = time.perf_counter()
     X = embed(embedder.module, df, embedder.preprocessing, cache, identity=embedder.identity,
               device=pick_device(args.device), batch_size=args.batch_size,
-              num_workers=default_workers() if args.workers is None else args.workers)
+              num_workers=dataloader_workers() if args.workers is None else args.workers)
     hits = cache.hits if cache else 0
     return X, time.perf_counter() - t, hits, len(df) - hits
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
 from core.bundle import BundleError, load_bundle
+from core.device import dataloader_workers
 from core.images import SUPPORTED_SUFFIXES, ImageLoadError, load_image
 from core.inference import Predictor, model_view
 from core.manifest import ManifestError, crop_of, file_sha256, read_manifest
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     predictor = Predictor(bundle, device=args.device, fast=True)
-    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    workers = args.workers if args.workers is not None else dataloader_workers()
     workers = min(workers, -(-len(df) // args.batch_size))  # no idle processes for a handful of photos
     table = screen(predictor, df, batch_size=args.batch_size, workers=workers)
     out = Path(args.out)
