@@ -1,6 +1,7 @@
 """The one place lesion photos are decoded: safe loading, EXIF orientation, RGB conversion and cropping."""
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -224,17 +225,12 @@ def _open(source: Source, label: str) -> Image.Image:
             raise ImageLoadError(f"{label}: file is empty (0 bytes)")
         fp = io.BytesIO(data)
     try:
-        img = Image.open(fp)
+        with _pil_errors(label):
+            img = Image.open(fp)
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{label}: not an image (cannot identify image file)") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # PIL refuses before we can see the size; its message carries the pixel count.
-        raise ImageLoadError(f"{label}: {_bomb_detail(exc)} exceeds the "
-                             f"{MAX_PIXELS // 1_000_000}-megapixel limit") from exc
     except PermissionError as exc:
         raise ImageLoadError(f"{label}: cannot read file (permission denied)") from exc
-    except _CORRUPT_ERRORS as exc:
-        raise ImageLoadError(f"{label}: truncated or corrupt image data") from exc
     w, h = img.size
     if w * h > MAX_PIXELS:
         img.close()
@@ -301,11 +297,22 @@ def _draft(img: Image.Image, crop: CropBox | None, min_side: int) -> float:
 def _decode(img: Image.Image, label: str) -> None:
     """Decode pixels now so damage is reported here (truncated files are never silently padded)."""
     try:
-        img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"{label}: {_bomb_detail(exc)} exceeds the "
-                             f"{MAX_PIXELS // 1_000_000}-megapixel limit") from exc
+        with _pil_errors(label):
+            img.load()
     except MemoryError as exc:
         raise ImageLoadError(f"{label}: not enough memory to decode the image") from exc
+
+
+@contextlib.contextmanager
+def _pil_errors(label: str):
+    """PIL's refusals while opening or decoding, as ImageLoadErrors naming the file."""
+    try:
+        yield
+    except (UnidentifiedImageError, PermissionError):
+        raise  # OSErrors with their own message: the caller words them
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses before we can see the size; its message carries the pixel count.
+        raise ImageLoadError(f"{label}: {_bomb_detail(exc)} exceeds the "
+                             f"{MAX_PIXELS // 1_000_000}-megapixel limit") from exc
     except _CORRUPT_ERRORS as exc:
         raise ImageLoadError(f"{label}: truncated or corrupt image data") from exc
