@@ -203,41 +203,34 @@ def test_app_path_sees_the_pixels_evaluation_saw(tmp_path, interpolation):
     np.testing.assert_allclose(app, evaluated, atol=1e-5)
 
 
+def predictor_at(model, folder, threshold: float, fast: bool) -> Predictor:
+    """A CPU Predictor for `model` saved as a bundle with the given threshold."""
+    bundle = save_bundle(model, folder, threshold={"value": threshold}, provenance={})
+    return Predictor(load_bundle(bundle), device="cpu", fast=fast)
+
+
 def test_near_the_threshold_the_verdict_comes_from_fp32(tmp_path):
     """bf16 may move P by up to PRECISION_TOLERANCE: a photo that close to the threshold is re-scored in fp32."""
-    torch.manual_seed(0)
-    spec = get_spec("resnet18")
-    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=SIZE))
-    model = LesionClassifier(spec, HeadConfig()).eval()
-    spread_logits(model)
+    model = small_model("resnet18")  # a backbone whose bf16 copy passes the load-time check
     data = photo_bytes((300, 220), seed=3)
-    reference = Predictor(load_bundle(save_bundle(model, tmp_path / "a", threshold={"value": 0.5}, provenance={})),
-                          device="cpu", fast=False).predict_source(data, cam_method=None).prob
-    near = save_bundle(model, tmp_path / "b", threshold={"value": reference + 0.004}, provenance={})
-    fast = Predictor(load_bundle(near), device="cpu", fast=True)
+    reference = predictor_at(model, tmp_path / "a", 0.5, fast=False).predict_source(data, cam_method=None).prob
+    fast = predictor_at(model, tmp_path / "b", reference + 0.004, fast=True)
     if fast.dtype is None:
         pytest.skip("no reduced precision accepted on this machine")
     pred = fast.predict_source(data, cam_method="gradcam")
     assert pred.prob == pytest.approx(reference, abs=1e-5)
     assert pred.malignant is False and pred.cam is not None
-    far = save_bundle(model, tmp_path / "c", threshold={"value": 0.999}, provenance={})
-    far_pred = Predictor(load_bundle(far), device="cpu", fast=True).predict_source(data, cam_method=None)
+    far_pred = predictor_at(model, tmp_path / "c", 0.999, fast=True).predict_source(data, cam_method=None)
     assert abs(far_pred.prob - reference) <= inf.PRECISION_TOLERANCE  # bf16 value, not re-scored
 
 
 def test_batch_scoring_also_rescores_near_the_threshold(tmp_path):
-    torch.manual_seed(0)
-    spec = get_spec("resnet18")
-    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=SIZE))
-    model = LesionClassifier(spec, HeadConfig()).eval()
-    spread_logits(model)
-    exact = Predictor(load_bundle(save_bundle(model, tmp_path / "a", threshold={"value": 0.5}, provenance={})),
-                      device="cpu", fast=False)
+    model = small_model("resnet18")  # a backbone whose bf16 copy passes the load-time check
+    exact = predictor_at(model, tmp_path / "a", 0.5, fast=False)
     imgs = [load_image(photo_bytes((260, 200), seed=s)) for s in range(4)]
     x = torch.cat([exact.prepare(im)[0] for im in imgs])
     reference = exact.probs(x)
-    fast = Predictor(load_bundle(save_bundle(model, tmp_path / "b", threshold={"value": float(reference[1]) + 0.003},
-                                             provenance={})), device="cpu", fast=True)
+    fast = predictor_at(model, tmp_path / "b", float(reference[1]) + 0.003, fast=True)
     if fast.dtype is None:
         pytest.skip("no reduced precision accepted on this machine")
     got = fast.probs(x)
