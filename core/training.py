@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 from core import metrics
 from core.backbones import get_spec
 from core.cache import DecodeCache
-from core.bundle import load_bundle, save_bundle
+from core.bundle import load_bundle, read_meta, save_bundle
 from core.config import DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
 from core.device import dataloader_workers, fabric_precision, pick_device
-from core.evaluation import build_report, groups_of
+from core.evaluation import build_report, model_summary
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
 from core.splits import assign_splits, split_counts
@@ -54,9 +54,13 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
 def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str]:
     """Every stage's rows, split once for the whole run: a patient held out for validation or test in the
     last stage was never trained on in an earlier stage either."""
+    loaded: dict[DataSource, tuple[pd.DataFrame, dict]] = {}  # stages often share a source: import it once
     stages = []
     for stage in cfg.stages:
-        parts = [load_source(s) for s in stage.data]
+        for source in stage.data:
+            if source not in loaded:
+                loaded[source] = load_source(source)
+        parts = [loaded[source] for source in stage.data]
         stages.append((pd.concat([p[0] for p in parts], ignore_index=True), [p[1] for p in parts]))
     union = pd.concat([df for df, _ in stages], ignore_index=True).drop_duplicates("image", ignore_index=True)
     union, how = assign_splits(union, cfg.split)
@@ -358,7 +362,7 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                  "n_val": int(len(y)), "n_val_malignant": int(y.sum())}
     provenance = _provenance(cfg, state, parent, vm, seconds)
     bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance)
-    val_report["model"] = {"run": cfg.name, "bundle": str(bundle)}
+    val_report["model"] = model_summary(read_meta(bundle))  # the same provenance block as every other report
     (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
     rf.log("validation (last stage, chosen model, threshold from validation):\n" +
            metrics.format_table([(f"{cfg.name} (val)", vm)]))
