@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageStat
 
 # Sharpness and contrast are measured on a grayscale/RGB copy shrunk to this long side, so a 12 MP
 # photo and its 1000 px export score alike. Smaller photos are not enlarged: interpolation would add
-# blur that is not in the photo (and "too_small" already covers them).
-WORK_LONG_SIDE = 512
+# blur that is not in the photo (and "too_small" already covers them). 480 rather than 512 so that a
+# 12 MP 4:3 photo may be JPEG-drafted to 1/8 (500 x 375) and still be shrunk, not enlarged, to it.
+WORK_LONG_SIDE = 480
 
 # Thresholds, measured over all 518 PAD-UFES-20 smartphone photos in shared/data (218-1024 px,
 # mostly 300x300-400x300); tests/core/test_quality.py re-checks the rates on a sample:
@@ -48,8 +49,8 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
             "too_small", f"The photo is only {w}x{h} pixels (shortest side {min(w, h)} < {min_side}); "
                          "use a higher-resolution photo or a larger crop around the lesion."))
     rgb = _working_copy(img)
-    luma = np.asarray(rgb.convert("L"), dtype=np.float64)
-    brightness = float(luma.mean())
+    luma = np.asarray(rgb.convert("L"), dtype=np.float32)
+    brightness = float(luma.mean(dtype=np.float64))
     if brightness < dark:
         out.append(QualityWarning(
             "too_dark", f"The photo looks too dark (brightness {brightness:.0f} < {dark:.0f} out of 255); "
@@ -74,7 +75,7 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
 
 def sharpness(img: Image.Image) -> float:
     """Laplacian variance of the grayscale working copy (higher is sharper)."""
-    return laplacian_variance(np.asarray(_working_copy(img).convert("L"), dtype=np.float64))
+    return laplacian_variance(np.asarray(_working_copy(img).convert("L"), dtype=np.float32))
 
 
 def laplacian_variance(gray: np.ndarray) -> float:
@@ -83,13 +84,12 @@ def laplacian_variance(gray: np.ndarray) -> float:
         return 0.0
     lap = (gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1]
            - 4.0 * gray[1:-1, 1:-1])
-    return float(lap.var())
+    return float(lap.var(dtype=np.float64))
 
 
 def colour_contrast(rgb: Image.Image) -> float:
     """Largest per-channel standard deviation, so red-on-pink lesions count as contrast."""
-    a = np.asarray(rgb, dtype=np.float64).reshape(-1, 3)
-    return float(a.std(axis=0).max())
+    return float(max(ImageStat.Stat(rgb).stddev))  # from per-band histograms: exact, and 10x faster than numpy
 
 
 def _working_copy(img: Image.Image) -> Image.Image:

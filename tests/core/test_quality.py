@@ -120,3 +120,11 @@ def test_real_photo_rates():
         img = load_image(path)
         blurred = img.filter(ImageFilter.GaussianBlur(max(img.size) * 0.01))
         assert "blurry" in _codes(blurred), path.name
+
+
+def test_colour_contrast_is_the_largest_channel_standard_deviation():
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 256, (123, 77, 3), dtype=np.uint8)
+    a[..., 1] //= 4  # channels with different spreads, so "largest" matters
+    expected = a.reshape(-1, 3).astype(np.float64).std(axis=0).max()
+    assert colour_contrast(Image.fromarray(a)) == pytest.approx(expected, rel=1e-9)
