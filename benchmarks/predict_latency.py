@@ -81,7 +81,7 @@ def accuracy(predictor, naive_model, tf, photos, with_naive: bool) -> dict:
         pred = predictor.predict_source(str(path))
         if with_naive:
             e2e.append(abs(pred.prob - naive_predict(naive_model, tf, str(path))[0]))
-        img = load_image(str(path), min_side=predictor.decode_side)  # the fast path's decode
+        img = load_image(str(path), **predictor.decode_kw)  # the fast path's decode
         x, _ = predictor.prepare(img)
         with torch.no_grad():
             p32 = float(torch.sigmoid(naive_model(x.contiguous())).item())

@@ -1,6 +1,8 @@
 """A torch Dataset over manifest rows: decode (EXIF, RGB, crop), bound the size, transform."""
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import torch
 from PIL import Image
@@ -8,29 +10,32 @@ from torch.utils.data import Dataset
 
 from core.images import ImageLoadError, image_size, load_image
 from core.manifest import ManifestError, crop_of
+from core.quality import MIN_SIDE, WORK_LONG_SIDE
 from core.transforms import resize_short
 
 
-# JPEGs are draft-decoded (DCT-domain 1/2, 1/4, 1/8) no further than DRAFT_MARGIN x the short side, then resized:
-# drafting all the way down aliases (probabilities moved by up to 0.016 for ConvNeXt against a full decode; see
-# benchmarks/README.md). core.inference uses the same margin, so training, evaluation and the app see the same pixels.
-DRAFT_MARGIN = 2
-# ... and never below this short side, so the app's quality checks (core.quality measures at 512 px) see the
-# same decode as training and evaluation whatever the input size.
-DECODE_FLOOR = 512
-DECODE_VERSION = 3  # bump whenever decode() returns different pixels: core.cache.DecodeCache keys include it
+# JPEGs are draft-decoded (DCT-domain 1/2, 1/4, 1/8) no further than DRAFT_MARGIN x the short side the model
+# resizes to, then resized. With 1.4 a 12 MP 4:3 phone photo (3000 px short side) decodes at 1/8 (500 x 375),
+# which takes a tenth off a single-photo prediction. Any draft moves probabilities against a full decode;
+# benchmarks/draft_accuracy.py measures by how much (real photos enlarged to phone size: the 1/8 draft of margin
+# 1.4 by no more than the 1/4 draft of margin 2 did). Drafting all the way to the target (margin 1) moves them
+# several times more on 1024 px photos.
+DRAFT_MARGIN = 1.4
+DECODE_VERSION = 4  # bump whenever decode() returns different pixels: core.cache.DecodeCache keys include it
 
 
-def draft_side(short_side: int) -> int:
-    """The smallest short side a JPEG may be draft-decoded to, for a model that resizes to short_side."""
-    return max(DRAFT_MARGIN * short_side, DECODE_FLOOR)
+def decode_limits(short_side: int) -> dict:
+    """load_image's draft limits for a model that resizes to short_side; training, evaluation, screening and the
+    app all decode through these, so they see the same pixels. The long-side floor keeps the quality checks'
+    working copy (core.quality, WORK_LONG_SIDE) a downscale, never an enlargement, of the decode."""
+    return {"min_side": max(math.ceil(DRAFT_MARGIN * short_side), MIN_SIDE), "min_long": WORK_LONG_SIDE}
 
 
 def decode(path: str, crop: dict | None, short_side: int, interpolation: str = "bicubic") -> Image.Image:
     """Decode one photo at no more resolution than the model needs: the short side shrunk to short_side.
 
     Smaller photos are left as they are; the transform's Resize then enlarges them with the same geometry."""
-    img = load_image(path, crop=crop, min_side=draft_side(short_side))
+    img = load_image(path, crop=crop, **decode_limits(short_side))
     if min(img.size) > short_side:  # phone photos are 12 MP: shrinking once here keeps every epoch cheap
         img = resize_short(img, short_side, interpolation)
     return img

@@ -87,12 +87,13 @@ class CropBox:
 
 
 def load_image(source: Source, *, name: str | None = None, crop: CropBox | Mapping | None = None,
-               min_side: int | None = None) -> Image.Image:
+               min_side: int | None = None, min_long: int = 0) -> Image.Image:
     """Decode a photo to an upright RGB image, optionally cropped and draft-downscaled for speed.
 
     `source` is a path, raw bytes or a binary file-like (e.g. Streamlit's UploadedFile).
     With `min_side`, JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain as long as the
-    short side of the (cropped) result stays >= min_side; without it the full resolution is kept.
+    short side of the (cropped) result stays >= min_side and its long side >= min_long; without it the full
+    resolution is kept.
     """
     label = _label(source, name)
     if crop is not None and not isinstance(crop, CropBox):
@@ -101,7 +102,7 @@ def load_image(source: Source, *, name: str | None = None, crop: CropBox | Mappi
         full_size = _oriented_size(img)
         if crop is not None:
             _validate_crop(crop, full_size, label)
-        factor = _draft(img, crop, min_side) if min_side else 1.0
+        factor = _draft(img, crop, min_side, min_long) if min_side else 1.0
         _decode(img, label)
         out = to_rgb(exif_transposed(img), label)
     if crop is not None:
@@ -274,16 +275,18 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if _orientation(img) in _SWAPS_AXES else (w, h)
 
 
-def _draft(img: Image.Image, crop: CropBox | None, min_side: int) -> float:
-    """Ask the JPEG decoder for the largest 1/2^k reduction that keeps the crop's short side >= min_side.
+def _draft(img: Image.Image, crop: CropBox | None, min_side: int, min_long: int = 0) -> float:
+    """Ask the JPEG decoder for the largest 1/2^k reduction that keeps the crop's short side >= min_side and its
+    long side >= min_long.
 
     Returns the linear factor the decoded image is scaled by (1.0 when nothing was reduced).
     """
     if not isinstance(img, JpegImagePlugin.JpegImageFile) or min_side <= 0:
         return 1.0
     w, h = img.size
-    short = min(crop.width, crop.height) if crop is not None else min(w, h)  # rotation-invariant
-    reduction = next((r for r in (8, 4, 2) if short // r >= min_side), 1)
+    cw, ch = (crop.width, crop.height) if crop is not None else (w, h)
+    short, long_ = min(cw, ch), max(cw, ch)  # rotation-invariant
+    reduction = next((r for r in (8, 4, 2) if short // r >= min_side and long_ // r >= min_long), 1)
     if reduction == 1:
         return 1.0
     # draft() picks the largest scale s with s <= size // requested; asking for size // r yields r.

@@ -2,8 +2,8 @@
 
 The fast path (``fast=True``, the default) is what the app and ``train.screen`` use:
 
-- decode only the resolution the model needs (JPEG DCT-domain draft down to DRAFT_MARGIN x the resize target,
-  see ``core.images.load_image``);
+- decode only the resolution the model needs (JPEG DCT-domain draft down to ``core.dataset.decode_limits``, the
+  same limits training used; see ``core.images.load_image``);
 - resize/crop with PIL exactly as ``core.transforms.eval_transform`` does, then go straight from the uint8
   crop to a normalised channels-last tensor (no ToTensor/Normalize round trips);
 - one forward pass serves both the probability and the heat-map: Grad-CAM weights come from the head's
@@ -28,12 +28,12 @@ import torch.nn as nn
 from PIL import Image
 
 from core.bundle import Bundle
-from core.dataset import draft_side
+from core.dataset import decode_limits
 from core.device import autocast, fast_dtype, pick_device
 from core.evaluation import model_summary
 from core.gradcam import cams, map_and_grads
 from core.images import load_image
-from core.quality import MIN_SIDE, WORK_LONG_SIDE, QualityWarning, quality_warnings
+from core.quality import QualityWarning, quality_warnings
 from core.transforms import eval_transform, resize_short
 
 # The load-time check accepts the reduced precision only if, on a fixed batch of photo-like inputs, the last
@@ -44,10 +44,6 @@ from core.transforms import eval_transform, resize_short
 # probability check alone passed the TFLite MobileNetV2 on synthetic inputs and then missed by 0.036 on photos.
 FEATURE_TOLERANCE = 0.01
 PRECISION_TOLERANCE = 0.01
-# JPEGs are draft-decoded (DCT-domain 1/2, 1/4, 1/8) only down to DRAFT_MARGIN x the resize target, as in training
-# (core.dataset). Drafting all the way to the target aliases: on ISIC photos it moved probabilities by up to 0.016
-# (ConvNeXt) and 0.16 (TFLite MobileNetV2, head scaled to logit std 2) against a full decode; with a margin of 2 by
-# 0.001 / 0.02, for ~8 ms more on a 12 MP photo.
 _REDUCED_TYPES = (nn.Conv2d, nn.Linear)
 
 
@@ -77,9 +73,7 @@ class Predictor:
         self.pp = bundle.spec.preprocessing
         self.transform = eval_transform(self.pp)  # the reference pipeline (prepare_reference); fast path mirrors it
         self.summary = model_summary(bundle.meta)
-        # min_side for load_image's JPEG draft decoding. Never below what the quality checks measure at (a photo
-        # drafted below MIN_SIDE would be called "too small", one below WORK_LONG_SIDE would score blur differently)
-        self.decode_side = max(draft_side(self.pp.resize_to), WORK_LONG_SIDE, MIN_SIDE)
+        self.decode_kw = decode_limits(self.pp.resize_to)  # load_image's JPEG draft limits, as in training
         self._lock = threading.Lock()
         self._mean = torch.tensor(self.pp.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(self.pp.std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -170,7 +164,7 @@ class Predictor:
     def predict_source(self, source, *, name=None, crop=None, cam_method="gradcam") -> Prediction:
         """From a path, bytes or an upload: decode only as much resolution as the model needs."""
         t0 = time.perf_counter()
-        img = load_image(source, name=name, crop=crop, min_side=self.decode_side)
+        img = load_image(source, name=name, crop=crop, **self.decode_kw)
         t1 = time.perf_counter()
         pred = self.predict_image(img, cam_method)
         pred.timings_ms = {"decode": (t1 - t0) * 1e3, **pred.timings_ms}

@@ -33,15 +33,15 @@ CARRIED = ("label", "patient_id", "lesion_id", "domain", "fitzpatrick", "split")
 class ScreenDataset(Dataset):
     """Decode (draft), quality-check and crop in the DataLoader workers; errors travel as text, not exceptions."""
 
-    def __init__(self, paths: list[str], crops: list[dict | None], pp, decode_side: int):
-        self.paths, self.crops, self.pp, self.decode_side = paths, crops, pp, decode_side
+    def __init__(self, paths: list[str], crops: list[dict | None], pp, decode_kw: dict):
+        self.paths, self.crops, self.pp, self.decode_kw = paths, crops, pp, decode_kw
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.paths[i], crop=self.crops[i], min_side=self.decode_side)
+            img = load_image(self.paths[i], crop=self.crops[i], **self.decode_kw)
             quality = ";".join(w.code for w in quality_warnings(img))
             return i, model_view(img, self.pp), quality, ""
         except ImageLoadError as e:
@@ -77,7 +77,7 @@ def inputs_from_args(args) -> tuple[pd.DataFrame, dict]:
 def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: int, progress=True) -> pd.DataFrame:
     crops = [crop_of(r) for _, r in df.iterrows()] if any(c.startswith("crop_") for c in df.columns) \
         else [None] * len(df)
-    ds = ScreenDataset(df["image"].tolist(), crops, predictor.pp, predictor.decode_side)
+    ds = ScreenDataset(df["image"].tolist(), crops, predictor.pp, predictor.decode_kw)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     probs = np.full(len(df), np.nan)
     quality = [""] * len(df)

@@ -361,3 +361,10 @@ def test_real_photos_load():
         w, h = image_size(path)
         img = load_image(path, min_side=224)
         assert img.mode == "RGB" and min(img.size) >= 224 and img.width < w
+
+
+def test_min_long_stops_the_draft_before_the_long_side_gets_too_short(big_jpeg):
+    assert load_image(big_jpeg, min_side=180).size == (250, 188)  # 1/8 (2000x1500; the size rounds up)
+    assert load_image(big_jpeg, min_side=180, min_long=300).size == (500, 375)  # 1/8 would leave 250 < 300
+    box = CropBox(0, 0, 1600, 800)
+    assert load_image(big_jpeg, crop=box, min_side=100, min_long=300).size == (400, 200)  # limits apply to the crop

@@ -94,7 +94,7 @@ def test_fast_and_fp32_paths_agree_and_cam_matches_pytorch_grad_cam(bundle_dir):
     assert abs(fast.prob - slow.prob) < 0.01
     assert np.corrcoef(fast.cam.ravel(), slow.cam.ravel())[0, 1] > 0.98
     # the head-only Grad-CAM equals the hook-based reference on the same layer (fp32)
-    x, _ = slow_p.prepare(load_image(data, min_side=slow_p.decode_side))
+    x, _ = slow_p.prepare(load_image(data, **slow_p.decode_kw))
     ref = reference_cam(slow_p.model, x.contiguous())[0]
     assert np.corrcoef(slow.cam.ravel(), ref.ravel())[0, 1] > 0.99
 
@@ -152,7 +152,7 @@ def test_reduced_precision_is_accepted_or_rejected_by_the_measured_check(bundle_
 
 def test_batch_probs_equal_single_predictions(bundle_dir):
     p = Predictor(load_bundle(bundle_dir), device="cpu")
-    imgs = [load_image(photo_bytes(seed=s), min_side=p.decode_side) for s in range(4)]
+    imgs = [load_image(photo_bytes(seed=s), **p.decode_kw) for s in range(4)]
     batch = p.probs(p.to_input(np.stack([p.crop(im) for im in imgs])))
     single = [p.predict_image(im, cam_method=None).prob for im in imgs]
     assert batch.shape == (4,)

@@ -1,0 +1,45 @@
+"""core.dataset: the JPEG draft limits shared by training, evaluation, screening and the app."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.dataset import DRAFT_MARGIN, decode, decode_limits
+from core.images import load_image
+from core.quality import MIN_SIDE, WORK_LONG_SIDE
+
+
+def _jpeg(w: int, h: int) -> bytes:
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([128 + 100 * np.sin(x / 97.0), 60 + 150 * x / w, 128 + 90 * np.cos(y / 131.0)], -1)
+    buf = io.BytesIO()
+    Image.fromarray(a.astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_limits_keep_the_margin_and_the_quality_floors():
+    assert decode_limits(256) == {"min_side": 359, "min_long": WORK_LONG_SIDE}  # ceil(1.4 * 256)
+    assert decode_limits(256)["min_side"] >= DRAFT_MARGIN * 256
+    assert decode_limits(100)["min_side"] == MIN_SIDE  # never so small that the photo is called "too small"
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((4000, 3000), (500, 375)),   # a 12 MP 4:3 phone photo: 1/8
+    ((3000, 4000), (375, 500)),   # the same in portrait
+    ((3000, 3000), (750, 750)),   # 1/8 would give a 375 px long side, below the quality checks' working size
+    ((4000, 2250), (1000, 563)),  # 16:9: 1/8 would give a 281 px short side, below 1.4 x 256
+])
+def test_phone_photos_decode_at_the_smallest_allowed_draft(size, expected):
+    img = load_image(_jpeg(*size), **decode_limits(256))
+    assert img.size == expected
+    assert min(img.size) >= decode_limits(256)["min_side"] and max(img.size) >= WORK_LONG_SIDE
+
+
+def test_training_decode_resizes_the_draft_to_the_short_side(tmp_path):
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(_jpeg(4000, 3000))
+    img = decode(str(path), None, short_side=256)
+    assert img.size == (341, 256)  # from the 1/8 draft, as the app decodes it
