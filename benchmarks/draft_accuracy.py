@@ -1,18 +1,18 @@
-"""How far JPEG draft decoding moves probabilities and blur scores, per draft margin, against a full decode.
+"""How far JPEG draft decoding moves probabilities and blur scores, per draft rule, against a full decode.
 
     python benchmarks/draft_accuracy.py --json benchmarks/results/draft_accuracy_<cpu>.json
 
 A JPEG can be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (core.images.load_image). The smaller the
-scale the faster, but a draft that comes too close to the model's resize target aliases. The draft is allowed
-down to `margin x resize target` (core.dataset.draft_side). For each candidate margin this script measures, in
-fp32, |P(draft) - P(full decode)| and the relative change of the blur score (core.quality.sharpness).
+scale the faster, but a draft that comes too close to the model's resize target aliases. For each candidate
+draft rule (the current one is core.dataset.decode_limits) this script measures, in fp32,
+|P(draft) - P(full decode)| and the relative change of the blur score (core.quality.sharpness).
 
 Photos (real pixels, from shared/data):
 - `isic2017`: the ISIC 2017 JPEGs as they are (800-1024 px; only 1/2 drafts are possible);
-- `phone-size`: the 1024 px photos (8 PAD-UFES-20 phone photos and ISIC 2017) enlarged (Lanczos) to a short
-  side of 3000 px, as a 12 MP phone photo has, with mild sensor grain, saved as JPEG q92, so the decode reaches
-  the 1/4 and 1/8 drafts. Detail above the original resolution is synthetic; the detail that the draft must
-  not alias is real.
+- `phone-size`: the 1024 px photos (all 16 PAD-UFES-20 phone photos of that size, and ISIC 2017) enlarged
+  (Lanczos) to a short side of 3000 px, as a 12 MP phone photo has, with mild sensor grain, saved as JPEG q92,
+  so the decode reaches the 1/4 and 1/8 drafts. Detail above the original resolution is synthetic; the detail
+  that the draft must not alias is real.
 Models: the `shared_demo` bundle when `--bundle` points at one (a trained classifier), and random-weight
 ConvNeXt-Tiny with its head rescaled to logit std 2 (as in predict_latency.py).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
@@ -84,7 +85,8 @@ def study(models: dict, photos: list[tuple[str, bytes | str]], resize_to: int) -
             row[name] = {"max_abs_dp": round(float(d.max()), 4), "p95_abs_dp": round(float(np.quantile(d, .95)), 4)}
         if limits is not None:
             rel = np.abs(np.array([sharpness(im) for im in imgs]) / np.maximum(ref_s, 1e-9) - 1)
-            row["blur_score_rel_change"] = {"max": round(float(rel.max()), 3), "median": round(float(np.median(rel)), 3)}
+            row["blur_score_rel_change"] = {"max": round(float(rel.max()), 3),
+                                            "median": round(float(np.median(rel)), 3)}
         out[label] = row
     return out
 
@@ -109,11 +111,30 @@ def build_models(bundle_dir: str | None, calib_imgs) -> tuple[dict, int]:
     if bundle_dir:
         from core.bundle import load_bundle
         b = load_bundle(bundle_dir)
-        models[f"{b.spec.name} ({bundle_dir})"] = (b.model.eval(), eval_transform(b.spec.preprocessing))
+        run = Path(bundle_dir).resolve()
+        run = run.parent if run.name == "bundle" else run
+        models[f"{b.spec.name} (trained: {run.name})"] = (b.model.eval(), eval_transform(b.spec.preprocessing))
     sides = {tf.transforms[0].size for _, tf in models.values()}
     if len(sides) != 1:
         raise SystemExit(f"models resize to different sizes {sides}; compare them in separate runs")
     return models, sides.pop()
+
+
+def table(out: dict) -> str:
+    """The results as a markdown table (also used by report.py)."""
+    names = out["models"]
+    rows = [f"Resize target {out['resize_to']} px; |dP| against a full decode, fp32.", "",
+            "| set | decode | draft scales | drafted | " + " | ".join(f"{n}: max / p95 \\|dP\\|" for n in names)
+            + " | blur score change: max / median |",
+            "|---|---|---|---:|" + "---|" * len(names) + "---|"]
+    for s, cands in out["sets"].items():
+        for label, r in cands.items():
+            cells = " | ".join(f"{r[n]['max_abs_dp']:.4f} / {r[n]['p95_abs_dp']:.4f}" for n in names)
+            b = r.get("blur_score_rel_change")
+            blur = f"{b['max']:.1%} / {b['median']:.1%}" if b else "-"
+            rows.append(f"| {s} ({out['n_photos'][s]}) | {label} | {r['scales'] or '-'} | {r['n_drafted']} | {cells} "
+                        f"| {blur} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -131,20 +152,10 @@ def main(argv=None) -> int:
     isic = isic[:a.isic]
     large = phone_size_versions(a.large)
     models, resize_to = build_models(a.bundle, [load_image(s) for _, s in isic[:24]])
-    out = {"machine": machine_info(), "resize_to": resize_to,
+    out = {"machine": machine_info(), "resize_to": resize_to, "models": list(models),
            "sets": {"isic2017": study(models, isic, resize_to), "phone-size": study(models, large, resize_to)},
            "n_photos": {"isic2017": len(isic), "phone-size": len(large)}}
-    print(f"resize target {resize_to}; |dP| against a full decode, fp32")
-    names = list(models)
-    print("| set | decode | draft scales | drafted | " + " | ".join(f"{n}: max / p95 |dP|" for n in names)
-          + " | blur score change: max / median |")
-    print("|---|---|---|---:|" + "---|" * len(names) + "---|")
-    for s, rows in out["sets"].items():
-        for m, r in rows.items():
-            cells = " | ".join(f"{r[n]['max_abs_dp']:.4f} / {r[n]['p95_abs_dp']:.4f}" for n in names)
-            b = r.get("blur_score_rel_change")
-            blur = f"{b['max']:.1%} / {b['median']:.1%}" if b else "-"
-            print(f"| {s} ({out['n_photos'][s]}) | {m} | {r['scales']} | {r['n_drafted']} | {cells} | {blur} |")
+    print(table(out))
     return finish(out, a.json)
 
 

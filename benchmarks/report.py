@@ -74,12 +74,17 @@ def decode_cache(d: dict) -> str:
     return "\n".join(rows)
 
 
+def draft(d: dict) -> str:
+    from draft_accuracy import table  # imports torch: only when a draft_accuracy file is reported
+    return table(d)
+
+
 def main(paths) -> int:
     for p in paths:
         d = json.loads(Path(p).read_text())
         kind = Path(p).name.split("_")[0]
         print(f"### {Path(p).name}\n\n{machine_line(d['machine'])}\n")
-        print({"predict": latency, "throughput": throughput, "decode": decode_cache}[kind](d))
+        print({"predict": latency, "throughput": throughput, "decode": decode_cache, "draft": draft}[kind](d))
         print()
     return 0
 
