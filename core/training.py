@@ -212,6 +212,17 @@ def _loaders(fabric, df, stage, pp, workers, cache=None):
     return fabric.setup_dataloaders(train, val), train_df, val_df
 
 
+def seed_epoch(fabric, loader, seed: int, stage: int, epoch: int) -> None:
+    """Seed every RNG from (seed, stage, epoch) alone, so a resumed run draws the same shuffle, augmentations and
+    dropout masks as an uninterrupted one (seeding once per process would replay epoch 0's after a resume)."""
+    index = 1000 * stage + epoch
+    fabric.seed_everything((seed + index) % 2**32, verbose=False)
+    if hasattr(loader, "_num_iter_calls"):
+        # Fabric passes its own count of iterations over this loader to DistributedSampler.set_epoch; that count
+        # restarts with every process, so set it to the run's epoch (lightning-fabric 2.6 keeps it here).
+        loader._num_iter_calls = index
+
+
 def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i: int, state: RunState,
               data, resume_blob=None) -> None:
     stage = cfg.stages[i]
@@ -240,6 +251,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     for epoch in range(state.epoch + 1, stage.epochs):
         t0 = time.time()
         rf.status(state="running", stage=i, stage_name=stage.name, epoch=epoch, epochs=stage.epochs)
+        seed_epoch(fabric, train_dl, cfg.seed, i, epoch)
         loss = train_epoch(fabric, wrapped, optimizer, train_dl, cfg.channels_last, f"{stage.name} {epoch}")
         probs, val_loss = predict_loader(fabric, wrapped, val_dl, len(val_df), cfg.channels_last)
         m = metrics.point_metrics(y_val, probs, 0.5) | {"loss": val_loss}

@@ -156,6 +156,11 @@ def test_killed_run_resumes_from_its_last_epoch(image_set, tmp_path, monkeypatch
     history = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert history[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0], [1, 1]]
     assert load_bundle(tmp_path / "run").threshold is not None
+    # The resumed epoch drew the same shuffle, augmentations and dropout masks as an uninterrupted run's
+    training.fit(cfg, tmp_path / "straight")
+    straight = pd.read_csv(tmp_path / "straight" / "metrics.csv")
+    cols = ["train_loss", "val_loss", "val_roc_auc"]
+    np.testing.assert_allclose(history[cols].to_numpy(float), straight[cols].to_numpy(float), rtol=1e-6)
 
 
 def test_fit_cli_refuses_to_overwrite_a_run_without_resume(finished_run, capsys):
