@@ -178,6 +178,7 @@ def train_epoch(fabric, model, optimizer, loader, channels_last: bool, desc: str
         optimizer.step()
         total += float(loss.detach()) * len(y)
         n += len(y)
+        check_stop(fabric)
     return float(fabric.all_reduce(torch.tensor(total / max(n, 1)), reduce_op="mean"))
 
 
@@ -274,6 +275,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
             rf.save_checkpoint(model, optimizer, scheduler, state)
         rf.log(f"stage {i} epoch {epoch}: train_loss {loss:.4f} val_loss {val_loss:.4f} "
                f"val_auc {_fmt(m['roc_auc'])} val_recall {_fmt(m['recall'])} ({row['seconds']}s)")
+        check_stop(fabric)  # a signal during validation: stop after this epoch's checkpoint
     fabric.barrier()
     model.load_state_dict(load_file(str(best_path)))  # the stage ends on its best validation epoch
     state.stage_prov[i]["best_epoch"] = state.best_epoch
@@ -299,10 +301,32 @@ def initial_model(cfg: RunConfig, resuming: bool = False) -> tuple[LesionClassif
     return LesionClassifier(spec, cfg.head, weights="none" if resuming else cfg.weights), None
 
 
-def _install_stop_handler():
+_STOP_SIGNALS: list[int] = []  # signals received under DDP, not yet acted on (see check_stop)
+
+
+def _install_stop_handler(distributed: bool) -> None:
+    """SIGTERM (the app's stop button, SLURM) stops the run. One process raises Stopped at once; under DDP the
+    signal is only recorded, and every rank stops together at the next check_stop (see there)."""
+    _STOP_SIGNALS.clear()
+
     def handler(signum, frame):
-        raise Stopped(f"signal {signum}")
+        if not distributed:
+            raise Stopped(f"signal {signum}")
+        _STOP_SIGNALS.append(signum)
     signal.signal(signal.SIGTERM, handler)
+    if distributed:  # Ctrl-C reaches every rank at a different point: treat it the same way
+        signal.signal(signal.SIGINT, handler)
+
+
+def check_stop(fabric) -> None:
+    """Under DDP, raise Stopped on every rank at the same step once any rank was signalled. A rank that left on
+    its own would leave the others blocked in a collective (gloo fails with "connection closed", NCCL waits for
+    its timeout); the app signals rank 0 alone."""
+    if fabric.world_size == 1:
+        return
+    flag = torch.tensor(float(bool(_STOP_SIGNALS)), device=fabric.device)
+    if float(fabric.all_reduce(flag, reduce_op="sum")) > 0:
+        raise Stopped("stop requested on a rank")
 
 
 def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
@@ -314,8 +338,8 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
     rf = RunFolder(out, is_main=fabric.is_global_zero)  # after launch: only rank 0 writes the run's files
     fabric.barrier()  # the folder exists before any rank reads from it
     fabric.seed_everything(cfg.seed)
+    _install_stop_handler(distributed=fabric.world_size > 1)
     if fabric.is_global_zero:
-        _install_stop_handler()
         if not resume:  # a resumed run keeps the config it started with
             (rf.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_start = time.time()

@@ -132,3 +132,57 @@ def test_stage_switch_frozen_then_unfrozen_under_ddp(runs):
     # stage 1: the backbone is trained too
     changed = [k for k in backbone if k.endswith(".weight") and not torch.equal(s1[k], s0[k])]
     assert len(changed) > len(backbone) // 4
+
+
+def _fit_processes(out: Path) -> list[int]:
+    """PIDs of train.fit processes (any rank) writing to `out`."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"train.fit" in cmd and str(out).encode() in cmd:
+                pids.append(int(p.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
+def test_stop_signal_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path):
+    """The app's stop button sends SIGTERM to the trainer (rank 0) alone: every rank must stop, none may hang in a
+    collective, and the run must be left 'stopped' with a checkpoint to resume from."""
+    import signal
+    import time
+    cfg = write_data(tmp_path / "data")
+    lines = [line.replace("epochs: 1,", "epochs: 500,") if "finetune" in line else line
+             for line in cfg.read_text().splitlines()]
+    cfg.write_text("\n".join(lines) + "\n")  # a stage long enough to be stopped in
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "train.fit", "--config", str(cfg), "--out", str(out),
+                             "--devices", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.csv").exists():  # stage 1 has started
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert len(_fit_processes(out)) == 2, "expected two ranks"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+        deadline = time.time() + 60
+        while _fit_processes(out) and time.time() < deadline:
+            time.sleep(0.5)
+        log = proc.stdout.read()
+    finally:
+        for pid in _fit_processes(out):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert not _fit_processes(out), f"a rank was still running after rank 0 stopped:\n{log[-3000:]}"
+    assert rc == 130, log[-3000:]
+    # both ranks left through the stop path (not rank 1 crashing on a closed connection)
+    assert log.count("stopped; continue with --resume") == 2 and "Traceback" not in log, log[-3000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "stopped"
+    assert (out / "checkpoint.pt").exists()
