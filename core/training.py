@@ -203,11 +203,13 @@ def predict_loader(fabric, model, loader, n: int, channels_last: bool) -> tuple[
 
 def _loaders(fabric, df, stage, pp, workers, cache=None):
     train_df, val_df = df[df["split"] == "train"], df[df["split"] == "val"]
+    # Training workers are not persistent: each epoch's workers are seeded from the RNG state seed_epoch set, so a
+    # resumed run augments as an uninterrupted one (persistent workers carry their RNG on from the first epoch).
     mk = lambda part, tf, shuffle: DataLoader(  # noqa: E731
         ManifestDataset(part, tf, short_side=pp.resize_to, cache=cache, interpolation=pp.interpolation),
         batch_size=stage.batch_size, shuffle=shuffle,
         num_workers=workers, drop_last=shuffle and len(part) > stage.batch_size,
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0 and not shuffle)
     train = mk(train_df, train_transform(pp, stage.augment), True)
     val = mk(val_df, eval_transform(pp), False)
     return fabric.setup_dataloaders(train, val), train_df, val_df
@@ -216,12 +218,14 @@ def _loaders(fabric, df, stage, pp, workers, cache=None):
 def seed_epoch(fabric, loader, seed: int, stage: int, epoch: int) -> None:
     """Seed every RNG from (seed, stage, epoch) alone, so a resumed run draws the same shuffle, augmentations and
     dropout masks as an uninterrupted one (seeding once per process would replay epoch 0's after a resume)."""
-    index = 1000 * stage + epoch
-    fabric.seed_everything((seed + index) % 2**32, verbose=False)
+    fabric.seed_everything(int(np.random.SeedSequence([seed, stage, epoch]).generate_state(1)[0]), verbose=False)
+    # seed_everything also sets PL_GLOBAL_SEED, from which Fabric seeds the DistributedSampler of loaders set up
+    # later (the next stage's): keep it at the run's seed, as in a process that has just resumed
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
     if hasattr(loader, "_num_iter_calls"):
         # Fabric passes its own count of iterations over this loader to DistributedSampler.set_epoch; that count
         # restarts with every process, so set it to the run's epoch (lightning-fabric 2.6 keeps it here).
-        loader._num_iter_calls = index
+        loader._num_iter_calls = epoch
 
 
 def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i: int, state: RunState,
@@ -306,7 +310,9 @@ _STOP_SIGNALS: list[int] = []  # signals received under DDP, not yet acted on (s
 
 def _install_stop_handler(distributed: bool) -> None:
     """SIGTERM (the app's stop button, SLURM) stops the run. One process raises Stopped at once; under DDP the
-    signal is only recorded, and every rank stops together at the next check_stop (see there)."""
+    signal is only recorded, and every rank stops together at the next check_stop: after data import, after
+    every training step and after each epoch's checkpoint. A signal during the final report (rank 0 alone) is
+    logged, and the run finishes."""
     _STOP_SIGNALS.clear()
 
     def handler(signum, frame):
@@ -356,11 +362,14 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
             model.load_state_dict(blob["model"])
             rf.log(f"resuming: stage {state.stage}, after epoch {state.epoch}")
         rf.status(state="running", started=t_start)
+        check_stop(fabric)  # a signal during data import and set-up
         for i in range(state.stage, len(cfg.stages)):
             run_stage(fabric, rf, cfg, model, i, state, data, resume_blob=blob if i == state.stage else None)
             blob = None
             state.stage, state.epoch, state.best_score, state.best_epoch = i + 1, -1, [-np.inf, -np.inf], -1
         bundle = finish(fabric, rf, cfg, model, state, parent, time.time() - t_start)
+        if _STOP_SIGNALS:
+            rf.log("a stop was requested during the final report; the run finished first")
         rf.status(state="finished", finished=time.time())
         return bundle
     except (Stopped, KeyboardInterrupt):

@@ -1,6 +1,8 @@
 """core.training units that the end-to-end runs in tests/train cannot isolate."""
 from __future__ import annotations
 
+import os
+
 import torch
 from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -15,11 +17,13 @@ def test_seed_epoch_sets_the_distributed_samplers_epoch_from_the_run_not_the_pro
     loader = fabric.setup_dataloaders(DataLoader(ds, batch_size=5, sampler=sampler), use_distributed_sampler=False)
     seed_epoch(fabric, loader, seed=0, stage=1, epoch=3)
     first = [int(v) for (b,) in loader for v in b]
-    assert sampler.epoch == 1003  # what an uninterrupted run sets for stage 1, epoch 3
+    assert sampler.epoch == 3  # what an uninterrupted run's loader for this stage sets at epoch 3
     seed_epoch(fabric, loader, seed=0, stage=1, epoch=3)  # a resumed process, same epoch: same order
     assert [int(v) for (b,) in loader for v in b] == first
     seed_epoch(fabric, loader, seed=0, stage=1, epoch=4)
     assert [int(v) for (b,) in loader for v in b] != first
+    # Fabric seeds the next stage's DistributedSampler from PL_GLOBAL_SEED: it must stay the run's seed
+    assert os.environ["PL_GLOBAL_SEED"] == "0"
 
 
 def test_seed_epoch_makes_augmentation_draws_depend_on_the_epoch_only():
@@ -30,3 +34,13 @@ def test_seed_epoch_makes_augmentation_draws_depend_on_the_epoch_only():
         seed_epoch(fabric, None, seed=5, stage=0, epoch=epoch)
         draws.setdefault(epoch, []).append(torch.rand(3).tolist())
     assert draws[2][0] == draws[2][1] and draws[2][0] != draws[3][0]
+
+
+def test_seed_epoch_seeds_differ_across_runs_stages_and_epochs():
+    """seed + stage + epoch offsets would give run seed s at epoch e+1 the draws of seed s+1 at epoch e."""
+    fabric = Fabric(accelerator="cpu", devices=1)
+    draws = set()
+    for seed, stage, epoch in [(0, 0, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1000)]:
+        seed_epoch(fabric, None, seed=seed, stage=stage, epoch=epoch)
+        draws.add(tuple(torch.rand(3).tolist()))
+    assert len(draws) == 4

@@ -135,7 +135,7 @@ def test_evaluate_cli_errors(finished_run, tmp_path, capsys):
 
 def test_killed_run_resumes_from_its_last_epoch(image_set, tmp_path, monkeypatch):
     labels, images = image_set
-    cfg = run_config_from_dict(tiny_config(labels, images))
+    cfg = run_config_from_dict(tiny_config(labels, images, num_workers=1))  # workers draw the augmentations
     real = training.train_epoch
     calls = []
 
