@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (Stopped, KeyboardInterrupt):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank:  # a non-zero exit here makes Lightning's launcher SIGKILL rank 0 while it saves its state
+            print(f"rank {local_rank}: stopped with the run", file=sys.stderr)
+            return 0
         print("stopped; continue with --resume", file=sys.stderr)
         return 130
     print(f"bundle: {bundle}")
