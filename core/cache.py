@@ -1,10 +1,10 @@
 """An on-disk cache of decoded, cropped and downsized training photos, so only the first epoch decodes them.
 
-A 12-megapixel phone JPEG takes ~50 ms to decode even at 1/8 scale (the entropy-coded data must all be read);
+A 12-megapixel phone JPEG takes ~40 ms to decode even at 1/8 scale (the entropy-coded data must all be read);
 the cached 256-pixel result loads in about a millisecond. Entries are keyed by a hash of everything that
 determines the pixels: the absolute path, the file's size and mtime_ns, the crop box, the short side, the
-cache format version and the decoder's version (core.dataset.DECODE_VERSION, if defined), so an edited or replaced photo, a new crop or another input size makes a new entry
-and never serves stale pixels. Writes go to a temporary file renamed into place (os.replace is atomic), so
+cache format version, the decoder's version (core.dataset.DECODE_VERSION, if defined) and its draft limits, so
+an edited or replaced photo, a new crop or another input size makes a new entry and never serves stale pixels. Writes go to a temporary file renamed into place (os.replace is atomic), so
 several DataLoader workers - or several DDP ranks on one node - can fill the same cache concurrently; at worst
 two of them decode the same photo once each.
 """
@@ -47,8 +47,9 @@ class DecodeCache:
             interpolation: str = "bicubic") -> str:
         path = os.path.abspath(path)
         st = os.stat(path)
-        payload = json.dumps([FORMAT_VERSION, _decode_version(), self.fmt, path, st.st_size, st.st_mtime_ns,
-                              _crop_tuple(crop), int(short_side), interpolation])
+        payload = json.dumps([FORMAT_VERSION, _decode_version(), core.dataset.decode_limits(int(short_side)),
+                              self.fmt, path, st.st_size, st.st_mtime_ns, _crop_tuple(crop), int(short_side),
+                              interpolation])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def entry(self, path, crop, short_side, interpolation: str = "bicubic") -> Path:
@@ -105,7 +106,8 @@ class DecodeCache:
 
 def _decode_version():
     """core.dataset.DECODE_VERSION when defined: bump it whenever decode() would return different pixels (e.g. a new
-    draft margin or resize filter), and every entry made by the old decoder stops matching."""
+    resize filter), and every entry made by the old decoder stops matching. The draft limits are in the key
+    themselves, so retuning them (or the quality sizes they follow) needs no bump."""
     return getattr(core.dataset, "DECODE_VERSION", 1)
 
 

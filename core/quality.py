@@ -13,7 +13,8 @@ from PIL import Image, ImageStat
 WORK_LONG_SIDE = 480
 
 # Thresholds, measured over all 518 PAD-UFES-20 smartphone photos in shared/data (218-1024 px,
-# mostly 300x300-400x300); tests/core/test_quality.py re-checks the rates on a sample:
+# mostly 300x300-400x300) at a 512 px working size, and re-measured at 480 with the same figures (mean luma
+# 85-215); tests/core/test_quality.py re-checks the rates on a sample:
 # - sharpness (Laplacian variance): PAD median 70, 1st percentile 6.2, minimum 4.5; copies blurred with
 #   a Gaussian of sigma = 1% of the long side score at most 4.2 (sigma 0.5%: 70% fall below 5).
 #   At 5, 2/518 (0.4%) PAD photos warn - both visibly soft - and every heavily blurred copy does.
@@ -23,7 +24,8 @@ WORK_LONG_SIDE = 480
 # - contrast (largest per-channel standard deviation): PAD minimum 6.6, 0% warn. Pale lesions on pale
 #   skin differ mostly in colour (luma std goes down to 5.3), so luma alone would flag usable photos.
 # - too_small: 1 of 518 PAD photos (0.2%) has a short side below 224 (218 px).
-# The 243 ISIC 2017 dermoscopic images (1024 px JPEGs) trigger no warning at all.
+# The 243 ISIC 2017 dermoscopic images (1024 px JPEGs) trigger no warning at all, decoded in full or as the
+# app decodes them (core.dataset.decode_limits).
 BLUR_THRESHOLD = 5.0
 DARK_THRESHOLD = 40.0
 BRIGHT_THRESHOLD = 225.0

@@ -123,6 +123,17 @@ def test_a_new_decoder_version_makes_new_entries(tmp_path, counted, monkeypatch)
     assert len(counted) == 2 and len(cache) == 2
 
 
+def test_new_draft_limits_make_new_entries(tmp_path, counted, monkeypatch):
+    import core.dataset
+    src = photo(tmp_path / "a.jpg")
+    cache = DecodeCache(tmp_path / "cache")
+    cache.get(src, None, 64)
+    real = core.dataset.decode_limits
+    monkeypatch.setattr(core.dataset, "decode_limits", lambda n: {**real(n), "min_long": 999})
+    cache.get(src, None, 64)
+    assert len(counted) == 2 and len(cache) == 2
+
+
 def test_unknown_format_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="npy"):
         DecodeCache(tmp_path, fmt="jpeg")

@@ -111,8 +111,8 @@ def test_without_cam_and_with_gradcam_plus_plus(bundle_dir):
 
 
 def test_draft_decoding_does_not_make_a_large_photo_look_small(bundle_dir):
-    # the model needs only ~73 px; a draft to 1.4x that would decode a 1000x750 JPEG at 1/8 (125x94): the limits
-    # keep it at or above the quality checks' sizes
+    # the model needs only ~73 px: by the 1.4x margin alone a 1000x750 JPEG would be drafted to 1/4 (250x187);
+    # the floors (quality's MIN_SIDE and working size) keep it at 1/2 (500x375), a photo of normal size
     p = Predictor(load_bundle(bundle_dir), device="cpu")
     pred = p.predict_source(photo_bytes((1000, 750), seed=8))
     assert "too_small" not in [w.code for w in pred.quality]
