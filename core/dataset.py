@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -50,6 +52,13 @@ class ManifestDataset(Dataset):
         self.crops = [crop_of(r) for _, r in df.iterrows()]
         self.transform, self.short_side, self.cache = transform, short_side, cache
         self.interpolation = interpolation
+        # in shared memory, so persistent DataLoader workers see each epoch's value; -1 = not set
+        self._augment_seed = multiprocessing.RawValue("q", -1)
+
+    def set_augment_seed(self, seed: int) -> None:
+        """Draw each item's random augmentation from (seed, item) alone: the same whichever worker runs it, and the
+        same after a resume (persistent workers would otherwise carry their own RNG state on from epoch to epoch)."""
+        self._augment_seed.value = int(seed)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,7 +68,12 @@ class ManifestDataset(Dataset):
             img = self.cache.get(self.paths[i], self.crops[i], self.short_side, self.interpolation)
         else:
             img = decode(self.paths[i], self.crops[i], self.short_side, self.interpolation)
-        return self.transform(img), torch.tensor(self.labels[i]), i
+        seed = self._augment_seed.value
+        if seed < 0:
+            return self.transform(img), torch.tensor(self.labels[i]), i
+        with torch.random.fork_rng(devices=[]):  # without workers this runs in the trainer: keep its RNG untouched
+            torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            return self.transform(img), torch.tensor(self.labels[i]), i
 
 
 def check_images(df: pd.DataFrame) -> None:

@@ -15,7 +15,7 @@ import torch
 import yaml
 from lightning_fabric import Fabric
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from core import metrics
 from core.backbones import get_spec
@@ -201,27 +201,32 @@ def predict_loader(fabric, model, loader, n: int, channels_last: bool) -> tuple[
     return out, float(loss) / n
 
 
-def _loaders(fabric, df, stage, pp, workers, cache=None):
+def _loaders(fabric, df, stage, pp, workers, cache=None, seed: int = 0):
+    """Training and validation loaders. Nothing in the training loader draws from the global RNG (that would make
+    a resumed run's dropout masks differ): its shuffle is a DistributedSampler, also for one process, ordered by
+    (seed, epoch); its augmentations are seeded per item (ManifestDataset.set_augment_seed); the workers' base
+    seed comes from a private generator. Both keep their workers between epochs."""
     train_df, val_df = df[df["split"] == "train"], df[df["split"] == "val"]
-    # Training workers are not persistent: each epoch's workers are seeded from the RNG state seed_epoch set, so a
-    # resumed run augments as an uninterrupted one (persistent workers carry their RNG on from the first epoch).
-    mk = lambda part, tf, shuffle: DataLoader(  # noqa: E731
+    mk = lambda part, tf, **kw: DataLoader(  # noqa: E731
         ManifestDataset(part, tf, short_side=pp.resize_to, cache=cache, interpolation=pp.interpolation),
-        batch_size=stage.batch_size, shuffle=shuffle,
-        num_workers=workers, drop_last=shuffle and len(part) > stage.batch_size,
-        persistent_workers=workers > 0 and not shuffle)
-    train = mk(train_df, train_transform(pp, stage.augment), True)
-    val = mk(val_df, eval_transform(pp), False)
-    return fabric.setup_dataloaders(train, val), train_df, val_df
+        batch_size=stage.batch_size, num_workers=workers, persistent_workers=workers > 0, **kw)
+    sampler = DistributedSampler(range(len(train_df)), num_replicas=fabric.world_size, rank=fabric.global_rank,
+                                 shuffle=True, seed=seed)
+    train = mk(train_df, train_transform(pp, stage.augment), sampler=sampler, generator=torch.Generator(),
+               drop_last=len(train_df) > stage.batch_size * fabric.world_size)
+    val = mk(val_df, eval_transform(pp))
+    train = fabric.setup_dataloaders(train, use_distributed_sampler=False)
+    val = fabric.setup_dataloaders(val)  # Fabric shards validation across ranks (predict_loader gathers it)
+    return (train, val), train_df, val_df
 
 
 def seed_epoch(fabric, loader, seed: int, stage: int, epoch: int) -> None:
     """Seed every RNG from (seed, stage, epoch) alone, so a resumed run draws the same shuffle, augmentations and
     dropout masks as an uninterrupted one (seeding once per process would replay epoch 0's after a resume)."""
-    fabric.seed_everything(int(np.random.SeedSequence([seed, stage, epoch]).generate_state(1)[0]), verbose=False)
-    # seed_everything also sets PL_GLOBAL_SEED, from which Fabric seeds the DistributedSampler of loaders set up
-    # later (the next stage's): keep it at the run's seed, as in a process that has just resumed
-    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    epoch_seed = int(np.random.SeedSequence([seed, stage, epoch]).generate_state(1)[0])
+    fabric.seed_everything(epoch_seed, verbose=False)
+    if hasattr(getattr(loader, "dataset", None), "set_augment_seed"):
+        loader.dataset.set_augment_seed(epoch_seed)
     if hasattr(loader, "_num_iter_calls"):
         # Fabric passes its own count of iterations over this loader to DistributedSampler.set_epoch; that count
         # restarts with every process, so set it to the run's epoch (lightning-fabric 2.6 keeps it here).
@@ -247,7 +252,8 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
             scheduler.load_state_dict(resume_blob["scheduler"])
     workers = cfg.num_workers if cfg.num_workers is not None else dataloader_workers(cfg.devices)
     cache = DecodeCache(cfg.decode_cache) if cfg.decode_cache else None
-    (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache)
+    stage_seed = int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])
+    (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache, stage_seed)
     best_path = rf.out / f"best_stage{i}.safetensors"
     if len(state.stage_prov) <= i:
         state.stage_prov.append({"name": stage.name, "data": sources, "split": how, "split_counts": counts,

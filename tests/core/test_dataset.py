@@ -43,3 +43,26 @@ def test_training_decode_resizes_the_draft_to_the_short_side(tmp_path):
     path.write_bytes(_jpeg(4000, 3000))
     img = decode(str(path), None, short_side=256)
     assert img.size == (341, 256)  # from the 1/8 draft, as the app decodes it
+
+
+def test_augment_seed_fixes_each_items_augmentation_and_leaves_the_global_rng_alone(tmp_path):
+    import pandas as pd
+    import torch
+    from torchvision import transforms as T
+
+    from core.dataset import ManifestDataset
+    paths = []
+    for k in range(3):
+        p = tmp_path / f"{k}.jpg"
+        p.write_bytes(_jpeg(120 + 10 * k, 100))
+        paths.append(str(p))
+    ds = ManifestDataset(pd.DataFrame({"image": paths, "label": [0, 1, 0]}),
+                         T.Compose([T.RandomResizedCrop(32), T.ToTensor()]), short_side=64)
+    ds.set_augment_seed(7)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = [ds[i][0] for i in range(3)]
+    assert torch.equal(torch.get_rng_state(), before)  # dropout masks in the trainer do not depend on the data
+    assert all(torch.equal(x, y) for x, y in zip(a, [ds[i][0] for i in range(3)]))  # same seed and item: same crop
+    ds.set_augment_seed(8)
+    assert not all(torch.equal(x, ds[i][0]) for i, x in enumerate(a))
