@@ -19,9 +19,9 @@ from core.transforms import resize_short
 # JPEGs are draft-decoded (DCT-domain 1/2, 1/4, 1/8) no further than DRAFT_MARGIN x the short side the model
 # resizes to, then resized. With 1.4 a 12 MP 4:3 phone photo (3000 px short side) decodes at 1/8 (500 x 375),
 # which takes a tenth off a single-photo prediction. Any draft moves probabilities against a full decode;
-# benchmarks/draft_accuracy.py measures by how much (real photos enlarged to phone size: the 1/8 draft of margin
-# 1.4 by no more than the 1/4 draft of margin 2 did). Drafting all the way to the target (margin 1) moves them
-# several times more on 1024 px photos.
+# benchmarks/draft_accuracy.py measures by how much (real photos enlarged to phone size: p95 about 0.02 for the
+# 1/8 draft of margin 1.4 as for the 1/4 draft of the earlier margin 2). Drafting all the way to the target
+# (margin 1) moves every 1024 px photo.
 DRAFT_MARGIN = 1.4
 DECODE_VERSION = 4  # bump whenever decode() returns different pixels: core.cache.DecodeCache keys include it
 
