@@ -4,9 +4,10 @@ A 12-megapixel phone JPEG takes ~40 ms to decode even at 1/8 scale (the entropy-
 the cached 256-pixel result loads in about a millisecond. Entries are keyed by a hash of everything that
 determines the pixels: the absolute path, the file's size and mtime_ns, the crop box, the short side, the
 cache format version, the decoder's version (core.dataset.DECODE_VERSION, if defined) and its draft limits, so
-an edited or replaced photo, a new crop or another input size makes a new entry and never serves stale pixels. Writes go to a temporary file renamed into place (os.replace is atomic), so
-several DataLoader workers - or several DDP ranks on one node - can fill the same cache concurrently; at worst
-two of them decode the same photo once each.
+an edited or replaced photo, a new crop or another input size makes a new entry and never serves stale pixels.
+Writes go to a temporary file renamed into place (os.replace is atomic), so several DataLoader workers - or
+several DDP ranks on one node - can fill the same cache concurrently; at worst two of them decode the same photo
+once each.
 """
 from __future__ import annotations
 

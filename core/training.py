@@ -253,7 +253,8 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     workers = cfg.num_workers if cfg.num_workers is not None else dataloader_workers(cfg.devices)
     cache = DecodeCache(cfg.decode_cache) if cfg.decode_cache else None
     stage_seed = int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])
-    (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache, stage_seed)
+    (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache,
+                                             stage_seed)
     best_path = rf.out / f"best_stage{i}.safetensors"
     if len(state.stage_prov) <= i:
         state.stage_prov.append({"name": stage.name, "data": sources, "split": how, "split_counts": counts,
