@@ -1,0 +1,34 @@
+"""Atomic writes leave the old file intact on failure; tolerant JSON reads."""
+import json
+
+import numpy as np
+import pytest
+
+from core.fileio import atomic_write, atomic_write_json, read_json_or_none
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
+    p = tmp_path / "a.json"
+    atomic_write_json(p, {"v": 1})
+
+    def boom(tmp):
+        tmp.write_text("{half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(p, boom)
+    assert json.loads(p.read_text()) == {"v": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["a.json"]  # no temporary left behind
+
+
+def test_atomic_write_json_numpy_and_tuples(tmp_path):
+    p = atomic_write_json(tmp_path / "sub" / "b.json", {"x": np.float32(0.5), "t": (1, 2), "a": np.arange(2)})
+    assert json.loads(p.read_text()) == {"x": 0.5, "t": [1, 2], "a": [0, 1]}
+
+
+def test_read_json_or_none(tmp_path):
+    assert read_json_or_none(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_json_or_none(tmp_path / "bad.json") is None
+    (tmp_path / "ok.json").write_text('{"k": [1]}')
+    assert read_json_or_none(tmp_path / "ok.json") == {"k": [1]}
