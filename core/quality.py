@@ -1,4 +1,4 @@
-"""Image-quality warnings (too small, blurred, too dark/bright, flat) shown before a prediction."""
+"""Image-quality checks before a prediction: warnings (the result stands, qualified) and refusals (no verdict)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,28 +32,67 @@ BRIGHT_THRESHOLD = 225.0
 MIN_CONTRAST = 5.0
 MIN_SIDE = 224
 
+# Refusals: photos the model cannot assess at all, so no verdict is given. Measured on the same 518 PAD photos
+# (decoded as the app decodes them): mean luma 85.5-215 (1st-99th percentile 95-202), colour contrast >= 6.6
+# (1st percentile 10.5), short side >= 218. Each refusal limit sits far outside that range, so it refuses none
+# of the 518 (nor any of the 361 ISIC images in shared/data); what it catches is what no clinician would call a
+# lesion photo: a black or blown-out frame, a uniform colour, a thumbnail.
+# - far too dark: luma < 15 (almost nothing is visible; a well-exposed photo of Fitzpatrick VI skin is far above);
+# - far too bright: luma > 245 (almost all pixels saturated);
+# - nearly uniform: largest channel std < 2.5 (JPEG noise on a flat colour is about 0.5-2);
+# - far too small: short side < 96 px (the model would see a > 2.3x interpolated enlargement, mostly invented
+#   pixels).
+REFUSE_DARK = 15.0
+REFUSE_BRIGHT = 245.0
+REFUSE_CONTRAST = 2.5
+REFUSE_SIDE = 96
+
 
 @dataclass(frozen=True)
 class QualityWarning:
     """One problem with a photo: a stable code for the app and a plain-English message for the clinician."""
-    code: str  # "too_small" | "blurry" | "too_dark" | "too_bright" | "low_contrast"
+    code: str  # "too_small" | "blurry" | "too_dark" | "too_bright" | "low_contrast" (warnings); refusals:
+    #            "far_too_small" | "far_too_dark" | "far_too_bright" | "nearly_uniform"
     message: str
+    refusal: bool = False  # True: the photo cannot be assessed at all (no verdict), not merely a caveat
+
+
+def refusals(items: list[QualityWarning]) -> list[QualityWarning]:
+    """The refusals among quality_warnings' results (an empty list: the photo may be assessed)."""
+    return [w for w in items if w.refusal]
 
 
 def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_threshold: float = BLUR_THRESHOLD,
                      dark: float = DARK_THRESHOLD, bright: float = BRIGHT_THRESHOLD,
-                     min_contrast: float = MIN_CONTRAST) -> list[QualityWarning]:
-    """Every quality problem found in `img` (an empty list means the photo looks usable)."""
+                     min_contrast: float = MIN_CONTRAST, refuse: bool = True) -> list[QualityWarning]:
+    """Every quality problem found in `img` (an empty list means the photo looks usable).
+
+    With `refuse`, a problem far beyond its warning limit comes back as a refusal (``refusal=True``) instead of
+    its warning: the photo gets no verdict."""
     out: list[QualityWarning] = []
     w, h = img.size
-    if min(w, h) < min_side:
+    if refuse and min(w, h) < REFUSE_SIDE:
+        out.append(QualityWarning(
+            "far_too_small", f"The photo is only {w}x{h} pixels (shortest side {min(w, h)} < {REFUSE_SIDE}): far "
+                             "too small to assess. Retake it closer, with the lesion filling most of the frame, "
+                             "and send the original photo rather than a thumbnail.", True))
+    elif min(w, h) < min_side:
         out.append(QualityWarning(
             "too_small", f"The photo is only {w}x{h} pixels (shortest side {min(w, h)} < {min_side}); "
                          "use a higher-resolution photo or a larger crop around the lesion."))
     rgb = _working_copy(img)
     luma = np.asarray(rgb.convert("L"), dtype=np.float32)
     brightness = float(luma.mean(dtype=np.float64))
-    if brightness < dark:
+    if refuse and brightness < REFUSE_DARK:
+        out.append(QualityWarning(
+            "far_too_dark", f"The photo is almost black (brightness {brightness:.0f} < {REFUSE_DARK:.0f} out of "
+                            "255): nothing can be assessed. Retake it in daylight or good indoor light.", True))
+    elif refuse and brightness > REFUSE_BRIGHT:
+        out.append(QualityWarning(
+            "far_too_bright", f"The photo is almost white (brightness {brightness:.0f} > {REFUSE_BRIGHT:.0f} out of "
+                              "255): nothing can be assessed. Retake it in daylight without flash or direct "
+                              "sunlight on the skin.", True))
+    elif brightness < dark:
         out.append(QualityWarning(
             "too_dark", f"The photo looks too dark (brightness {brightness:.0f} < {dark:.0f} out of 255); "
                         "retake it in better light."))
@@ -62,7 +101,12 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
             "too_bright", f"The photo looks overexposed (brightness {brightness:.0f} > {bright:.0f} "
                           "out of 255); retake it without flash glare or direct sunlight."))
     contrast = colour_contrast(rgb)
-    if contrast < min_contrast:
+    if refuse and contrast < REFUSE_CONTRAST and not any(x.code in ("far_too_dark", "far_too_bright") for x in out):
+        out.append(QualityWarning(
+            "nearly_uniform", f"The photo is nearly one flat colour (contrast {contrast:.1f} < {REFUSE_CONTRAST:g}): "
+                              "there is no lesion to assess. Retake it closer, in focus, with the lesion in the "
+                              "centre of the frame and the lens clean.", True))
+    elif contrast < min_contrast and not (refuse and contrast < REFUSE_CONTRAST):
         out.append(QualityWarning(
             "low_contrast", f"The photo has very little contrast ({contrast:.1f} < {min_contrast:.0f}); "
                             "check that the lesion is in frame and the lens is clean."))

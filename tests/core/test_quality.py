@@ -1,4 +1,4 @@
-"""Tests for core.quality: each warning fires on the problem it names, and stays quiet on real photos."""
+"""Tests for core.quality: each warning and refusal fires on the problem it names, and stays quiet on real photos."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +8,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from core.images import load_image
-from core.quality import (BLUR_THRESHOLD, QualityWarning, colour_contrast, laplacian_variance,
-                          quality_warnings, sharpness)
+from core.quality import (BLUR_THRESHOLD, REFUSE_SIDE, QualityWarning, colour_contrast, laplacian_variance,
+                          quality_warnings, refusals, sharpness)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -51,22 +51,47 @@ def test_dark_photo():
 
 
 def test_bright_photo():
-    bright = _textured(lo=235, hi=255).point(lambda v: min(255, v + 60))
+    bright = _textured(lo=235, hi=255).point(lambda v: min(255, v + 40))  # +60 would be refused
     codes = _codes(bright)
     assert "too_bright" in codes and "too_dark" not in codes
 
 
 def test_tiny_photo():
-    tiny = _textured(100, 80)
+    tiny = _textured(150, 120)
     warnings = quality_warnings(tiny)
     assert [w.code for w in warnings] == ["too_small"]
-    assert "100x80" in warnings[0].message
+    assert "150x120" in warnings[0].message
     assert _codes(tiny, min_side=64) == []
 
 
 def test_flat_photo_is_low_contrast_not_blurry():
     flat = Image.new("RGB", (400, 300), (150, 120, 110))
-    assert _codes(flat) == ["low_contrast"]
+    assert _codes(flat, refuse=False) == ["low_contrast"]
+    assert _codes(flat) == ["nearly_uniform"]  # with refusals on (the default), a flat colour is refused
+
+
+@pytest.mark.parametrize("img, code, advice", [
+    (Image.new("RGB", (640, 480)), "far_too_dark", "daylight"),                    # an all-black JPEG
+    (Image.new("RGB", (640, 480), (252, 252, 252)), "far_too_bright", "daylight"),
+    (Image.new("RGB", (640, 480), (224, 172, 150)), "nearly_uniform", "closer"),   # skin-coloured, no lesion
+    (_textured(8, 8, block=1), "far_too_small", "closer"),                         # the 8x8 PNG
+])
+def test_refusals_say_what_to_do(img, code, advice):
+    found = refusals(quality_warnings(img))
+    assert [w.code for w in found] == [code]
+    assert found[0].refusal and advice in found[0].message
+    # a refusal replaces its warning: one message per problem
+    warning = {"far_too_dark": "too_dark", "far_too_bright": "too_bright", "nearly_uniform": "low_contrast",
+               "far_too_small": "too_small"}[code]
+    assert warning not in _codes(img) and warning in _codes(img, refuse=False)
+
+
+def test_refusal_limits_sit_beyond_the_warnings():
+    dim = _textured(lo=20, hi=60)  # dark but visible: a warning, not a refusal
+    assert "too_dark" in _codes(dim) and not refusals(quality_warnings(dim))
+    small = _textured(REFUSE_SIDE + 10, REFUSE_SIDE + 10)
+    assert _codes(small) == ["too_small"]
+    assert _codes(_textured(REFUSE_SIDE - 1, 200)) == ["far_too_small"]
 
 
 def test_colour_only_lesion_counts_as_contrast():
@@ -114,7 +139,8 @@ def test_real_photo_rates():
     rates = {code: n / len(sample) for code, n in counts.items()}
     assert rates.get("blurry", 0) <= 0.05, rates
     assert rates.get("too_small", 0) <= 0.05, rates
-    for code in ("too_dark", "too_bright", "low_contrast"):
+    for code in ("too_dark", "too_bright", "low_contrast", "far_too_small", "far_too_dark", "far_too_bright",
+                 "nearly_uniform"):
         assert rates.get(code, 0) == 0, rates
     for path in sample[:10]:
         img = load_image(path)

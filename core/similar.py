@@ -1,0 +1,101 @@
+"""Similar cases: the k training/validation photos nearest to a new photo in the model's own feature space.
+
+The index stores L2-normalised pooled features as float16 (a 1280-d MobileNetV2 vector is 2.5 kB) and, per photo,
+a reference to the image (its path as the manifest gave it, resolved), its split, label and diagnosis where the
+manifest has one: never a copy of a patient's photo. Similarity is cosine similarity (1 = same direction).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_K = 6
+# Very large training sets are subsampled (seeded) so a bundle stays small; the README says so.
+MAX_ITEMS = 20000
+LABEL_NAMES = {0: "benign", 1: "malignant"}
+_CARRIED = ("diagnosis", "patient_id", "domain")
+
+
+class SimilarError(ValueError):
+    """An index that does not match the features it is asked about, or is described inconsistently."""
+
+
+@dataclass(frozen=True)
+class SimilarCase:
+    image: str
+    label: int
+    label_name: str
+    split: str
+    similarity: float
+    diagnosis: str | None = None
+    available: bool = False  # the image file exists on this machine
+
+
+@dataclass(frozen=True)
+class SimilarIndex:
+    """Normalised float16 embeddings (N, D) plus one record per row (image, split, label, diagnosis...)."""
+    embeddings: np.ndarray = field(repr=False)
+    records: tuple[dict, ...] = field(repr=False)
+
+    def __post_init__(self):
+        if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.records):
+            raise SimilarError(f"{len(self.records)} records but embeddings of shape {self.embeddings.shape}")
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def query(self, feats, k: int = DEFAULT_K) -> list[list[SimilarCase]]:
+        """For each row of `feats` (N, D), its k most similar indexed photos, most similar first."""
+        x = np.asarray(feats, dtype=np.float32)
+        x = x[None] if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise SimilarError(f"features of shape {x.shape} do not match the index's {self.dim} dimensions")
+        k = min(k, len(self.records))
+        sims = _normalise(x) @ self.embeddings.astype(np.float32).T
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return [[self._case(j, float(sims[i, j])) for j in row] for i, row in enumerate(top)]
+
+    def _case(self, j: int, sim: float) -> SimilarCase:
+        r = self.records[j]
+        label = int(r["label"])
+        image = str(r["image"])
+        return SimilarCase(image=image, label=label, label_name=LABEL_NAMES.get(label, str(label)),
+                           split=str(r.get("split") or ""), similarity=sim, diagnosis=r.get("diagnosis"),
+                           available=Path(image).is_file())
+
+    def to_meta(self) -> dict:
+        return {"n": len(self.records), "dim": self.dim, "dtype": "float16", "similarity": "cosine",
+                "splits": dict(pd.Series([r.get("split") for r in self.records]).value_counts().astype(int)),
+                "records": list(self.records)}
+
+    @classmethod
+    def from_meta(cls, meta: dict, embeddings) -> SimilarIndex:
+        return cls(np.asarray(embeddings, dtype=np.float16), tuple(meta.get("records", ())))
+
+
+def build_index(df: pd.DataFrame, feats, *, seed: int = 0) -> SimilarIndex:
+    """Index the rows of a manifest (image, label, split[, diagnosis, patient_id, domain]) with their features."""
+    x = np.asarray(feats, dtype=np.float32)
+    if x.ndim != 2 or len(x) != len(df):
+        raise SimilarError(f"{len(df)} manifest rows but features of shape {x.shape}")
+    rows = df.reset_index(drop=True)
+    if len(rows) > MAX_ITEMS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_ITEMS, replace=False))
+        rows, x = rows.iloc[keep].reset_index(drop=True), x[keep]
+    records = []
+    for _, r in rows.iterrows():
+        rec = {"image": str(Path(str(r["image"])).resolve()), "label": int(r["label"]),
+               "split": None if pd.isna(r.get("split")) else str(r.get("split"))}
+        for col in _CARRIED:
+            if col in rows.columns and not pd.isna(r[col]):
+                rec[col] = str(r[col])
+        records.append(rec)
+    return SimilarIndex(_normalise(x).astype(np.float16), tuple(records))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

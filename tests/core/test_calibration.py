@@ -1,0 +1,93 @@
+"""Tests for core.calibration: the map fixes a constructed overconfident model on held-out data, keeps verdicts,
+and Brier/ECE (with bootstrap intervals) compute what they claim."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core import calibration as cal
+
+
+def _overconfident(n, seed, scale=3.0, shift=0.0):
+    """Labels drawn from sigmoid(z); the 'model' reports scale * z + shift (too sure of itself)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    return scale * z + shift, y
+
+
+@pytest.mark.parametrize("method", ["temperature", "platt", "auto"])
+def test_calibration_lowers_held_out_brier_of_an_overconfident_model(method):
+    z_val, y_val = _overconfident(300, seed=0)
+    z_test, y_test = _overconfident(2000, seed=1)
+    c = cal.fit_calibration(z_val, y_val, method=method)
+    raw = 1 / (1 + np.exp(-z_test))
+    after = c.apply_logit(z_test)
+    assert cal.brier(y_test, after) < cal.brier(y_test, raw) - 0.01
+    assert cal.ece(y_test, after) < cal.ece(y_test, raw)
+    assert 0.2 < c.slope < 0.5  # the true map is slope 1/3
+    assert c.n == 300 and c.prevalence == pytest.approx(y_val.mean())
+
+
+def test_platt_also_removes_a_shift():
+    z_val, y_val = _overconfident(400, seed=0, scale=1.0, shift=2.0)
+    c = cal.fit_calibration(z_val, y_val, method="platt")
+    assert c.intercept == pytest.approx(-2.0, abs=0.5)
+
+
+def test_threshold_on_the_calibrated_scale_keeps_every_verdict():
+    z_val, y_val = _overconfident(200, seed=0)
+    c = cal.fit_calibration(z_val, y_val, method="platt")
+    z_test, _ = _overconfident(500, seed=2)
+    raw = 1 / (1 + np.exp(-z_test))
+    for thr in (0.015, 0.2, 0.5, 0.9):
+        assert np.array_equal(raw >= thr, c.apply(raw) >= c.threshold(thr))
+
+
+def test_apply_on_probabilities_equals_apply_on_logits():
+    c = cal.Calibration("platt", 0.4, -0.3, 10, 0.4)
+    z = np.linspace(-8, 8, 17)
+    np.testing.assert_allclose(c.apply(1 / (1 + np.exp(-z))), c.apply_logit(z), rtol=1e-9)
+    assert cal.Calibration.from_meta(c.to_meta()) == c
+
+
+def test_brier_and_ece_by_hand():
+    from sklearn.metrics import brier_score_loss
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0.05, 0.15, 0.12, 0.85, 0.95])
+    assert cal.brier(y, p) == pytest.approx(brier_score_loss(y, p))
+    # bins: [0,.1): p .05 y 0 -> gap .05 (1 item); [.1,.2): p .15,.12 y 0,1 -> mean p .135, y .5 (2 items);
+    # [.8,.9): .85 vs 1 (1); [.9,1]: .95 vs 1 (1)
+    expected = (0.05 + 2 * abs(0.135 - 0.5) + 0.15 + 0.05) / 5
+    assert cal.ece(y, p) == pytest.approx(expected)
+    rel = cal.reliability(y, p)
+    assert [r["n"] for r in rel] == [1, 2, 1, 1] and rel[1]["observed"] == 0.5
+
+
+def test_report_intervals_bracket_the_value_and_group_by_patient():
+    z, y = _overconfident(120, seed=3)
+    p = 1 / (1 + np.exp(-z))
+    r = cal.calibration_report(y, p, n_boot=300, seed=0)
+    for m in ("brier", "ece"):
+        lo, hi = r[m]["ci95"]
+        assert lo <= r[m]["value"] <= hi and hi > lo
+    # three images per patient: resampling patients gives other (here wider) intervals than images
+    groups = np.repeat(np.arange(40), 3)
+    rg = cal.calibration_report(y, p, groups=groups, n_boot=300, seed=0)
+    assert rg["brier"]["ci95"] != r["brier"]["ci95"] and "40 patients" in rg["ci_method"]
+    assert cal.calibration_report(y, p, n_boot=300, seed=0) == r  # deterministic for a seed
+
+
+def test_bad_inputs():
+    with pytest.raises(cal.CalibrationError, match="both classes"):
+        cal.fit_calibration([0.1, 0.2, 0.3], [1, 1, 1])
+    with pytest.raises(cal.CalibrationError, match="one label per logit"):
+        cal.fit_calibration([0.1, 0.2], [0, 1, 1])
+    with pytest.raises(cal.CalibrationError, match="unknown calibration method"):
+        cal.fit_calibration([0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1], method="isotonic")
+
+
+def test_auto_says_why():
+    z, y = _overconfident(200, seed=0)
+    c = cal.fit_calibration(z, y, method="auto", groups=np.arange(200) // 2)
+    assert c.method in cal.METHODS and "out-of-fold Brier" in c.chosen_by

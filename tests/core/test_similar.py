@@ -1,0 +1,51 @@
+"""Tests for core.similar: nearest cases come back most similar first, with their labels and references."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.similar import SimilarError, SimilarIndex, build_index
+
+
+def _index(tmp_path, n=30, dim=16):
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.normal(size=(n, dim))).astype(np.float32)
+    (tmp_path / "img000.png").write_bytes(b"x")  # only the first image exists on this machine
+    df = pd.DataFrame({"image": [str(tmp_path / f"img{i:03d}.png") for i in range(n)], "label": np.arange(n) % 2,
+                       "split": ["train"] * (n - 5) + ["val"] * 5, "diagnosis": ["NEV", "BCC"] * (n // 2),
+                       "patient_id": [f"P{i}" for i in range(n)]})
+    return build_index(df, feats), feats
+
+
+def test_query_returns_most_similar_first(tmp_path):
+    index, feats = _index(tmp_path)
+    query = feats[7] + 0.01
+    cases = index.query(query, k=5)[0]
+    assert len(cases) == 5 and cases[0].image.endswith("img007.png")
+    sims = [c.similarity for c in cases]
+    assert sims == sorted(sims, reverse=True) and sims[0] == pytest.approx(1.0, abs=1e-2)
+    normed = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    expected = np.argsort(-(normed @ (query / np.linalg.norm(query))))[:5]
+    assert [c.image for c in cases] == [index.records[j]["image"] for j in expected]
+    assert cases[0].label == 1 and cases[0].label_name == "malignant" and cases[0].diagnosis == "BCC"
+
+
+def test_images_are_references_and_availability_is_checked(tmp_path):
+    index, feats = _index(tmp_path)
+    assert index.embeddings.dtype == np.float16  # small: no photo is copied, only its features
+    first, = index.query(feats[0], k=1)[0:1]
+    assert first[0].available is True
+    other = index.query(feats[3], k=1)[0][0]
+    assert other.available is False and other.split == "train"
+
+
+def test_round_trip_and_mismatch(tmp_path):
+    index, feats = _index(tmp_path)
+    again = SimilarIndex.from_meta(index.to_meta(), index.embeddings)
+    assert [c.image for c in again.query(feats[2])[0]] == [c.image for c in index.query(feats[2])[0]]
+    assert index.to_meta()["splits"] == {"train": 25, "val": 5}
+    with pytest.raises(SimilarError, match="do not match"):
+        index.query(np.ones(17))
+    with pytest.raises(SimilarError, match="manifest rows"):
+        build_index(pd.DataFrame({"image": ["a"], "label": [0]}), np.ones((2, 4)))
