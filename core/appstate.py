@@ -10,8 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.bundle import BundleError, read_meta
-from core.evaluation import model_summary
+from core.bundle import BundleError, BundleMeta, read_meta, verify_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MAX_BUNDLE_UNZIPPED = 4 << 30     # a zip that expands beyond this is refused (zip bomb guard)
@@ -27,7 +26,7 @@ def runs_dir() -> Path:
 class BundleEntry:
     label: str                 # what the picker shows: the run name (or folder name of a bare bundle)
     path: Path                 # the bundle folder (holds model.json + model.safetensors)
-    meta: dict | None = None
+    meta: BundleMeta | None = None
     error: str | None = None   # why it cannot be used (e.g. a format-version mismatch)
 
 
@@ -94,7 +93,7 @@ def extract_bundle_zip(data: bytes, dest_root: str | Path | None = None) -> Path
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not (dest / "model.json").is_file():  # else another session unpacked it meanwhile
                     raise BundleError(f"could not unpack the zip ({e})") from e
-    read_meta(dest)  # format and version check (the clear version-mismatch message comes from here)
+    verify_weights(read_meta(dest))  # format, version and weights hash: the clear messages come from there
     return dest
 
 
@@ -114,12 +113,12 @@ def _pct(entry) -> str:
     return text
 
 
-def describe_model(meta: dict) -> dict:
+def describe_model(meta: BundleMeta) -> dict:
     """The provenance the app shows next to every probability, as display-ready strings."""
-    s = model_summary(meta)
+    s = meta.summary()
     thr = s.get("threshold") or {}
     data_lines = []
-    stages = (meta.get("provenance") or {}).get("stages") or []
+    stages = meta.provenance.stages or []
     for i, sources in enumerate(s.get("training_data") or []):
         stage = stages[i]["name"] if i < len(stages) and isinstance(stages[i], dict) else f"stage {i}"
         for src in sources or []:
@@ -137,6 +136,7 @@ def describe_model(meta: dict) -> dict:
         "run": s.get("run") or "?",
         "backbone": s.get("backbone"),
         "weights": s.get("weights") or "?",
+        "weights_hash": meta.short_hash or "not recorded (format-1 bundle)",
         "training_data": data_lines or ["not recorded"],
         "splits": split_text,
         "threshold": thr.get("value"),
