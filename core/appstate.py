@@ -10,6 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import metrics
 from core.bundle import BundleError, BundleMeta, read_meta, verify_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -102,17 +103,6 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _pct(entry) -> str:
-    """{'value': v, 'ci95': [lo, hi]} -> '90% (95% CI 80-97%)'; missing parts are said, not invented."""
-    if not isinstance(entry, dict) or entry.get("value") is None:
-        return "not recorded"
-    text = f"{entry['value']:.0%}"
-    ci = entry.get("ci95")
-    if ci and None not in ci:
-        text += f" (95% CI {ci[0]:.0%}–{ci[1]:.0%})"
-    return text
-
-
 def describe_model(meta: BundleMeta) -> dict:
     """The provenance the app shows next to every probability, as display-ready strings."""
     s = meta.summary()
@@ -128,9 +118,6 @@ def describe_model(meta: BundleMeta) -> dict:
     splits = s.get("split_counts") or {}
     split_text = ", ".join(f"{k} {v.get('images', '?')} ({v.get('malignant', '?')} malignant)"
                            for k, v in splits.items() if isinstance(v, dict)) or "not recorded"
-    rule = thr.get("rule")
-    rule_text = {"sensitivity": f"highest threshold reaching {thr.get('target', 0):.0%} validation sensitivity",
-                 "youden": "maximises Youden's J on validation", "fixed": "fixed value"}.get(rule, rule or "?")
     vm = s.get("validation_metrics") or {}
     return {
         "run": s.get("run") or "?",
@@ -140,18 +127,11 @@ def describe_model(meta: BundleMeta) -> dict:
         "training_data": data_lines or ["not recorded"],
         "splits": split_text,
         "threshold": thr.get("value"),
-        "threshold_rule": rule_text,
-        "sensitivity": _pct(thr.get("val_sensitivity")),
-        "specificity": _pct(thr.get("val_specificity")),
+        "threshold_rule": metrics.describe_rule(thr.get("rule"), thr.get("target")),
+        "sensitivity": metrics.format_percent(thr.get("val_sensitivity")),
+        "specificity": metrics.format_percent(thr.get("val_specificity")),
         "n_val": thr.get("n_val"),
         "n_val_malignant": thr.get("n_val_malignant"),
-        "val_auc": _fmt_metric(vm.get("roc_auc")),
+        "val_auc": metrics.metric("roc_auc").format(vm.get("roc_auc")),
         "intended_use": s.get("intended_use") or "Research tool, not a diagnostic device.",
     }
-
-
-def _fmt_metric(entry) -> str:
-    if not isinstance(entry, dict) or entry.get("value") is None:
-        return "n/a"
-    ci = entry.get("ci95")
-    return f"{entry['value']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else "")

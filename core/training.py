@@ -143,10 +143,7 @@ def _json_default(o):
 # ---------------------------------------------------------------- the loop
 def _score(m: dict, select: str) -> list[float]:
     """Selection key: the chosen validation metric, recall as tie-break; undefined counts as worst."""
-    def v(x):
-        return -np.inf if x is None else x
-    primary = -m["loss"] if select == "loss" else v(m.get(select))
-    return [primary, v(m.get("recall"))]
+    return [metrics.selection_score(m, select), metrics.selection_score(m, "recall")]
 
 
 def _make_scheduler(optimizer, stage: StageConfig):
