@@ -14,6 +14,12 @@ that never affects a prediction, they are kept in `Provenance.extra` and written
 Adding an optional section (an OOD gate, a calibration map, ...) is one field on BundleMeta with default None:
 a frozen dataclass with to_dict/from_dict (or plain JSON data); older bundles read it as None, and a None
 section is not written, so bundles without it stay readable by tools that predate it.
+
+Trust sections (issue 10), each optional: `ood_gate` (core.ood: the out-of-distribution gate), `calibration`
+(core.calibration: the map to calibrated probabilities) and `similar_cases` (core.similar: the index of training
+and validation photos). Their arrays (the gate's descriptor, the float16 embeddings) live in `trust.safetensors`
+beside the weights (the similar-case records as JSON in its metadata), its SHA-256 in `trust_arrays`, checked
+like the weights. A bundle without them still loads; `Bundle.lacks()` says what it cannot do.
 """
 from __future__ import annotations
 
@@ -22,9 +28,12 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from core import calibration as calibration_mod
+from core import ood, similar as similar_mod
 from core.backbones import BackboneSpec
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
@@ -33,7 +42,7 @@ from core.model import HeadConfig, LesionClassifier
 FORMAT = "skinscreen-model-bundle"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # 1: before the weights hash; read with weights_sha256 = None
-META_FILE, WEIGHTS_FILE = "model.json", "model.safetensors"
+META_FILE, WEIGHTS_FILE, TRUST_FILE = "model.json", "model.safetensors", "trust.safetensors"
 LABELS = {"0": "benign", "1": "malignant"}
 OUTPUT = "one logit; sigmoid = P(malignant)"
 INTENDED_USE = ("Research tool, not a diagnostic device. It estimates the probability that a skin lesion in a "
@@ -129,6 +138,10 @@ class BundleMeta:
     format_version: int = FORMAT_VERSION  # as read; saving always writes FORMAT_VERSION
     folder: Path | None = field(default=None, compare=False)
     # optional sections go here, each `name: Type | None = None`
+    ood_gate: dict | None = None          # core.ood.OODGate.to_meta(); arrays in TRUST_FILE ("gate.*")
+    calibration: dict | None = None       # core.calibration.Calibration.to_meta() + threshold_calibrated
+    similar_cases: dict | None = None     # core.similar.SimilarIndex summary; embeddings + records in TRUST_FILE
+    trust_arrays: dict | None = None      # {"file": TRUST_FILE, "sha256": ...}
 
     @property
     def spec(self) -> BackboneSpec:
@@ -203,6 +216,21 @@ class Bundle:
     model: LesionClassifier
     meta: BundleMeta
     path: Path | None = None
+    gate: ood.OODGate | None = None
+    calibration: calibration_mod.Calibration | None = None
+    similar: similar_mod.SimilarIndex | None = None
+
+    def lacks(self) -> list[str]:
+        """What this bundle cannot do, in words (an older bundle, trained before the trust features)."""
+        out = []
+        if self.gate is None:
+            out.append("no out-of-distribution gate: every decodable photo gets a score, even one unlike the "
+                       "training photos")
+        if self.calibration is None:
+            out.append("no calibration map: the score is the model's raw output, not a calibrated probability")
+        if self.similar is None:
+            out.append("no similar-case index: no examples from the training data can be shown")
+        return out
 
     @property
     def spec(self) -> BackboneSpec:
@@ -214,15 +242,20 @@ class Bundle:
 
 
 def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: Threshold | dict,
-                provenance: Provenance | dict | None = None, **sections) -> Path:
+                provenance: Provenance | dict | None = None, gate: ood.OODGate | None = None,
+                calibration: calibration_mod.Calibration | None = None,
+                similar: similar_mod.SimilarIndex | None = None, **sections) -> Path:
     """Write the weights, then the description with their hash; the json comes last, so a half-written bundle
     never loads. threshold/provenance may be given in their dict form (checked as a read would be);
-    `sections` are BundleMeta's optional sections."""
+    `sections` are BundleMeta's optional sections; gate/calibration/similar are the trust parts."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).unlink(missing_ok=True)  # overwriting: no moment where old json meets new weights
+    (folder / TRUST_FILE).unlink(missing_ok=True)  # and no stale trust arrays beside new weights
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    raw_threshold = threshold["value"] if isinstance(threshold, dict) else threshold.value
+    sections.update(_trust_sections(folder, gate, calibration, similar, raw_threshold))
     if isinstance(threshold, dict):
         threshold = Threshold.from_dict(threshold)
     if not isinstance(provenance, Provenance):
@@ -232,6 +265,60 @@ def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: Thres
                       weights_sha256=file_sha256(weights), **sections)
     atomic_write_json(folder / META_FILE, meta.to_dict())
     return folder
+
+
+def _trust_sections(folder: Path, gate, calibration, similar, raw_threshold: float) -> dict:
+    """Write TRUST_FILE (when there are arrays) and return the BundleMeta sections that describe the parts."""
+    out = {}
+    if calibration is not None:
+        out["calibration"] = {**calibration.to_meta(), "threshold_calibrated": calibration.threshold(raw_threshold)}
+    arrays, metadata = {}, {}
+    if gate is not None:
+        out["ood_gate"] = gate.to_meta()
+        arrays.update({f"gate.{k}": np.ascontiguousarray(v) for k, v in gate.arrays.items()})
+    if similar is not None:
+        meta = similar.to_meta()
+        metadata["similar_records"] = json.dumps(meta.pop("records"))
+        out["similar_cases"] = meta
+        arrays["similar.embeddings"] = np.ascontiguousarray(similar.embeddings)
+    if arrays:
+        from safetensors.numpy import save_file as save_np
+        path = atomic_write(folder / TRUST_FILE, lambda tmp: save_np(arrays, str(tmp), metadata=metadata))
+        out["trust_arrays"] = {"file": TRUST_FILE, "sha256": file_sha256(path)}
+    return out
+
+
+def _load_trust(meta: BundleMeta) -> dict:
+    """The trust parts a bundle records (gate, calibration, similar); absent ones are None."""
+    parts = {"gate": None, "calibration": None, "similar": None}
+    try:
+        if meta.calibration is not None:
+            parts["calibration"] = calibration_mod.Calibration.from_meta(meta.calibration)
+        if meta.trust_arrays is None:
+            if meta.ood_gate is not None or meta.similar_cases is not None:
+                raise BundleError(f"{meta.folder}: {META_FILE} describes a gate or similar cases but records no "
+                                  f"{TRUST_FILE}")
+            return parts
+        path = meta.folder / meta.trust_arrays.get("file", TRUST_FILE)
+        if not path.is_file():
+            raise BundleError(f"{meta.folder}: {META_FILE} records {path.name} but it is missing")
+        if file_sha256(path) != meta.trust_arrays.get("sha256"):
+            raise BundleError(f"{path}: SHA-256 differs from the one {META_FILE} records (replaced or corrupted)")
+        from safetensors import safe_open
+        with safe_open(str(path), framework="np") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+        if meta.ood_gate is not None:
+            gate_arrays = {k.removeprefix("gate."): v for k, v in arrays.items() if k.startswith("gate.")}
+            parts["gate"] = ood.OODGate.from_meta(meta.ood_gate, gate_arrays)
+        if meta.similar_cases is not None:
+            records = json.loads(metadata.get("similar_records", "[]"))
+            parts["similar"] = similar_mod.SimilarIndex.from_meta({"records": records}, arrays["similar.embeddings"])
+    except (ood.GateError, calibration_mod.CalibrationError, similar_mod.SimilarError, KeyError, ValueError) as e:
+        if isinstance(e, BundleError):
+            raise
+        raise BundleError(f"{meta.folder}: trust sections unreadable ({type(e).__name__}: {e})") from e
+    return parts
 
 
 def bundle_folder(folder: str | Path) -> Path:
@@ -278,4 +365,4 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundl
     except (KeyError, TypeError, RuntimeError) as e:
         raise BundleError(f"{meta.folder}: weights do not match the described model ({str(e)[:300]})") from e
     model.eval().to(device)
-    return Bundle(model=model, meta=meta, path=meta.folder)
+    return Bundle(model=model, meta=meta, path=meta.folder, **_load_trust(meta))

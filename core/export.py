@@ -1,7 +1,11 @@
 """Export a bundle's model to ONNX (dynamic batch), check it with onnxruntime, and describe it in a sidecar JSON.
 
 The ONNX graph takes the normalised image batch `image` (float32, N x 3 x S x S, RGB, NCHW) and returns `logit`
-(N x 1) and `prob_malignant` (N x 1, the sigmoid). Preprocessing is not in the graph: `<file>.onnx.json` says
+(N x 1), `prob_malignant` (N x 1, the sigmoid: the raw score), `features` (the pooled features) and, when the
+bundle has them, `prob_calibrated` (the calibration map applied) and `ood_score` (the out-of-distribution gate's
+distance, its reference arrays inside the graph); the sidecar carries the gate's threshold, the calibration map,
+the quality-refusal limits and the verdict rule, so an outside user reproduces the app's verdicts. Preprocessing
+is not in the graph: `<file>.onnx.json` says
 how to do it (resize the short side to resize_to with the named filter, centre-crop input_size, scale to [0, 1],
 subtract mean, divide by std), and carries the decision threshold and the model's provenance, so the exported
 file is never used without the threshold and validation numbers it was chosen with.
@@ -30,13 +34,41 @@ class ExportError(RuntimeError):
 
 
 class _ProbModel(nn.Module):
-    def __init__(self, model: nn.Module):
+    """The classifier plus, when the bundle has them, its out-of-distribution score and calibrated probability
+    (the same maths as core.ood and core.calibration, so an outside user gets the app's numbers)."""
+
+    def __init__(self, model: nn.Module, gate=None, calibration=None):
         super().__init__()
         self.model = model
+        self.gate_method = gate.method if gate is not None else None
+        self.k = int(gate.k or 1) if gate is not None else 1
+        for name, value in (gate.arrays.items() if gate is not None else ()):
+            self.register_buffer(f"gate_{name}", torch.as_tensor(np.asarray(value, np.float32)))
+        self.calibrated = calibration is not None
+        if calibration is not None:
+            self.register_buffer("cal", torch.tensor([calibration.slope, calibration.intercept], dtype=torch.float32))
+
+    def output_names(self) -> list[str]:
+        return (["logit", "prob_malignant", "features"] + (["prob_calibrated"] if self.calibrated else [])
+                + (["ood_score"] if self.gate_method else []))
 
     def forward(self, image: torch.Tensor):
-        logit = self.model(image)
-        return logit, torch.sigmoid(logit)
+        feats = self.model.backbone(image)
+        logit = self.model.head(feats)
+        out = [logit, torch.sigmoid(logit), feats]
+        if self.calibrated:
+            out.append(torch.sigmoid(self.cal[0] * logit + self.cal[1]))
+        if self.gate_method == "knn":
+            xn = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sims = xn @ self.gate_reference.T
+            out.append((1.0 - torch.topk(sims, self.k, dim=1).values[:, -1:]))
+        elif self.gate_method == "mahalanobis":
+            d = feats - self.gate_mean
+            proj = d @ self.gate_basis
+            inside = (proj ** 2 / self.gate_eigenvalues).sum(dim=1, keepdim=True)
+            outside = ((d ** 2).sum(dim=1, keepdim=True) - (proj ** 2).sum(dim=1, keepdim=True)).clamp_min(0)
+            out.append(torch.sqrt(inside + outside / self.gate_isotropic))
+        return tuple(out)
 
 
 def sidecar_path(onnx_path: str | Path) -> Path:
@@ -65,7 +97,7 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(bundle.model).float().cpu().eval().to(memory_format=torch.contiguous_format)
-    wrapper = _ProbModel(model).eval()
+    wrapper = _ProbModel(model, bundle.gate, bundle.calibration).eval()
     pp = bundle.spec.preprocessing
     s = pp.input_size
     example = example_inputs(s, example_batch, seed=0)
@@ -74,7 +106,7 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
     t0 = time.time()
     try:
         program = torch.onnx.export(wrapper, (example,), str(onnx_path), input_names=["image"],
-                                    output_names=["logit", "prob_malignant"],
+                                    output_names=wrapper.output_names(),
                                     dynamic_shapes={"image": {0: batch}}, dynamo=True, external_data=False,
                                     **kwargs)
     except Exception as e:  # the exporter raises many types; all mean "no usable file"
@@ -89,7 +121,9 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
         "onnx_file": onnx_path.name, "onnx_sha256": file_sha256(onnx_path), "opset": opset_used,
         "inputs": {"image": {"dtype": "float32", "shape": ["batch", 3, s, s], "layout": "NCHW", "colour": "RGB",
                              "normalisation": "(pixel / 255 - mean) / std"}},
-        "outputs": {"logit": "N x 1 malignancy logit", "prob_malignant": "N x 1 sigmoid(logit) = P(malignant)"},
+        "outputs": _output_docs(wrapper),
+        "verdict_rule": VERDICT_RULE, "ood_gate": _gate_doc(meta), "calibration": meta.calibration,
+        "quality_refusals": quality_refusal_limits(), "lacks": bundle.lacks(),
         "preprocessing": {**asdict(pp), "resize_to": pp.resize_to,
                           "steps": ["decode to RGB, apply EXIF orientation, crop to the lesion if a box is given",
                                     f"resize the short side to {pp.resize_to} ({pp.interpolation})",
@@ -111,14 +145,17 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
 
 
 def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tolerance: float) -> dict:
-    """Run the file in onnxruntime on a batch of `batch` images; compare logits and probabilities with PyTorch."""
+    """Run the file in onnxruntime on a batch of `batch` images; compare every output with PyTorch."""
     import onnxruntime as ort
     x = example_inputs(size, batch, seed=1)
+    names = wrapper.output_names()
     with torch.no_grad():
-        ref_logit, ref_prob = (t.numpy() for t in wrapper(x))
+        ref = dict(zip(names, (t.numpy() for t in wrapper(x))))
+    ref_logit, ref_prob = ref["logit"], ref["prob_malignant"]
     try:
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        logit, prob = sess.run(["logit", "prob_malignant"], {"image": x.numpy()})
+        got = dict(zip(names, sess.run(names, {"image": x.numpy()})))
+        logit, prob = got["logit"], got["prob_malignant"]
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ExportError(f"{onnx_path}: onnxruntime could not run the exported model on a batch of {batch}: "
                           f"{type(e).__name__}: {str(e)[:500]}") from e
@@ -128,10 +165,46 @@ def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tole
     result = {"runtime": f"onnxruntime {ort.__version__} (CPU)", "batch": batch,
               "max_abs_prob_diff": diff, "max_abs_logit_diff": float(np.abs(logit - ref_logit).max()),
               "tolerance": tolerance, "passed": diff <= tolerance}
+    if "prob_calibrated" in got:
+        result["max_abs_prob_calibrated_diff"] = float(np.abs(got["prob_calibrated"] - ref["prob_calibrated"]).max())
+        diff = max(diff, result["max_abs_prob_calibrated_diff"])
+    if "ood_score" in got:  # relative: a Mahalanobis distance can be in the tens
+        rel = np.abs(got["ood_score"] - ref["ood_score"]) / np.maximum(np.abs(ref["ood_score"]), 1.0)
+        result["max_rel_ood_score_diff"] = float(rel.max())
+        diff = max(diff, result["max_rel_ood_score_diff"])
+    result["passed"] = diff <= tolerance
     if not diff <= tolerance:  # also catches NaN
         raise ExportError(f"{onnx_path}: onnxruntime probabilities differ from PyTorch by {diff:.3g} "
                           f"(> {tolerance:g}) on a batch of {batch}")
     return result
+
+
+VERDICT_RULE = ("1. quality refusals (quality_refusals) -> not assessed; 2. ood_score > ood_gate.threshold -> not "
+                "assessed (the photo is unlike the training photos); 3. prob_malignant >= threshold.value -> "
+                "flagged, else not flagged (equivalently prob_calibrated >= calibration.threshold_calibrated). A "
+                "screening flag, not a diagnosis.")
+
+
+def _output_docs(wrapper: _ProbModel) -> dict:
+    docs = {"logit": "N x 1 malignancy logit", "prob_malignant": "N x 1 sigmoid(logit): the raw score (the threshold "
+            "applies to it); not a calibrated probability", "features": "N x D pooled backbone features",
+            "prob_calibrated": "N x 1 calibrated probability: sigmoid(slope * logit + intercept), see calibration",
+            "ood_score": "N x 1 distance from the training photos; refuse when > ood_gate.threshold"}
+    return {k: docs[k] for k in wrapper.output_names()}
+
+
+def _gate_doc(meta) -> dict | None:
+    if meta.ood_gate is None:
+        return None
+    return {k: v for k, v in meta.ood_gate.items() if k != "arrays"} | {
+        "applied_in_graph": "output ood_score; the reference arrays are constants inside the graph"}
+
+
+def quality_refusal_limits() -> dict:
+    from core import quality as q
+    return {"mean_luma_below": q.REFUSE_DARK, "mean_luma_above": q.REFUSE_BRIGHT,
+            "max_channel_std_below": q.REFUSE_CONTRAST, "short_side_below_px": q.REFUSE_SIDE,
+            "measured_on": f"the photo downscaled to a long side of {q.WORK_LONG_SIDE} px (core/quality.py)"}
 
 
 def _opset_of(onnx_path: Path) -> int | None:

@@ -33,6 +33,8 @@ from core.device import autocast, fast_dtype, pick_device
 from core.gradcam import cams, map_and_grads
 from core.images import load_image
 from core.quality import QualityWarning, quality_warnings
+from core.similar import SimilarCase
+from core.trust import FLAGGED, NOT_ASSESSED, NOT_FLAGGED, Assessment, assess, assess_batch, reference_population
 from core.transforms import eval_transform, resize_short
 
 # The load-time check accepts the reduced precision only if, on a fixed batch of photo-like inputs, the last
@@ -44,12 +46,13 @@ from core.transforms import eval_transform, resize_short
 FEATURE_TOLERANCE = 0.01
 PRECISION_TOLERANCE = 0.01
 _REDUCED_TYPES = (nn.Conv2d, nn.Linear)
+SIMILAR_K = 6  # similar cases shown beside a prediction
 
 
 @dataclass
 class Prediction:
-    prob: float
-    malignant: bool
+    prob: float                      # the raw score: sigmoid(logit), not a calibrated probability
+    malignant: bool                  # raw score >= threshold (use `verdict`: a photo may be not assessed)
     threshold: float
     model_input: np.ndarray          # the RGB crop the model saw (H, W, 3), uint8
     cam: np.ndarray | None           # heat-map over model_input, [0, 1]
@@ -57,6 +60,27 @@ class Prediction:
     quality: list[QualityWarning]
     model: dict                      # provenance: training data, split, validation metrics, intended use
     timings_ms: dict = field(default_factory=dict)
+    assessment: Assessment | None = None  # verdict flagged / not flagged / not assessed (reason), calibrated prob
+    similar: list[SimilarCase] = field(default_factory=list)  # most similar training/validation photos first
+    lacks: list[str] = field(default_factory=list)            # what an older bundle cannot do (no gate, ...)
+    reference: str | None = None     # the population the calibrated probability refers to
+    threshold_calibrated: float | None = None
+
+    @property
+    def verdict(self) -> str:
+        return self.assessment.verdict if self.assessment else (FLAGGED if self.malignant else NOT_FLAGGED)
+
+    @property
+    def assessed(self) -> bool:
+        return self.verdict != NOT_ASSESSED
+
+    @property
+    def prob_calibrated(self) -> float | None:
+        return self.assessment.prob_calibrated if self.assessment else None
+
+    @property
+    def not_assessed_reason(self) -> str | None:
+        return self.assessment.reason if self.assessment else None
 
 
 class Predictor:
@@ -137,19 +161,33 @@ class Predictor:
         return self.transform(img).unsqueeze(0)
 
     # ------------------------------------------------------------------ model
-    def _forward(self, x: torch.Tensor, cam_method: str | None, size) -> tuple[torch.Tensor, np.ndarray | None]:
+    def _forward(self, x: torch.Tensor, cam_method: str | None, size):
+        """Logits, heat-map (or None) and pooled features from one forward pass."""
         if not cam_method:
-            return self.logits(x), None
+            logits, feats = self.outputs(x)
+            return logits, None, feats
         with self._lock:
             fmap, grads, logits = map_and_grads(self.model, x, self.dtype, features=self._features)
-        return logits, cams(fmap, grads, size, cam_method)
+            with torch.no_grad():
+                feats = self.model.backbone.forward_head(fmap, pre_logits=True).float()
+        return logits, cams(fmap, grads, size, cam_method), feats.cpu().numpy()
+
+    def _trust(self, prob: float, feats: np.ndarray, quality) -> dict:
+        """The Prediction fields that say whether the photo may be assessed, and what it resembles."""
+        b = self.bundle
+        gate_result = b.gate.check(feats)[0] if b.gate is not None else None
+        assessment = assess(prob, b.threshold, calibration=b.calibration, gate_result=gate_result, quality=quality)
+        similar = b.similar.query(feats, SIMILAR_K)[0] if b.similar is not None else []
+        return {"assessment": assessment, "similar": similar, "lacks": b.lacks(),
+                "reference": reference_population(b.calibration),
+                "threshold_calibrated": b.calibration.threshold(b.threshold) if b.calibration else None}
 
     def predict_image(self, img: Image.Image, cam_method: str | None = "gradcam") -> Prediction:
         t0 = time.perf_counter()
         quality = quality_warnings(img)
         x, rgb = self.prepare(img)
         t1 = time.perf_counter()
-        logits, heat = self._forward(x, cam_method, rgb.shape[:2])
+        logits, heat, feats = self._forward(x, cam_method, rgb.shape[:2])
         prob = float(torch.sigmoid(logits.float()).item())
         thr = self.bundle.threshold
         if self.dtype is not None and abs(prob - thr) <= PRECISION_TOLERANCE:
@@ -158,7 +196,8 @@ class Predictor:
         return Prediction(prob=prob, malignant=prob >= thr, threshold=thr, model_input=rgb,
                           cam=None if heat is None else heat[0], cam_method=cam_method, quality=quality,
                           model=self.summary,
-                          timings_ms={"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3})
+                          timings_ms={"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3},
+                          **self._trust(prob, feats, quality))
 
     def predict_source(self, source, *, name=None, crop=None, cam_method="gradcam") -> Prediction:
         """From a path, bytes or an upload: decode only as much resolution as the model needs."""
@@ -171,21 +210,37 @@ class Predictor:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1) of a normalised batch, in fp32, through the same (possibly reduced-precision) path."""
+        return self.outputs(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits (B, 1) and pooled features (B, D) (what the head, the gate and similar cases see), fp32."""
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         with self._lock, torch.no_grad():
             with autocast(self.device, self.dtype):
                 fmap = self._features.feature_map(x)
-            return self.model.logit_from_map(fmap.float()).float()
+            pooled = self.model.backbone.forward_head(fmap.float(), pre_logits=True)
+            return self.model.head(pooled).float(), pooled.float().cpu().numpy()
+
+    def assess_batch(self, x: torch.Tensor, quality_lists=None) -> list[Assessment]:
+        """Verdicts (flagged / not flagged / not assessed with a reason) for a normalised batch (train.screen)."""
+        p, feats = self.probs_and_features(x)
+        return assess_batch(p, self.bundle.threshold, calibration=self.bundle.calibration, gate=self.bundle.gate,
+                            feats=feats, quality_lists=quality_lists)
 
     def probs(self, x: torch.Tensor) -> np.ndarray:
-        """P(malignant) per image of a normalised batch; images near the threshold re-scored in fp32."""
-        p = torch.sigmoid(self.logits(x)).squeeze(1).cpu().numpy().astype(np.float64)
+        """P(malignant) (raw score) per image of a normalised batch; images near the threshold re-scored in fp32."""
+        return self.probs_and_features(x)[0]
+
+    def probs_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (near-threshold ones re-scored in fp32) and pooled features from one forward pass."""
+        logits, feats = self.outputs(x)
+        p = torch.sigmoid(logits).squeeze(1).cpu().numpy().astype(np.float64)
         near = np.flatnonzero(np.abs(p - self.bundle.threshold) <= PRECISION_TOLERANCE)
         if self.dtype is not None and len(near):
             with self._lock, torch.no_grad():
                 exact = torch.sigmoid(self.model(x[near].to(self.device)).float()).squeeze(1)
             p[near] = exact.cpu().numpy()
-        return p
+        return p, feats
 
 
 def model_view(img: Image.Image, pp) -> np.ndarray:

@@ -70,6 +70,32 @@ def subgroup_tables(report: dict) -> dict[str, pd.DataFrame]:
     return out
 
 
+def trust_table(named: dict[str, dict]) -> pd.DataFrame:
+    """Per report with a trust section: photos not assessed, and Brier / ECE before and after calibration."""
+    rows = []
+    for name, rep in named.items():
+        t = rep.get("trust")
+        if not t:
+            continue
+        before, after = t.get("calibration_before") or {}, t.get("calibration_after") or {}
+        fmt = lambda e: metrics.format_estimate(e, ".4f", ".3f")  # noqa: E731
+        rows.append({"Model": name, "not assessed": f"{t.get('n_not_assessed')} of {t.get('n')}",
+                     "by gate": t.get("n_refused_by_gate"), "by quality": t.get("n_refused_by_quality"),
+                     "Brier (raw)": fmt(before.get("brier")), "Brier (calibrated)": fmt(after.get("brier")),
+                     "ECE (raw)": fmt(before.get("ece")), "ECE (calibrated)": fmt(after.get("ece"))})
+    return pd.DataFrame(rows)
+
+
+def reliability_curves(report: dict) -> dict[str, list[dict]]:
+    """{'raw': bins, 'calibrated': bins} from a report's trust section (each bin: mean_predicted, observed, n)."""
+    t = report.get("trust") or {}
+    out = {}
+    for key, name in (("calibration_before", "raw score"), ("calibration_after", "calibrated")):
+        if t.get(key) and t[key].get("reliability"):
+            out[name] = t[key]["reliability"]
+    return out
+
+
 def example_predictions(report: dict, n: int = 4) -> dict[str, list[dict]]:
     """The most confident correct and incorrect predictions (rows of report['predictions'])."""
     thr = report.get("threshold", 0.5)

@@ -28,6 +28,7 @@ from core.evaluation import build_report
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
 from core.splits import assign_splits, split_counts
+from core.trust import attach, features_and_logits, fit_trust, quality_of, summary_lines, trust_report
 from core.transforms import eval_transform, train_transform
 
 
@@ -410,7 +411,12 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                           val_sensitivity=vm["recall"], val_specificity=vm["specificity"],
                           n_val=int(len(y)), n_val_malignant=int(y.sum()))
     provenance = _provenance(cfg, state, parent, vm, seconds)
-    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance)
+    trust = fit_trust(model, df, device=fabric.device, seed=cfg.seed)  # gate, calibration, similar cases
+    for note in trust.notes:
+        rf.log(note)
+    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance, gate=trust.gate,
+                         calibration=trust.calibration, similar=trust.similar)
+    _log_trust(rf, trust)
     val_report["model"] = read_meta(bundle).summary()  # the same provenance block as every other report
     (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
     rf.log("validation (last stage, chosen model, threshold from validation):\n" +
@@ -421,16 +427,32 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
     return bundle
 
 
+def _log_trust(rf, trust) -> None:
+    if trust.gate is not None:
+        g = trust.gate
+        rf.log(f"out-of-distribution gate: {g.method} (k={g.k}) on {g.n_reference} training photos; threshold "
+               f"{g.threshold:.4g} accepts {g.accept_quantile:.1%} of {g.n_validation} validation photos")
+    if trust.calibration is not None:
+        c = trust.calibration
+        rf.log(f"calibration: {c.method} (slope {c.slope:.3f}, intercept {c.intercept:.3f}) on {c.n} validation "
+               f"photos; {c.chosen_by}")
+
+
 def _report_test(rf, cfg, bundle_path, df) -> None:
     """The chosen model, evaluated once on held-out patients (selection and threshold were fixed before)."""
-    from core.evaluation import predict_probs
     b = load_bundle(bundle_path)
     test_df = df[df["split"] == "test"].reset_index(drop=True)
-    probs = predict_probs(b.model, test_df)
+    feats, logits = features_and_logits(b.model, test_df)
+    probs = 1.0 / (1.0 + np.exp(-logits))
     report = build_report(test_df, probs, b.threshold, n_boot=cfg.n_boot, seed=cfg.seed,
                           model_meta=b.meta, split="test")
+    attach(report, trust_report(test_df, logits, feats, b, quality_lists=quality_of(test_df, b.spec.preprocessing),
+                                n_boot=cfg.n_boot, seed=cfg.seed))
     (rf.out / "test_report.json").write_text(json.dumps(report, indent=1, default=_json_default))
-    rf.log("test (held-out patients):\n" + metrics.format_table([(f"{cfg.name} (test)", report["metrics"])]))
+    rows = [(f"{cfg.name} (test)", report["metrics"])]
+    if "accepted_metrics" in report["trust"]:
+        rows.append((f"{cfg.name} (test, assessed only)", report["trust"]["accepted_metrics"]["metrics"]))
+    rf.log("test (held-out patients):\n" + metrics.format_table(rows) + "\n" + "\n".join(summary_lines(report["trust"])))
 
 
 def _provenance(cfg, state, parent: BundleMeta | None, val_metrics, seconds) -> Provenance:

@@ -49,6 +49,27 @@ if loaded:
                                                                              "xanchor": "right", "x": 0.98})
     st.plotly_chart(roc, width="stretch", key="roc")
 
+    st.subheader("Calibration and refusals")
+    trust = reports.trust_table(loaded)
+    if trust.empty:
+        st.caption("The chosen reports have no calibration section (reports written before the out-of-distribution "
+                   "gate and calibration existed, or validation reports).")
+    else:
+        st.dataframe(trust, hide_index=True, width="stretch")
+        rel = go.Figure()
+        for label, rep in loaded.items():
+            for kind, bins in reports.reliability_curves(rep).items():
+                rel.add_trace(go.Scatter(x=[b["mean_predicted"] for b in bins], y=[b["observed"] for b in bins],
+                                         mode="lines+markers", name=f"{label}: {kind}",
+                                         text=[f"{b['n']} photos" for b in bins]))
+        rel.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
+                                 name="perfect calibration", hoverinfo="skip"))
+        rel.update_layout(xaxis_title="Mean predicted probability (bin)", yaxis_title="Observed share malignant",
+                          height=420, margin={"t": 20})
+        st.plotly_chart(rel, width="stretch", key="reliability")
+        st.caption("Reliability diagram: 10 equal-width bins; a calibrated model's points lie on the diagonal. "
+                   "Brier score and ECE with 95% patient-bootstrap intervals in the table above.")
+
     st.subheader("Confusion matrices (at each model's threshold)")
     cols = st.columns(min(3, len(loaded)))
     for n, (label, rep) in enumerate(loaded.items()):
@@ -56,7 +77,7 @@ if loaded:
         if not cm:
             continue
         fig = px.imshow(cm, text_auto=True, color_continuous_scale="Blues", aspect="equal",
-                        x=["pred benign", "pred malignant"], y=["benign", "malignant"],
+                        x=["not flagged", "flagged"], y=["benign", "malignant"],
                         labels={"x": "prediction", "y": "truth", "color": "images"})
         fig.update_layout(title=f"{label} (threshold {rep.get('threshold', 0):.3f})", height=340,
                           margin={"t": 40, "b": 10}, coloraxis_showscale=False)

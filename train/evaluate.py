@@ -6,11 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from core import metrics
 from core.bundle import BundleError, load_bundle
 from core.device import pick_device
-from core.evaluation import build_report, predict_probs, seen_by_model
+from core.evaluation import build_report, seen_by_model
 from core.manifest import ManifestError, read_manifest
+from core.trust import attach, features_and_logits, quality_of, summary_lines, trust_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +50,12 @@ def main(argv=None) -> int:
     except (BundleError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    probs = predict_probs(bundle.model, df, device=pick_device(args.device))
+    device = pick_device(args.device)
+    feats, logits = features_and_logits(bundle.model, df, device=device)  # one pass: score and gate features
+    probs = 1.0 / (1.0 + np.exp(-logits))
     report = build_report(df, probs, bundle.threshold, n_boot=args.n_boot, model_meta=bundle.meta, split=split)
+    attach(report, trust_report(df, logits, feats, bundle, quality_lists=quality_of(df, bundle.spec.preprocessing),
+                                n_boot=args.n_boot))
     report["manifest"] = str(args.manifest)
     seen = seen_by_model(args.run, df)
     report["seen_by_model"] = seen
@@ -62,7 +69,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     name = args.name or f"{bundle.meta.provenance.run_name} ({split})"
-    print(metrics.format_table([(name, report["metrics"])]))
+    rows = [(name, report["metrics"])]
+    if "accepted_metrics" in report["trust"]:
+        rows.append((f"{name}, assessed only", report["trust"]["accepted_metrics"]["metrics"]))
+    print(metrics.format_table(rows))
+    for line in summary_lines(report["trust"]):
+        print(line)
     for note in report.get("notes", []):
         print(f"note: {note}")
     print(f"wrote {out} (model weights sha256 {bundle.meta.short_hash or 'not recorded (format-1 bundle)'})")

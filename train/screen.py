@@ -3,7 +3,8 @@
     python -m train.screen --run runs/X --images DIR --out predictions.csv
     python -m train.screen --run runs/X --manifest M.csv --out predictions.csv [--batch-size 32] [--device auto]
 
-Each row: image, P(malignant), the verdict at the bundle's threshold, quality warning codes, and an error for
+Each row: image, the verdict (flagged / not flagged / not assessed, with the reason: a quality refusal or a photo
+unlike the training photos), the calibrated probability and the raw score, quality codes, and an error for
 files that could not be read (those are reported on stderr and skipped, never fatal). Every row names the model
 run and threshold, and <out>.provenance.json next to the CSV records the model's provenance (training data,
 validation metrics, intended use, weights hash): probabilities never travel without it.
@@ -26,8 +27,18 @@ from core.images import SUPPORTED_SUFFIXES, ImageLoadError, load_image
 from core.inference import Predictor, model_view
 from core.manifest import ManifestError, crop_of, file_sha256, read_manifest
 from core.quality import quality_warnings
+from core.trust import FLAGGED, NOT_ASSESSED
 
 CARRIED = ("label", "patient_id", "lesion_id", "domain", "fitzpatrick", "split")  # manifest columns kept in the CSV
+COLUMNS = {
+    "verdict": "flagged / not flagged (raw score vs threshold) / not assessed (see not_assessed_reason); a screening "
+               "flag, not a diagnosis",
+    "not_assessed_reason": "why no verdict: a quality refusal, or the photo is unlike the training photos",
+    "prob_calibrated": "calibrated probability of malignancy among photos like the validation set (empty: the model "
+                       "has no calibration map)",
+    "raw_score": "the model's uncalibrated sigmoid output; threshold applies to it",
+    "ood_score": "distance from the training photos in the model's feature space; > the gate's threshold = refused",
+}
 
 
 class ScreenDataset(Dataset):
@@ -42,12 +53,11 @@ class ScreenDataset(Dataset):
     def __getitem__(self, i: int):
         try:
             img = load_image(self.paths[i], crop=self.crops[i], **self.decode_kw)
-            quality = ";".join(w.code for w in quality_warnings(img))
-            return i, model_view(img, self.pp), quality, ""
+            return i, model_view(img, self.pp), quality_warnings(img), ""
         except ImageLoadError as e:
-            return i, None, "", str(e)
+            return i, None, [], str(e)
         except Exception as e:  # noqa: BLE001 - one odd file must not stop a screening run of thousands
-            return i, None, "", f"{self.paths[i]}: {type(e).__name__}: {e}"
+            return i, None, [], f"{self.paths[i]}: {type(e).__name__}: {e}"
 
 
 def collate(items):
@@ -79,9 +89,8 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
         else [None] * len(df)
     ds = ScreenDataset(df["image"].tolist(), crops, predictor.pp, predictor.decode_kw)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    probs = np.full(len(df), np.nan)
-    quality = [""] * len(df)
-    errors = [""] * len(df)
+    probs, calibrated, ood_scores = (np.full(len(df), np.nan) for _ in range(3))
+    quality, errors, verdicts, reasons = ([""] * len(df) for _ in range(4))
     from tqdm import tqdm
     bar = tqdm(total=len(df), unit="img", desc="screening", file=sys.stderr, disable=None if progress else True)
     for items in loader:
@@ -92,16 +101,22 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
                 tqdm.write(f"skipped: {err}", file=sys.stderr)
         if ok:
             x = predictor.to_input(np.stack([it[1] for it in ok]))
-            p = predictor.probs(x)
-            for (i, _, q, _), pi in zip(ok, p):
-                probs[i], quality[i] = pi, q
+            for (i, _, q, _), a in zip(ok, predictor.assess_batch(x, [it[2] for it in ok])):
+                probs[i], quality[i], verdicts[i], reasons[i] = a.raw_prob, ";".join(a.quality_codes), a.verdict, \
+                    a.reason or ""
+                calibrated[i] = np.nan if a.prob_calibrated is None else a.prob_calibrated
+                ood_scores[i] = np.nan if a.ood_score is None else a.ood_score
         bar.update(len(items))
     bar.close()
-    thr = predictor.bundle.threshold
+    b = predictor.bundle
     out = pd.DataFrame({"image": df["image"]})
-    out["prob_malignant"] = np.round(probs, 6)
-    out["verdict"] = np.where(np.isnan(probs), "", np.where(probs >= thr, "malignant", "benign"))
-    out["threshold"] = thr
+    out["verdict"] = verdicts
+    out["not_assessed_reason"] = reasons
+    out["prob_calibrated"] = np.round(calibrated, 6)
+    out["raw_score"] = np.round(probs, 6)
+    out["threshold"] = b.threshold
+    out["threshold_calibrated"] = b.calibration.threshold(b.threshold) if b.calibration else np.nan
+    out["ood_score"] = np.round(ood_scores, 6)
     out["quality"] = quality
     out["error"] = errors
     out["model_run"] = predictor.summary.get("run")
@@ -121,7 +136,10 @@ def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame
             "weights_sha256_short": bundle.meta.short_hash,
             "preprocessing": bundle.meta.preprocessing, "threshold": bundle.meta.threshold.to_dict(),
             "inputs": inputs, "n_images": int(len(table)), "n_predicted": int(len(table) - failed),
-            "n_failed": failed, "n_malignant_verdicts": int((table["verdict"] == "malignant").sum()),
+            "n_failed": failed, "n_flagged": int((table["verdict"] == FLAGGED).sum()),
+            "n_not_assessed": int((table["verdict"] == NOT_ASSESSED).sum()),
+            "lacks": bundle.lacks(), "ood_gate": bundle.meta.ood_gate, "calibration": bundle.meta.calibration,
+            "columns": COLUMNS,
             "precision": predictor.precision, "device": str(predictor.device),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 1)}
 
@@ -164,8 +182,11 @@ def main(argv=None) -> int:
     table.to_csv(out, index=False)
     meta = provenance(predictor, args.run, inputs, table, time.time() - t0)
     sidecar_path(out).write_text(json.dumps(meta, indent=1, default=str))
-    print(f"{meta['n_predicted']} of {meta['n_images']} images screened ({meta['n_malignant_verdicts']} above the "
-          f"threshold {bundle.threshold:.3f}); {meta['n_failed']} unreadable")
+    print(f"{meta['n_predicted']} of {meta['n_images']} images read: {meta['n_flagged']} flagged (raw score >= "
+          f"{bundle.threshold:.3f}), {meta['n_not_assessed']} not assessed (quality or unlike the training photos); "
+          f"{meta['n_failed']} unreadable")
+    for lack in bundle.lacks():
+        print(f"note: this model has {lack}")
     print(f"wrote {out} and {sidecar_path(out)}")
     return 0
 

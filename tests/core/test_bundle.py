@@ -132,8 +132,8 @@ def test_weights_swapped_for_another_model_of_the_same_architecture_are_refused(
 def test_unknown_keys_refused_at_the_top_and_in_the_threshold_kept_in_provenance(bundle_dir):
     folder, _ = bundle_dir
     raw = json.loads((folder / "model.json").read_text())
-    with pytest.raises(BundleError, match="unknown key.*calibration"):
-        BundleMeta.from_dict({**raw, "calibration": {"a": 1}})
+    with pytest.raises(BundleError, match="unknown key.*conformal_sets"):
+        BundleMeta.from_dict({**raw, "conformal_sets": {"a": 1}})
     with pytest.raises(BundleError, match="threshold: unknown key.*margin"):
         BundleMeta.from_dict({**raw, "threshold": {**raw["threshold"], "margin": 0.1}})
     meta = BundleMeta.from_dict({**raw, "provenance": {**raw["provenance"], "note": "by hand"}})

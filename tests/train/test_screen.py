@@ -1,4 +1,4 @@
-"""Tests for `python -m train.screen`: batched probabilities in input order, verdicts, quality codes, per-file
+"""Tests for `python -m train.screen`: batched scores in input order, verdicts and refusals, quality codes, per-file
 errors that do not stop the run, and the provenance that travels with the CSV."""
 from __future__ import annotations
 
@@ -72,15 +72,21 @@ def test_folder_screening_writes_rows_errors_quality_and_provenance(run_dir, pho
     df = pd.read_csv(out, keep_default_na=False)
     assert len(df) == 8 and not any(df["image"].str.endswith(".txt"))
     broken = df[df["image"].str.endswith("broken.jpg")].iloc[0]
-    assert broken["error"] and broken["prob_malignant"] == "" and broken["verdict"] == ""
+    assert broken["error"] and broken["raw_score"] == "" and broken["verdict"] == ""
     assert "broken.jpg" in captured.err and "corrupt" in captured.err
     good = df[df["error"] == ""].copy()
-    good["prob_malignant"] = good["prob_malignant"].astype(float)
-    assert len(good) == 7 and good["prob_malignant"].between(0, 1).all()
-    assert (good["verdict"] == np.where(good["prob_malignant"] >= THRESHOLD, "malignant", "benign")).all()
-    assert good["prob_malignant"].nunique() > 1
+    good["raw_score"] = good["raw_score"].astype(float)
+    assert len(good) == 7 and good["raw_score"].between(0, 1).all()
     q = dict(zip(df["image"].str.rsplit("/", n=1).str[-1], df["quality"]))
-    assert "too_small" in q["p0.jpg"] and "too_dark" in q["dark.png"] and "too_small" not in q["deep.png"]
+    assert "too_small" in q["p0.jpg"] and "far_too_dark" in q["dark.png"] and "too_small" not in q["deep.png"]
+    # an almost black photo is refused (no verdict, a reason that says what to do); the others get flagged or not
+    dark = good[good["image"].str.endswith("dark.png")].iloc[0]
+    assert dark["verdict"] == "not assessed" and "daylight" in dark["not_assessed_reason"]
+    rest = good[~good["image"].str.endswith("dark.png")]
+    assert (rest["verdict"] == np.where(rest["raw_score"] >= THRESHOLD, "flagged", "not flagged")).all()
+    assert (rest["not_assessed_reason"] == "").all() and rest["raw_score"].nunique() > 1
+    # this bundle predates the gate and calibration: no calibrated probability, and the sidecar says so
+    assert (good["prob_calibrated"] == "").all() and (good["ood_score"] == "").all()
     assert (df["model_run"] == "demo").all() and (df["threshold"] == THRESHOLD).all()
     meta = json.loads(sidecar_path(out).read_text())
     assert meta["model"]["run"] == "demo" and meta["model"]["validation_metrics"]["roc_auc"] == 0.61
@@ -88,7 +94,8 @@ def test_folder_screening_writes_rows_errors_quality_and_provenance(run_dir, pho
     assert meta["weights_sha256"] == file_sha256(run_dir / "bundle" / "model.safetensors")
     assert meta["weights_sha256_short"] == meta["weights_sha256"][:12] == meta["model"]["weights_sha256"][:12]
     assert meta["model"]["intended_use"] and meta["preprocessing"]["input_size"] == 64
-    assert "1 unreadable" in captured.out
+    assert "1 unreadable" in captured.out and "no out-of-distribution gate" in captured.out
+    assert meta["n_not_assessed"] == 1 and len(meta["lacks"]) == 3 and "verdict" in meta["columns"]
 
 
 def test_batched_probabilities_match_single_photo_predictions_in_order(run_dir, photo_dir, tmp_path):
@@ -98,8 +105,8 @@ def test_batched_probabilities_match_single_photo_predictions_in_order(run_dir, 
     df = pd.read_csv(out)
     predictor = Predictor(load_bundle(run_dir), device="cpu")
     for _, row in df[df["error"].isna()].iterrows():
-        single = predictor.predict_source(row["image"], cam_method=None).prob
-        assert row["prob_malignant"] == pytest.approx(single, abs=2e-3)
+        single = predictor.predict_source(row["image"], cam_method=None)
+        assert row["raw_score"] == pytest.approx(single.prob, abs=2e-3) and row["verdict"] == single.verdict
 
 
 def test_manifest_with_crops_and_labels(run_dir, photo_dir, tmp_path):
@@ -113,7 +120,7 @@ def test_manifest_with_crops_and_labels(run_dir, photo_dir, tmp_path):
                  "--workers", "0", "--device", "cpu"]) == 0
     df = pd.read_csv(out, dtype={"patient_id": str})
     assert list(df["label"]) == [1, 1, 0] and list(df["patient_id"]) == ["a", "a", "b"]
-    assert df["prob_malignant"].iloc[0] != pytest.approx(df["prob_malignant"].iloc[1], abs=1e-6)
+    assert df["raw_score"].iloc[0] != pytest.approx(df["raw_score"].iloc[1], abs=1e-6)
     assert "too_small" in df["quality"].iloc[1] and pd.isna(df["quality"].iloc[0])
     meta = json.loads(sidecar_path(out).read_text())
     assert meta["inputs"]["manifest"].endswith("m.csv") and len(meta["inputs"]["sha256"]) == 64

@@ -1,0 +1,194 @@
+"""Knowing when not to answer: fit the gate, calibration and similar-case index together, and apply them together.
+
+Every prediction path (the app, train.screen, train.evaluate) decides a photo's verdict here, so they agree:
+- a quality refusal (core.quality) or a photo beyond the out-of-distribution gate (core.ood) -> "not assessed",
+  with the reason; the raw score is kept but is not a verdict;
+- otherwise "flagged" (raw score >= the stored threshold) or "not flagged". The calibrated probability is
+  monotone in the raw score, so the verdict is the same on either scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core import calibration as cal
+from core import ood
+from core.similar import SimilarIndex, build_index
+
+FLAGGED, NOT_FLAGGED, NOT_ASSESSED = "flagged", "not flagged", "not assessed"
+VERDICTS = (FLAGGED, NOT_FLAGGED, NOT_ASSESSED)
+OOD_MESSAGE = ("This photo does not look like the photos this model was trained on ({detail}); the model cannot "
+               "assess it.")
+
+
+@dataclass(frozen=True)
+class TrustParts:
+    """What fit_trust produces and the bundle stores (each part may be None in an older bundle)."""
+    gate: ood.OODGate | None
+    calibration: cal.Calibration | None
+    similar: SimilarIndex | None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One photo's outcome: the verdict (see VERDICTS), why it was not assessed, and its numbers."""
+    verdict: str
+    raw_prob: float
+    prob_calibrated: float | None = None
+    ood_score: float | None = None
+    refusal: str | None = None        # "quality" | "out_of_distribution" | None
+    reason: str | None = None         # plain language, for the app and the CSV
+    quality_codes: tuple[str, ...] = field(default=())
+
+    @property
+    def assessed(self) -> bool:
+        return self.verdict != NOT_ASSESSED
+
+
+# -------------------------------------------------------------------- features
+@torch.no_grad()
+def features_and_logits(model, df: pd.DataFrame, *, device="cpu", batch_size: int = 32,
+                        num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features (N, D) and logits (N,) in fp32 for every manifest row, decoded as training decodes."""
+    from core.embeddings import embed
+    feats = embed(model, df, model.spec.preprocessing, device=device, batch_size=batch_size,
+                  num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    head = model.head.to(device)
+    logits = head(torch.from_numpy(feats).to(device)).float().squeeze(1).cpu().numpy().astype(np.float64)
+    model.train(was_training)
+    return feats, logits
+
+
+def fit_trust(model, split_df: pd.DataFrame, *, device="cpu", seed: int = 0) -> TrustParts:
+    """Gate (train photos describe, validation photos set the threshold), calibration (validation logits) and the
+    similar-case index (train + validation photos) for a trained model. Test rows are never read."""
+    from core.evaluation import groups_of
+    train = split_df[split_df["split"] == "train"].reset_index(drop=True)
+    val = split_df[split_df["split"] == "val"].reset_index(drop=True)
+    both = pd.concat([train, val], ignore_index=True)
+    feats, logits = features_and_logits(model, both, device=device)
+    f_train, f_val, z_val = feats[:len(train)], feats[len(train):], logits[len(train):]
+    notes = []
+    gate = calibration = None
+    try:
+        gate = ood.fit_gate(f_train, f_val, seed=seed)
+    except ood.GateError as e:
+        notes.append(f"no out-of-distribution gate: {e}")
+    try:
+        calibration = cal.fit_calibration(z_val, val["label"].to_numpy(), groups=groups_of(val), seed=seed)
+    except cal.CalibrationError as e:
+        notes.append(f"no calibration map: {e}")
+    return TrustParts(gate, calibration, build_index(both, feats, seed=seed), tuple(notes))
+
+
+# -------------------------------------------------------------------- decisions
+def assess(raw_prob: float, threshold: float, *, calibration: cal.Calibration | None = None,
+           gate_result: ood.GateResult | None = None, quality=()) -> Assessment:
+    """The verdict for one photo from its raw score, the gate's result and its quality findings."""
+    prob_cal = None if calibration is None else float(calibration.apply(np.array([raw_prob]))[0])
+    codes = tuple(w.code for w in quality)
+    score = None if gate_result is None else gate_result.score
+    refused = [w for w in quality if getattr(w, "refusal", False)]
+    if refused:
+        return Assessment(NOT_ASSESSED, raw_prob, prob_cal, score, "quality",
+                          " ".join(w.message for w in refused), codes)
+    if gate_result is not None and not gate_result.accepted:
+        return Assessment(NOT_ASSESSED, raw_prob, prob_cal, score, "out_of_distribution",
+                          OOD_MESSAGE.format(detail=gate_result.reason), codes)
+    return Assessment(FLAGGED if raw_prob >= threshold else NOT_FLAGGED, raw_prob, prob_cal, score, None, None,
+                      codes)
+
+
+def assess_batch(raw_probs, threshold: float, *, calibration=None, gate=None, feats=None,
+                 quality_lists=None) -> list[Assessment]:
+    """assess() for a batch; the gate is applied to `feats` when both are given."""
+    raw = np.asarray(raw_probs, dtype=np.float64)
+    results = gate.check(feats) if gate is not None and feats is not None else [None] * len(raw)
+    quality_lists = quality_lists if quality_lists is not None else [()] * len(raw)
+    return [assess(float(p), threshold, calibration=calibration, gate_result=g, quality=q)
+            for p, g, q in zip(raw, results, quality_lists)]
+
+
+def reference_population(calibration: cal.Calibration | None) -> str | None:
+    """The sentence that says what a calibrated probability is relative to."""
+    if calibration is None:
+        return None
+    return (f"among photos like the {calibration.n} validation photos, where {calibration.prevalence:.0%} were "
+            f"malignant")
+
+
+# -------------------------------------------------------------------- evaluation
+def trust_report(df: pd.DataFrame, logits: np.ndarray, feats: np.ndarray, bundle, *, quality_lists=None,
+                 n_boot: int = 1000, seed: int = 0) -> dict:
+    """For train.evaluate: how many photos the gate (and quality) refused, metrics on the accepted photos beside
+    metrics on all, and Brier/ECE before and after calibration with patient-bootstrap intervals."""
+    from core.evaluation import build_report, groups_of
+    raw = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    assessments = assess_batch(raw, bundle.threshold, calibration=bundle.calibration, gate=bundle.gate,
+                               feats=feats, quality_lists=quality_lists)
+    refused = np.array([not a.assessed for a in assessments])
+    y = df["label"].to_numpy().astype(int)
+    groups = groups_of(df)
+    out = {"lacks": bundle.lacks(), "n": int(len(df)), "n_not_assessed": int(refused.sum()),
+           "n_refused_by_gate": int(sum(a.refusal == "out_of_distribution" for a in assessments)),
+           "n_refused_by_quality": int(sum(a.refusal == "quality" for a in assessments)),
+           "gate": None if bundle.gate is None else {"method": bundle.gate.method, "threshold": bundle.gate.threshold},
+           "calibration_before": cal.calibration_report(y, raw, groups=groups, n_boot=n_boot, seed=seed)}
+    if bundle.calibration is not None:
+        out["calibration_after"] = cal.calibration_report(y, bundle.calibration.apply_logit(logits), groups=groups,
+                                                          n_boot=n_boot, seed=seed)
+        out["calibration_map"] = bundle.calibration.to_meta()
+    accepted = ~refused
+    if accepted.any() and refused.any():
+        sub = df[accepted].reset_index(drop=True)
+        rep = build_report(sub, raw[accepted], bundle.threshold, n_boot=n_boot, seed=seed)
+        out["accepted_metrics"] = {k: rep[k] for k in ("metrics", "confusion_matrix", "n", "n_positive", "notes")}
+    out["per_image"] = [{"verdict": a.verdict, "not_assessed_reason": a.reason, "prob_calibrated": a.prob_calibrated,
+                         "ood_score": a.ood_score} for a in assessments]
+    return out
+
+
+def summary_lines(trust: dict) -> list[str]:
+    """The trust section of a report in a few printable lines."""
+    from core.metrics import format_estimate
+    lines = [f"not assessed: {trust['n_not_assessed']} of {trust['n']} photos ({trust['n_refused_by_gate']} by the "
+             f"out-of-distribution gate, {trust['n_refused_by_quality']} by quality refusals)"]
+    lines += [f"this model has {lack}" for lack in trust["lacks"]]
+    before, after = trust["calibration_before"], trust.get("calibration_after")
+    for key, name in (("brier", "Brier score"), ("ece", "ECE")):
+        text = f"{name}: raw {format_estimate(before[key], '.4f', '.3f')}"
+        if after:
+            text += f", calibrated {format_estimate(after[key], '.4f', '.3f')}"
+        lines.append(text)
+    return lines
+
+
+def attach(report: dict, trust: dict) -> dict:
+    """Put the trust section into an evaluation report: per-image verdicts join the report's prediction rows."""
+    per_image = trust.pop("per_image")
+    for row, extra in zip(report.get("predictions", []), per_image):
+        row.update(extra)
+    report["trust"] = trust
+    return report
+
+
+def quality_of(df: pd.DataFrame, pp) -> list[list]:
+    """core.quality findings for every manifest row, decoded as the app decodes (an unreadable file: none)."""
+    from core.dataset import decode_limits
+    from core.images import ImageLoadError, load_image
+    from core.manifest import crop_of
+    from core.quality import quality_warnings
+    kw = decode_limits(pp.resize_to)
+    out = []
+    for _, r in df.iterrows():
+        try:
+            out.append(quality_warnings(load_image(r["image"], crop=crop_of(r), **kw)))
+        except ImageLoadError:
+            out.append([])
+    return out

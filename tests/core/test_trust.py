@@ -1,0 +1,158 @@
+"""The trust parts end to end: fitted at the end of training from train/val only, stored in the bundle, and applied
+the same way by the app's Predictor, train.screen, train.evaluate and the ONNX export."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from core.backbones import get_spec
+from core.bundle import load_bundle, save_bundle
+from core.inference import Predictor
+from core.model import HeadConfig, LesionClassifier
+from core.trust import NOT_ASSESSED, assess, fit_trust
+from tests.conftest import make_images, spread_logits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+THRESHOLD = 0.5
+
+
+def _junk(folder):
+    """Far-away inputs: a screenshot-like page of text, and saturated stripes."""
+    page = Image.new("RGB", (200, 160), (255, 255, 255))
+    d = ImageDraw.Draw(page)
+    for y in range(5, 160, 12):
+        d.text((5, y), "lorem ipsum dolor sit amet 0123", fill=(0, 0, 0))
+    page.save(folder / "page.png")
+    stripes = np.zeros((160, 200, 3), np.uint8)
+    stripes[:, ::8] = (0, 255, 0)
+    stripes[::8] = (255, 0, 255)
+    Image.fromarray(stripes).save(folder / "stripes.png")
+    Image.new("RGB", (200, 160), (0, 0, 0)).save(folder / "black.png")
+    return [folder / "page.png", folder / "stripes.png", folder / "black.png"]
+
+
+@pytest.fixture(scope="module")
+def trusted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trust")
+    df = make_images(base / "images", n=60, size=(128, 112))  # above the far-too-small refusal
+    df["image"] = [str(base / "images" / i) for i in df["image"]]
+    df["split"] = ["train"] * 30 + ["val"] * 20 + ["test"] * 10
+    torch.manual_seed(0)
+    spec = get_spec("mobilenetv2_100")
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=64))
+    model = LesionClassifier(spec, HeadConfig()).eval()
+    spread_logits(model)
+    parts = fit_trust(model, df, seed=0)
+    folder = save_bundle(model, base / "run" / "bundle", threshold={"value": THRESHOLD, "rule": "fixed"},
+                         provenance={"run_name": "trusted"}, gate=parts.gate, calibration=parts.calibration,
+                         similar=parts.similar)
+    return {"base": base, "df": df, "bundle": folder, "parts": parts, "junk": _junk(base)}
+
+
+def test_fit_reads_train_and_val_only_and_the_bundle_keeps_it(trusted):
+    parts, df = trusted["parts"], trusted["df"]
+    assert parts.gate.n_reference == 30 and parts.gate.n_validation == 20 and parts.calibration.n == 20
+    assert {r["split"] for r in parts.similar.records} == {"train", "val"} and len(parts.similar.records) == 50
+    b = load_bundle(trusted["bundle"])
+    assert b.lacks() == [] and b.gate.threshold == parts.gate.threshold
+    assert b.calibration == parts.calibration and len(b.similar.records) == 50
+    meta = json.loads((trusted["bundle"] / "model.json").read_text())
+    assert meta["ood_gate"]["method"] == "knn" and len(meta["trust_arrays"]["sha256"]) == 64
+    assert "records" not in meta["similar_cases"]  # references live beside the arrays, model.json stays small
+    # float16: 2 bytes per feature for 30 gate references + 50 similar cases, plus the records
+    assert (trusted["bundle"] / "trust.safetensors").stat().st_size < (30 + 50) * 1280 * 2 + 20_000
+
+
+def test_a_changed_trust_file_is_refused(trusted, tmp_path):
+    import shutil
+    from core.bundle import BundleError
+    copy = tmp_path / "b"
+    shutil.copytree(trusted["bundle"], copy)
+    data = bytearray((copy / "trust.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "trust.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="trust.safetensors: SHA-256 differs"):
+        load_bundle(copy)
+
+
+def test_older_bundle_without_trust_parts_loads_and_says_what_it_lacks(trusted, tmp_path):
+    b = load_bundle(trusted["bundle"])
+    old = save_bundle(b.model, tmp_path / "old", threshold={"value": THRESHOLD}, provenance={"run_name": "old"})
+    plain = load_bundle(old)
+    assert plain.gate is None and plain.calibration is None and plain.similar is None
+    assert len(plain.lacks()) == 3 and "no out-of-distribution gate" in plain.lacks()[0]
+    pred = Predictor(plain, device="cpu", fast=False).predict_source(trusted["df"]["image"][55], cam_method=None)
+    assert pred.verdict in ("flagged", "not flagged") and pred.prob_calibrated is None and pred.similar == []
+    assert len(pred.lacks) == 3
+
+
+def test_predictor_gives_verdicts_refusals_and_similar_cases(trusted):
+    predictor = Predictor(load_bundle(trusted["bundle"]), device="cpu", fast=False)
+    own = predictor.predict_source(trusted["df"]["image"][3], cam_method=None)  # a training photo
+    assert own.assessed and own.similar[0].image == trusted["df"]["image"][3]
+    assert own.similar[0].similarity == pytest.approx(1.0, abs=1e-3) and own.similar[0].available
+    assert own.verdict == ("flagged" if own.prob >= THRESHOLD else "not flagged")
+    assert (own.prob_calibrated >= own.threshold_calibrated) == (own.prob >= THRESHOLD)
+    page, stripes, black = (predictor.predict_source(p, cam_method=None) for p in trusted["junk"])
+    for p in (page, stripes):
+        assert p.verdict == NOT_ASSESSED and p.assessment.refusal == "out_of_distribution"
+        assert p.not_assessed_reason.startswith("This photo does not look like the photos this model was trained on")
+    assert black.verdict == NOT_ASSESSED and black.assessment.refusal == "quality"
+
+
+def test_screen_evaluate_app_and_onnx_agree_on_the_same_photos(trusted, tmp_path):
+    import onnxruntime as ort
+
+    from core.export import export_onnx
+    from train.evaluate import main as evaluate_main
+    from train.screen import main as screen_main
+    df = trusted["df"]
+    photos = list(df["image"][50:56]) + [str(p) for p in trusted["junk"][:2]]
+    man = pd.DataFrame({"image": photos, "label": [int(v) for v in df["label"][50:56]] + [0, 0],
+                        "patient_id": [f"x{i}" for i in range(8)]})
+    man.to_csv(tmp_path / "m.csv", index=False)
+    run = trusted["bundle"].parent
+    assert screen_main(["--run", str(run), "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "s.csv"),
+                        "--workers", "0", "--device", "cpu"]) == 0
+    screened = pd.read_csv(tmp_path / "s.csv", keep_default_na=False)
+    assert evaluate_main(["--run", str(run), "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "r.json"),
+                          "--n-boot", "50", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    bundle = load_bundle(run)
+    predictor = Predictor(bundle, device="cpu", fast=False)
+    sidecar = export_onnx(bundle, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for i, path in enumerate(photos):
+        app = predictor.predict_source(path, cam_method=None)
+        row, rep = screened.iloc[i], report["predictions"][i]
+        assert row["verdict"] == rep["verdict"] == app.verdict, path
+        assert float(row["raw_score"]) == pytest.approx(app.prob, abs=1e-4) == rep["prob"]
+        assert float(row["prob_calibrated"]) == pytest.approx(app.prob_calibrated, abs=1e-4)
+        assert float(row["ood_score"]) == pytest.approx(app.assessment.ood_score, abs=1e-4)
+        x = predictor.prepare(Image.open(path).convert("RGB"))[0].float().contiguous().numpy()
+        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": x})))
+        gate_ok = out["ood_score"][0, 0] <= sidecar["ood_gate"]["threshold"]
+        assert gate_ok == (app.assessment.refusal != "out_of_distribution"), path
+        assert out["prob_calibrated"][0, 0] == pytest.approx(app.prob_calibrated, abs=1e-4)
+    t = report["trust"]
+    assert t["n_refused_by_gate"] == 2 and t["lacks"] == []
+    assert "calibration_after" in t and t["calibration_before"]["brier"]["ci95"] is not None
+    assert t["accepted_metrics"]["n"] == 6
+
+
+def test_assess_order_quality_then_gate_then_threshold():
+    from core.ood import GateResult
+    from core.quality import QualityWarning
+    far = GateResult(False, 0.9, 0.3, "its distance is 0.9")
+    near = GateResult(True, 0.1, 0.3, None)
+    refusal = QualityWarning("far_too_dark", "almost black; retake in daylight", True)
+    assert assess(0.9, 0.5, gate_result=far, quality=[refusal]).refusal == "quality"
+    assert assess(0.9, 0.5, gate_result=far).refusal == "out_of_distribution"
+    assert assess(0.9, 0.5, gate_result=near, quality=[QualityWarning("blurry", "x")]).verdict == "flagged"
+    assert assess(0.2, 0.5, gate_result=near).verdict == "not flagged"

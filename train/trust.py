@@ -1,0 +1,63 @@
+"""Command line: fit the out-of-distribution gate, calibration and similar-case index for an existing run.
+
+    python -m train.trust --run runs/X
+
+Training does this at its end; this command upgrades a run trained before those features (or refits them). It
+reads the run's own split file (train photos describe the gate; validation photos set its threshold and fit the
+calibration; test photos are never read), then rewrites the bundle with the same weights and threshold.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.bundle import BundleError, load_bundle, save_bundle
+from core.device import pick_device
+from core.manifest import ManifestError, read_manifest
+from core.trust import fit_trust
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.trust", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run folder (with splits/ and bundle/)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def last_split_file(run: Path) -> Path:
+    files = sorted((run / "splits").glob("*.csv"))
+    if not files:
+        raise ManifestError(f"{run}: no splits/*.csv (not a run folder; the gate needs the run's own split)")
+    return files[-1]  # stages are numbered: the last stage's split, on which the threshold was chosen
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run = Path(args.run)
+    try:
+        bundle = load_bundle(run)
+        df = read_manifest(last_split_file(run))
+    except (BundleError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trust = fit_trust(bundle.model, df, device=pick_device(args.device), seed=args.seed)
+    for note in trust.notes:
+        print(f"note: {note}", file=sys.stderr)
+    m = bundle.meta
+    save_bundle(bundle.model, bundle.path, threshold=m.threshold, provenance=m.provenance, gate=trust.gate,
+                calibration=trust.calibration, similar=trust.similar)
+    if trust.gate:
+        g = trust.gate
+        print(f"gate: {g.method} (k={g.k}), threshold {g.threshold:.4g} = the {g.accept_quantile:.1%} quantile of "
+              f"{g.n_validation} validation photos' scores; {g.n_reference} training photos as reference")
+    if trust.calibration:
+        c = trust.calibration
+        print(f"calibration: {c.method}, slope {c.slope:.3f}, intercept {c.intercept:.3f} ({c.chosen_by})")
+    print(f"similar cases: {len(trust.similar.records)} photos indexed; wrote {bundle.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
