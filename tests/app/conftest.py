@@ -142,6 +142,37 @@ def with_model(app_env, monkeypatch) -> AppEnv:
     return app_env
 
 
+@pytest.fixture(scope="session")
+def trusted_runs(app_env, tmp_path_factory) -> Path:
+    """A RUNS_DIR whose one bundle has an out-of-distribution gate, a calibration map and similar cases, fitted
+    from 36 synthetic lesion photos (24 train, 12 validation) as training would fit them."""
+    import torch
+
+    from core.backbones import get_spec
+    from core.bundle import save_bundle
+    from core.model import HeadConfig, LesionClassifier
+    from core.trust import fit_trust
+    base = tmp_path_factory.mktemp("trusted")
+    rows = []
+    for i in range(36):
+        path = base / f"t{i}.jpg"
+        path.write_bytes(jpeg_bytes(lesion_photo(100 + i, malignant=bool(i % 2))))
+        rows.append({"image": str(path), "label": i % 2, "patient_id": f"t{i}", "diagnosis": ["NEV", "MEL"][i % 2],
+                     "split": "train" if i < 24 else "val"})
+    torch.manual_seed(0)
+    model = LesionClassifier(get_spec("mobilenetv2_100"), HeadConfig(), weights="none").eval()
+    parts = fit_trust(model, pd.DataFrame(rows))
+    save_bundle(model, base / "runs" / "trusted_run" / "bundle", threshold=THRESHOLD, provenance=_provenance(),
+                gate=parts.gate, calibration=parts.calibration, similar=parts.similar)
+    return base / "runs"
+
+
+@pytest.fixture
+def with_trusted_model(app_env, trusted_runs, monkeypatch) -> AppEnv:
+    monkeypatch.setenv("RUNS_DIR", str(trusted_runs))
+    return app_env
+
+
 @pytest.fixture
 def without_model(app_env, monkeypatch) -> AppEnv:
     monkeypatch.setenv("RUNS_DIR", str(app_env.empty_runs))

@@ -73,7 +73,7 @@ def test_bundle_path_and_zip_upload(with_model, tmp_path):
         z.writestr("b/model.safetensors", b"0")
     at.sidebar.file_uploader(key="bundle_zip").set_value(("old.zip", buf.getvalue(), "application/zip")).run()
     assert not at.exception
-    assert "format version 7 but this tool reads version 1" in "\n".join(e.value for e in at.sidebar.error)
+    assert "format version 7 but this tool reads version 2" in "\n".join(e.value for e in at.sidebar.error)
     # a good zip becomes the chosen model
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -96,11 +96,13 @@ def test_predict_with_injected_photo(with_model):
     at = _predict_page(with_model)
     assert not at.exception, at.exception
     md = texts(at)
-    assert "### Probability of malignancy:" in md
-    prob = float(md.split("Probability of malignancy: ")[1].split("%")[0]) / 100
+    # this bundle predates calibration: the headline says it is a raw score, and the page says what it lacks
+    assert "### Model score:" in md and "not a calibrated probability" in md
+    prob = float(md.split("Model score: ")[1].split("%")[0]) / 100
     verdict = "\n".join(e.value for e in (*at.main.error, *at.main.success))
     assert "model's threshold (0.500)" in verdict
-    assert ("flagged as suspicious" in verdict) == (prob >= 0.5)
+    assert ("**Flagged**" in verdict) == (prob >= 0.5) and "malignant:" not in verdict.lower()
+    assert "no out-of-distribution gate" in texts(at, "info") and "no calibration map" in texts(at, "info")
     assert "What the threshold means" in md and "40 validation images (16 malignant)" in md
     assert "90% (95% CI 80%–97%) of the malignant lesions" in md and "55% (95% CI 41%–68%)" in md
     images = at.main.get("image")
@@ -125,21 +127,50 @@ def test_predict_uses_crop_and_real_uploader(with_model):
     at.file_uploader(key="predict_upload").set_value(("upload.jpg", data, "image/jpeg")).run()
     assert not at.exception
     assert at.session_state["photo_bytes"] == data and at.session_state["photo_crop"] is None
-    assert "Photo **upload.jpg** (whole photo" in texts(at) and "Probability of malignancy" in texts(at)
+    assert "Photo **upload.jpg** (whole photo" in texts(at) and "Model score" in texts(at)
 
 
-def test_quality_warning_shown_before_result(with_model):
+def test_unusable_photo_gets_no_verdict_and_says_what_to_do(with_model):
     from PIL import Image
     dark = io.BytesIO()
     Image.new("RGB", (120, 100), (10, 8, 6)).save(dark, "PNG")
     at = _predict_page(with_model, dark.getvalue(), "dark.png")
     assert not at.exception
     warnings = "\n".join(w.value for w in at.main.warning)
-    assert "too dark" in warnings and "only 120x100 pixels" in warnings
+    assert "only 120x100 pixels" in warnings  # a warning: shown first, qualifies what follows
+    errors = "\n".join(e.value for e in at.main.error)
+    assert "Not assessed" in errors and "almost black" in errors and "daylight" in errors
+    md = texts(at)
+    assert "Model score" not in md and "Calibrated probability" not in md and "Flagged" not in errors
+    assert any("unreliable" in e.label for e in at.main.expander)
     order = [type(e).__name__ + ":" + str(getattr(e, "value", "")) for e in at.main]
     first_warning = next(i for i, s in enumerate(order) if s.startswith("Warning:"))
-    result = next(i for i, s in enumerate(order) if "Probability of malignancy" in s)
+    result = next(i for i, s in enumerate(order) if "Not assessed" in s)
     assert first_warning < result
+
+
+def test_trusted_model_calibrated_headline_similar_cases_and_refusal(with_trusted_model, tmp_path):
+    at = _predict_page(with_trusted_model, jpeg_bytes(lesion_photo(101, malignant=True)), "lesion.jpg")
+    assert not at.exception, at.exception
+    md, captions = texts(at), texts(at, "caption")
+    assert "### Calibrated probability of malignancy:" in md
+    assert "among photos like the 12 validation photos, where 50% were malignant" in captions.lower()
+    assert "Most similar photos in the model's training and validation data" in texts(at, "subheader")
+    similar = [c for im in at.main.get("image") for c in im.captions if "similarity" in c]
+    assert len(similar) == 6 and any("(MEL)" in c or "(NEV)" in c for c in similar)
+    assert "no out-of-distribution gate" not in texts(at, "info")
+    # a page of text is refused by the gate: no verdict, no headline, the raw score behind an 'unreliable' expander
+    from PIL import Image, ImageDraw
+    page = Image.new("RGB", (480, 360), (255, 255, 255))
+    d = ImageDraw.Draw(page)
+    for y in range(5, 360, 14):
+        d.text((5, y), "The quick brown fox jumps over the lazy dog 0123456789 " * 2, fill=(0, 0, 0))
+    at = _predict_page(with_trusted_model, jpeg_bytes(page), "page.jpg")
+    assert not at.exception
+    errors = "\n".join(e.value for e in at.main.error)
+    assert "This photo does not look like the photos this model was trained on" in errors
+    assert "the model cannot assess it" in errors and "Dermoscopic images" in texts(at)
+    assert "Calibrated probability" not in texts(at) and any("unreliable" in e.label for e in at.main.expander)
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -155,7 +186,7 @@ def test_bad_uploads_show_error_and_app_keeps_running(with_model, data, expected
     assert not at.exception
     errors = "\n".join(e.value for e in at.main.error)
     assert "This file cannot be used" in errors and expected in errors
-    assert "Probability of malignancy" not in texts(at)
+    assert "Model score" not in texts(at)
     at.switch_page("pages/dashboard.py").run()  # still alive
     assert not at.exception
 
