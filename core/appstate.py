@@ -10,6 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import builtin
 from core.bundle import BundleError, read_meta
 from core.evaluation import model_summary
 
@@ -50,6 +51,17 @@ def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
         found.append(((folder / "model.json").stat().st_mtime, entry))
     found.sort(key=lambda t: (-t[0], t[1].label))
     return [e for _, e in found]
+
+
+def model_entries(root: str | Path | None = None) -> list[BundleEntry]:
+    """What the picker offers: the bundles under root (newest first), then the built-in demo, always listed."""
+    entries = list_bundles(root)
+    if builtin.demo_available():
+        try:
+            entries.append(BundleEntry(builtin.DEMO_LABEL, builtin.DEMO_BUNDLE, meta=read_meta(builtin.DEMO_BUNDLE)))
+        except BundleError as e:
+            entries.append(BundleEntry(builtin.DEMO_LABEL, builtin.DEMO_BUNDLE, error=str(e)))
+    return entries
 
 
 def extract_bundle_zip(data: bytes, dest_root: str | Path | None = None) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from core.backbones import BACKBONES
 from core.model import HeadConfig
@@ -94,6 +95,7 @@ class RunConfig:
     channels_last: bool = True
     report_test: bool = False     # after selection, evaluate the chosen model once on the last stage's test split
     n_boot: int = 1000
+    data_help: str | None = None  # where the recipe's data comes from: said when a data path is missing
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -136,19 +138,28 @@ def _build(cls, raw: dict, where: str):
 
 def run_config_from_dict(raw: dict) -> RunConfig:
     raw = dict(raw)
+    data_root = raw.pop("data_root", None)  # resolved into the paths here, so a resumed run never joins twice
     ignored = [k for k in ("weights", "head", "input_size") if raw.get("init_from") and k in raw]
     if ignored:  # the parent bundle fixes these; silently ignoring them would misdescribe the run
         raise ConfigError(f"init_from {raw['init_from']!r} fixes the model: remove {', '.join(ignored)}")
     stages = []
     for i, s in enumerate(raw.pop("stages", None) or []):
         s = dict(s)
-        data = tuple(_build(DataSource, d, f"stages[{i}].data") for d in (s.pop("data", None) or []))
+        data = tuple(_build(DataSource, _under(data_root, d), f"stages[{i}].data") for d in (s.pop("data", None) or []))
         stages.append(_build(StageConfig, {**s, "data": data}, f"stages[{i}]"))
     nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig}
     for key, cls in nested.items():
         if key in raw:
             raw[key] = _build(cls, raw[key], key)
     return _build(RunConfig, {**raw, "stages": tuple(stages)}, "run")
+
+
+def _under(root: str | None, source: dict) -> dict:
+    """A data source's relative paths taken under the recipe's data_root (absolute paths are kept)."""
+    if not root or not isinstance(source, dict):
+        return source
+    return {k: str(Path(root) / v) if k in ("manifest", "csv", "images") and v and not Path(v).is_absolute() else v
+            for k, v in source.items()}
 
 
 def apply_override(raw: dict, dotted: str) -> None:

@@ -21,7 +21,7 @@ from core import metrics
 from core.backbones import get_spec
 from core.cache import DecodeCache
 from core.bundle import load_bundle, read_meta, save_bundle
-from core.config import DataSource, RunConfig, StageConfig
+from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
 from core.device import dataloader_workers, fabric_precision, pick_device
 from core.evaluation import build_report, model_summary
@@ -51,6 +51,16 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
     return df, prov
 
 
+def check_source_exists(src: DataSource, data_help: str | None) -> None:
+    """A missing data file or folder is named with where to get it, before any import starts."""
+    for key in ("manifest", "csv", "images"):
+        path = getattr(src, key)
+        if path and not Path(path).exists():
+            hint = f" {data_help}" if data_help else ""
+            raise ConfigError(f"data {key} not found: {path} (from {Path.cwd()}).{hint} Point the recipe at your "
+                              f"copy with --data-root DIR (or the Train page's data folder).")
+
+
 def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str]:
     """Every stage's rows, split once for the whole run: a patient held out for validation or test in the
     last stage was never trained on in an earlier stage either."""
@@ -59,6 +69,7 @@ def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str
     for stage in cfg.stages:
         for source in stage.data:
             if source not in loaded:
+                check_source_exists(source, cfg.data_help)
                 loaded[source] = load_source(source)
         parts = [loaded[source] for source in stage.data]
         stages.append((pd.concat([p[0] for p in parts], ignore_index=True), [p[1] for p in parts]))

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
+from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.device import dataloader_workers
 from core.images import SUPPORTED_SUFFIXES, ImageLoadError, load_image
@@ -131,7 +132,7 @@ def sidecar_path(out: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.screen", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder (or bundle folder)")
+    p.add_argument("--run", required=True, help="run folder, bundle folder, or 'demo' for the built-in demo model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of photos (searched recursively)")
     src.add_argument("--manifest", help="manifest CSV (image paths and optional crop boxes)")
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.run = str(builtin.resolve_model(args.run))
     if args.batch_size < 1:
         print("error: --batch-size must be positive", file=sys.stderr)
         return 2
