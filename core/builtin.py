@@ -69,3 +69,13 @@ def examples(folder: str | Path = EXAMPLES_DIR) -> list[Example]:
                                None if pd.isna(row.fitzpatrick) else int(row.fitzpatrick), str(row.site),
                                None if pd.isna(row.age) else int(row.age)))
     return out
+
+
+def demo_split_names() -> dict[str, str]:
+    """{image file name: 'train' | 'val'} for the photos the demo trained or validated on (from splits.csv)."""
+    table = DEMO_DIR / "splits.csv"
+    if not table.is_file():
+        return {}
+    df = pd.read_csv(table)
+    df = df[df["split"].isin(["train", "val"])]
+    return dict(zip(df["image"].astype(str), df["split"].astype(str)))

@@ -58,7 +58,7 @@ def split_membership(run: Path) -> pd.DataFrame:
 
 def strip_paths(report: dict) -> dict:
     """Reports name images by absolute path on the training machine; the shipped copy keeps file names only."""
-    for row in report.get("per_image") or report.get("predictions") or []:
+    for row in report.get("predictions") or []:
         if isinstance(row, dict) and "image" in row:
             row["image"] = Path(str(row["image"])).name
     return report

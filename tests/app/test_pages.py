@@ -30,7 +30,9 @@ def everything(at) -> str:
 
 
 # ------------------------------------------------------------------ no model
-def test_no_model_state(without_model):
+def test_no_model_state(without_model, monkeypatch, tmp_path):
+    from core import builtin
+    monkeypatch.setattr(builtin, "DEMO_BUNDLE", tmp_path / "no_demo")  # a checkout without the built-in demo
     at = app()
     assert not at.exception
     info = "\n".join(i.value for i in at.sidebar.info)
@@ -269,7 +271,9 @@ def test_dashboard_from_saved_report(with_model):
     assert "Most confident incorrect predictions" in texts(at)
 
 
-def test_dashboard_without_reports(without_model):
+def test_dashboard_without_reports(without_model, monkeypatch, tmp_path):
+    from core import builtin
+    monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")  # a checkout without the demo
     at = app().switch_page("pages/dashboard.py").run()
     assert not at.exception
     assert any("No evaluation reports" in i.value for i in at.main.info)
