@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core.backbones import BACKBONES
+from core.metrics import THRESHOLD_RULES, selection_metrics
 from core.model import HeadConfig
 from core.splits import SplitConfig
 from core.transforms import AUGMENTATIONS
 
 SCHEDULERS = ("none", "plateau", "cosine")
-SELECT_METRICS = ("roc_auc", "recall", "accuracy", "f1", "pr_auc", "loss")
 
 
 class ConfigError(ValueError):
@@ -62,12 +62,14 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    rule: str = "sensitivity"   # 'sensitivity' (highest threshold reaching target), 'youden', 'fixed'
-    target: float | None = None  # None: 0.90 sensitivity for 'sensitivity', 0.5 for 'fixed'
+    rule: str = "sensitivity"   # a name in core.metrics.THRESHOLD_RULES
+    target: float | None = None  # None: the rule's default (0.90 sensitivity for 'sensitivity', 0.5 for 'fixed')
 
     def __post_init__(self):
-        if self.target is None and self.rule in ("sensitivity", "fixed"):
-            object.__setattr__(self, "target", 0.90 if self.rule == "sensitivity" else 0.5)
+        if self.rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold.rule must be one of {', '.join(THRESHOLD_RULES)}, not {self.rule!r}")
+        if self.target is None:
+            object.__setattr__(self, "target", THRESHOLD_RULES[self.rule].default_target)
         if self.target is not None and not 0.0 <= float(self.target) <= 1.0:
             raise ConfigError(f"threshold.target must be in [0, 1], not {self.target}")
 
@@ -100,10 +102,9 @@ class RunConfig:
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
-        if self.select_metric not in SELECT_METRICS:
-            raise ConfigError(f"select_metric must be one of {SELECT_METRICS}")
-        if self.threshold.rule not in ("sensitivity", "youden", "fixed"):
-            raise ConfigError("threshold.rule must be 'sensitivity', 'youden' or 'fixed'")
+        if self.select_metric not in selection_metrics():
+            raise ConfigError(f"select_metric must be one of {', '.join(selection_metrics())}, "
+                              f"not {self.select_metric!r}")
         if not self.stages:
             raise ConfigError("a run needs at least one stage")
         if not 0 < self.split.val < 1 or not 0 <= self.split.test < 1 or self.split.val + self.split.test >= 1:

@@ -18,7 +18,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import appstate, builtin, photos
-from core.bundle import BundleError, read_meta
+from core.bundle import BundleError, BundleMeta, read_meta
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "heic", "heif"]
 DISCLAIMER = ("Research tool, not a diagnostic device. The score is a model output for research and "
@@ -77,8 +77,8 @@ def _add_path() -> None:
     except BundleError as e:
         st.session_state["model_error_path"] = str(e)
         return
-    label = f"{Path(meta['_folder']).resolve()}"
-    st.session_state.setdefault("extra_models", {})[label] = meta["_folder"]
+    label = f"{meta.folder.resolve()}"
+    st.session_state.setdefault("extra_models", {})[label] = str(meta.folder)
     st.session_state["model_label"] = label
 
 
@@ -130,7 +130,7 @@ def sidebar() -> None:
             provenance_box(meta, st.sidebar)
 
 
-def current_meta() -> dict | None:
+def current_meta() -> BundleMeta | None:
     path = st.session_state.get("model_path")
     if not path:
         return None
@@ -141,11 +141,12 @@ def current_meta() -> dict | None:
         return None
 
 
-def provenance_box(meta: dict, where=None) -> None:
+def provenance_box(meta: BundleMeta, where=None) -> None:
     """What the model is, what it was trained on and what its threshold means: shown with every probability."""
     d = appstate.describe_model(meta)
     box = (where or st).container(border=True)
-    box.markdown(f"**Model:** {d['run']} · backbone `{d['backbone']}` · initial weights: {d['weights']}")
+    box.markdown(f"**Model:** {d['run']} · backbone `{d['backbone']}` · initial weights: {d['weights']} · "
+                 f"weights SHA-256 `{d['weights_hash']}`")
     box.markdown("**Training data:**\n" + "\n".join(f"- {line}" for line in d["training_data"]))
     box.markdown(f"**Split sizes:** {d['splits']}")
     thr = f"{d['threshold']:.3f}" if isinstance(d["threshold"], (int, float)) else "?"

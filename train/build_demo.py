@@ -85,16 +85,13 @@ def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
 
 def write_bundle(run: Path, dest: Path) -> dict:
     """Copy the run's bundle, stored in float16 when the measured shift allows it."""
-    from safetensors.torch import load_file, save_file
-
-    from core.bundle import read_meta
-    src = Path(read_meta(run)["_folder"])
+    from core.bundle import load_bundle, read_meta, save_weights
+    src = read_meta(run).folder
     shift, n = half_precision_shift(src, run)
     shutil.copytree(src, dest)
     if shift <= HALF_TOLERANCE:
-        state = load_file(str(dest / "model.safetensors"))
-        save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
-                  str(dest / "model.safetensors"))
+        state = load_bundle(dest).model.state_dict()
+        save_weights(read_meta(dest), {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, dest)
     return {"weights_dtype": "float16" if shift <= HALF_TOLERANCE else "float32",
             "max_abs_prob_shift_fp16": shift, "photos_checked": n, "tolerance": HALF_TOLERANCE}
 

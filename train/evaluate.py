@@ -65,11 +65,11 @@ def main(argv=None) -> int:
     out = Path(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
-    name = args.name or f"{bundle.meta['provenance'].get('run_name')} ({split})"
+    name = args.name or f"{bundle.meta.provenance.run_name} ({split})"
     print(metrics.format_table([(name, report["metrics"])]))
     for note in report.get("notes", []):
         print(f"note: {note}")
-    print(f"wrote {out}")
+    print(f"wrote {out} (model weights sha256 {bundle.meta.short_hash or 'not recorded (format-1 bundle)'})")
     return 0
 
 

@@ -55,6 +55,8 @@ def test_sidebar_lists_runs_and_shows_provenance(with_model):
     assert "sensitivity 90% (95% CI 80%–97%)" in side and "specificity 55% (95% CI 41%–68%)" in side
     assert "On 40 validation images (16 malignant)" in side
     assert "Research tool, not a diagnostic device" in side
+    from core.bundle import read_meta
+    assert f"weights SHA-256 `{read_meta(with_model.bundle).short_hash}`" in side
 
 
 def test_bundle_path_and_zip_upload(with_model, tmp_path):

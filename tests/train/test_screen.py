@@ -86,6 +86,7 @@ def test_folder_screening_writes_rows_errors_quality_and_provenance(run_dir, pho
     assert meta["model"]["run"] == "demo" and meta["model"]["validation_metrics"]["roc_auc"] == 0.61
     assert meta["threshold"]["value"] == THRESHOLD and meta["n_failed"] == 1 and meta["n_predicted"] == 7
     assert meta["weights_sha256"] == file_sha256(run_dir / "bundle" / "model.safetensors")
+    assert meta["weights_sha256_short"] == meta["weights_sha256"][:12] == meta["model"]["weights_sha256"][:12]
     assert meta["model"]["intended_use"] and meta["preprocessing"]["input_size"] == 64
     assert "1 unreadable" in captured.out
 
