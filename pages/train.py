@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core import appstate, jobs
+from core import appstate, jobs, runfolder
 from core.backbones import BACKBONES
 from pages import common
 
@@ -127,12 +127,13 @@ def progress_panel() -> None:
     if info.alive:
         b1.button("Stop (saves a checkpoint)", on_click=_stop, args=(run_path,), key="stop_btn")
         b2.button("Force stop", on_click=_stop, args=(run_path, True), key="kill_btn",
-                  help="SIGKILL: no checkpoint save")
+                  help="Kills the trainer and its workers at once: the current epoch is lost (resume from the last "
+                       "checkpoint)")
     elif info.resumable:
         b1.button("Resume", on_click=_resume, args=(run_path,), key="resume_btn", disabled=job is not None)
     if st.session_state.get("train_msg"):
         b3.caption(st.session_state["train_msg"])
-    m = jobs.read_metrics(run_path)
+    m = runfolder.read_metrics(run_path)
     if not m.empty:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation ROC-AUC"))
         hover = m["stage_name"].astype(str) + " epoch " + m["epoch"].astype(str) if "stage_name" in m else None
@@ -145,12 +146,12 @@ def progress_panel() -> None:
         fig.update_xaxes(title_text="epoch (all stages)")
         fig.update_layout(height=320, margin={"t": 40, "b": 10})
         st.plotly_chart(fig, width="stretch", key="train_curves")
-    tail = jobs.log_tail(run_path, "train.log", 25)
-    console = jobs.log_tail(run_path, jobs.CONSOLE_LOG, 25)
+    tail = runfolder.log_tail(run_path, runfolder.LOG, 25)
+    console = runfolder.log_tail(run_path, runfolder.CONSOLE, 25)
     if tail:
         st.code(tail, language=None)
     if console and (info.state in ("failed", "starting") or not tail):
-        st.caption(f"{jobs.CONSOLE_LOG} (stdout/stderr of the process)")
+        st.caption(f"{runfolder.CONSOLE} (stdout/stderr of the process)")
         st.code(console, language=None)
 
 

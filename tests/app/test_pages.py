@@ -278,7 +278,7 @@ def test_dashboard_without_reports(without_model):
 # ------------------------------------------------------------------ train
 def test_train_page_lists_runs_and_refuses_second_job(with_model):
     root = with_model.runs
-    me = {"pid": os.getpid(), "start": jobs._proc_start(os.getpid()), "run": "busy_run", "device": "cpu",
+    me = {"pid": os.getpid(), "create_time": jobs.create_time(os.getpid()), "run": "busy_run", "device": "cpu",
           "started": time.time()}
     jobs.acquire_lock(root, me)
     try:
