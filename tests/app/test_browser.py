@@ -114,9 +114,9 @@ def _settle(page) -> None:
 
 def test_predict_page_in_chromium(server, app_env, tmp_path):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1700})
+            page = chromium.new_page(viewport={"width": 1400, "height": 1700})
             page.add_init_script(RECORD_NAVIGATION)
             # a deep link as the server's very first request: the case where Streamlit's legacy pages/ mode runs
             # pages/predict.py by itself and would list every file in pages/
@@ -167,4 +167,4 @@ def test_predict_page_in_chromium(server, app_env, tmp_path):
                 assert page.url.rstrip("/").endswith("" if name == "crop" else f"/{name}"), page.url
             assert all(not n["streamlit_nav"] for n in _navigations(page))
         finally:
-            browser.close()
+            chromium.close()
