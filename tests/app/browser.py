@@ -80,6 +80,11 @@ def wait_for_image(page, locator) -> None:
                            timeout=30_000)
 
 
+def heatmap(page):
+    """The Predict page's heat-map image (its caption says what the model saw), not an example thumbnail."""
+    return page.locator('[data-testid="stMain"] [data-testid="stImage"]').filter(has_text=" on the ").locator("img").first
+
+
 def nav_link(page, title: str):
     """The app's own sidebar link to a page (ui/shell.py draws them with st.page_link)."""
     return page.locator('[data-testid="stSidebar"] [data-testid="stPageLink-NavLink"]', has_text=title).first

@@ -74,7 +74,7 @@ def capture(out: Path) -> list[Path]:
             page.locator('[data-testid="stSidebar"]').get_by_text(builtin.DEMO_LABEL).first.wait_for(timeout=90_000)
             browser.settle(page)
             page.get_by_role("button", name="Try this one").first.click()
-            page.locator('[data-testid="stMain"] [data-testid="stImage"] img').last.wait_for(timeout=120_000)
+            browser.heatmap(page).wait_for(timeout=120_000)
             shots.append(_shot(page, out, "predict"))
             for name, data in (("not_a_lesion.jpg", non_skin_photo()), ("too_dark.jpg", unusable_photo())):
                 _upload(page, tmp, name, data)

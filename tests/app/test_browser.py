@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.app import browser
-from tests.app.conftest import ROOT
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+CHROMIUM, ARGS = browser.CHROMIUM, browser.ARGS
 
 pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"),
@@ -32,45 +24,13 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(app_env, tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "streamlit.log", "wb")
-    env = {**os.environ, "RUNS_DIR": str(app_env.runs), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().decode().strip() == "ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail("streamlit did not come up:\n" + (tmp_path / "streamlit.log").read_text()[-3000:])
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        with browser.serve(tmp_path / "streamlit.log", app_env.runs) as url:
+            yield url
+    except browser.ServerError as e:
+        pytest.fail(str(e))
 
 
 def _shot(page, name: str, tmp_path: Path) -> Path:
@@ -106,10 +66,7 @@ def _navigations(page) -> list[dict]:
     return [json.loads(n) for n in page.evaluate("window.__navs")]
 
 
-def _settle(page) -> None:
-    """Wait until Streamlit has finished the current run (the 'Running…' status widget is gone)."""
-    page.wait_for_timeout(300)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+_settle = browser.settle
 
 
 def test_predict_page_in_chromium(server, app_env, tmp_path):
@@ -137,7 +94,7 @@ def test_predict_page_in_chromium(server, app_env, tmp_path):
             page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(app_env.photo))
             prob = page.get_by_text("Probability of malignancy:")
             prob.wait_for(timeout=90_000)
-            cam = page.locator('[data-testid="stImage"] img').first
+            cam = browser.heatmap(page)
             cam.wait_for(timeout=30_000)
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=cam.element_handle(),
                                    timeout=30_000)

@@ -33,7 +33,7 @@ def _fresh_runs_dir(tmp_path: Path) -> Path | None:
 
 def _result_shown(page) -> str:
     page.get_by_text(HEADLINE).first.wait_for(timeout=120_000)
-    browser.wait_for_image(page, page.locator('[data-testid="stMain"] [data-testid="stImage"] img').last)
+    browser.wait_for_image(page, browser.heatmap(page))
     browser.settle(page)
     assert not page.locator('[data-testid="stException"]').count()
     return page.locator('[data-testid="stMain"]').inner_text()
