@@ -94,3 +94,14 @@ def test_bad_k_and_missing_split_rows(tmp_path, split_manifest, capsys):
     bad = write_manifest(df, tmp_path / "bad.csv")
     assert cli.main(["--manifest", str(bad), "--out", str(tmp_path / "x"), *FAST]) == 2
     assert "rows have no split" in capsys.readouterr().err
+
+
+def test_default_cache_makes_a_second_run_compute_nothing(tmp_path, split_manifest, monkeypatch):
+    monkeypatch.setenv("SKINSCREEN_CACHE", str(tmp_path / "user"))
+    infos = []
+    for name in ("a", "b"):
+        assert cli.main(["--manifest", str(split_manifest), "--out", str(tmp_path / name), *FAST]) == 0
+        infos.append(json.loads((tmp_path / name / "val_report.json").read_text())["knn"]["timings"])
+    assert infos[0]["embeddings_computed"] == 60 and infos[1]["embeddings_computed"] == 0
+    assert infos[1]["embeddings_from_cache"] == 60
+    assert infos[1]["embedding_cache"] == str(tmp_path / "user" / "embeddings")
