@@ -39,6 +39,7 @@ def manifests(tmp_path_factory):
     return phone, derm
 
 
+@pytest.mark.slow
 def test_writes_csvs_figure_and_summary_then_reuses_cache(tmp_path, manifests, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--manifest", str(manifests[0]), "--manifest", str(manifests[1]), "--out", str(out),
@@ -85,6 +86,7 @@ def run_twice(argv, tmp_path) -> tuple[dict, dict]:
     return summaries[0]["timings"], summaries[1]["timings"]
 
 
+@pytest.mark.slow
 def test_embeddings_are_cached_per_user_by_default(tmp_path, manifests, monkeypatch, capsys):
     user = tmp_path / "user_cache"
     monkeypatch.setenv("SKINSCREEN_CACHE", str(user))
@@ -97,6 +99,7 @@ def test_embeddings_are_cached_per_user_by_default(tmp_path, manifests, monkeypa
     assert f"cache {user / 'embeddings'}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_no_cache_computes_everything_and_writes_nothing(tmp_path, manifests, monkeypatch):
     user = tmp_path / "user_cache"
     monkeypatch.setenv("SKINSCREEN_CACHE", str(user))
@@ -109,6 +112,7 @@ def test_no_cache_computes_everything_and_writes_nothing(tmp_path, manifests, mo
         cli.main(argv + ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "x")])
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_is_reported_and_skipped(tmp_path, manifests, monkeypatch, capsys):
     blocked = tmp_path / "a_file"
     blocked.write_text("not a folder")
