@@ -21,6 +21,7 @@ CHROMIUM, ARGS = browser.CHROMIUM, browser.ARGS
 pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"),
     pytest.mark.timeout(240),
+    pytest.mark.slow,  # starts the app server and a browser
 ]
 
 

@@ -69,6 +69,7 @@ def wait_state(run: Path, states: set[str], timeout: float = 60.0) -> jobs.RunIn
 
 
 # ------------------------------------------------------------------ real training subprocesses
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_launch_finish_second_job_refused_stop_and_resume(tmp_path):
     root = tmp_path / "runs"

@@ -22,8 +22,8 @@ from core.bundle import load_bundle
 ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES, PER_PATIENT = 24, 3  # 8 patients: the split puts 3 images in validation, an uneven 2 + 1 across ranks
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo"), pytest.mark.slow]
 
 
 def write_data(d: Path) -> Path:

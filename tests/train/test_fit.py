@@ -21,6 +21,8 @@ from tests.conftest import tiny_config
 from train import evaluate as evaluate_cli
 from train import fit as fit_cli
 
+pytestmark = pytest.mark.slow  # every test trains a run or uses the module's trained run
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
