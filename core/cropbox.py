@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,6 +124,22 @@ def entry_box(entry: dict | None) -> dict | None:
     return {k: int(entry[k]) for k in BOX}
 
 
+def box_problem(box: Mapping, size: tuple[int, int] | None = None) -> str | None:
+    """Why a crop box (left, top, width, height in original upright pixels) cannot be used, or None if it can.
+
+    The one validity rule for crop boxes (the crop file, manifests, the image loader and training's image
+    check all use it): width and height > 0, left and top >= 0, and, given the image's (width, height), the
+    box lies inside it."""
+    left, top, width, height = (box[k] for k in BOX)
+    if width <= 0 or height <= 0:
+        return "has a non-positive size (need width, height > 0)"
+    if size is not None and (left < 0 or top < 0 or left + width > size[0] or top + height > size[1]):
+        return f"falls outside the {size[0]}x{size[1]} image"
+    if left < 0 or top < 0:
+        return "has a negative left or top (need left, top >= 0)"
+    return None
+
+
 def _parse_row(r: dict, line: int | None, path) -> dict:
     where = f"{path}: line {line}" if line else f"{path}"
     image_id = str(r["image_id"]).strip()
@@ -142,9 +159,8 @@ def _parse_row(r: dict, line: int | None, path) -> dict:
     except ValueError:
         raise ManifestError(f"{where}: crop box for {image_id!r} is not numeric ({dict(zip(BOX, cells))})")
     box = dict(zip(BOX, (round(v) if math.isfinite(v) else -1 for v in values)))
-    if box["left"] < 0 or box["top"] < 0 or box["width"] <= 0 or box["height"] <= 0:
-        raise ManifestError(f"{where}: crop box for {image_id!r} must have left, top >= 0 and "
-                            f"width, height > 0, got {box}")
+    if why := box_problem(box):
+        raise ManifestError(f"{where}: crop box for {image_id!r} {why}, got {box}")
     return out | box
 
 
@@ -217,10 +233,8 @@ def _match(image: str, manifest_df: pd.DataFrame, lookup: dict[str, dict],
 
 
 def _check_inside(image: str, box: dict) -> None:
-    width, height = _image_size(image)
-    if box["left"] + box["width"] > width or box["top"] + box["height"] > height:
-        raise ManifestError(f"{image}: crop box {box} falls outside the image ({width}x{height} px "
-                            "after EXIF orientation)")
+    if why := box_problem(box, _image_size(image)):
+        raise ManifestError(f"{image}: crop box {box} {why} (sizes after EXIF orientation)")
 
 
 def _image_size(image: str) -> tuple[int, int]:
