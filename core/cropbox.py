@@ -5,12 +5,12 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+from core.fileio import atomic_write
 from core.manifest import CROP_COLUMNS, ImportReport, ManifestError, require_columns
 
 COLUMNS = ("image_id", "left", "top", "width", "height", "unusable", "note")
@@ -55,7 +55,7 @@ def upsert_crop(path: str | Path, image_id: str, box: dict | None, unusable: boo
         df = read_crops(path)
         df = df[df["image_id"] != image_id]
         df = _typed(pd.concat([df, pd.DataFrame([entry])], ignore_index=True))
-        _atomic_write(df, path)
+        _write_csv(df, path)
     return df
 
 
@@ -182,18 +182,13 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(COLUMNS)].reset_index(drop=True)
 
 
-def _atomic_write(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             df.to_csv(f, index=False)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            os.fsync(f.fileno())  # hours of hand-drawn boxes: on disk before the rename, not just in a buffer
+    atomic_write(path, write)
 
 
 @contextmanager
