@@ -7,12 +7,14 @@ import math
 import os
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Collection, Mapping, Union
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
+
+from core.cropbox import box_problem
 
 try:  # iPhone photos are HEIC; without pillow-heif they are simply "not an image".
     import pillow_heif
@@ -78,12 +80,8 @@ class CropBox:
 
     def validate(self, size: tuple[int, int]) -> None:
         """Raise ValueError unless the box has positive size and lies inside an image of `size`."""
-        w, h = size
-        if self.width <= 0 or self.height <= 0:
-            raise ValueError(f"{self.describe()} has a non-positive size")
-        left, top, right, bottom = self.box
-        if left < 0 or top < 0 or right > w or bottom > h:
-            raise ValueError(f"{self.describe()} falls outside the {w}x{h} image")
+        if why := box_problem(asdict(self), size):
+            raise ValueError(f"{self.describe()} {why}")
 
     def scaled(self, factor: float) -> "CropBox":
         """The same region at `factor` times the resolution, rounded outwards so no edge pixel is lost."""

@@ -6,8 +6,6 @@ Writes to --out: pixels_pca.csv and embeddings_pca.csv (image, domain, label, pc
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from core.bundle import BundleError
 from core.dataset import check_images
 from core.device import pick_device
 from core.embeddings import EmbeddingCache, embed, load_embedder
+from core.fileio import atomic_write_json
 from core.device import dataloader_workers
 from core.images import ImageLoadError
 from core.manifest import ManifestError
@@ -92,12 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def analyse(args) -> dict:
     """Load, featurise, project and score; returns summary.json's content and writes everything else."""
     t_all = time.perf_counter()
@@ -147,7 +140,7 @@ def analyse(args) -> dict:
                     "total_s": round(time.perf_counter() - t_all, 2)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 
