@@ -10,7 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import metrics
+from core import builtin, metrics
 from core.bundle import BundleError, BundleMeta, read_meta, verify_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,17 @@ def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
         found.append(((folder / "model.json").stat().st_mtime, entry))
     found.sort(key=lambda t: (-t[0], t[1].label))
     return [e for _, e in found]
+
+
+def model_entries(root: str | Path | None = None) -> list[BundleEntry]:
+    """What the picker offers: the bundles under root (newest first), then the built-in demo, always listed."""
+    entries = list_bundles(root)
+    if builtin.demo_available():
+        try:
+            entries.append(BundleEntry(builtin.DEMO_LABEL, builtin.DEMO_BUNDLE, meta=read_meta(builtin.DEMO_BUNDLE)))
+        except BundleError as e:
+            entries.append(BundleEntry(builtin.DEMO_LABEL, builtin.DEMO_BUNDLE, error=str(e)))
+    return entries
 
 
 def extract_bundle_zip(data: bytes, dest_root: str | Path | None = None) -> Path:
@@ -105,33 +116,30 @@ def _mkdir(p: Path) -> Path:
 
 def describe_model(meta: BundleMeta) -> dict:
     """The provenance the app shows next to every probability, as display-ready strings."""
-    s = meta.summary()
-    thr = s.get("threshold") or {}
+    thr, prov = meta.threshold, meta.provenance
     data_lines = []
-    stages = meta.provenance.stages or []
-    for i, sources in enumerate(s.get("training_data") or []):
+    stages = prov.stages or []
+    for i, sources in enumerate(prov.data or []):
         stage = stages[i]["name"] if i < len(stages) and isinstance(stages[i], dict) else f"stage {i}"
         for src in sources or []:
             where = src.get("manifest") or src.get("csv") or "?"
             data_lines.append(f"{stage}: {Path(str(where)).name} ({src.get('domain') or 'no domain'}; "
                               f"{src.get('images', '?')} images, {src.get('malignant', '?')} malignant)")
-    splits = s.get("split_counts") or {}
     split_text = ", ".join(f"{k} {v.get('images', '?')} ({v.get('malignant', '?')} malignant)"
-                           for k, v in splits.items() if isinstance(v, dict)) or "not recorded"
-    vm = s.get("validation_metrics") or {}
+                           for k, v in (prov.split_counts or {}).items() if isinstance(v, dict)) or "not recorded"
     return {
-        "run": s.get("run") or "?",
-        "backbone": s.get("backbone"),
-        "weights": s.get("weights") or "?",
+        "run": prov.run_name or "?",
+        "backbone": meta.backbone.get("name"),
+        "weights": prov.weights or "?",
         "weights_hash": meta.short_hash or "not recorded (format-1 bundle)",
         "training_data": data_lines or ["not recorded"],
         "splits": split_text,
-        "threshold": thr.get("value"),
-        "threshold_rule": metrics.describe_rule(thr.get("rule"), thr.get("target")),
-        "sensitivity": metrics.format_percent(thr.get("val_sensitivity")),
-        "specificity": metrics.format_percent(thr.get("val_specificity")),
-        "n_val": thr.get("n_val"),
-        "n_val_malignant": thr.get("n_val_malignant"),
-        "val_auc": metrics.metric("roc_auc").format(vm.get("roc_auc")),
-        "intended_use": s.get("intended_use") or "Research tool, not a diagnostic device.",
+        "threshold": thr.value,
+        "threshold_rule": metrics.describe_rule(thr.rule, thr.target),
+        "sensitivity": metrics.format_percent(thr.val_sensitivity),
+        "specificity": metrics.format_percent(thr.val_specificity),
+        "n_val": thr.n_val,
+        "n_val_malignant": thr.n_val_malignant,
+        "val_auc": metrics.metric("roc_auc").format((prov.validation_metrics or {}).get("roc_auc")),
+        "intended_use": meta.intended_use or "Research tool, not a diagnostic device.",
     }

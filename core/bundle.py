@@ -366,3 +366,14 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundl
         raise BundleError(f"{meta.folder}: weights do not match the described model ({str(e)[:300]})") from e
     model.eval().to(device)
     return Bundle(model=model, meta=meta, path=meta.folder, **_load_trust(meta))
+
+
+def save_weights(meta: BundleMeta, state: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    """Write `state` as a bundle's weights under meta's description, recording their new hash (e.g. the same
+    weights stored in float16: loading casts them back into the float32 model)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META_FILE).unlink(missing_ok=True)
+    weights = atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_json(folder / META_FILE, replace(meta, weights_sha256=file_sha256(weights)).to_dict())
+    return folder

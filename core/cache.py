@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -23,6 +22,7 @@ from PIL import Image
 
 import core.dataset
 from core.dataset import decode
+from core.fileio import atomic_write
 from core.images import CropBox
 
 FORMAT_VERSION = 1
@@ -86,20 +86,16 @@ class DecodeCache:
             return im.convert("RGB")
 
     def _write(self, target: Path, img: Image.Image) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=f".{self.fmt}")
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 if self.fmt == "npy":
                     np.save(f, np.asarray(img.convert("RGB"), dtype=np.uint8), allow_pickle=False)
                 else:
                     img.convert("RGB").save(f, "PNG", compress_level=1)
-            os.replace(tmp, target)
+        try:
+            atomic_write(target, write)
         except OSError:  # a full or read-only cache must not stop training: the image is still returned
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            pass
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob(f"*/*.{self.fmt}"))

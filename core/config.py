@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from core.backbones import BACKBONES
 from core.metrics import THRESHOLD_RULES, selection_metrics
@@ -96,6 +100,7 @@ class RunConfig:
     channels_last: bool = True
     report_test: bool = False     # after selection, evaluate the chosen model once on the last stage's test split
     n_boot: int = 1000
+    data_help: str | None = None  # where the recipe's data comes from: said when a data path is missing
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -116,34 +121,106 @@ class RunConfig:
 
 
 def _build(cls, raw: dict, where: str):
-    """Instantiate a frozen dataclass from a dict, naming unknown keys instead of a TypeError."""
+    """Instantiate a frozen dataclass from a dict, naming unknown keys and mistyped values instead of a TypeError."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    for f in dataclasses.fields(cls):
-        if f.name in raw and isinstance(raw[f.name], str) and f.type in ("float", "int"):
-            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                raw = {**raw, f.name: float(raw[f.name]) if f.type == "float" else int(raw[f.name])}
-            except ValueError:
-                raise ConfigError(f"{where}.{f.name}: expected a number, got {raw[f.name]!r}") from None
+    hints = typing.get_type_hints(cls)
+    prefix = "" if where == "run" else f"{where}."
+    raw = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     try:
         return cls(**raw)
-    except TypeError as e:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. HeadConfig's own checks raise ValueError
         raise ConfigError(f"{where}: {e}") from e
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(value, hint, key: str):
+    """`value` as the field's declared type (float, int, bool, str, Optional, tuple), or a ConfigError naming
+    the key, the value and the type. YAML 1.1 reads 1e-4 (no dot) as text and `no` as False: both are caught
+    here, when the config is read, not after training."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            if isinstance(value, str) and value.strip().lower() in ("none", "null") and inner[0] is not str:
+                return None
+            return _coerce(value, inner[0], key)
+        return value
+    if typing.get_origin(hint) in (tuple, list) and isinstance(value, (list, tuple)):
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)) if args else tuple(value)
+    if hint not in (float, int, bool, str):
+        return value  # nested dataclasses are built by their own _build call
+    try:
+        return _SCALARS[hint](value)
+    except (TypeError, ValueError, OverflowError):
+        hint_name = {float: "a finite number (float)", int: "a whole number (int)", bool: "true or false (bool)",
+                     str: "text (str)"}[hint]
+        extra = " (YAML reads yes/no/on/off as booleans: quote the value)" if hint is str and isinstance(value, bool) \
+            else ""
+        raise ConfigError(f"{key}: expected {hint_name}, got {value!r}{extra}") from None
+
+
+def _to_float(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError
+    out = float(v)
+    if not math.isfinite(out):
+        raise ValueError
+    return out
+
+
+def _to_int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError
+    if isinstance(v, int):
+        return v
+    f = float(v)
+    if not f.is_integer():
+        raise ValueError
+    return int(f)
+
+
+def _to_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ValueError
+
+
+def _to_str(v) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)  # YAML turned e.g. a run name 2024 into a number
+    raise TypeError
+
+
+_SCALARS = {float: _to_float, int: _to_int, bool: _to_bool, str: _to_str}
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:
     raw = dict(raw)
+    data_root = raw.pop("data_root", None)  # resolved into the paths here, so a resumed run never joins twice
     ignored = [k for k in ("weights", "head", "input_size") if raw.get("init_from") and k in raw]
     if ignored:  # the parent bundle fixes these; silently ignoring them would misdescribe the run
         raise ConfigError(f"init_from {raw['init_from']!r} fixes the model: remove {', '.join(ignored)}")
     stages = []
     for i, s in enumerate(raw.pop("stages", None) or []):
         s = dict(s)
-        data = tuple(_build(DataSource, d, f"stages[{i}].data") for d in (s.pop("data", None) or []))
+        data = tuple(_build(DataSource, _under(data_root, d), f"stages[{i}].data") for d in (s.pop("data", None) or []))
         stages.append(_build(StageConfig, {**s, "data": data}, f"stages[{i}]"))
     nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig}
     for key, cls in nested.items():
@@ -152,19 +229,36 @@ def run_config_from_dict(raw: dict) -> RunConfig:
     return _build(RunConfig, {**raw, "stages": tuple(stages)}, "run")
 
 
+def _under(root: str | None, source: dict) -> dict:
+    """A data source's relative paths taken under the recipe's data_root (absolute paths are kept)."""
+    if not root or not isinstance(source, dict):
+        return source
+    return {k: str(Path(root) / v) if k in ("manifest", "csv", "images") and v and not Path(v).is_absolute() else v
+            for k, v in source.items()}
+
+
 def apply_override(raw: dict, dotted: str) -> None:
-    """Apply one `a.b.0.c=value` override in place (value parsed as YAML: numbers, booleans, lists)."""
+    """Apply one `a.b.0.c=value` override in place (value parsed as YAML: numbers, booleans, lists).
+
+    Types are checked when the config is built (run_config_from_dict), before anything runs."""
     import yaml
     if "=" not in dotted:
         raise ConfigError(f"override {dotted!r} must look like key.path=value")
     path, value = dotted.split("=", 1)
-    keys = path.split(".")
+    keys = path.strip().split(".")
     node = raw
-    for k in keys[:-1]:
-        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
-    last = keys[-1]
-    parsed = yaml.safe_load(value)
-    if isinstance(node, list):
-        node[int(last)] = parsed
-    else:
-        node[last] = parsed
+    for depth, k in enumerate(keys):
+        where = ".".join(keys[:depth + 1])
+        if isinstance(node, list):
+            if not k.lstrip("-").isdigit() or not -len(node) <= int(k) < len(node):
+                raise ConfigError(f"override {dotted!r}: {where} is not an index of a list of {len(node)}")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:depth])} is a value, not a section")
+        if depth == len(keys) - 1:
+            break
+        node = node[k] if isinstance(node, list) else node.setdefault(k, {})
+    try:
+        node[k] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {dotted!r}: the value is not valid YAML ({e})") from None

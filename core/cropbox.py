@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+from core.fileio import atomic_write
 from core.manifest import CROP_COLUMNS, ImportReport, ManifestError, require_columns
 
 COLUMNS = ("image_id", "left", "top", "width", "height", "unusable", "note")
@@ -54,7 +55,7 @@ def upsert_crop(path: str | Path, image_id: str, box: dict | None, unusable: boo
         df = read_crops(path)
         df = df[df["image_id"] != image_id]
         df = _typed(pd.concat([df, pd.DataFrame([entry])], ignore_index=True))
-        _atomic_write(df, path)
+        _write_csv(df, path)
     return df
 
 
@@ -123,6 +124,22 @@ def entry_box(entry: dict | None) -> dict | None:
     return {k: int(entry[k]) for k in BOX}
 
 
+def box_problem(box: Mapping, size: tuple[int, int] | None = None) -> str | None:
+    """Why a crop box (left, top, width, height in original upright pixels) cannot be used, or None if it can.
+
+    The one validity rule for crop boxes (the crop file, manifests, the image loader and training's image
+    check all use it): width and height > 0, left and top >= 0, and, given the image's (width, height), the
+    box lies inside it."""
+    left, top, width, height = (box[k] for k in BOX)
+    if width <= 0 or height <= 0:
+        return "has a non-positive size (need width, height > 0)"
+    if size is not None and (left < 0 or top < 0 or left + width > size[0] or top + height > size[1]):
+        return f"falls outside the {size[0]}x{size[1]} image"
+    if left < 0 or top < 0:
+        return "has a negative left or top (need left, top >= 0)"
+    return None
+
+
 def _parse_row(r: dict, line: int | None, path) -> dict:
     where = f"{path}: line {line}" if line else f"{path}"
     image_id = str(r["image_id"]).strip()
@@ -142,9 +159,8 @@ def _parse_row(r: dict, line: int | None, path) -> dict:
     except ValueError:
         raise ManifestError(f"{where}: crop box for {image_id!r} is not numeric ({dict(zip(BOX, cells))})")
     box = dict(zip(BOX, (round(v) if math.isfinite(v) else -1 for v in values)))
-    if box["left"] < 0 or box["top"] < 0 or box["width"] <= 0 or box["height"] <= 0:
-        raise ManifestError(f"{where}: crop box for {image_id!r} must have left, top >= 0 and "
-                            f"width, height > 0, got {box}")
+    if why := box_problem(box):
+        raise ManifestError(f"{where}: crop box for {image_id!r} {why}, got {box}")
     return out | box
 
 
@@ -166,18 +182,13 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(COLUMNS)].reset_index(drop=True)
 
 
-def _atomic_write(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             df.to_csv(f, index=False)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            os.fsync(f.fileno())  # hours of hand-drawn boxes: on disk before the rename, not just in a buffer
+    atomic_write(path, write)
 
 
 @contextmanager
@@ -217,10 +228,8 @@ def _match(image: str, manifest_df: pd.DataFrame, lookup: dict[str, dict],
 
 
 def _check_inside(image: str, box: dict) -> None:
-    width, height = _image_size(image)
-    if box["left"] + box["width"] > width or box["top"] + box["height"] > height:
-        raise ManifestError(f"{image}: crop box {box} falls outside the image ({width}x{height} px "
-                            "after EXIF orientation)")
+    if why := box_problem(box, _image_size(image)):
+        raise ManifestError(f"{image}: crop box {box} {why} (sizes after EXIF orientation)")
 
 
 def _image_size(image: str) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from core.cropbox import box_problem
 from core.images import ImageLoadError, image_size, load_image
 from core.manifest import ManifestError, crop_of
 from core.quality import MIN_SIDE, WORK_LONG_SIDE
@@ -83,9 +84,8 @@ def check_images(df: pd.DataFrame) -> None:
         try:
             w, h = image_size(row["image"])
             box = crop_of(row)
-            if box and (box["left"] < 0 or box["top"] < 0 or box["width"] <= 0 or box["height"] <= 0
-                        or box["left"] + box["width"] > w or box["top"] + box["height"] > h):
-                problems.append(f"{row['image']}: crop box {box} falls outside the {w}x{h} image")
+            if box and (why := box_problem(box, (w, h))):
+                problems.append(f"{row['image']}: crop box {box} {why}")
         except ImageLoadError as e:
             problems.append(str(e))
     if problems:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from core.backbones import BackboneSpec, Preprocessing, build_backbone, get_spec
 from core.dataset import DECODE_VERSION, ManifestDataset
+from core.fileio import atomic_write
 from core.manifest import crop_of, file_sha256
 from core.transforms import eval_transform
 
@@ -138,16 +138,12 @@ class EmbeddingCache:
         return vec if vec.ndim == 1 else None
 
     def put(self, identity: str, key: str, vec: np.ndarray) -> None:
-        path = self._path(identity, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.asarray(vec, dtype=np.float32))
-            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        data = np.asarray(vec, dtype=np.float32)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare path
+                np.save(f, data)
+        atomic_write(self._path(identity, key), write)  # readers see the old file or the whole new one
 
 
 def _feature_module(model: nn.Module) -> nn.Module:

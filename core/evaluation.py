@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from core import metrics
+from core import builtin, metrics
 from core.dataset import ManifestDataset
 from core.device import autocast, dataloader_workers
 from core.transforms import eval_transform
@@ -75,5 +75,9 @@ def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
         for image, part in zip(split["image"], split["split"]):
             if part in ("train", "val") and used.get(image) != "train":
                 used[image] = part
-    hits = [used[i] for i in df["image"] if i in used]
+    if builtin.is_builtin(run_folder):  # the shipped demo has no run folder: its split list names files only
+        names = builtin.demo_split_names()
+        hits = [names[Path(str(i)).name] for i in df["image"] if Path(str(i)).name in names]
+    else:
+        hits = [used[i] for i in df["image"] if i in used]
     return {"train": hits.count("train"), "val": hits.count("val")}

@@ -13,7 +13,6 @@ file is never used without the threshold and validation numbers it was chosen wi
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from core.bundle import Bundle
+from core.fileio import atomic_write_json
 from core.manifest import file_sha256
 
 SIDECAR_FORMAT = "skinscreen-onnx-model"
@@ -138,9 +138,7 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
                      "seconds": round(export_s, 1), "program": type(program).__name__,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
-    tmp = sidecar_path(onnx_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(sidecar, indent=1, default=str))
-    tmp.replace(sidecar_path(onnx_path))
+    atomic_write_json(sidecar_path(onnx_path), sidecar, indent=1)
     return sidecar
 
 

@@ -7,12 +7,14 @@ import math
 import os
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Mapping, Union
+from typing import IO, Collection, Mapping, Union
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
+
+from core.cropbox import box_problem
 
 try:  # iPhone photos are HEIC; without pillow-heif they are simply "not an image".
     import pillow_heif
@@ -25,6 +27,9 @@ except ImportError:  # pragma: no cover - pillow-heif is a runtime requirement
 # Kept below PIL's own warning threshold (~89.5 MP) so our check always speaks first.
 MAX_PIXELS = 80_000_000
 SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".heic", ".heif", ".bmp", ".tif", ".tiff", ".webp")
+# The same formats as PIL names them after reading a file's header (its content, not its name). MPO is how PIL
+# names the many phone JPEGs that carry a second (depth or preview) picture.
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "HEIF", "BMP", "TIFF", "WEBP")
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
 
@@ -36,7 +41,13 @@ _CORRUPT_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeE
 
 
 class ImageLoadError(ValueError):
-    """A photo that cannot be used; the message names the file and the reason."""
+    """A photo that cannot be used; the message names the file and the reason, `reason` is a short code for tables
+    (not_found, not_a_file, empty, unreadable, not_an_image, unsupported_type, unsupported_mode, too_large,
+    corrupt, bad_crop)."""
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -69,12 +80,8 @@ class CropBox:
 
     def validate(self, size: tuple[int, int]) -> None:
         """Raise ValueError unless the box has positive size and lies inside an image of `size`."""
-        w, h = size
-        if self.width <= 0 or self.height <= 0:
-            raise ValueError(f"{self.describe()} has a non-positive size")
-        left, top, right, bottom = self.box
-        if left < 0 or top < 0 or right > w or bottom > h:
-            raise ValueError(f"{self.describe()} falls outside the {w}x{h} image")
+        if why := box_problem(asdict(self), size):
+            raise ValueError(f"{self.describe()} {why}")
 
     def scaled(self, factor: float) -> "CropBox":
         """The same region at `factor` times the resolution, rounded outwards so no edge pixel is lost."""
@@ -87,18 +94,23 @@ class CropBox:
 
 
 def load_image(source: Source, *, name: str | None = None, crop: CropBox | Mapping | None = None,
-               min_side: int | None = None, min_long: int = 0) -> Image.Image:
+               min_side: int | None = None, min_long: int = 0,
+               formats: Collection[str] | None = None) -> Image.Image:
     """Decode a photo to an upright RGB image, optionally cropped and draft-downscaled for speed.
 
     `source` is a path, raw bytes or a binary file-like (e.g. Streamlit's UploadedFile).
     With `min_side`, JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain as long as the
     short side of the (cropped) result stays >= min_side and its long side >= min_long; without it the full
-    resolution is kept.
+    resolution is kept. With `formats` (PIL format names, e.g. SUPPORTED_FORMATS), any other format is refused
+    (reason 'unsupported_type'); the format is read from the content, so a JPEG without a file extension loads.
     """
     label = _label(source, name)
     if crop is not None and not isinstance(crop, CropBox):
         crop = _crop_from_mapping(crop, label)
     with _open(source, label) as img:
+        if formats is not None and img.format not in formats:
+            raise ImageLoadError(f"{label}: {img.format or 'this'} format is not supported (supported: "
+                                 f"{', '.join(f for f in formats if f != 'MPO')})", "unsupported_type")
         full_size = _oriented_size(img)
         if crop is not None:
             _validate_crop(crop, full_size, label)
@@ -143,7 +155,7 @@ def to_rgb(img: Image.Image, label: str = "image") -> Image.Image:
     try:
         return img.convert("RGB")
     except ValueError as exc:
-        raise ImageLoadError(f"{label}: unsupported colour mode {img.mode!r}") from exc
+        raise ImageLoadError(f"{label}: unsupported colour mode {img.mode!r}", "unsupported_mode") from exc
 
 
 def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
@@ -178,14 +190,14 @@ def _crop_from_mapping(crop: Mapping, label: str) -> CropBox:
     try:
         return CropBox.from_mapping(crop)
     except ValueError as exc:
-        raise ImageLoadError(f"{label}: {exc}") from exc
+        raise ImageLoadError(f"{label}: {exc}", "bad_crop") from exc
 
 
 def _validate_crop(crop: CropBox, size: tuple[int, int], label: str) -> None:
     try:
         crop.validate(size)
     except ValueError as exc:
-        raise ImageLoadError(f"{label}: {exc}") from exc
+        raise ImageLoadError(f"{label}: {exc}", "bad_crop") from exc
 
 
 def _clamped(crop: CropBox, size: tuple[int, int]) -> CropBox:
@@ -213,7 +225,7 @@ def _read_bytes(source: Source, label: str) -> bytes:
             source.seek(pos)
         return bytes(data)
     except OSError as exc:
-        raise ImageLoadError(f"{label}: cannot read the upload ({exc})") from exc
+        raise ImageLoadError(f"{label}: cannot read the upload ({exc})", "unreadable") from exc
 
 
 def _open(source: Source, label: str) -> Image.Image:
@@ -223,30 +235,30 @@ def _open(source: Source, label: str) -> Image.Image:
     else:
         data = _read_bytes(source, label)
         if not data:
-            raise ImageLoadError(f"{label}: file is empty (0 bytes)")
+            raise ImageLoadError(f"{label}: file is empty (0 bytes)", "empty")
         fp = io.BytesIO(data)
     try:
         with _pil_errors(label):
             img = Image.open(fp)
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(f"{label}: not an image (cannot identify image file)") from exc
+        raise ImageLoadError(f"{label}: not an image (cannot identify image file)", "not_an_image") from exc
     except PermissionError as exc:
-        raise ImageLoadError(f"{label}: cannot read file (permission denied)") from exc
+        raise ImageLoadError(f"{label}: cannot read file (permission denied)", "unreadable") from exc
     w, h = img.size
     if w * h > MAX_PIXELS:
         img.close()
         raise ImageLoadError(f"{label}: {w}x{h} pixels exceeds the "
-                             f"{MAX_PIXELS // 1_000_000}-megapixel limit")
+                             f"{MAX_PIXELS // 1_000_000}-megapixel limit", "too_large")
     return img
 
 
 def _checked_path(path: Path, label: str) -> Path:
     if not path.exists():
-        raise ImageLoadError(f"{label}: file not found")
+        raise ImageLoadError(f"{label}: file not found", "not_found")
     if not path.is_file():
-        raise ImageLoadError(f"{label}: not a file")
+        raise ImageLoadError(f"{label}: not a file", "not_a_file")
     if path.stat().st_size == 0:
-        raise ImageLoadError(f"{label}: file is empty (0 bytes)")
+        raise ImageLoadError(f"{label}: file is empty (0 bytes)", "empty")
     return path
 
 
@@ -303,7 +315,7 @@ def _decode(img: Image.Image, label: str) -> None:
         with _pil_errors(label):
             img.load()
     except MemoryError as exc:
-        raise ImageLoadError(f"{label}: not enough memory to decode the image") from exc
+        raise ImageLoadError(f"{label}: not enough memory to decode the image", "too_large") from exc
 
 
 @contextlib.contextmanager
@@ -316,6 +328,6 @@ def _pil_errors(label: str):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # PIL refuses before we can see the size; its message carries the pixel count.
         raise ImageLoadError(f"{label}: {_bomb_detail(exc)} exceeds the "
-                             f"{MAX_PIXELS // 1_000_000}-megapixel limit") from exc
+                             f"{MAX_PIXELS // 1_000_000}-megapixel limit", "too_large") from exc
     except _CORRUPT_ERRORS as exc:
-        raise ImageLoadError(f"{label}: truncated or corrupt image data") from exc
+        raise ImageLoadError(f"{label}: truncated or corrupt image data", "corrupt") from exc

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core import builtin
 from core.appstate import runs_dir
 from core import metrics
 from core.fileio import read_json_or_none
@@ -34,8 +35,25 @@ def find_reports(root: str | Path | None = None, max_depth: int = 3) -> list[Pat
             if f in REPORT_NAMES or (f.startswith("report_") and f.endswith(".json"))]
 
 
+def report_choices(root: str | Path | None = None) -> dict[str, Path]:
+    """Reports the dashboard offers, by label: those under root, then the built-in demo's shipped evidence."""
+    root = Path(root) if root is not None else runs_dir()
+    found = {report_label(p, root): p for p in find_reports(root)}
+    found.update({report_label(p, root): p for p in find_reports(builtin.DEMO_EVIDENCE)})
+    return found
+
+
+def pca_roots(root: str | Path | None = None) -> list[Path]:
+    """Where PCA outputs are looked for: root (runs) and the built-in demo's evidence."""
+    return [Path(root) if root is not None else runs_dir(), builtin.DEMO_EVIDENCE]
+
+
 def report_label(path: str | Path, root: str | Path | None = None) -> str:
     root = Path(root) if root is not None else runs_dir()
+    try:
+        return f"built-in demo: {Path(path).relative_to(builtin.DEMO_EVIDENCE)}"
+    except ValueError:
+        pass
     try:
         return str(Path(path).relative_to(root))
     except ValueError:

@@ -41,6 +41,20 @@ def make_images(folder: Path, n: int = 40, seed: int = 0, size=(96, 80), images_
     return pd.DataFrame(rows)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_cache(tmp_path_factory):
+    """Commands cache embeddings in a per-user folder by default: point it at a temporary one, so no test (nor a
+    subprocess it starts) reads or fills the real user cache."""
+    import os
+    before = os.environ.get("SKINSCREEN_CACHE")
+    os.environ["SKINSCREEN_CACHE"] = str(tmp_path_factory.mktemp("user_cache"))
+    yield
+    if before is None:
+        os.environ.pop("SKINSCREEN_CACHE", None)
+    else:
+        os.environ["SKINSCREEN_CACHE"] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy shared CPU an OpenMP team spins at every barrier."""

@@ -83,7 +83,7 @@ def run(args) -> dict:
     df, how = load_splits(args, out)
     check_images(df)
     embedder = embedder_from_args(args)
-    X, t_emb, hits, computed = embed_rows(args, embedder, df)
+    X, t_emb, hits, computed, cache = embed_rows(args, embedder, df)
     part = {s: (df["split"] == s).to_numpy() for s in ("train", "val", "test")}
     y = df["label"].to_numpy().astype(int)
     model = knn.KNN(X[part["train"]], y[part["train"]], standardize=args.standardize)
@@ -93,7 +93,7 @@ def run(args) -> dict:
             "standardize": args.standardize, "chosen_on": "validation ROC-AUC; ties -> smaller k",
             "n_train": int(part["train"].sum()), "split": how, "embedder": embedder.description,
             "timings": {"embeddings_s": round(t_emb, 2), "embeddings_from_cache": hits,
-                        "embeddings_computed": computed}}
+                        "embeddings_computed": computed, "embedding_cache": cache}}
     reports, val_metrics = {}, None
     for split in ("val", "test"):
         rows = df[part[split]].reset_index(drop=True)

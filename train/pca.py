@@ -6,20 +6,19 @@ Writes to --out: pixels_pca.csv and embeddings_pca.csv (image, domain, label, pc
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from core import pca
+from core import pca, userdirs
 from core.backbones import BACKBONES, WeightsError
 from core.bundle import BundleError
 from core.dataset import check_images
 from core.device import pick_device
 from core.embeddings import EmbeddingCache, embed, load_embedder
+from core.fileio import atomic_write_json
 from core.device import dataloader_workers
 from core.images import ImageLoadError
 from core.manifest import ManifestError
@@ -39,7 +38,11 @@ def add_embedder_arguments(p: argparse.ArgumentParser, default_backbone: str | N
                    help="seed for random (--weights none) initialisation and subsampling (default 0)")
     p.add_argument("--input-size", type=int, default=None,
                    help="override the network's input resolution (default: the weights' own)")
-    p.add_argument("--cache", default=None, help="embedding cache folder (default: no cache)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache", default=None, metavar="DIR",
+                       help="embedding cache folder (default: <per-user cache>/embeddings, i.e. $SKINSCREEN_CACHE/"
+                            "embeddings or the platform's user cache folder, e.g. ~/.cache/skinscreen/embeddings)")
+    cache.add_argument("--no-cache", action="store_true", help="compute every embedding and store none")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
@@ -50,15 +53,30 @@ def embedder_from_args(args):
                          seed=args.seed, input_size=args.input_size)
 
 
+def cache_folder(args) -> Path | None:
+    """The embedding cache to use: --cache, else the per-user one; None with --no-cache or when the folder cannot
+    be written (said on stderr: a cache must not stop an analysis)."""
+    if args.no_cache:
+        return None
+    folder = Path(args.cache) if args.cache else userdirs.cache_dir("embeddings")
+    problem = userdirs.writable(folder)
+    if problem:
+        print(f"warning: embedding cache {folder} is not writable ({problem}); computing without a cache",
+              file=sys.stderr)
+        return None
+    return folder
+
+
 def embed_rows(args, embedder, df) -> tuple:
-    """Embeddings of df plus (seconds, served from cache, computed)."""
-    cache = EmbeddingCache(args.cache) if args.cache else None
+    """Embeddings of df plus (seconds, served from cache, computed, cache folder or None)."""
+    folder = cache_folder(args)
+    cache = EmbeddingCache(folder) if folder else None
     t = time.perf_counter()
     X = embed(embedder.module, df, embedder.preprocessing, cache, identity=embedder.identity,
               device=pick_device(args.device), batch_size=args.batch_size,
               num_workers=dataloader_workers() if args.workers is None else args.workers)
     hits = cache.hits if cache else 0
-    return X, time.perf_counter() - t, hits, len(df) - hits
+    return X, time.perf_counter() - t, hits, len(df) - hits, None if folder is None else str(folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-domain", type=int, default=None, help="random subsample per domain (seeded)")
     add_embedder_arguments(p, default_backbone=None)
     return p
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def analyse(args) -> dict:
@@ -94,7 +106,7 @@ def analyse(args) -> dict:
     t = time.perf_counter()
     embedder = embedder_from_args(args)
     t_model = time.perf_counter() - t
-    spaces["embeddings"], t_emb, hits, computed = embed_rows(args, embedder, df)
+    spaces["embeddings"], t_emb, hits, computed, cache = embed_rows(args, embedder, df)
 
     t = time.perf_counter()
     frames, explained, result = {}, {}, {}
@@ -123,11 +135,12 @@ def analyse(args) -> dict:
         "spaces": result,
         "timings": {"pixels_s": round(t_pix, 2), "model_load_s": round(t_model, 2),
                     "embeddings_s": round(t_emb, 2), "embeddings_from_cache": int(hits),
-                    "embeddings_computed": int(computed), "overlap_s": round(t_overlap, 2),
+                    "embeddings_computed": int(computed), "embedding_cache": cache,
+                    "overlap_s": round(t_overlap, 2),
                     "total_s": round(time.perf_counter() - t_all, 2)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -139,7 +152,8 @@ def print_summary(summary: dict, out: str) -> None:
     t = summary["timings"]
     print(f"{summary['n']} images: " + ", ".join(f"{d} {n}" for d, n in summary["n_per_domain"].items()))
     print(f"pixels {t['pixels_s']:.1f}s; embeddings {t['embeddings_s']:.1f}s "
-          f"({t['embeddings_from_cache']} from cache, {t['embeddings_computed']} computed)")
+          f"({t['embeddings_from_cache']} from cache, {t['embeddings_computed']} computed; "
+          f"cache {t['embedding_cache'] or 'off'})")
     print("domain-classifier ROC-AUC (0.5 = indistinguishable, 1 = separable):")
     for space, v in summary["spaces"].items():
         evr = v["explained_variance_ratio"]

@@ -3,11 +3,15 @@
     python -m train.screen --run runs/X --images DIR --out predictions.csv
     python -m train.screen --run runs/X --manifest M.csv --out predictions.csv [--batch-size 32] [--device auto]
 
-Each row: image, the verdict (flagged / not flagged / not assessed, with the reason: a quality refusal or a photo
-unlike the training photos), the calibrated probability and the raw score, quality codes, and an error for
-files that could not be read (those are reported on stderr and skipped, never fatal). Every row names the model
-run and threshold, and <out>.provenance.json next to the CSV records the model's provenance (training data,
-validation metrics, intended use, weights hash): probabilities never travel without it.
+Every file handed over gets a row: every file under --images (recursively, whatever its name: the format is
+read from the content, so a JPEG without an extension is scored), or every row of --manifest. A row's status is
+`scored` or why the file was not scored: hidden (a name starting with '.', e.g. .DS_Store, in a folder only),
+not_an_image, unsupported_type (e.g. GIF), corrupt (truncated or damaged), too_large, empty, not_found,
+unreadable, bad_crop; `error` says it in words, and the end of the run lists them. Scored rows carry the verdict
+(flagged / not flagged / not assessed, with the reason in not_assessed_reason: a quality refusal, or a photo unlike
+the training photos), the calibrated probability, the raw score, the out-of-distribution score and quality codes. Every row names the model run and
+threshold, and <out>.provenance.json next to the CSV records the model's provenance (training data, validation
+metrics, intended use, weights hash): probabilities never travel without it.
 """
 from __future__ import annotations
 
@@ -21,15 +25,18 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
+from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.device import dataloader_workers
-from core.images import SUPPORTED_SUFFIXES, ImageLoadError, load_image
+from core.images import SUPPORTED_FORMATS, ImageLoadError, load_image
 from core.inference import Predictor, model_view
 from core.manifest import ManifestError, crop_of, file_sha256, read_manifest
 from core.quality import quality_warnings
 from core.trust import FLAGGED, NOT_ASSESSED
 
 CARRIED = ("label", "patient_id", "lesion_id", "domain", "fitzpatrick", "split")  # manifest columns kept in the CSV
+SCORED = "scored"
+LISTED_PER_REASON = 20  # files named per reason at the end of a run; the CSV names them all
 COLUMNS = {
     "verdict": "flagged / not flagged (raw score vs threshold) / not assessed (see not_assessed_reason); a screening "
                "flag, not a diagnosis",
@@ -51,32 +58,41 @@ class ScreenDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        """(index, crop or None, quality codes, reason the file was not scored or '', message)."""
         try:
-            img = load_image(self.paths[i], crop=self.crops[i], **self.decode_kw)
-            return i, model_view(img, self.pp), quality_warnings(img), ""
+            img = load_image(self.paths[i], crop=self.crops[i], formats=SUPPORTED_FORMATS, **self.decode_kw)
+            return i, model_view(img, self.pp), quality_warnings(img), "", ""
         except ImageLoadError as e:
-            return i, None, [], str(e)
+            return i, None, [], e.reason, str(e)
         except Exception as e:  # noqa: BLE001 - one odd file must not stop a screening run of thousands
-            return i, None, [], f"{self.paths[i]}: {type(e).__name__}: {e}"
+            return i, None, [], "error", f"{self.paths[i]}: {type(e).__name__}: {e}"
 
 
 def collate(items):
     return items  # crops are stacked in the main process (failed items have none)
 
 
-def list_images(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+def list_files(folder: Path) -> list[str]:
+    """Every file under `folder`, recursively, sorted: nothing is left out because of its name."""
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file())
+
+
+def hidden(path: str, folder: Path) -> bool:
+    """A name starting with '.' in the path below `folder` (.DS_Store, ._IMG_1.jpg, .thumbnails/...)."""
+    return any(part.startswith(".") for part in Path(path).relative_to(folder).parts)
 
 
 def inputs_from_args(args) -> tuple[pd.DataFrame, dict]:
+    """The rows to screen (a folder's have `_skip`: a reason decided before decoding, else '') and a description."""
     if args.images:
         folder = Path(args.images)
         if not folder.is_dir():
             raise ManifestError(f"{folder}: image folder not found")
-        paths = list_images(folder)
+        paths = list_files(folder)
         if not paths:
-            raise ManifestError(f"{folder}: no images ({', '.join(SUPPORTED_SUFFIXES)}) found")
-        return pd.DataFrame({"image": paths}), {"images": str(folder.resolve()), "n": len(paths)}
+            raise ManifestError(f"{folder}: no files found")
+        skip = ["hidden" if hidden(p, folder) else "" for p in paths]
+        return pd.DataFrame({"image": paths, "_skip": skip}), {"images": str(folder.resolve()), "n": len(paths)}
     df = read_manifest(args.manifest)
     if df.empty:
         raise ManifestError(f"{args.manifest}: manifest has no rows")
@@ -85,23 +101,33 @@ def inputs_from_args(args) -> tuple[pd.DataFrame, dict]:
 
 
 def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: int, progress=True) -> pd.DataFrame:
+    """One row per row of df, in order: status ('scored' or the reason), probability, verdict, quality, error."""
     crops = [crop_of(r) for _, r in df.iterrows()] if any(c.startswith("crop_") for c in df.columns) \
         else [None] * len(df)
-    ds = ScreenDataset(df["image"].tolist(), crops, predictor.pp, predictor.decode_kw)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    status = [SCORED] * len(df)
+    errors = [""] * len(df)
+    if "_skip" in df.columns:  # decided from the folder listing (hidden files): never decoded
+        for i, reason in enumerate(df["_skip"].fillna("").tolist()):
+            if reason:
+                status[i], errors[i] = reason, f"{df['image'].iloc[i]}: {reason} file, not screened"
+    todo = [i for i in range(len(df)) if status[i] == SCORED]
+    ds = ScreenDataset([df["image"].iloc[i] for i in todo], [crops[i] for i in todo], predictor.pp,
+                       predictor.decode_kw)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=min(workers, -(-len(todo) // batch_size)),
+                        collate_fn=collate)
     probs, calibrated, ood_scores = (np.full(len(df), np.nan) for _ in range(3))
-    quality, errors, verdicts, reasons = ([""] * len(df) for _ in range(4))
+    quality, verdicts, reasons = ([""] * len(df) for _ in range(3))
     from tqdm import tqdm
-    bar = tqdm(total=len(df), unit="img", desc="screening", file=sys.stderr, disable=None if progress else True)
+    bar = tqdm(total=len(todo), unit="img", desc="screening", file=sys.stderr, disable=None if progress else True)
     for items in loader:
         ok = [it for it in items if it[1] is not None]
-        for i, _, _, err in items:
-            if err:
-                errors[i] = err
-                tqdm.write(f"skipped: {err}", file=sys.stderr)
+        for j, _, _, reason, err in items:
+            if reason:
+                status[todo[j]], errors[todo[j]] = reason, err
         if ok:
             x = predictor.to_input(np.stack([it[1] for it in ok]))
-            for (i, _, q, _), a in zip(ok, predictor.assess_batch(x, [it[2] for it in ok])):
+            for (j, *_), a in zip(ok, predictor.assess_batch(x, [it[2] for it in ok])):
+                i = todo[j]
                 probs[i], quality[i], verdicts[i], reasons[i] = a.raw_prob, ";".join(a.quality_codes), a.verdict, \
                     a.reason or ""
                 calibrated[i] = np.nan if a.prob_calibrated is None else a.prob_calibrated
@@ -109,7 +135,7 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
         bar.update(len(items))
     bar.close()
     b = predictor.bundle
-    out = pd.DataFrame({"image": df["image"]})
+    out = pd.DataFrame({"image": df["image"], "status": status})
     out["verdict"] = verdicts
     out["not_assessed_reason"] = reasons
     out["prob_calibrated"] = np.round(calibrated, 6)
@@ -126,17 +152,31 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
     return out
 
 
+def not_scored_report(table: pd.DataFrame, limit: int = LISTED_PER_REASON) -> str:
+    """The files that were not scored, grouped by reason (at most `limit` named per reason)."""
+    lines = []
+    skipped = table[table["status"] != SCORED]
+    for reason, rows in skipped.groupby("status", sort=True):
+        lines.append(f"not scored, {reason} ({len(rows)}):")
+        lines += [f"  {msg or path}" for path, msg in zip(rows["image"][:limit], rows["error"][:limit])]
+        if len(rows) > limit:
+            lines.append(f"  ... and {len(rows) - limit} more (status column of the CSV)")
+    return "\n".join(lines)
+
+
 def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame, seconds: float) -> dict:
     bundle = predictor.bundle
     weights = Path(bundle.path) / "model.safetensors" if bundle.path else None
-    failed = int((table["error"] != "").sum())
+    reasons = table.loc[table["status"] != SCORED, "status"].value_counts().sort_index()
+    failed = int(reasons.sum())
     return {"what": "P(malignant) per image from python -m train.screen; research use only",
             "model": predictor.summary, "run": str(run), "bundle": str(bundle.path),
             "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
             "weights_sha256_short": bundle.meta.short_hash,
             "preprocessing": bundle.meta.preprocessing, "threshold": bundle.meta.threshold.to_dict(),
             "inputs": inputs, "n_images": int(len(table)), "n_predicted": int(len(table) - failed),
-            "n_failed": failed, "n_flagged": int((table["verdict"] == FLAGGED).sum()),
+            "n_failed": failed, "not_scored": {str(k): int(v) for k, v in reasons.items()},
+            "n_flagged": int((table["verdict"] == FLAGGED).sum()),
             "n_not_assessed": int((table["verdict"] == NOT_ASSESSED).sum()),
             "lacks": bundle.lacks(), "ood_gate": bundle.meta.ood_gate, "calibration": bundle.meta.calibration,
             "columns": COLUMNS,
@@ -150,9 +190,10 @@ def sidecar_path(out: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.screen", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder (or bundle folder)")
+    p.add_argument("--run", required=True, help="run folder, bundle folder, or 'demo' for the built-in demo model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of photos (searched recursively)")
+    src.add_argument("--images", help="folder of photos (every file, recursively; hidden files are listed, "
+                                      "not scored)")
     src.add_argument("--manifest", help="manifest CSV (image paths and optional crop boxes)")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--batch-size", type=int, default=32)
@@ -163,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.run = str(builtin.resolve_model(args.run))
     if args.batch_size < 1:
         print("error: --batch-size must be positive", file=sys.stderr)
         return 2
@@ -175,20 +217,22 @@ def main(argv=None) -> int:
     t0 = time.time()
     predictor = Predictor(bundle, device=args.device, fast=True)
     workers = args.workers if args.workers is not None else dataloader_workers()
-    workers = min(workers, -(-len(df) // args.batch_size))  # no idle processes for a handful of photos
     table = screen(predictor, df, batch_size=args.batch_size, workers=workers)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     meta = provenance(predictor, args.run, inputs, table, time.time() - t0)
     sidecar_path(out).write_text(json.dumps(meta, indent=1, default=str))
-    print(f"{meta['n_predicted']} of {meta['n_images']} images read: {meta['n_flagged']} flagged (raw score >= "
+    if meta["n_failed"]:
+        print(not_scored_report(table), file=sys.stderr)
+    why = ", ".join(f"{n} {reason}" for reason, n in meta["not_scored"].items())
+    print(f"{meta['n_predicted']} of {meta['n_images']} files scored: {meta['n_flagged']} flagged (raw score >= "
           f"{bundle.threshold:.3f}), {meta['n_not_assessed']} not assessed (quality or unlike the training photos); "
-          f"{meta['n_failed']} unreadable")
+          f"{meta['n_failed']} not scored" + (f": {why}" if why else ""))
     for lack in bundle.lacks():
         print(f"note: this model has {lack}")
     print(f"wrote {out} and {sidecar_path(out)}")
-    return 0
+    return 0 if meta["n_predicted"] else 1
 
 
 if __name__ == "__main__":

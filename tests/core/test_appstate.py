@@ -86,6 +86,7 @@ def test_extract_bundle_zip(bundle_dir, tmp_path):
         appstate.extract_bundle_zip(swapped, tmp_path / "x")
 
 
+@pytest.mark.slow  # one Python process per module
 @pytest.mark.parametrize("module", ["core.appstate", "core.jobs", "core.reports", "core.photos", "core.cropbox"])
 def test_app_modules_never_import_streamlit(module):
     code = f"import sys, {module}; sys.exit('streamlit' in sys.modules)"

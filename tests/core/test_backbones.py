@@ -78,20 +78,77 @@ def test_imagenet_download_offline_names_the_local_file_option(tmp_path, monkeyp
         build_backbone(get_spec("resnet18"), "imagenet")
 
 
-def test_shared_offline_mobilenet_loads_and_recognises_imagenet_classes():
-    weights = shared_path("weights", "mobilenetv2_100_tflite_imagenet.safetensors")
-    head = shared_path("weights", "mobilenetv2_100_tflite_imagenet_classifier1001.safetensors")
-    spec = get_spec("mobilenetv2_100_tflite")
-    backbone = build_backbone(spec, str(weights)).eval()
+# Recorded with the registry's settings for the TF-converted MobileNetV2 in ../shared/weights (pad_type='same',
+# mean = std = 0.5, bilinear resize to 256, centre crop 224) on scikit-learn's two bundled sample photos: the
+# top-5 ImageNet-1k classes (classifier index - 1) with their logits. timm's default symmetric padding shifts
+# every stride-2 convolution by a pixel and ImageNet's mean/std feed the network other numbers; either keeps
+# the top-1 here but changes the top-5 and moves logits by 1-5 (test_wrong_padding_or_normalisation_...).
+KNOWN_TOP5 = {
+    "china.jpg": [(698, 10.2186),   # palace
+                  (442, 9.0854),    # bell cote
+                  (663, 9.0074),    # monastery
+                  (975, 8.6439),    # lakeside
+                  (483, 7.6493)],   # castle
+    "flower.jpg": [(599, 12.4401),  # honeycomb
+                   (309, 8.2966),   # bee
+                   (985, 7.0392),   # daisy
+                   (994, 6.9298),   # stinkhorn
+                   (996, 6.6750)],  # hen-of-the-woods
+}
+LOGIT_TOLERANCE = 0.05  # fp32 kernels and resize code may differ a little between machines and versions
+
+
+@pytest.fixture(scope="module")
+def offline_mobilenet():
+    """(weights path, ImageNet head, the two sample photos)."""
+    import os
+
+    import sklearn.datasets
+    from PIL import Image
     from safetensors.torch import load_file
-    clf = load_file(str(head))
-    # a constant mid-grey image is not a lesion; what we check is that real weights (not random) were loaded:
-    # the pooled features of the loaded model must differ from a random init and be deterministic
-    x = torch.zeros(1, 3, 224, 224)
+    weights = shared_path("weights", "mobilenetv2_100_tflite_imagenet.safetensors")
+    head = load_file(str(shared_path("weights", "mobilenetv2_100_tflite_imagenet_classifier1001.safetensors")))
+    folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+    photos = {n: Image.open(os.path.join(folder, n)).convert("RGB") for n in KNOWN_TOP5}
+    return str(weights), head, photos
+
+
+def imagenet_top5(offline_mobilenet, spec) -> dict:
+    """Top-5 (ImageNet-1k index, logit) per sample photo through the registry's backbone and eval transform."""
+    from core.transforms import eval_transform
+    weights, head, photos = offline_mobilenet
+    backbone = build_backbone(spec, weights).eval()
+    x = torch.stack([eval_transform(spec.preprocessing)(im) for im in photos.values()])
     with torch.no_grad():
-        f1, f2 = backbone(x), build_backbone(spec, str(weights)).eval()(x)
-        rand = build_backbone(spec, "none").eval()(x)
-    assert torch.allclose(f1, f2)
-    assert not torch.allclose(f1, rand)
-    logits = f1 @ clf["classifier.weight"].T + clf["classifier.bias"]
-    assert logits.shape == (1, 1001)
+        logits = backbone(x) @ head["classifier.weight"].T + head["classifier.bias"]
+    top = torch.topk(logits, 5)
+    return {name: [(int(i) - 1, float(v)) for v, i in zip(vals, idx)]  # index 0 is "background"
+            for name, vals, idx in zip(photos, top.values, top.indices)}
+
+
+def matches_recorded(got: dict) -> bool:
+    return all([i for i, _ in got[n]] == [i for i, _ in KNOWN_TOP5[n]] and
+               all(abs(v - w) <= LOGIT_TOLERANCE for (_, v), (_, w) in zip(got[n], KNOWN_TOP5[n]))
+               for n in KNOWN_TOP5)
+
+
+def test_shared_offline_mobilenet_gives_the_recorded_imagenet_answers(offline_mobilenet):
+    got = imagenet_top5(offline_mobilenet, get_spec("mobilenetv2_100_tflite"))
+    info = timm.data.ImageNetInfo()
+    assert info.index_to_description(got["china.jpg"][0][0]) == "palace"
+    assert info.index_to_description(got["flower.jpg"][0][0]) == "honeycomb"
+    assert matches_recorded(got), got
+
+
+@pytest.mark.parametrize("wrong", ["symmetric padding", "imagenet mean/std"])
+def test_wrong_padding_or_normalisation_gives_another_answer(offline_mobilenet, wrong):
+    from dataclasses import replace
+    spec = get_spec("mobilenetv2_100_tflite")
+    if wrong == "symmetric padding":
+        spec = replace(spec, model_kwargs={"pad_type": ""})
+    else:
+        spec = replace(spec, preprocessing=replace(spec.preprocessing, mean=(0.485, 0.456, 0.406),
+                                                   std=(0.229, 0.224, 0.225)))
+    got = imagenet_top5(offline_mobilenet, spec)
+    assert not matches_recorded(got)
+    assert got["china.jpg"][0][0] == 698  # the top-1 alone would not have noticed

@@ -109,6 +109,8 @@ def test_a_version_1_bundle_still_loads_and_says_it_has_no_hash(bundle_dir):
     loaded = load_bundle(folder)
     assert loaded.meta.format_version == 1 and loaded.meta.weights_sha256 is None and loaded.meta.short_hash is None
     assert loaded.threshold == 0.3 and loaded.meta.provenance.run_name == "t"
+    from core.appstate import describe_model
+    assert describe_model(loaded.meta)["weights_hash"] == "not recorded (format-1 bundle)"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), loaded.model(x))

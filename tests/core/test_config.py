@@ -44,7 +44,7 @@ def test_yaml_exponent_without_dot_is_read_as_a_number():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c.update(colour="red"), "unknown key"),
-    (lambda c: c["stages"][0].update(lr="fast"), "expected a number"),
+    (lambda c: c["stages"][0].update(lr="fast"), "expected a finite number"),
     (lambda c: c["stages"][0].update(scheduler="step"), "scheduler must be one of"),
     (lambda c: c["stages"][0].update(augment="mixup"), "augment must be one of"),
     (lambda c: c.update(backbone="vgg"), "unknown backbone"),
@@ -69,6 +69,58 @@ def test_dotted_overrides_reach_nested_stage_values():
     assert cfg.stages[1].lr == 3e-4 and cfg.threshold.target == 0.95 and cfg.seed == 5
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_override(raw, "seed")
+
+
+def overridden(*items: str):
+    raw = tiny_config("l.csv", "imgs")
+    for item in items:
+        apply_override(raw, item)
+    return run_config_from_dict(raw)
+
+
+def test_overrides_are_coerced_to_the_declared_type():
+    cfg = overridden("threshold.target=9e-1", "stages.0.lr=1e-3", "stages.1.weight_decay=0",
+                     "split.val=2e-1", "seed=1e1", "stages.0.epochs=3.0", "n_boot=100",
+                     "grad_checkpointing=yes", "channels_last=false", "report_test=1",
+                     "name=2024", "input_size=null", "num_workers=none", "head.hidden=64")
+    assert cfg.threshold.target == 0.9 and type(cfg.threshold.target) is float  # YAML alone: the text '9e-1'
+    assert cfg.stages[0].lr == 1e-3 and type(cfg.stages[0].lr) is float
+    assert cfg.stages[1].weight_decay == 0.0 and type(cfg.stages[1].weight_decay) is float
+    assert cfg.split.val == 0.2 and cfg.seed == 10 and type(cfg.seed) is int
+    assert cfg.stages[0].epochs == 3 and type(cfg.stages[0].epochs) is int and cfg.n_boot == 100
+    assert cfg.grad_checkpointing is True and cfg.channels_last is False and cfg.report_test is True
+    assert cfg.name == "2024" and cfg.input_size is None and cfg.num_workers is None and cfg.head.hidden == 64
+
+
+@pytest.mark.parametrize("item, message", [
+    ("threshold.target=abc", r"threshold\.target: expected a finite number \(float\), got 'abc'"),
+    ("stages.1.lr=.nan", r"stages\[1\]\.lr: expected a finite number \(float\), got nan"),
+    ("stages.0.lr=true", r"stages\[0\]\.lr: expected a finite number \(float\), got True"),
+    ("stages.0.epochs=2.5", r"stages\[0\]\.epochs: expected a whole number \(int\), got 2\.5"),
+    ("seed=[1, 2]", r"seed: expected a whole number \(int\), got \[1, 2\]"),
+    ("grad_checkpointing=maybe", r"grad_checkpointing: expected true or false \(bool\), got 'maybe'"),
+    ("grad_checkpointing=2", r"grad_checkpointing: expected true or false \(bool\), got 2"),
+    ("stages.0.scheduler=no", r"stages\[0\]\.scheduler: expected text \(str\), got False \(YAML reads yes/no"),
+    ("stages.0.lrr=1e-3", r"stages\[0\]: unknown key\(s\) lrr; known: augment"),
+    ("colour=red", r"run: unknown key\(s\) colour"),
+    ("threshold.goal=0.9", r"threshold: unknown key\(s\) goal"),
+    ("stages.5.lr=1e-3", r"stages\.5 is not an index of a list of 2"),
+    ("stages.first.lr=1e-3", r"stages\.first is not an index"),
+    ("head.kind=transformer", r"head: head kind must be 'mlp' or 'linear'"),
+])
+def test_bad_overrides_are_refused_when_the_config_is_read(item, message):
+    with pytest.raises(ConfigError, match=message):
+        overridden(item)
+
+
+def test_fit_refuses_a_mistyped_override_before_training(tmp_path, capsys):
+    from train.fit import main
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config(str(tmp_path / "l.csv"), str(tmp_path / "imgs"))))
+    out = tmp_path / "run"
+    assert main(["--config", str(recipe), "--out", str(out), "--set", "threshold.target=ninety"]) == 2
+    assert "threshold.target: expected a finite number (float), got 'ninety'" in capsys.readouterr().err
+    assert not out.exists()  # nothing was started
 
 
 @pytest.mark.parametrize("split, message", [({"val": 0.0}, "val must be > 0"),
@@ -97,3 +149,28 @@ def test_init_from_refuses_settings_the_parent_bundle_fixes():
     for k in ("weights", "input_size"):
         raw.pop(k)
     assert run_config_from_dict(raw).init_from == "runs/parent"
+
+
+def test_data_root_moves_relative_data_paths_and_keeps_absolute_ones(tmp_path):
+    raw = yaml.safe_load((CONFIGS / "shared_demo.yaml").read_text())
+    raw["data_root"] = str(tmp_path / "mydata")
+    raw["stages"][0]["data"].append({"manifest": "/abs/m.csv"})
+    cfg = run_config_from_dict(raw)
+    first, absolute = cfg.stages[0].data
+    assert first.csv == str(tmp_path / "mydata" / "pad_ufes_20_subset" / "labels.csv")
+    assert first.images == str(tmp_path / "mydata" / "pad_ufes_20_subset" / "images")
+    assert absolute.manifest == "/abs/m.csv"
+    # the resolved config no longer has a data_root: resuming from it cannot join the root twice
+    assert "data_root" not in cfg.to_dict() and run_config_from_dict(cfg.to_dict()).stages == cfg.stages
+
+
+def test_missing_data_names_the_download_not_a_traceback(tmp_path):
+    from core.training import run_data
+    raw = yaml.safe_load((CONFIGS / "shared_demo.yaml").read_text())
+    raw["data_root"] = str(tmp_path / "nowhere")
+    cfg = run_config_from_dict(raw)
+    with pytest.raises(ConfigError) as e:
+        run_data(cfg)
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere" / "pad_ufes_20_subset" / "labels.csv") in msg
+    assert "PAD-UFES-20" in msg and "Mendeley" in msg and "--data-root" in msg

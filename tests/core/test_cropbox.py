@@ -90,7 +90,7 @@ def test_upsert_needs_a_box_or_the_unusable_flag(tmp_path):
 def test_box_outside_image_is_an_error_naming_image_and_box(tmp_path, manifest):
     crops = tmp_path / "crops.csv"
     upsert_crop(crops, "p2.jpg", {"left": 30, "top": 0, "width": 20, "height": 10})
-    with pytest.raises(ManifestError, match=r"p2\.jpg: crop box .*'left': 30.* outside the image \(40x30"):
+    with pytest.raises(ManifestError, match=r"p2\.jpg: crop box .*'left': 30.* outside the 40x30 image"):
         apply_crops(manifest, read_crops(crops))
     df, _ = apply_crops(manifest, read_crops(crops), validate_sizes=False)
     assert df["crop_left"].tolist() == [30]
@@ -222,3 +222,40 @@ def test_pil_fallback_size_follows_exif_orientation(tmp_path):
     # Used when core.images is unavailable; must agree with ImageOps.exif_transpose.
     assert cropbox._pil_size(make_image(tmp_path / "r.jpg", (40, 30), orientation=8)) == (30, 40)
     assert cropbox._pil_size(make_image(tmp_path / "n.jpg", (40, 30), orientation=3)) == (40, 30)
+
+
+# ------------------------------------------------------------------ the one validity rule
+GRID = [{"left": l, "top": t, "width": w, "height": h}
+        for l in (-1, 0, 10) for t in (-2, 0, 5) for w in (-1, 0, 1, 30, 31) for h in (0, 20, 25, 26)]
+
+
+def _old_rule(box, size=None) -> bool:
+    """What the four former checks (crop file, apply_crops, CropBox.validate, check_images) refused together."""
+    bad = box["left"] < 0 or box["top"] < 0 or box["width"] <= 0 or box["height"] <= 0
+    if size is not None:
+        bad = bad or box["left"] + box["width"] > size[0] or box["top"] + box["height"] > size[1]
+    return bad
+
+
+@pytest.mark.parametrize("size", [None, (40, 30)])
+def test_box_problem_refuses_exactly_what_the_old_checks_refused(size):
+    for box in GRID:
+        assert (cropbox.box_problem(box, size) is not None) == _old_rule(box, size), box
+
+
+def test_every_crop_check_uses_the_one_rule(tmp_path):
+    from core.dataset import check_images
+    from core.images import ImageLoadError, load_image
+    image = make_image(tmp_path / "p.jpg")  # 40x30
+    outside = {"left": 30, "top": 0, "width": 20, "height": 10}
+    reason = cropbox.box_problem(outside, (40, 30))
+    with pytest.raises(ImageLoadError, match=reason):
+        load_image(image, crop=outside)
+    with pytest.raises(ManifestError, match=reason):
+        check_images(pd.DataFrame([{"image": image, "label": 1, **{f"crop_{k}": v for k, v in outside.items()}}]))
+    upsert_crop(tmp_path / "c.csv", "p.jpg", outside)
+    with pytest.raises(ManifestError, match=reason):
+        apply_crops(pd.DataFrame({"image": [image]}), read_crops(tmp_path / "c.csv"))
+    flat = {"left": 0, "top": 0, "width": 5, "height": 0}
+    with pytest.raises(ManifestError, match=cropbox.box_problem(flat).split(" (")[0]):
+        upsert_crop(tmp_path / "c.csv", "p.jpg", flat)

@@ -18,6 +18,8 @@ from core.manifest import file_sha256
 from core.model import HeadConfig, LesionClassifier
 from train.export import main
 
+pytestmark = pytest.mark.slow  # exports and checks an ONNX model
+
 SIZE = 64
 
 

@@ -61,6 +61,7 @@ def test_frozen_stage_changes_only_the_head():
     assert all(not p.requires_grad for p in model.backbone.parameters())
 
 
+@pytest.mark.slow
 def test_unfrozen_stage_trains_the_backbone():
     model = _model()
     model.freeze_backbone(True)
@@ -71,6 +72,7 @@ def test_unfrozen_stage_trains_the_backbone():
     assert any(k.endswith("weight") for k in changed)
 
 
+@pytest.mark.slow
 def test_folded_batchnorm_specs_keep_bn_statistics_fixed_while_training():
     model = _model("mobilenetv2_100_tflite")
     bn_stats = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_" in k}

@@ -66,6 +66,7 @@ def domains(tmp_path_factory):
             "blue": make_images(root / "blue", 60, (70, 90, 200), 3)}
 
 
+@pytest.mark.slow
 def test_overlap_auc_separates_different_and_not_same_distributions(domains):
     df = frame(domains)
     X = pca.pixel_features(df, size=8)

@@ -193,7 +193,7 @@ def test_crops_cli_box_outside_image(tmp_path, capsys):
     upsert_crop(tmp_path / "crops.csv", "x.jpg", {"left": 0, "top": 0, "width": 41, "height": 10})
     rc = main(["crops", "--manifest", str(tmp_path / "m.csv"), "--crops", str(tmp_path / "crops.csv"),
                "--out", str(tmp_path / "c.csv")])
-    assert rc == 2 and "outside the image (40x30" in capsys.readouterr().err
+    assert rc == 2 and "outside the 40x30 image" in capsys.readouterr().err
 
 
 def test_folder_and_csv_still_work(tmp_path, capsys):

@@ -47,6 +47,7 @@ def run(tmp_path, manifest, name, *extra):
     return [json.loads((out / f"{s}_report.json").read_text()) for s in ("val", "test")]
 
 
+@pytest.mark.slow
 def test_reports_structure_and_high_auc(tmp_path, split_manifest, capsys):
     val, test = run(tmp_path, split_manifest, "a")
     for rep, split, n in ((val, "val", 12), (test, "test", 12)):
@@ -62,6 +63,7 @@ def test_reports_structure_and_high_auc(tmp_path, split_manifest, capsys):
     assert "ROC-AUC" in printed and f"KNN k={info['k']} mobilenetv2_100 (test)" in printed
 
 
+@pytest.mark.slow
 def test_test_labels_never_influence_k(tmp_path, split_manifest):
     df = read_manifest(split_manifest)
     test = df["split"] == "test"
@@ -76,6 +78,7 @@ def test_test_labels_never_influence_k(tmp_path, split_manifest):
     assert val_b["knn"]["timings"]["embeddings_computed"] == 0  # the second run came from the cache
 
 
+@pytest.mark.slow
 def test_manifest_without_split_is_split_by_patient(tmp_path):
     manifest = write_manifest(make_manifest(tmp_path / "img"), tmp_path / "m.csv")
     val, _ = run(tmp_path, manifest, "c", "--standardize", "--k", "1,3,5")
@@ -94,3 +97,15 @@ def test_bad_k_and_missing_split_rows(tmp_path, split_manifest, capsys):
     bad = write_manifest(df, tmp_path / "bad.csv")
     assert cli.main(["--manifest", str(bad), "--out", str(tmp_path / "x"), *FAST]) == 2
     assert "rows have no split" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_cache_makes_a_second_run_compute_nothing(tmp_path, split_manifest, monkeypatch):
+    monkeypatch.setenv("SKINSCREEN_CACHE", str(tmp_path / "user"))
+    infos = []
+    for name in ("a", "b"):
+        assert cli.main(["--manifest", str(split_manifest), "--out", str(tmp_path / name), *FAST]) == 0
+        infos.append(json.loads((tmp_path / name / "val_report.json").read_text())["knn"]["timings"])
+    assert infos[0]["embeddings_computed"] == 60 and infos[1]["embeddings_computed"] == 0
+    assert infos[1]["embeddings_from_cache"] == 60
+    assert infos[1]["embedding_cache"] == str(tmp_path / "user" / "embeddings")

@@ -39,6 +39,7 @@ def manifests(tmp_path_factory):
     return phone, derm
 
 
+@pytest.mark.slow
 def test_writes_csvs_figure_and_summary_then_reuses_cache(tmp_path, manifests, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--manifest", str(manifests[0]), "--manifest", str(manifests[1]), "--out", str(out),
@@ -75,3 +76,49 @@ def test_bad_inputs_exit_2(tmp_path, manifests, capsys):
     assert "weights file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a model source is required
         cli.main(["--manifest", str(manifests[0]), "--out", str(tmp_path / "o")])
+
+
+def run_twice(argv, tmp_path) -> tuple[dict, dict]:
+    summaries = []
+    for name in ("first", "second"):
+        assert cli.main(argv + ["--out", str(tmp_path / name)]) == 0
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    return summaries[0]["timings"], summaries[1]["timings"]
+
+
+@pytest.mark.slow
+def test_embeddings_are_cached_per_user_by_default(tmp_path, manifests, monkeypatch, capsys):
+    user = tmp_path / "user_cache"
+    monkeypatch.setenv("SKINSCREEN_CACHE", str(user))
+    argv = ["--manifest", str(manifests[0]), "--manifest", str(manifests[1]), *FAST]
+    first, second = run_twice(argv, tmp_path)  # no --cache given
+    assert first["embeddings_computed"] == 30 and first["embeddings_from_cache"] == 0
+    assert second["embeddings_computed"] == 0 and second["embeddings_from_cache"] == 30
+    assert first["embedding_cache"] == second["embedding_cache"] == str(user / "embeddings")
+    assert len(list((user / "embeddings").rglob("*.npy"))) == 30
+    assert f"cache {user / 'embeddings'}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_no_cache_computes_everything_and_writes_nothing(tmp_path, manifests, monkeypatch):
+    user = tmp_path / "user_cache"
+    monkeypatch.setenv("SKINSCREEN_CACHE", str(user))
+    argv = ["--manifest", str(manifests[0]), "--manifest", str(manifests[1]), "--no-cache", *FAST]
+    first, second = run_twice(argv, tmp_path)
+    assert first["embeddings_computed"] == second["embeddings_computed"] == 30
+    assert second["embeddings_from_cache"] == 0 and second["embedding_cache"] is None
+    assert not user.exists()
+    with pytest.raises(SystemExit):  # one or the other
+        cli.main(argv + ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_an_unwritable_cache_is_reported_and_skipped(tmp_path, manifests, monkeypatch, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("SKINSCREEN_CACHE", str(blocked))
+    argv = ["--manifest", str(manifests[0]), "--manifest", str(manifests[1]), "--out", str(tmp_path / "o"), *FAST]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["timings"]["embedding_cache"] is None and summary["timings"]["embeddings_computed"] == 30
+    assert f"embedding cache {blocked / 'embeddings'} is not writable" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def photo_dir(tmp_path):
     textured(d / "sub" / "deep.png", size=(300, 260), seed=9)
     textured(d / "dark.png", size=(300, 260), seed=10, dark=True)
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    (d / "notes.txt").write_text("not a photo, not listed")
+    (d / "notes.txt").write_text("not a photo: listed with its reason")
     return d
 
 
@@ -70,11 +70,15 @@ def test_folder_screening_writes_rows_errors_quality_and_provenance(run_dir, pho
                  "--workers", "0", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     df = pd.read_csv(out, keep_default_na=False)
-    assert len(df) == 8 and not any(df["image"].str.endswith(".txt"))
+    assert len(df) == 9
     broken = df[df["image"].str.endswith("broken.jpg")].iloc[0]
     assert broken["error"] and broken["raw_score"] == "" and broken["verdict"] == ""
+    assert broken["status"] == "corrupt"
     assert "broken.jpg" in captured.err and "corrupt" in captured.err
-    good = df[df["error"] == ""].copy()
+    notes = df[df["image"].str.endswith("notes.txt")].iloc[0]
+    assert notes["status"] == "not_an_image" and "not an image" in notes["error"]
+    good = df[df["status"] == "scored"].copy()
+    assert (good["error"] == "").all()
     good["raw_score"] = good["raw_score"].astype(float)
     assert len(good) == 7 and good["raw_score"].between(0, 1).all()
     q = dict(zip(df["image"].str.rsplit("/", n=1).str[-1], df["quality"]))
@@ -90,11 +94,13 @@ def test_folder_screening_writes_rows_errors_quality_and_provenance(run_dir, pho
     assert (df["model_run"] == "demo").all() and (df["threshold"] == THRESHOLD).all()
     meta = json.loads(sidecar_path(out).read_text())
     assert meta["model"]["run"] == "demo" and meta["model"]["validation_metrics"]["roc_auc"] == 0.61
-    assert meta["threshold"]["value"] == THRESHOLD and meta["n_failed"] == 1 and meta["n_predicted"] == 7
+    assert meta["threshold"]["value"] == THRESHOLD and meta["n_failed"] == 2 and meta["n_predicted"] == 7
+    assert meta["not_scored"] == {"corrupt": 1, "not_an_image": 1}
     assert meta["weights_sha256"] == file_sha256(run_dir / "bundle" / "model.safetensors")
     assert meta["weights_sha256_short"] == meta["weights_sha256"][:12] == meta["model"]["weights_sha256"][:12]
     assert meta["model"]["intended_use"] and meta["preprocessing"]["input_size"] == 64
-    assert "1 unreadable" in captured.out and "no out-of-distribution gate" in captured.out
+    assert "7 of 9 files scored" in captured.out and "2 not scored: 1 corrupt, 1 not_an_image" in captured.out
+    assert "no out-of-distribution gate" in captured.out
     assert meta["n_not_assessed"] == 1 and len(meta["lacks"]) == 3 and "verdict" in meta["columns"]
 
 
@@ -104,7 +110,7 @@ def test_batched_probabilities_match_single_photo_predictions_in_order(run_dir, 
                  "--workers", "1", "--device", "cpu"]) == 0
     df = pd.read_csv(out)
     predictor = Predictor(load_bundle(run_dir), device="cpu")
-    for _, row in df[df["error"].isna()].iterrows():
+    for _, row in df[df["status"] == "scored"].iterrows():
         single = predictor.predict_source(row["image"], cam_method=None)
         assert row["raw_score"] == pytest.approx(single.prob, abs=2e-3) and row["verdict"] == single.verdict
 
@@ -133,5 +139,89 @@ def test_unusable_inputs_fail_with_a_message(run_dir, tmp_path, capsys, bad):
     rc = main(["--run", str(run), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o.csv")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert ("no model.json" in err) if bad == "run" else ("no images" in err)
+    assert ("no model.json" in err) if bad == "run" else ("no files found" in err)
     assert not (tmp_path / "o.csv").exists()
+
+
+def truncated_jpeg(path):
+    data = textured(path.with_suffix(".tmp.jpg"), size=(320, 240), seed=12).read_bytes()
+    path.with_suffix(".tmp.jpg").unlink()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture
+def odd_dir(tmp_path):
+    """Every kind of file a real photo folder holds besides photos."""
+    d = tmp_path / "odd"
+    textured(d / "ok.jpg", seed=1)
+    jpeg_without_extension = textured(d / "IMG_0001.jpg", seed=2).rename(d / "IMG_0001")
+    Image.open(jpeg_without_extension).verify()  # still a JPEG: its content, not its name, says so
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(d / "anim.gif")
+    (d / "readme.txt").write_text("scanned at the clinic")
+    truncated_jpeg(d / "cut.jpg")
+    (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    textured(d / ".thumbnails" / "t.jpg", seed=3)  # inside a hidden folder
+    (d / "empty.png").write_bytes(b"")
+    Image.new("1", (9000, 9000)).save(d / "huge.png")  # 81 MP, above the 80 MP limit, a few KB on disk
+    return d
+
+
+EXPECTED_STATUS = {"ok.jpg": "scored", "IMG_0001": "scored", "anim.gif": "unsupported_type",
+                   "readme.txt": "not_an_image", "cut.jpg": "corrupt", ".DS_Store": "hidden", "t.jpg": "hidden",
+                   "empty.png": "empty", "huge.png": "too_large"}
+
+
+def test_every_file_is_scored_or_named_with_its_reason(run_dir, odd_dir, tmp_path, capsys):
+    out = tmp_path / "odd.csv"
+    assert main(["--run", str(run_dir), "--images", str(odd_dir), "--out", str(out), "--workers", "0",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    df = pd.read_csv(out, keep_default_na=False)
+    handed_over = [p for p in odd_dir.rglob("*") if p.is_file()]
+    assert len(df) == len(handed_over) == len(EXPECTED_STATUS)
+    assert dict(zip(df["image"].str.rsplit("/", n=1).str[-1], df["status"])) == EXPECTED_STATUS
+    scored = df[df["status"] == "scored"]
+    assert scored["raw_score"].astype(float).between(0, 1).all() and (scored["error"] == "").all()
+    skipped = df[df["status"] != "scored"]
+    assert (skipped["raw_score"] == "").all() and (skipped["error"] != "").all()
+    gif = df[df["image"].str.endswith("anim.gif")].iloc[0]
+    assert "GIF format is not supported" in gif["error"]
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["n_predicted"] + meta["n_failed"] == meta["n_images"] == len(handed_over)
+    assert sum(meta["not_scored"].values()) == meta["n_failed"] == 7
+    assert meta["not_scored"]["hidden"] == 2
+    # the end of the run names every file that was not scored, with the reason
+    for name, status in EXPECTED_STATUS.items():
+        if status != "scored":
+            assert name in captured.err
+    for reason in ("unsupported_type (1)", "not_an_image (1)", "corrupt (1)", "hidden (2)", "empty (1)",
+                   "too_large (1)"):
+        assert f"not scored, {reason}:" in captured.err
+    assert "2 of 9 files scored" in captured.out
+
+
+def test_a_file_without_extension_gets_the_same_probability_as_with_one(run_dir, tmp_path):
+    a = textured(tmp_path / "in" / "a.jpg", seed=5)
+    (tmp_path / "in" / "b").write_bytes(a.read_bytes())
+    out = tmp_path / "x.csv"
+    assert main(["--run", str(run_dir), "--images", str(tmp_path / "in"), "--out", str(out), "--workers", "0",
+                 "--device", "cpu"]) == 0
+    df = pd.read_csv(out)
+    assert list(df["status"]) == ["scored", "scored"]
+    assert df["raw_score"].iloc[0] == pytest.approx(df["raw_score"].iloc[1], abs=1e-5)
+
+
+def test_manifest_rows_that_cannot_be_scored_are_named_and_nothing_scored_exits_1(run_dir, tmp_path, capsys):
+    textured(tmp_path / "p.png", seed=1)
+    man = pd.DataFrame({"image": [str(tmp_path / "gone.jpg"), str(tmp_path / "p.png")], "label": [1, 0],
+                        "crop_left": [None, 500], "crop_top": [None, 0], "crop_width": [None, 10],
+                        "crop_height": [None, 10]})
+    man.to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "m_pred.csv"
+    rc = main(["--run", str(run_dir), "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--workers", "0",
+               "--device", "cpu"])
+    assert rc == 1  # a CSV is written, but no image could be scored
+    df = pd.read_csv(out, keep_default_na=False)
+    assert list(df["status"]) == ["not_found", "bad_crop"] and list(df["label"]) == [1, 0]
+    err = capsys.readouterr().err
+    assert "gone.jpg: file not found" in err and "falls outside" in err

@@ -1,11 +1,12 @@
-"""Shared UI pieces for the pages: the sidebar model picker, the provenance box, the photo carried between
+"""Shared UI pieces for the pages (ui/*.py): the sidebar model picker, the provenance box, the photo carried between
 pages, the cropper wrapper and the cached predictor. Logic lives in core (appstate, photos); this only renders.
 
 Session-state keys (all in memory; nothing is written to disk unless the user saves a crop file):
   model_label / model_path  the chosen bundle (label in the picker, bundle folder)
   extra_models              {label: folder} added from a typed path or an uploaded zip
   photo_bytes, photo_name   the current photo (from the Crop or Predict page uploader, or a test)
-  photo_id                  the upload it came from (a new upload replaces the photo and clears the crop)
+  photo_id                  the upload or example it came from (a new one replaces the photo and clears the crop)
+  upload_seen               the last uploader file seen (so a later example click is not undone by it)
   photo_crop                {left, top, width, height} in original upright pixels, or None (whole image)
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import appstate, photos
+from core import appstate, builtin, photos
 from core.bundle import BundleError, BundleMeta, read_meta
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "heic", "heif"]
@@ -24,31 +25,6 @@ DISCLAIMER = ("Research tool, not a diagnostic device. The score is a model outp
               "demonstration; it cannot make or rule out a diagnosis. Any changing, bleeding, itching or "
               "otherwise worrying skin lesion needs a clinician's examination.")
 CLI_EXAMPLE = "python -m train.fit --config train/configs/shared_demo.yaml --out runs/shared_demo"
-
-
-PAGE_CONFIG = dict(page_title="Skin lesion screening (research)", page_icon=":material/dermatology:", layout="wide")
-
-
-def page_setup() -> None:
-    """Call first on every page.
-
-    Streamlit has a legacy mode that runs a file from a folder named `pages/` on its own, without app.py: it
-    picks it for a server's first request of a page URL (e.g. /predict) before app.py has ever called
-    st.navigation, and AppTest picks it on every rerun. Switch it off; in a server, rerun through app.py (same
-    page: page hashes come from the URL path). Under AppTest draw what app.py would have (page config, sidebar)
-    in place instead, since a rerun there would swallow the button click that started the run."""
-    try:
-        from streamlit import config
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # pragma: no cover - internal module moved; st.navigation still works
-        return
-    if not getattr(PagesManager, "uses_pages_directory", None):
-        return
-    PagesManager.uses_pages_directory = False
-    if not config.get_option("global.appTest"):
-        st.rerun()
-    st.set_page_config(**PAGE_CONFIG)
-    sidebar()
 
 
 def no_model_message(where=None, short: bool = False) -> None:
@@ -99,7 +75,7 @@ def _add_zip() -> None:
 def sidebar() -> None:
     """Model picker (bundles in RUNS_DIR, a typed path, an uploaded zip) and the chosen model's provenance."""
     root = appstate.runs_dir()
-    entries = appstate.list_bundles(root)
+    entries = appstate.model_entries(root)
     options = {e.label: str(e.path) for e in entries if e.meta}
     options.update(st.session_state.get("extra_models", {}))
     with st.sidebar:
@@ -170,9 +146,33 @@ def take_upload(uploaded) -> None:
     if uploaded is None:
         return
     file_id = getattr(uploaded, "file_id", None) or uploaded.name
-    if st.session_state.get("photo_id") != file_id:
+    # Compare with the last upload seen, not the current photo: an example picked after an upload must not be
+    # replaced by that same upload on the next rerun (the uploader keeps returning it).
+    if st.session_state.get("upload_seen") != file_id:
         st.session_state.update(photo_bytes=uploaded.getvalue(), photo_name=uploaded.name, photo_crop=None,
-                                photo_id=file_id)
+                                photo_id=file_id, upload_seen=file_id)
+
+
+def use_example(example: builtin.Example) -> None:
+    st.session_state.update(photo_bytes=example.path.read_bytes(), photo_name=example.path.name, photo_crop=None,
+                            photo_id=f"example:{example.path.name}")
+
+
+def example_picker(key: str) -> None:
+    """One click on a shipped example photo (assets/examples, PAD-UFES-20 test patients) makes it the current photo."""
+    items = builtin.examples()
+    if not items:
+        return
+    with st.expander("Try an example photo", expanded=current_photo() is None):
+        st.caption("Smartphone photos of patients the built-in demo model never trained on (PAD-UFES-20, CC BY 4.0); "
+                   "the diagnosis under each is the dataset's.")
+        for col, (i, ex) in zip(st.columns(len(items)), enumerate(items)):
+            thumb = thumbnail(str(ex.path), 140)
+            if thumb is not None:
+                col.image(thumb)
+            col.button("Try this one", key=f"{key}_example_{i}", on_click=use_example, args=(ex,),
+                       width="stretch")
+            col.caption(ex.caption)
 
 
 def current_photo() -> Photo | None:

@@ -1,0 +1,134 @@
+"""Predict: one photo (uploaded here or cropped on the Crop page) -> quality warnings, then either "not assessed"
+with the reason (unusable photo, or unlike the training photos) or the calibrated probability, the verdict
+(flagged / not flagged) at the model's threshold and Grad-CAM; similar training cases and the model's provenance."""
+import streamlit as st
+
+from core import appstate
+from core.bundle import BundleError
+from core.gradcam import overlay
+from core.images import ImageLoadError
+from ui import common
+
+st.title("Predict")
+st.caption(common.DISCLAIMER)
+
+uploaded = st.file_uploader("Photo of the skin lesion (drag and drop)", type=common.IMAGE_TYPES,
+                            key="predict_upload",
+                            help="Kept in memory for this session only. Crop it first on the Crop page if the "
+                                 "lesion fills only part of the photo.")
+common.take_upload(uploaded)
+common.example_picker("predict")
+
+meta = common.current_meta()
+if meta is None:
+    common.no_model_message()
+    st.stop()
+photo = common.current_photo()
+if photo is None:
+    st.info("Upload a photo above, try an example, or upload and crop one on the **Crop** page.")
+    st.stop()
+
+if photo.crop:
+    c = photo.crop
+    st.markdown(f"Photo **{photo.name}**, cropped on the Crop page to {c['width']}×{c['height']} px at "
+                f"({c['left']}, {c['top']}).")
+    st.button("Use the whole photo instead", on_click=lambda: st.session_state.update(photo_crop=None))
+else:
+    st.markdown(f"Photo **{photo.name}** (whole photo; the model centre-crops it).")
+
+col_method, col_opacity = st.columns(2)
+method_label = col_method.radio("Heat-map method", ["Grad-CAM", "Grad-CAM++"], horizontal=True, key="cam_method")
+opacity = col_opacity.slider("Heat-map opacity", 0.0, 1.0, 0.45, 0.05, key="cam_opacity")
+method = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}[method_label]
+
+try:
+    with st.spinner("Running the model…"):
+        pred = common.predict(photo, st.session_state["model_path"], method)
+except ImageLoadError as e:
+    st.error(f"This file cannot be used: {e}")
+    st.stop()
+except BundleError as e:
+    st.error(f"The model cannot be loaded: {e}")
+    st.stop()
+
+# Quality problems come first: they qualify everything below (refusals are said in the result itself).
+warnings = [w for w in pred.quality if not w.refusal]
+if warnings:
+    st.subheader("Image quality")
+    for w in warnings:
+        st.warning(w.message, icon=":material/warning:")
+    st.caption("These problems make the result below less reliable. Retake the photo if you can.")
+
+st.subheader("Result")
+left, right = st.columns([1, 1], gap="large")
+with left:
+    h, w = pred.model_input.shape[:2]
+    if pred.assessed:
+        st.image(overlay(pred.model_input, pred.cam, opacity), width="stretch",
+                 caption=f"{method_label} on the {w}×{h} px image the model saw: warmer colours mark the regions "
+                         "that pushed the score towards 'malignant' (not a lesion outline).")
+        with st.expander("The model's input without heat-map"):
+            st.image(pred.model_input, width="stretch")
+    else:
+        st.image(pred.model_input, width="stretch", caption=f"The {w}×{h} px image the model saw.")
+with right:
+    d = appstate.describe_model(meta)
+    if not pred.assessed:
+        st.error(f"**Not assessed.** {pred.not_assessed_reason}", icon=":material/block:")
+        if pred.assessment.refusal == "out_of_distribution":
+            st.markdown(f"This model knows only photos like its training data: {'; '.join(d['training_data'])}. "
+                        "Dermoscopic images (taken through a dermatoscope), photos of something other than skin, "
+                        "screenshots and scans are outside it. Retake a close-up smartphone photo of the lesion "
+                        "in daylight, in focus, with the lesion in the centre.")
+        with st.expander("Raw model score (unreliable for this photo)"):
+            st.markdown(f"Raw score {pred.prob:.3f} (threshold {pred.threshold:.3f}). The model was not built for "
+                        "this photo: this number says nothing about the skin in it and must not be read as a risk.")
+    else:
+        if pred.prob_calibrated is not None:
+            st.markdown(f"### Calibrated probability of malignancy: {pred.prob_calibrated:.0%}")
+            st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {pred.prob_calibrated:.0%} of "
+                       "photos scored like this one were malignant. It describes that population, not you.")
+        else:
+            st.markdown(f"### Model score: {pred.prob:.1%} (not a calibrated probability)")
+        thr_text = (f"{pred.threshold_calibrated:.0%} calibrated, raw score {pred.threshold:.3f}"
+                    if pred.threshold_calibrated is not None else f"{pred.threshold:.3f}")
+        if pred.verdict == "flagged":
+            st.error(f"**Flagged**: at or above the model's threshold ({thr_text}).")
+        else:
+            st.success(f"**Not flagged**: below the model's threshold ({thr_text}).")
+        st.markdown(
+            f"**What the threshold means.** It was chosen on validation data ({d['threshold_rule']}). On "
+            f"{d['n_val'] or '?'} validation images "
+            f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant) it flagged "
+            f"{d['sensitivity']} of the malignant lesions (sensitivity) and cleared {d['specificity']} of the benign "
+            "ones (specificity). So a lesion that is not flagged can still be malignant, and many flagged lesions "
+            "are benign. A flag is a screening signal, not a diagnosis.")
+        st.caption(f"Raw model score {pred.prob:.3f}. The result depends on the photo (distance, light, focus) and "
+                   "on how similar it is to the training data.")
+    for lack in pred.lacks:
+        st.info(f"This model has {lack}.", icon=":material/info:")
+    common.provenance_box(meta)
+    if pred.timings_ms:
+        st.caption("Timings: " + ", ".join(f"{k} {v:.0f} ms" for k, v in pred.timings_ms.items()))
+
+if pred.similar:
+    st.subheader("Most similar photos in the model's training and validation data")
+    st.caption("What the model thinks this photo resembles, in its own feature space (cosine similarity; 1 = "
+               "identical features). Labels are biopsy or clinical diagnoses from the training data.")
+    cols = st.columns(len(pred.similar))
+    missing = 0
+    for col, case in zip(cols, pred.similar):
+        caption = (f"{case.label_name}" + (f" ({case.diagnosis})" if case.diagnosis else "")
+                   + f" · {case.split} · similarity {case.similarity:.2f}")
+        thumb = common.thumbnail(case.image, 160) if case.available else None
+        if thumb is not None:
+            col.image(thumb, caption=caption)
+        else:
+            missing += 1
+            col.markdown(f"**{caption}**")
+    if missing:
+        st.caption(f"{missing} of these photos are not on this machine (the model stores references, not copies "
+                   "of patients' photos): their labels are shown alone.")
+
+st.divider()
+st.caption(common.DISCLAIMER)
