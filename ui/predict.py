@@ -77,9 +77,9 @@ with right:
         st.error(f"**Not assessed.** {pred.not_assessed_reason}", icon=":material/block:")
         if pred.assessment.refusal == "out_of_distribution":
             st.markdown(f"This model knows only photos like its training data: {'; '.join(d['training_data'])}. "
-                        "Dermoscopic images (taken through a dermatoscope), photos of something other than skin, "
-                        "screenshots and scans are outside it. Retake a close-up smartphone photo of the lesion "
-                        "in daylight, in focus, with the lesion in the centre.")
+                        "Photos of something other than skin, screenshots, scans and photos taken very differently "
+                        "are outside it. If this is a lesion, retake a close-up smartphone photo in daylight, in "
+                        "focus, with the lesion in the centre.")
         with st.expander("Raw model score (unreliable for this photo)"):
             st.markdown(f"Raw score {pred.prob:.3f} (threshold {pred.threshold:.3f}). The model was not built for "
                         "this photo: this number says nothing about the skin in it and must not be read as a risk.")
@@ -104,7 +104,10 @@ with right:
             "ones (specificity). So a lesion that is not flagged can still be malignant, and many flagged lesions "
             "are benign. A flag is a screening signal, not a diagnosis.")
         st.caption(f"Raw model score {pred.prob:.3f}. The result depends on the photo (distance, light, focus) and "
-                   "on how similar it is to the training data.")
+                   "on how similar it is to the training data. Dermoscopic images (taken through a dermatoscope) "
+                   "are outside what a smartphone-photo model was trained on, and its out-of-distribution check "
+                   "does not reliably catch them (measured: it accepted most of two ISIC dermoscopic sets): do not "
+                   "use it on them.")
     for lack in pred.lacks:
         st.info(f"This model has {lack}.", icon=":material/info:")
     common.provenance_box(meta)

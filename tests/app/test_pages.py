@@ -190,7 +190,7 @@ def test_trusted_model_calibrated_headline_similar_cases_and_refusal(with_truste
     assert not at.exception
     errors = "\n".join(e.value for e in at.main.error)
     assert "This photo does not look like the photos this model was trained on" in errors
-    assert "the model cannot assess it" in errors and "Dermoscopic images" in texts(at)
+    assert "the model cannot assess it" in errors and "retake a close-up smartphone photo" in texts(at)
     assert "Calibrated probability" not in texts(at) and any("unreliable" in e.label for e in at.main.expander)
 
 

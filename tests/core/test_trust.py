@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from core.backbones import get_spec
+from core import ood
 from core.bundle import load_bundle, save_bundle
 from core.inference import Predictor
 from core.model import HeadConfig, LesionClassifier
@@ -63,10 +64,13 @@ def test_fit_reads_train_and_val_only_and_the_bundle_keeps_it(trusted):
     assert b.lacks() == [] and b.gate.threshold == parts.gate.threshold
     assert b.calibration == parts.calibration and len(b.similar.records) == 50
     meta = json.loads((trusted["bundle"] / "model.json").read_text())
-    assert meta["ood_gate"]["method"] == "knn" and len(meta["trust_arrays"]["sha256"]) == 64
+    assert meta["ood_gate"]["method"] == ood.DEFAULT_METHOD and len(meta["trust_arrays"]["sha256"]) == 64
     assert "records" not in meta["similar_cases"]  # references live beside the arrays, model.json stays small
-    # float16: 2 bytes per feature for 30 gate references + 50 similar cases, plus the records
-    assert (trusted["bundle"] / "trust.safetensors").stat().st_size < (30 + 50) * 1280 * 2 + 20_000
+    # small: no D x D matrix, float16 similar-case embeddings (2 bytes a feature), plus the records
+    assert all(a.shape != (1280, 1280) for a in parts.gate.arrays.values())
+    arrays = sum(a.nbytes for a in parts.gate.arrays.values()) + parts.similar.embeddings.nbytes
+    assert parts.similar.embeddings.nbytes == 50 * 1280 * 2
+    assert (trusted["bundle"] / "trust.safetensors").stat().st_size < arrays + 20_000 < 1_000_000
 
 
 def test_a_changed_trust_file_is_refused(trusted, tmp_path):
