@@ -95,11 +95,12 @@ def assess(raw_prob: float, threshold: float, *, calibration: cal.Calibration | 
     codes = tuple(w.code for w in quality)
     score = None if gate_result is None else gate_result.score
     refused = [w for w in quality if getattr(w, "refusal", False)]
+    # A refused photo keeps its raw score (shown as unreliable) but gets no calibrated probability: calibration
+    # describes photos like the validation photos, which this one is not.
     if refused:
-        return Assessment(NOT_ASSESSED, raw_prob, prob_cal, score, "quality",
-                          " ".join(w.message for w in refused), codes)
+        return Assessment(NOT_ASSESSED, raw_prob, None, score, "quality", " ".join(w.message for w in refused), codes)
     if gate_result is not None and not gate_result.accepted:
-        return Assessment(NOT_ASSESSED, raw_prob, prob_cal, score, "out_of_distribution",
+        return Assessment(NOT_ASSESSED, raw_prob, None, score, "out_of_distribution",
                           OOD_MESSAGE.format(detail=gate_result.reason), codes)
     return Assessment(FLAGGED if raw_prob >= threshold else NOT_FLAGGED, raw_prob, prob_cal, score, None, None,
                       codes)

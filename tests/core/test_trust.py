@@ -137,13 +137,19 @@ def test_screen_evaluate_app_and_onnx_agree_on_the_same_photos(trusted, tmp_path
         row, rep = screened.iloc[i], report["predictions"][i]
         assert row["verdict"] == rep["verdict"] == app.verdict, path
         assert float(row["raw_score"]) == pytest.approx(app.prob, abs=1e-4) == rep["prob"]
-        assert float(row["prob_calibrated"]) == pytest.approx(app.prob_calibrated, abs=1e-4)
+        if app.assessed:
+            assert float(row["prob_calibrated"]) == pytest.approx(app.prob_calibrated, abs=1e-4)
+        else:  # no calibrated probability for a photo the model cannot assess; the raw score stays
+            assert row["prob_calibrated"] == "" and rep["prob_calibrated"] is None
         assert float(row["ood_score"]) == pytest.approx(app.assessment.ood_score, abs=1e-4)
         x = predictor.prepare(Image.open(path).convert("RGB"))[0].float().contiguous().numpy()
         out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": x})))
         gate_ok = out["ood_score"][0, 0] <= sidecar["ood_gate"]["threshold"]
         assert gate_ok == (app.assessment.refusal != "out_of_distribution"), path
-        assert out["prob_calibrated"][0, 0] == pytest.approx(app.prob_calibrated, abs=1e-4)
+        raw = 1 / (1 + np.exp(-(bundle.calibration.slope * out["logit"][0, 0] + bundle.calibration.intercept)))
+        assert out["prob_calibrated"][0, 0] == pytest.approx(raw, abs=1e-4)
+        if app.assessed:
+            assert out["prob_calibrated"][0, 0] == pytest.approx(app.prob_calibrated, abs=1e-4)
     t = report["trust"]
     assert t["n_refused_by_gate"] == 2 and t["lacks"] == []
     assert "calibration_after" in t and t["calibration_before"]["brier"]["ci95"] is not None
