@@ -94,7 +94,7 @@ def test_bundle_path_and_zip_upload(with_model, tmp_path):
         z.writestr("b/model.safetensors", b"0")
     at.sidebar.file_uploader(key="bundle_zip").set_value(("old.zip", buf.getvalue(), "application/zip")).run()
     assert not at.exception
-    assert "format version 7 but this tool reads version 1" in "\n".join(e.value for e in at.sidebar.error)
+    assert "format version 7 but this tool reads version 2" in "\n".join(e.value for e in at.sidebar.error)
     # a good zip becomes the chosen model
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
