@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import builtin
+from core import builtin, runfolder
 from core.fileio import atomic_write_json, read_json_or_none
 
 SHARED = Path("../shared/data")
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def train_run(config: str) -> Path:
     from train import fit
     out = Path("runs/shared_demo")
-    if fit.main(["--config", config, "--out", str(out)] + (["--resume"] if (out / "checkpoint.pt").exists() else [])):
+    if fit.main(["--config", config, "--out", str(out)] + (["--resume"] if (out / runfolder.CHECKPOINT).exists() else [])):
         raise SystemExit("training failed; see the messages above")
     return out
 
@@ -50,7 +50,7 @@ def train_run(config: str) -> Path:
 def split_membership(run: Path) -> pd.DataFrame:
     """Image file name, patient and split of every image the run used (the last stage's split file)."""
     from core.manifest import read_manifest
-    frames = [read_manifest(p) for p in sorted((run / "splits").glob("*.csv"))]
+    frames = [read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]
     df = pd.concat(frames, ignore_index=True).drop_duplicates("image")
     return pd.DataFrame({"image": df["image"].map(lambda p: Path(str(p)).name),
                          "patient_id": df.get("patient_id"), "split": df["split"]})
@@ -71,7 +71,7 @@ def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
     from core.bundle import load_bundle
     from core.evaluation import predict_probs
     from core.manifest import read_manifest
-    df = pd.concat([read_manifest(p) for p in sorted((run / "splits").glob("*.csv"))]).drop_duplicates("image")
+    df = pd.concat([read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]).drop_duplicates("image")
     df = df[df["split"].isin(["val", "test"])].reset_index(drop=True)
     full = load_bundle(bundle_dir)
     half = load_bundle(bundle_dir)
@@ -98,7 +98,7 @@ def write_bundle(run: Path, dest: Path) -> dict:
 
 def write_evidence(run: Path, dest: Path, pca: bool) -> None:
     dest.mkdir(parents=True)
-    for name in ("val_report.json", "test_report.json"):
+    for name in (runfolder.VAL_REPORT, runfolder.TEST_REPORT):
         report = read_json_or_none(run / name)
         if report is not None:
             atomic_write_json(dest / name, strip_paths(report), indent=1)
