@@ -41,6 +41,13 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
     if src.manifest:
         df = read_manifest(src.manifest)
         prov = {"manifest": src.manifest, "sha256": file_sha256(src.manifest)}
+    elif src.metadata:
+        from core import sources
+        importer = {"pad_ufes": sources.import_pad_ufes, "isic": sources.import_isic,
+                    "midas": sources.import_midas}[src.importer]
+        df, report = importer(src.metadata, src.images)
+        prov = {"metadata": src.metadata, "importer": src.importer, "images": src.images,
+                "sha256": file_sha256(src.metadata), "dropped": report.dropped}
     else:
         df, report = import_csv(src.csv, src.images, image_col=src.image_col, label_col=src.label_col,
                                 patient_col=src.patient_col)
