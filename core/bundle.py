@@ -39,7 +39,8 @@ class Bundle:
         return float(self.meta["threshold"]["value"])
 
 
-def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: dict, provenance: dict) -> Path:
+def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: dict, provenance: dict,
+                context: dict | None = None) -> Path:
     """Write the weights and the description; the json is written last, so a half-written bundle never loads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,8 @@ def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: dict,
             "preprocessing": asdict(model.spec.preprocessing),
             "threshold": threshold, "labels": LABELS, "output": "one logit; sigmoid = P(malignant)",
             "intended_use": INTENDED_USE, "provenance": provenance}
+    if context is not None:  # the optional clinical-context stage (core.context.ContextModel.to_dict())
+        meta["context"] = context
     tmp = folder / "model.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=_jsonable))
     os.replace(tmp, folder / "model.json")

@@ -314,3 +314,9 @@ def sigmoid(z) -> float | np.ndarray:
 
 def _z(x, mean, std) -> float:
     return float(np.clip((float(x) - mean) / std, -CLIP_Z, CLIP_Z))
+
+
+def context_of(meta: Mapping | None) -> ContextModel | None:
+    """The context stage stored in a bundle's metadata, or None when the bundle has none."""
+    raw = (meta or {}).get("context")
+    return None if raw is None else ContextModel.from_dict(raw)

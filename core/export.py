@@ -96,6 +96,8 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
                                     f"resize the short side to {pp.resize_to} ({pp.interpolation})",
                                     f"centre-crop {s}x{s}", "scale to [0, 1], subtract mean, divide by std"]},
         "threshold": meta.get("threshold"), "labels": meta.get("labels"),
+        # The clinical-context stage is not in the graph: plain numbers applied to the graph's logit (formula inside).
+        "context_stage": meta.get("context"),
         "intended_use": meta.get("intended_use"),
         "provenance": {**model_summary(meta), "bundle": str(bundle.path) if bundle.path else None,
                        "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,

@@ -22,6 +22,7 @@ from core.backbones import get_spec
 from core.cache import DecodeCache
 from core.bundle import load_bundle, read_meta, save_bundle
 from core.config import DataSource, RunConfig, StageConfig
+from core.context import context_of
 from core.dataset import ManifestDataset, check_images
 from core.device import dataloader_workers, fabric_precision, pick_device
 from core.evaluation import build_report, model_summary
@@ -420,7 +421,8 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                  "val_sensitivity": vm["recall"], "val_specificity": vm["specificity"],
                  "n_val": int(len(y)), "n_val_malignant": int(y.sum())}
     provenance = _provenance(cfg, state, parent, vm, seconds)
-    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance)
+    context = fit_context_stage(rf, cfg, df, val_df, probs) if cfg.context else None
+    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance, context=context)
     val_report["model"] = model_summary(read_meta(bundle))  # the same provenance block as every other report
     (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
     rf.log("validation (last stage, chosen model, threshold from validation):\n" +
@@ -439,8 +441,29 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
     probs = predict_probs(b.model, test_df)
     report = build_report(test_df, probs, b.threshold, n_boot=cfg.n_boot, seed=cfg.seed,
                           model_meta=b.meta, split="test")
+    stage = context_of(b.meta)
+    if stage is not None:
+        from core.context_report import context_report, format_context_table
+        report["context"] = context_report(test_df, probs, b.threshold, stage, n_boot=cfg.n_boot, seed=cfg.seed)
     (rf.out / "test_report.json").write_text(json.dumps(report, indent=1, default=_json_default))
     rf.log("test (held-out patients):\n" + metrics.format_table([(f"{cfg.name} (test)", report["metrics"])]))
+    if stage is not None:
+        rf.log("test, clinical context (held-out patients):\n" +
+               format_context_table(report["context"], f"{cfg.name} (test)"))
+
+
+def fit_context_stage(rf, cfg, df, val_df, val_probs) -> dict:
+    """The optional context stage: answers of the training patients, fusion on the validation image logits."""
+    from core.context_fit import fit_context
+    t = cfg.threshold
+    stage = fit_context(df[df["split"] == "train"], val_df, val_probs, cfg.context.fields, rule=t.rule,
+                        target=t.target, n_boot=cfg.n_boot, seed=cfg.seed)
+    th = stage.threshold
+    rf.log(f"context stage: fields {', '.join(stage.fields)}; missing answers: {stage.missing_rule}; fused "
+           f"threshold {th['value']:.3f} (validation sensitivity {th['val_sensitivity']['value']:.2f}, "
+           f"specificity {th['val_specificity']['value']:.2f}, ROC-AUC {th['val_roc_auc']['value']:.3f})" +
+           "".join(f"\n  left out {f}: {why}" for f, why in stage.excluded.items()))
+    return stage.to_dict()
 
 
 def _provenance(cfg, state, parent, val_metrics, seconds) -> dict:

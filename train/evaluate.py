@@ -37,6 +37,17 @@ def select_rows(df, split):
     return chosen.reset_index(drop=True), split
 
 
+def add_context(report: dict, df, probs, bundle, n_boot: int) -> str:
+    """With a context stage and context columns in the manifest: image-only, context-only and fused side by side."""
+    from core.context import context_of
+    from core.context_report import context_report, format_context_table
+    stage = context_of(bundle.meta)
+    if stage is None or not any(f in df.columns for f in stage.fields):
+        return ""
+    report["context"] = context_report(df, probs, bundle.threshold, stage, n_boot=n_boot)
+    return format_context_table(report["context"], "")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -58,11 +69,14 @@ def main(argv=None) -> int:
                    f"for new patients")
         report.setdefault("notes", []).append(warning)
         print(f"warning: {warning}", file=sys.stderr)
+    context_table = add_context(report, df, probs, bundle, args.n_boot)
     out = Path(args.out or Path(args.run) / f"report_{Path(args.manifest).stem}_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     name = args.name or f"{bundle.meta['provenance'].get('run_name')} ({split})"
     print(metrics.format_table([(name, report["metrics"])]))
+    if context_table:
+        print(context_table)
     for note in report.get("notes", []):
         print(f"note: {note}")
     print(f"wrote {out}")

@@ -108,6 +108,22 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
     for col in CARRIED:
         if col in df.columns:
             out[col] = df[col].values
+    return add_context(out, df, predictor)
+
+
+def add_context(out: pd.DataFrame, df: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
+    """With a context stage and context columns in the manifest: the fused result per row, and what it used."""
+    from core.context import context_frame, fuse
+    stage = predictor.context
+    if stage is None or not any(f in df.columns for f in stage.fields):
+        return out
+    answers = context_frame(df, stage.fields).to_dict("records")
+    thr = predictor.bundle.threshold
+    rows = [fuse(stage, p, thr, a) if not np.isnan(p) else None for p, a in zip(out["prob_malignant"], answers)]
+    out["fused_prob"] = [round(r.prob, 6) if r else np.nan for r in rows]
+    out["fused_verdict"] = ["" if r is None else "malignant" if r.malignant else "benign" for r in rows]
+    out["fused_threshold"] = [r.threshold if r else np.nan for r in rows]
+    out["inputs"] = [r.inputs if r else "" for r in rows]
     return out
 
 
@@ -119,6 +135,7 @@ def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame
             "model": predictor.summary, "run": str(run), "bundle": str(bundle.path),
             "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
             "preprocessing": bundle.meta.get("preprocessing"), "threshold": bundle.meta.get("threshold"),
+            "context_stage": bundle.meta.get("context"),
             "inputs": inputs, "n_images": int(len(table)), "n_predicted": int(len(table) - failed),
             "n_failed": failed, "n_malignant_verdicts": int((table["verdict"] == "malignant").sum()),
             "precision": predictor.precision, "device": str(predictor.device),
