@@ -4,6 +4,7 @@ import streamlit as st
 
 from core import appstate
 from core.bundle import BundleError
+from core.context import context_of
 from core.gradcam import overlay
 from core.images import ImageLoadError
 from pages import common
@@ -35,7 +36,7 @@ if photo.crop:
 else:
     st.markdown(f"Photo **{photo.name}** (whole photo; the model centre-crops it).")
 
-stage = common.get_predictor(st.session_state["model_path"]).context
+stage = context_of(meta)  # the model's optional clinical-context stage
 answers = {}
 with st.expander("Clinical context (optional)", expanded=stage is not None):
     if stage is None:
