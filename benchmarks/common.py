@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from core.backbones import get_spec  # noqa: E402
-from core.bundle import Bundle  # noqa: E402
+from core.bundle import Bundle, BundleMeta, Provenance, Threshold  # noqa: E402
 from core.device import cpu_has_bf16  # noqa: E402
 from core.model import HeadConfig, LesionClassifier  # noqa: E402
 
@@ -116,8 +116,8 @@ def random_model(name: str, seed: int = 0) -> LesionClassifier:
 
 
 def make_bundle(model: LesionClassifier, threshold: float = 0.5) -> Bundle:
-    meta = {"threshold": {"value": threshold}, "backbone": model.spec.to_dict(),
-            "provenance": {"run_name": "benchmark (random weights)"}, "intended_use": "benchmark"}
+    meta = BundleMeta(backbone=model.spec.to_dict(), threshold=Threshold(value=threshold),
+                      provenance=Provenance(run_name="benchmark (random weights)"), intended_use="benchmark")
     return Bundle(model=model, meta=meta)
 
 

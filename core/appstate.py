@@ -10,8 +10,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.bundle import BundleError, read_meta
-from core.evaluation import model_summary
+from core import builtin, metrics
+from core.bundle import BundleError, BundleMeta, read_meta, verify_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MAX_BUNDLE_UNZIPPED = 4 << 30     # a zip that expands beyond this is refused (zip bomb guard)
@@ -27,7 +27,7 @@ def runs_dir() -> Path:
 class BundleEntry:
     label: str                 # what the picker shows: the run name (or folder name of a bare bundle)
     path: Path                 # the bundle folder (holds model.json + model.safetensors)
-    meta: dict | None = None
+    meta: BundleMeta | None = None
     error: str | None = None   # why it cannot be used (e.g. a format-version mismatch)
 
 
@@ -50,6 +50,17 @@ def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
         found.append(((folder / "model.json").stat().st_mtime, entry))
     found.sort(key=lambda t: (-t[0], t[1].label))
     return [e for _, e in found]
+
+
+def model_entries(root: str | Path | None = None) -> list[BundleEntry]:
+    """What the picker offers: the bundles under root (newest first), then the built-in demo, always listed."""
+    entries = list_bundles(root)
+    if builtin.demo_available():
+        try:
+            entries.append(BundleEntry(builtin.DEMO_LABEL, builtin.DEMO_BUNDLE, meta=read_meta(builtin.DEMO_BUNDLE)))
+        except BundleError as e:
+            entries.append(BundleEntry(builtin.DEMO_LABEL, builtin.DEMO_BUNDLE, error=str(e)))
+    return entries
 
 
 def extract_bundle_zip(data: bytes, dest_root: str | Path | None = None) -> Path:
@@ -94,7 +105,7 @@ def extract_bundle_zip(data: bytes, dest_root: str | Path | None = None) -> Path
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not (dest / "model.json").is_file():  # else another session unpacked it meanwhile
                     raise BundleError(f"could not unpack the zip ({e})") from e
-    read_meta(dest)  # format and version check (the clear version-mismatch message comes from here)
+    verify_weights(read_meta(dest))  # format, version and weights hash: the clear messages come from there
     return dest
 
 
@@ -103,23 +114,12 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _pct(entry) -> str:
-    """{'value': v, 'ci95': [lo, hi]} -> '90% (95% CI 80-97%)'; missing parts are said, not invented."""
-    if not isinstance(entry, dict) or entry.get("value") is None:
-        return "not recorded"
-    text = f"{entry['value']:.0%}"
-    ci = entry.get("ci95")
-    if ci and None not in ci:
-        text += f" (95% CI {ci[0]:.0%}–{ci[1]:.0%})"
-    return text
-
-
-def describe_model(meta: dict) -> dict:
+def describe_model(meta: BundleMeta) -> dict:
     """The provenance the app shows next to every probability, as display-ready strings."""
-    s = model_summary(meta)
+    s = meta.summary()
     thr = s.get("threshold") or {}
     data_lines = []
-    stages = (meta.get("provenance") or {}).get("stages") or []
+    stages = meta.provenance.stages or []
     for i, sources in enumerate(s.get("training_data") or []):
         stage = stages[i]["name"] if i < len(stages) and isinstance(stages[i], dict) else f"stage {i}"
         for src in sources or []:
@@ -129,29 +129,20 @@ def describe_model(meta: dict) -> dict:
     splits = s.get("split_counts") or {}
     split_text = ", ".join(f"{k} {v.get('images', '?')} ({v.get('malignant', '?')} malignant)"
                            for k, v in splits.items() if isinstance(v, dict)) or "not recorded"
-    rule = thr.get("rule")
-    rule_text = {"sensitivity": f"highest threshold reaching {thr.get('target', 0):.0%} validation sensitivity",
-                 "youden": "maximises Youden's J on validation", "fixed": "fixed value"}.get(rule, rule or "?")
     vm = s.get("validation_metrics") or {}
     return {
         "run": s.get("run") or "?",
         "backbone": s.get("backbone"),
         "weights": s.get("weights") or "?",
+        "weights_hash": meta.short_hash or "not recorded (format-1 bundle)",
         "training_data": data_lines or ["not recorded"],
         "splits": split_text,
         "threshold": thr.get("value"),
-        "threshold_rule": rule_text,
-        "sensitivity": _pct(thr.get("val_sensitivity")),
-        "specificity": _pct(thr.get("val_specificity")),
+        "threshold_rule": metrics.describe_rule(thr.get("rule"), thr.get("target")),
+        "sensitivity": metrics.format_percent(thr.get("val_sensitivity")),
+        "specificity": metrics.format_percent(thr.get("val_specificity")),
         "n_val": thr.get("n_val"),
         "n_val_malignant": thr.get("n_val_malignant"),
-        "val_auc": _fmt_metric(vm.get("roc_auc")),
+        "val_auc": metrics.metric("roc_auc").format(vm.get("roc_auc")),
         "intended_use": s.get("intended_use") or "Research tool, not a diagnostic device.",
     }
-
-
-def _fmt_metric(entry) -> str:
-    if not isinstance(entry, dict) or entry.get("value") is None:
-        return "n/a"
-    ci = entry.get("ci95")
-    return f"{entry['value']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else "")

@@ -1,20 +1,42 @@
-"""The model bundle: model.safetensors + a self-describing model.json; loading never executes code."""
+"""The model bundle: model.safetensors + model.json; the one module that writes and reads that description.
+
+model.json is the JSON form of BundleMeta (threshold and provenance are typed parts of it). Everyone else
+reads a bundle through read_meta/load_bundle and uses attributes, never dict keys.
+
+Versions: this tool writes format version 2 (version 1 plus `weights_sha256`, the SHA-256 of
+model.safetensors, which load_bundle checks). Version-1 bundles still load; their `weights_sha256` reads as
+None ("not recorded"). Any other version is refused, naming both.
+
+Unknown keys: at the top level and in `threshold` they are refused (they can change what a prediction means,
+e.g. a section written by a newer tool, and silently dropping them would be wrong); in `provenance`, a record
+that never affects a prediction, they are kept in `Provenance.extra` and written back.
+
+Adding an optional section (an OOD gate, a calibration map, ...) is one field on BundleMeta with default None:
+a frozen dataclass with to_dict/from_dict (or plain JSON data); older bundles read it as None, and a None
+section is not written, so bundles without it stay readable by tools that predate it.
+"""
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from core.backbones import BackboneSpec
+from core.context import ContextModel
+from core.fileio import atomic_write, atomic_write_json
+from core.manifest import file_sha256
 from core.model import HeadConfig, LesionClassifier
 
 FORMAT = "skinscreen-model-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: before the weights hash; read with weights_sha256 = None
+META_FILE, WEIGHTS_FILE = "model.json", "model.safetensors"
 LABELS = {"0": "benign", "1": "malignant"}
+OUTPUT = "one logit; sigmoid = P(malignant)"
 INTENDED_USE = ("Research tool, not a diagnostic device. It estimates the probability that a skin lesion in a "
                 "photo is malignant, for research and demonstration by clinician-researchers. It must not be "
                 "used to make or rule out a diagnosis; any concerning lesion needs a clinician's examination.")
@@ -24,10 +46,164 @@ class BundleError(ValueError):
     """A folder that is not a loadable model bundle of this format, with the reason."""
 
 
+def _check_keys(cls, d, where: str, extra_ok: bool = False) -> dict:
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: expected a JSON object, found {type(d).__name__}")
+    known = {f.name for f in fields(cls)} - {"extra", "folder"}
+    unknown = sorted(set(d) - known)
+    if unknown and not extra_ok:
+        raise BundleError(f"{where}: unknown key(s) {', '.join(unknown)} (written by a newer version of the "
+                          f"tool?); this tool knows {', '.join(sorted(known))}")
+    return {k: v for k, v in d.items() if k in known}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The decision threshold on P(malignant) and how it was chosen (always on validation data)."""
+    value: float
+    rule: str | None = None              # a rule name from core.metrics' threshold-rule registry
+    target: float | None = None          # the rule's target (e.g. the sensitivity to reach)
+    chosen_on: str | None = None
+    val_sensitivity: dict | None = None  # {"value": v, "ci95": [lo, hi]} at this threshold, on validation
+    val_specificity: dict | None = None
+    n_val: int | None = None
+    n_val_malignant: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "threshold") -> "Threshold":
+        known = _check_keys(cls, d, where)
+        value = known.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BundleError(f"{where}: 'value' must be a number in [0, 1], found {value!r}")
+        return cls(**{**known, "value": float(value)})
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model came from: run, initial weights, data, splits, recipe, validation metrics, parent run."""
+    run_name: str | None = None
+    weights: str | None = None           # initial weights ('imagenet', a file, 'init_from <run>')
+    data: list | None = None             # per stage: the data sources (manifest, sha256, counts)
+    stages: list | None = None
+    split_counts: dict | None = None
+    seed: int | None = None
+    recipe: dict | None = None
+    validation_metrics: dict | None = None
+    parent: Provenance | None = None     # the init_from run's provenance
+    parent_weights_sha256: str | None = None
+    train_seconds: float | None = None
+    created: str | None = None
+    versions: dict | None = None
+    extra: dict = field(default_factory=dict)  # keys this tool does not know, kept as read
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        d["parent"] = self.parent.to_dict() if self.parent else None
+        return {**d, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, where: str = "provenance") -> "Provenance":
+        if d is None:
+            return cls()
+        known = _check_keys(cls, d, where, extra_ok=True)
+        parent = known.get("parent")
+        if parent is not None:
+            known["parent"] = cls.from_dict(parent, f"{where}.parent")
+        return cls(**known, extra={k: v for k, v in d.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """The content of model.json. `folder` (where it was read from) is not written."""
+    backbone: dict                        # BackboneSpec.to_dict(): rebuilds the network
+    threshold: Threshold
+    head: dict | None = None              # HeadConfig.to_dict()
+    preprocessing: dict | None = None     # the spec's preprocessing, spelled out for readers of the file
+    provenance: Provenance = field(default_factory=Provenance)
+    weights_sha256: str | None = None     # SHA-256 of model.safetensors; None: a version-1 bundle
+    labels: dict = field(default_factory=lambda: dict(LABELS))
+    output: str = OUTPUT
+    intended_use: str = INTENDED_USE
+    format_version: int = FORMAT_VERSION  # as read; saving always writes FORMAT_VERSION
+    folder: Path | None = field(default=None, compare=False)
+    # optional sections go here, each `name: Type | None = None`
+    context: ContextModel | None = None   # the clinical-context stage (core.context): answers fused with the photo
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec.from_dict(self.backbone)
+
+    @property
+    def head_config(self) -> HeadConfig:
+        return HeadConfig(**(self.head or {}))
+
+    @property
+    def short_hash(self) -> str | None:
+        """The first 12 hex digits of the weights' SHA-256: enough to trace a result to the exact weights."""
+        return self.weights_sha256[:12] if self.weights_sha256 else None
+
+    def summary(self) -> dict:
+        """The provenance block every report, prediction and export carries: what model, trained on what,
+        validated how, and which exact weights."""
+        p = self.provenance
+        return {"run": p.run_name, "backbone": self.backbone.get("name"), "weights": p.weights,
+                "weights_sha256": self.weights_sha256, "training_data": p.data, "split_counts": p.split_counts,
+                "threshold": self.threshold.to_dict(), "validation_metrics": p.validation_metrics,
+                "intended_use": self.intended_use}
+
+    def to_dict(self) -> dict:
+        out = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        for f in fields(self):
+            if f.name in ("format_version", "folder"):
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue  # an absent optional section: not written, so older tools can still read the file
+            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = META_FILE) -> "BundleMeta":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            found = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise BundleError(f"{where}: not a {FORMAT} (format={found!r})")
+        version = d.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise BundleError(f"{where}: bundle format version {version} but this tool reads version "
+                              f"{FORMAT_VERSION} (and the older {', '.join(map(str, READABLE_VERSIONS[:-1]))}); "
+                              f"re-export it with a matching version of the tool")
+        body = {k: v for k, v in d.items() if k != "format"}
+        known = _check_keys(cls, body, where)
+        if version >= 2 and not known.get("weights_sha256"):
+            raise BundleError(f"{where}: a version-{version} bundle must record weights_sha256")
+        if version == 1 and "weights_sha256" in known:
+            raise BundleError(f"{where}: a version-1 bundle cannot carry weights_sha256 (edited by hand?)")
+        for key in ("backbone", "threshold"):
+            if key not in known:
+                raise BundleError(f"{where}: no {key!r} entry")
+        hints = typing.get_type_hints(cls)
+        for name, value in known.items():
+            section = _section_type(hints[name])
+            if section is not None and value is not None:
+                known[name] = section.from_dict(value, f"{where} {name}")
+        return cls(**known)
+
+
+def _section_type(hint):
+    """The typed part (a class with from_dict) behind a field's annotation, e.g. Threshold in `Threshold | None`."""
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and hasattr(t, "from_dict"):
+            return t
+    return None
+
+
 @dataclass
 class Bundle:
     model: LesionClassifier
-    meta: dict
+    meta: BundleMeta
     path: Path | None = None
 
     @property
@@ -36,74 +212,83 @@ class Bundle:
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"]["value"])
+        return self.meta.threshold.value
 
 
-def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: dict, provenance: dict,
-                context: dict | None = None) -> Path:
-    """Write the weights and the description; the json is written last, so a half-written bundle never loads."""
+def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: Threshold | dict,
+                provenance: Provenance | dict | None = None, **sections) -> Path:
+    """Write the weights, then the description with their hash; the json comes last, so a half-written bundle
+    never loads. threshold/provenance may be given in their dict form (checked as a read would be);
+    `sections` are BundleMeta's optional sections."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.json").unlink(missing_ok=True)  # overwriting: no moment where old json meets new weights
+    (folder / META_FILE).unlink(missing_ok=True)  # overwriting: no moment where old json meets new weights
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "backbone": model.spec.to_dict(), "head": model.head_cfg.to_dict(),
-            "preprocessing": asdict(model.spec.preprocessing),
-            "threshold": threshold, "labels": LABELS, "output": "one logit; sigmoid = P(malignant)",
-            "intended_use": INTENDED_USE, "provenance": provenance}
-    if context is not None:  # the optional clinical-context stage (core.context.ContextModel.to_dict())
-        meta["context"] = context
-    tmp = folder / "model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=_jsonable))
-    os.replace(tmp, folder / "model.json")
+    weights = atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    if isinstance(threshold, dict):
+        threshold = Threshold.from_dict(threshold)
+    if not isinstance(provenance, Provenance):
+        provenance = Provenance.from_dict(provenance)
+    meta = BundleMeta(backbone=model.spec.to_dict(), head=model.head_cfg.to_dict(),
+                      preprocessing=asdict(model.spec.preprocessing), threshold=threshold, provenance=provenance,
+                      weights_sha256=file_sha256(weights), **sections)
+    atomic_write_json(folder / META_FILE, meta.to_dict())
     return folder
 
 
-def _jsonable(o):
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_meta(folder: str | Path) -> dict:
-    """Read and check a bundle's description without touching the weights."""
+def bundle_folder(folder: str | Path) -> Path:
+    """A bundle folder, or a run folder whose bundle lives in bundle/."""
     folder = Path(folder)
-    if (folder / "bundle").is_dir() and not (folder / "model.json").exists():
-        folder = folder / "bundle"  # a run folder: its bundle lives in bundle/
-    meta_path = folder / "model.json"
+    if (folder / "bundle").is_dir() and not (folder / META_FILE).exists():
+        return folder / "bundle"
+    return folder
+
+
+def read_meta(folder: str | Path) -> BundleMeta:
+    """Read and check a bundle's description without touching the weights."""
+    folder = bundle_folder(folder)
+    meta_path = folder / META_FILE
     if not meta_path.is_file():
-        raise BundleError(f"{folder}: no model.json (not a model bundle or run folder)")
+        raise BundleError(f"{folder}: no {META_FILE} (not a model bundle or run folder)")
     try:
-        meta = json.loads(meta_path.read_text())
+        raw = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{meta_path}: not a {FORMAT} (format={meta.get('format')!r})")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{meta_path}: bundle format version {version} but this tool reads version "
-                          f"{FORMAT_VERSION}; re-export it with a matching version of the tool")
-    meta["_folder"] = str(folder)
-    return meta
+    return replace(BundleMeta.from_dict(raw, str(meta_path)), folder=folder)
+
+
+def verify_weights(meta: BundleMeta) -> None:
+    """Refuse weights whose SHA-256 differs from the one recorded (a swapped or corrupted file)."""
+    weights = meta.folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{meta.folder}: {META_FILE} present but {WEIGHTS_FILE} is missing")
+    if meta.weights_sha256 is None:
+        return  # a version-1 bundle: nothing recorded to check against
+    actual = file_sha256(weights)
+    if actual != meta.weights_sha256:
+        raise BundleError(f"{weights}: SHA-256 {actual} but {META_FILE} records {meta.weights_sha256}; the "
+                          f"weights were replaced or corrupted after the bundle was written")
 
 
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Rebuild the classifier from its description and load the weights (safetensors: no code runs)."""
+    """Rebuild the classifier from its description and load the checked weights (safetensors: no code runs)."""
     meta = read_meta(folder)
-    folder = Path(meta["_folder"])
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise BundleError(f"{folder}: model.json present but model.safetensors is missing")
+    verify_weights(meta)
     try:
-        spec = BackboneSpec.from_dict(meta["backbone"])
-        model = LesionClassifier(spec, HeadConfig(**meta["head"]), weights="none")
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        model = LesionClassifier(meta.spec, meta.head_config, weights="none")
+        model.load_state_dict(load_file(str(meta.folder / WEIGHTS_FILE)), strict=True)
     except (KeyError, TypeError, RuntimeError) as e:
-        raise BundleError(f"{folder}: weights do not match the described model ({str(e)[:300]})") from e
+        raise BundleError(f"{meta.folder}: weights do not match the described model ({str(e)[:300]})") from e
     model.eval().to(device)
-    return Bundle(model=model, meta=meta, path=folder)
+    return Bundle(model=model, meta=meta, path=meta.folder)
+
+
+def save_weights(meta: BundleMeta, state: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    """Write `state` as a bundle's weights under meta's description, recording their new hash (e.g. the same
+    weights stored in float16: loading casts them back into the float32 model)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META_FILE).unlink(missing_ok=True)
+    weights = atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_json(folder / META_FILE, replace(meta, weights_sha256=file_sha256(weights)).to_dict())
+    return folder

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from core.backbones import BACKBONES
+from core.metrics import THRESHOLD_RULES, selection_metrics
 from core.model import HeadConfig
 from core.splits import SplitConfig
 from core.transforms import AUGMENTATIONS
 
 SCHEDULERS = ("none", "plateau", "cosine")
 IMPORTERS = ("pad_ufes", "isic", "midas")
-SELECT_METRICS = ("roc_auc", "recall", "accuracy", "f1", "pr_auc", "loss")
 
 
 class ConfigError(ValueError):
@@ -69,12 +70,14 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    rule: str = "sensitivity"   # 'sensitivity' (highest threshold reaching target), 'youden', 'fixed'
-    target: float | None = None  # None: 0.90 sensitivity for 'sensitivity', 0.5 for 'fixed'
+    rule: str = "sensitivity"   # a name in core.metrics.THRESHOLD_RULES
+    target: float | None = None  # None: the rule's default (0.90 sensitivity for 'sensitivity', 0.5 for 'fixed')
 
     def __post_init__(self):
-        if self.target is None and self.rule in ("sensitivity", "fixed"):
-            object.__setattr__(self, "target", 0.90 if self.rule == "sensitivity" else 0.5)
+        if self.rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold.rule must be one of {', '.join(THRESHOLD_RULES)}, not {self.rule!r}")
+        if self.target is None:
+            object.__setattr__(self, "target", THRESHOLD_RULES[self.rule].default_target)
         if self.target is not None and not 0.0 <= float(self.target) <= 1.0:
             raise ConfigError(f"threshold.target must be in [0, 1], not {self.target}")
 
@@ -118,14 +121,14 @@ class RunConfig:
     report_test: bool = False     # after selection, evaluate the chosen model once on the last stage's test split
     n_boot: int = 1000
     context: ContextConfig | None = None  # a context stage over the image logit + clinical answers (issue 14)
+    data_help: str | None = None  # where the recipe's data comes from: said when a data path is missing
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
-        if self.select_metric not in SELECT_METRICS:
-            raise ConfigError(f"select_metric must be one of {SELECT_METRICS}")
-        if self.threshold.rule not in ("sensitivity", "youden", "fixed"):
-            raise ConfigError("threshold.rule must be 'sensitivity', 'youden' or 'fixed'")
+        if self.select_metric not in selection_metrics():
+            raise ConfigError(f"select_metric must be one of {', '.join(selection_metrics())}, "
+                              f"not {self.select_metric!r}")
         if not self.stages:
             raise ConfigError("a run needs at least one stage")
         if not 0 < self.split.val < 1 or not 0 <= self.split.test < 1 or self.split.val + self.split.test >= 1:
@@ -160,19 +163,28 @@ def _build(cls, raw: dict, where: str):
 
 def run_config_from_dict(raw: dict) -> RunConfig:
     raw = dict(raw)
+    data_root = raw.pop("data_root", None)  # resolved into the paths here, so a resumed run never joins twice
     ignored = [k for k in ("weights", "head", "input_size") if raw.get("init_from") and k in raw]
     if ignored:  # the parent bundle fixes these; silently ignoring them would misdescribe the run
         raise ConfigError(f"init_from {raw['init_from']!r} fixes the model: remove {', '.join(ignored)}")
     stages = []
     for i, s in enumerate(raw.pop("stages", None) or []):
         s = dict(s)
-        data = tuple(_build(DataSource, d, f"stages[{i}].data") for d in (s.pop("data", None) or []))
+        data = tuple(_build(DataSource, _under(data_root, d), f"stages[{i}].data") for d in (s.pop("data", None) or []))
         stages.append(_build(StageConfig, {**s, "data": data}, f"stages[{i}]"))
     nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig, "context": ContextConfig}
     for key, cls in nested.items():
         if raw.get(key) is not None:
             raw[key] = _build(cls, raw[key], key)
     return _build(RunConfig, {**raw, "stages": tuple(stages)}, "run")
+
+
+def _under(root: str | None, source: dict) -> dict:
+    """A data source's relative paths taken under the recipe's data_root (absolute paths are kept)."""
+    if not root or not isinstance(source, dict):
+        return source
+    return {k: str(Path(root) / v) if k in ("manifest", "csv", "metadata", "images") and v and not Path(v).is_absolute() else v
+            for k, v in source.items()}
 
 
 def apply_override(raw: dict, dotted: str) -> None:

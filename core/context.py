@@ -211,9 +211,9 @@ class ContextModel:
                            "threshold."}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ContextModel":
+    def from_dict(cls, d: Mapping, where: str = "context") -> "ContextModel":
         if not isinstance(d, Mapping) or d.get("kind") != "logistic_context_fusion":
-            raise ContextError("not a context stage description (kind must be 'logistic_context_fusion')")
+            raise ContextError(f"{where}: not a context stage description (kind must be 'logistic_context_fusion')")
         try:
             return cls(fields=check_fields(d["fields"]), intercept=float(d["intercept"]), weights=dict(d["weights"]),
                        fusion=dict(d["fusion"]), missing_rule=str(d["missing_rule"]),
@@ -221,7 +221,7 @@ class ContextModel:
                                                                                          or {}),
                        excluded=dict(d.get("excluded") or {}), fitted=dict(d.get("fitted") or {}))
         except KeyError as e:
-            raise ContextError(f"context stage description lacks {e}") from None
+            raise ContextError(f"{where}: context stage description lacks {e}") from None
 
     def contribution(self, name: str, value) -> float:
         w = self.weights[name]
@@ -316,7 +316,7 @@ def _z(x, mean, std) -> float:
     return float(np.clip((float(x) - mean) / std, -CLIP_Z, CLIP_Z))
 
 
-def context_of(meta: Mapping | None) -> ContextModel | None:
-    """The context stage stored in a bundle's metadata, or None when the bundle has none."""
-    raw = (meta or {}).get("context")
-    return None if raw is None else ContextModel.from_dict(raw)
+def context_of(meta) -> ContextModel | None:
+    """The context stage of a bundle's metadata (core.bundle.BundleMeta, or its JSON form), or None."""
+    raw = meta.get("context") if isinstance(meta, Mapping) else getattr(meta, "context", None)
+    return raw if raw is None or isinstance(raw, ContextModel) else ContextModel.from_dict(raw)

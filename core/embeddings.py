@@ -51,8 +51,8 @@ def model_identity(*, spec: BackboneSpec | None = None, weights: str = "none", s
     if bundle is not None:
         from core.bundle import read_meta
         meta = read_meta(bundle)
-        blob = Path(meta["_folder"]) / "model.safetensors"
-        return _digest({"bundle": file_sha256(blob), "backbone": meta["backbone"]["name"]})
+        blob = meta.folder / "model.safetensors"
+        return _digest({"bundle": file_sha256(blob), "backbone": meta.backbone["name"]})
     if spec is None:
         raise ValueError("model_identity needs a spec (with weights) or a bundle")
     if weights == "none":
@@ -83,7 +83,7 @@ def load_embedder(*, run: str | Path | None = None, backbone: str | None = None,
         from core.bundle import load_bundle
         b = load_bundle(run)
         pp = b.spec.preprocessing
-        desc = {"source": "run", "run": str(run), "run_name": b.meta.get("provenance", {}).get("run_name"),
+        desc = {"source": "run", "run": str(run), "run_name": b.meta.provenance.run_name,
                 "backbone": b.spec.name}
         ident = model_identity(bundle=b.path)
         module = b.model.backbone

@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from core import metrics
+from core import builtin, metrics
 from core.dataset import ManifestDataset
 from core.device import autocast, dataloader_workers
 from core.transforms import eval_transform
@@ -40,7 +40,7 @@ def groups_of(df: pd.DataFrame):
 
 
 def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boot=1000, seed=0,
-                 model_meta: dict | None = None, split: str | None = None) -> dict:
+                 model_meta=None, split: str | None = None) -> dict:
     """The evaluation report: metrics with 95% CIs, confusion matrix, ROC points, per-image rows, subgroups."""
     y = df["label"].to_numpy().astype(int)
     groups = groups_of(df)
@@ -58,17 +58,8 @@ def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boo
     rows["pred"] = (probs >= threshold).astype(int)
     report["predictions"] = rows.where(rows.notna(), None).to_dict(orient="records")
     if model_meta is not None:
-        report["model"] = model_summary(model_meta)
+        report["model"] = model_meta.summary()  # a core.bundle.BundleMeta
     return report
-
-
-def model_summary(meta: dict) -> dict:
-    """The provenance a report or a prediction must carry: what model, trained on what, validated how."""
-    prov = meta.get("provenance", {})
-    return {"run": prov.get("run_name"), "backbone": meta["backbone"]["name"],
-            "weights": prov.get("weights"), "training_data": prov.get("data"),
-            "split_counts": prov.get("split_counts"), "threshold": meta.get("threshold"),
-            "validation_metrics": prov.get("validation_metrics"), "intended_use": meta.get("intended_use")}
 
 
 def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
@@ -84,5 +75,9 @@ def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
         for image, part in zip(split["image"], split["split"]):
             if part in ("train", "val") and used.get(image) != "train":
                 used[image] = part
-    hits = [used[i] for i in df["image"] if i in used]
+    if builtin.is_builtin(run_folder):  # the shipped demo has no run folder: its split list names files only
+        names = builtin.demo_split_names()
+        hits = [names[Path(str(i)).name] for i in df["image"] if Path(str(i)).name in names]
+    else:
+        hits = [used[i] for i in df["image"] if i in used]
     return {"train": hits.count("train"), "val": hits.count("val")}

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 
 from core.bundle import Bundle
-from core.evaluation import model_summary
 from core.manifest import file_sha256
 
 SIDECAR_FORMAT = "skinscreen-onnx-model"
@@ -95,13 +94,13 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
                           "steps": ["decode to RGB, apply EXIF orientation, crop to the lesion if a box is given",
                                     f"resize the short side to {pp.resize_to} ({pp.interpolation})",
                                     f"centre-crop {s}x{s}", "scale to [0, 1], subtract mean, divide by std"]},
-        "threshold": meta.get("threshold"), "labels": meta.get("labels"),
+        "threshold": meta.threshold.to_dict(), "labels": meta.labels, "intended_use": meta.intended_use,
         # The clinical-context stage is not in the graph: plain numbers applied to the graph's logit (formula inside).
-        "context_stage": meta.get("context"),
-        "intended_use": meta.get("intended_use"),
-        "provenance": {**model_summary(meta), "bundle": str(bundle.path) if bundle.path else None,
+        "context_stage": meta.context.to_dict() if meta.context else None,
+        "provenance": {**meta.summary(), "bundle": str(bundle.path) if bundle.path else None,
+                       # hashed here too: a version-1 bundle records none, and this names what was exported
                        "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
-                       "backbone_spec": meta.get("backbone"), "head": meta.get("head")},
+                       "backbone_spec": meta.backbone, "head": meta.head},
         "verification": check,
         "exported": {"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
                      "seconds": round(export_s, 1), "program": type(program).__name__,

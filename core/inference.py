@@ -28,10 +28,9 @@ import torch.nn as nn
 from PIL import Image
 
 from core.bundle import Bundle
-from core.context import Fused, context_of, fuse
+from core.context import Fused, fuse
 from core.dataset import decode_limits
 from core.device import autocast, fast_dtype, pick_device
-from core.evaluation import model_summary
 from core.gradcam import cams, map_and_grads
 from core.images import load_image
 from core.quality import QualityWarning, quality_warnings
@@ -74,8 +73,8 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.pp = bundle.spec.preprocessing
         self.transform = eval_transform(self.pp)  # the reference pipeline (prepare_reference); fast path mirrors it
-        self.summary = model_summary(bundle.meta)
-        self.context = context_of(bundle.meta)  # the optional context stage (None: photo only)
+        self.summary = bundle.meta.summary()
+        self.context = bundle.meta.context  # the optional clinical-context stage (None: photo only)
         self.decode_kw = decode_limits(self.pp.resize_to)  # load_image's JPEG draft limits, as in training
         self._lock = threading.Lock()
         self._mean = torch.tensor(self.pp.mean, dtype=torch.float32).view(1, 3, 1, 1)

@@ -153,6 +153,7 @@ class TrainRequest:
     device: str = "auto"
     manifest: str | None = None        # replaces every stage's data with this manifest
     domain: str | None = None          # the domain label for that manifest
+    data_root: str | None = None       # folder the recipe's relative data paths live in
     sets: tuple[str, ...] = field(default_factory=tuple)  # extra --set key=value overrides
 
 
@@ -168,7 +169,7 @@ def recipe_summary(path: str | Path) -> dict:
               for s in raw.get("stages") or []]
     return {"name": raw.get("name") or Path(path).stem, "backbone": raw.get("backbone", "convnext_tiny"),
             "weights": raw.get("weights", "imagenet"), "init_from": raw.get("init_from"),
-            "device": raw.get("device", "auto"), "stages": stages}
+            "device": raw.get("device", "auto"), "data_root": raw.get("data_root"), "stages": stages}
 
 
 def training_command(req: TrainRequest, out: str | Path, python: str | None = None) -> list[str]:
@@ -185,6 +186,8 @@ def training_command(req: TrainRequest, out: str | Path, python: str | None = No
         cmd += ["--init-from", str(req.init_from)]
     if req.epochs:
         cmd += ["--epochs", str(int(req.epochs))]
+    if req.data_root:
+        cmd += ["--data-root", str(req.data_root)]
     n_stages = len(recipe_summary(req.recipe)["stages"])
     for i in range(n_stages):
         if req.lr:

@@ -24,13 +24,11 @@ point value. The tests check it against scikit-learn.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import roc_curve
-
-METRIC_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
-THRESHOLD_RULES = ("sensitivity", "youden", "fixed")
 
 # A metric's interval is reported only if at least this share of resamples defined it;
 # otherwise the surviving resamples are a biased subset (e.g. only those that happened
@@ -43,17 +41,69 @@ _TOLERANCE = 1e-12
 # Limits the (resamples x items) weight matrix built per chunk: 1e6 floats = 8 MB.
 _MAX_CHUNK_ELEMENTS = 1_000_000
 
-DISPLAY_NAMES = {
-    "accuracy": "Accuracy",
-    "precision": "Precision",
-    "recall": "Recall",
-    "specificity": "Specificity",
-    "f1": "F1",
-    "roc_auc": "ROC-AUC",
-    "pr_auc": "PR-AUC",
-}
-# The columns of the paper's Tables 1 and 2 (PR-AUC is not in the paper's tables).
-TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+# --------------------------------------------------------------------------- registries
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric, listed once: how it is computed, shown and compared. Tables, reports, best-epoch selection
+    and the app read this registry; adding a metric is one entry in METRICS."""
+    key: str
+    display: str
+    # (tn, fp, fn, tp) weighted-count arrays -> values, NaN where undefined; None: rank-based (the two AUCs,
+    # computed together by _weighted_aucs)
+    from_counts: Callable | None = None
+    higher_is_better: bool = True
+    selectable: bool = True    # may choose the best epoch on validation (config select_metric)
+    in_table: bool = True      # a column of the paper's Table 1/2 layout (format_table); reports show all
+    value_format: str = ".3f"
+    ci_format: str = ".2f"
+
+    def format(self, entry) -> str:
+        return format_estimate(entry, self.value_format, self.ci_format)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("accuracy", "Accuracy", lambda tn, fp, fn, tp: (tp + tn) / (tn + fp + fn + tp)),
+    Metric("precision", "Precision", lambda tn, fp, fn, tp: tp / (tp + fp), selectable=False),
+    Metric("recall", "Recall", lambda tn, fp, fn, tp: tp / (tp + fn)),
+    Metric("specificity", "Specificity", lambda tn, fp, fn, tp: tn / (tn + fp), selectable=False),
+    Metric("f1", "F1", lambda tn, fp, fn, tp: 2 * tp / (2 * tp + fp + fn)),
+    Metric("roc_auc", "ROC-AUC"),
+    Metric("pr_auc", "PR-AUC", in_table=False),  # not in the paper's tables
+)
+METRIC_NAMES = tuple(m.key for m in METRICS)
+# Validation loss also selects epochs (lower is better); it is the training loop's, not a metric_report value.
+LOSS = "loss"
+
+
+def _keys() -> tuple[str, ...]:
+    return tuple(m.key for m in METRICS)  # read at call time: the registry is the source, not a copy
+
+
+def metric(key: str) -> Metric:
+    for m in METRICS:
+        if m.key == key:
+            return m
+    raise KeyError(f"unknown metric {key!r}; known: {', '.join(m.key for m in METRICS)}")
+
+
+def display_name(key: str) -> str:
+    return metric(key).display
+
+
+def selection_metrics() -> tuple[str, ...]:
+    """The keys a run may select its best epoch by (config select_metric)."""
+    return tuple(m.key for m in METRICS if m.selectable) + (LOSS,)
+
+
+def selection_score(values: Mapping, key: str) -> float:
+    """values[key] oriented so that higher is better; undefined (None) counts as worst."""
+    value = values.get(key)
+    if value is None:
+        return -math.inf
+    higher_is_better = key != LOSS and metric(key).higher_is_better
+    return float(value) if higher_is_better else -float(value)
 
 
 # --------------------------------------------------------------------------- validation
@@ -182,15 +232,9 @@ def _weighted_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndar
     onehot = (2 * y + pred)[:, None] == np.arange(4)  # columns: tn, fp, fn, tp
     tn, fp, fn, tp = (w @ onehot.astype(np.float64)).T
     with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 -> NaN marks "undefined"
-        out = {
-            "accuracy": (tp + tn) / (tn + fp + fn + tp),
-            "precision": tp / (tp + fp),
-            "recall": tp / (tp + fn),
-            "specificity": tn / (tn + fp),
-            "f1": 2 * tp / (2 * tp + fp + fn),
-        }
+        out = {m.key: m.from_counts(tn, fp, fn, tp) for m in METRICS if m.from_counts is not None}
     out["roc_auc"], out["pr_auc"] = _weighted_aucs(y, p, w)
-    return out
+    return {m.key: out[m.key] for m in METRICS}
 
 
 def _weighted_aucs(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +287,7 @@ def _bootstrap_samples(
         counts = np.bincount(flat, minlength=m * n_groups).reshape(m, n_groups)
         # Every item inherits its group's count, so a patient's images move together.
         parts.append(_weighted_metrics(y, p, threshold, counts[:, codes].astype(np.float64)))
-    return {name: np.concatenate([part[name] for part in parts]) for name in METRIC_NAMES}
+    return {name: np.concatenate([part[name] for part in parts]) for name in _keys()}
 
 
 def _percentile_interval(samples: np.ndarray, level: float) -> list[float] | None:
@@ -267,11 +311,11 @@ def confusion(y_true, y_pred) -> dict[str, int]:
 
 
 def point_metrics(y_true, prob, threshold) -> dict[str, float | None]:
-    """All METRIC_NAMES at ``prob >= threshold``; undefined values are None (see module docstring)."""
+    """All registered METRICS at ``prob >= threshold``; undefined values are None (see module docstring)."""
     y, p = _validate(y_true, prob)
     t = _check_threshold(threshold)
     values = _weighted_metrics(y, p, t, np.ones((1, len(y))))
-    return {name: _to_python(values[name][0]) for name in METRIC_NAMES}
+    return {name: _to_python(values[name][0]) for name in _keys()}
 
 
 def roc_points(y_true, prob) -> dict[str, list[float]] | None:
@@ -311,7 +355,7 @@ def bootstrap_ci(
     else:
         codes, n_groups, _ = _group_codes(groups, len(y))
     samples = _bootstrap_samples(y, p, t, codes, n_groups, n_boot, seed)
-    return {name: _percentile_interval(samples[name], level) for name in METRIC_NAMES}
+    return {name: _percentile_interval(samples[name], level) for name in _keys()}
 
 
 def metric_report(y_true, prob, threshold, groups=None, n_boot: int = 1000, seed=0) -> dict:
@@ -330,14 +374,14 @@ def metric_report(y_true, prob, threshold, groups=None, n_boot: int = 1000, seed
         codes, n_groups = np.arange(len(y)), None
     else:
         codes, n_groups, n_missing = _group_codes(groups, len(y))
-    cis = dict.fromkeys(METRIC_NAMES)
+    cis = dict.fromkeys(_keys())
     if n_boot:
         samples = _bootstrap_samples(y, p, t, codes, n_groups or len(y), n_boot, seed)
-        cis = {name: _percentile_interval(samples[name], 0.95) for name in METRIC_NAMES}
+        cis = {name: _percentile_interval(samples[name], 0.95) for name in _keys()}
 
     n_positive = int(y.sum())
     return {
-        "metrics": {name: {"value": values[name], "ci95": cis[name]} for name in METRIC_NAMES},
+        "metrics": {name: {"value": values[name], "ci95": cis[name]} for name in _keys()},
         "confusion_matrix": [[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]],
         "threshold": t,
         "n": len(y),
@@ -378,7 +422,7 @@ def _report_notes(n, n_positive, cm, threshold, values, cis, n_boot, n_groups, n
     if n_missing:
         notes.append(f"{n_missing} images without a patient id were treated as separate patients")
     if n_boot:
-        missing_ci = [DISPLAY_NAMES[k] for k in METRIC_NAMES if values[k] is not None and cis[k] is None]
+        missing_ci = [display_name(k) for k in _keys() if values[k] is not None and cis[k] is None]
         if missing_ci:
             notes.append(
                 f"no interval for {', '.join(missing_ci)}: defined in fewer than "
@@ -426,7 +470,7 @@ def subgroup_reports(
 
 
 def choose_threshold(y_true, prob, rule: str = "sensitivity", target: float | None = 0.90) -> dict:
-    """Pick a decision threshold (prediction is ``prob >= threshold``).
+    """Pick a decision threshold (prediction is ``prob >= threshold``) by a rule of THRESHOLD_RULES.
 
     Rules:
     * "sensitivity": the highest threshold among the distinct probabilities whose
@@ -442,11 +486,12 @@ def choose_threshold(y_true, prob, rule: str = "sensitivity", target: float | No
     y, p = _validate(y_true, prob)
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(THRESHOLD_RULES)}")
-    if rule == "fixed":
-        threshold = 0.5 if target is None else _check_threshold(target, "target")
-        values = point_metrics(y, p, threshold)
-        return _threshold_result(threshold, rule, threshold, values["recall"], values["specificity"])
+    threshold, target, sensitivity, specificity = THRESHOLD_RULES[rule].choose(y, p, target)
+    return _threshold_result(threshold, rule, target, sensitivity, specificity)
 
+
+def _operating_points(y: np.ndarray, p: np.ndarray, rule: str):
+    """Candidate thresholds (the distinct probabilities, ascending) with their sensitivity and specificity."""
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == len(y):
         missing = "malignant" if n_pos == 0 else "benign"
@@ -455,19 +500,55 @@ def choose_threshold(y_true, prob, rule: str = "sensitivity", target: float | No
     # Items below a candidate are predicted negative; searchsorted counts them per class.
     sens = (n_pos - np.searchsorted(np.sort(p[y == 1]), candidates, side="left")) / n_pos
     spec = np.searchsorted(np.sort(p[y == 0]), candidates, side="left") / (len(y) - n_pos)
+    return candidates, sens, spec
 
-    if rule == "sensitivity":
-        if target is None:
-            raise ValueError("rule 'sensitivity' needs a target sensitivity in [0, 1]")
-        goal = _check_threshold(target, "target")
-        # Sensitivity falls as the threshold rises and is 1.0 at the lowest candidate,
-        # so the last candidate meeting the goal is the highest such threshold.
-        i = np.flatnonzero(sens >= goal - _TOLERANCE)[-1]
-        return _threshold_result(candidates[i], rule, goal, sens[i], spec[i])
 
+def _by_sensitivity(y, p, target):
+    candidates, sens, spec = _operating_points(y, p, "sensitivity")
+    if target is None:
+        raise ValueError("rule 'sensitivity' needs a target sensitivity in [0, 1]")
+    goal = _check_threshold(target, "target")
+    # Sensitivity falls as the threshold rises and is 1.0 at the lowest candidate,
+    # so the last candidate meeting the goal is the highest such threshold.
+    i = np.flatnonzero(sens >= goal - _TOLERANCE)[-1]
+    return candidates[i], goal, sens[i], spec[i]
+
+
+def _by_youden(y, p, target):
+    candidates, sens, spec = _operating_points(y, p, "youden")
     youden = sens + spec - 1.0
     i = np.flatnonzero(youden >= youden.max() - _TOLERANCE)[0]
-    return _threshold_result(candidates[i], rule, None, sens[i], spec[i])
+    return candidates[i], None, sens[i], spec[i]
+
+
+def _fixed(y, p, target):
+    threshold = 0.5 if target is None else _check_threshold(target, "target")
+    values = point_metrics(y, p, threshold)
+    return threshold, threshold, values["recall"], values["specificity"]
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A way to choose the decision threshold on validation, listed once: config validation and defaults,
+    choose_threshold and the app's description read it."""
+    name: str
+    choose: Callable          # (y, p, target) -> (threshold, target, sensitivity, specificity)
+    describe: Callable        # target -> the sentence the app shows next to the threshold
+    default_target: float | None = None
+
+
+THRESHOLD_RULES: dict[str, ThresholdRule] = {r.name: r for r in (
+    ThresholdRule("sensitivity", _by_sensitivity, default_target=0.90,
+                  describe=lambda t: f"highest threshold reaching {t or 0:.0%} validation sensitivity"),
+    ThresholdRule("youden", _by_youden, describe=lambda t: "maximises Youden's J on validation"),
+    ThresholdRule("fixed", _fixed, default_target=0.5, describe=lambda t: "fixed value"),
+)}
+
+
+def describe_rule(rule: str | None, target: float | None = None) -> str:
+    """The app's text for a stored threshold rule; a rule this registry does not know is shown as written."""
+    known = THRESHOLD_RULES.get(rule) if rule else None
+    return known.describe(target) if known else (rule or "?")
 
 
 def _threshold_result(threshold, rule, target, sensitivity, specificity) -> dict:
@@ -480,23 +561,34 @@ def _threshold_result(threshold, rule, target, sensitivity, specificity) -> dict
     }
 
 
-def _format_cell(entry) -> str:
-    """``{"value": v, "ci95": [lo, hi] | None}`` (or a bare number / None) -> table cell."""
-    if isinstance(entry, Mapping):
-        value, ci = entry.get("value"), entry.get("ci95")
-    else:
-        value, ci = entry, None
+def format_estimate(entry, value_format: str = ".3f", ci_format: str = ".2f", missing: str = "n/a") -> str:
+    """``{"value": v, "ci95": [lo, hi] | None}`` (or a bare number / None) -> 'v [lo, hi]', the one spelling of
+    an estimate with its interval in tables, reports and the app."""
+    value, ci = (entry.get("value"), entry.get("ci95")) if isinstance(entry, Mapping) else (entry, None)
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if ci is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+        return missing
+    text = format(value, value_format)
+    if ci and None not in ci:
+        text += f" [{format(ci[0], ci_format)}, {format(ci[1], ci_format)}]"
+    return text
+
+
+def format_percent(entry, missing: str = "not recorded") -> str:
+    """The same estimate as a percentage: '90% (95% CI 80%–97%)'; missing parts are said, not invented."""
+    value, ci = (entry.get("value"), entry.get("ci95")) if isinstance(entry, Mapping) else (entry, None)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    text = f"{value:.0%}"
+    if ci and None not in ci:
+        text += f" (95% CI {ci[0]:.0%}–{ci[1]:.0%})"
+    return text
 
 
 def format_table(rows: Sequence[tuple[str, Mapping]]) -> str:
     """Plain-text table in the paper's Table 1/2 layout, one row per (model name, report["metrics"])."""
-    header = ["Model"] + [DISPLAY_NAMES[k] for k in TABLE_METRICS]
-    body = [[str(name)] + [_format_cell(metrics.get(k)) for k in TABLE_METRICS] for name, metrics in rows]
+    columns = [m for m in METRICS if m.in_table]
+    header = ["Model"] + [m.display for m in columns]
+    body = [[str(name)] + [m.format(metrics.get(m.key)) for m in columns] for name, metrics in rows]
     widths = [max(len(row[col]) for row in [header, *body]) for col in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -2,24 +2,18 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from core import builtin
 from core.appstate import runs_dir
-from core.metrics import DISPLAY_NAMES, TABLE_METRICS
+from core import metrics
+from core.fileio import read_json_or_none
 
 REPORT_NAMES = ("val_report.json", "test_report.json")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, ValueError):
-        return None
 
 
 def _walk(root: Path, max_depth: int):
@@ -41,8 +35,25 @@ def find_reports(root: str | Path | None = None, max_depth: int = 3) -> list[Pat
             if f in REPORT_NAMES or (f.startswith("report_") and f.endswith(".json"))]
 
 
+def report_choices(root: str | Path | None = None) -> dict[str, Path]:
+    """Reports the dashboard offers, by label: those under root, then the built-in demo's shipped evidence."""
+    root = Path(root) if root is not None else runs_dir()
+    found = {report_label(p, root): p for p in find_reports(root)}
+    found.update({report_label(p, root): p for p in find_reports(builtin.DEMO_EVIDENCE)})
+    return found
+
+
+def pca_roots(root: str | Path | None = None) -> list[Path]:
+    """Where PCA outputs are looked for: root (runs) and the built-in demo's evidence."""
+    return [Path(root) if root is not None else runs_dir(), builtin.DEMO_EVIDENCE]
+
+
 def report_label(path: str | Path, root: str | Path | None = None) -> str:
     root = Path(root) if root is not None else runs_dir()
+    try:
+        return f"built-in demo: {Path(path).relative_to(builtin.DEMO_EVIDENCE)}"
+    except ValueError:
+        pass
     try:
         return str(Path(path).relative_to(root))
     except ValueError:
@@ -50,28 +61,19 @@ def report_label(path: str | Path, root: str | Path | None = None) -> str:
 
 
 def load_report(path: str | Path) -> dict:
-    data = _read_json(Path(path))
+    data = read_json_or_none(Path(path))
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
         raise ValueError(f"{path}: not an evaluation report (no 'metrics')")
     return data
 
 
-def _cell(entry) -> str:
-    if not isinstance(entry, dict):
-        entry = {"value": entry}
-    v, ci = entry.get("value"), entry.get("ci95")
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else "")
-
-
 def metrics_table(named: dict[str, dict]) -> pd.DataFrame:
-    """The paper's Table 1/2 layout: one row per report, cells 'value [lo, hi]' (95% CI), plus n."""
+    """The paper's Table 1/2 layout: one row per report, a column per registered metric (cells 'value [lo, hi]',
+    95% CI), plus n."""
     rows = []
     for name, rep in named.items():
         m = rep.get("metrics", {})
-        rows.append({"Model": name, **{DISPLAY_NAMES[k]: _cell(m.get(k)) for k in TABLE_METRICS},
-                     DISPLAY_NAMES["pr_auc"]: _cell(m.get("pr_auc")),
+        rows.append({"Model": name, **{x.display: x.format(m.get(x.key)) for x in metrics.METRICS},
                      "n": rep.get("n"), "threshold": rep.get("threshold")})
     return pd.DataFrame(rows)
 
@@ -112,7 +114,7 @@ def find_pca(roots, max_depth: int = 4) -> list[PcaResult]:
     for root in roots:
         for d, files in _walk(Path(root), max_depth):
             tables = tuple(d / f for f in files if f.endswith(".csv") and _has_pc_columns(d / f))
-            summary = _read_json(d / "summary.json") if "summary.json" in files else None
+            summary = read_json_or_none(d / "summary.json") if "summary.json" in files else None
             if tables or (summary is not None and "pca" in json.dumps(summary)[:2000].lower()):
                 found.append(PcaResult(d, summary, tables, tuple(d / f for f in files if f.endswith(".html"))))
     return found

@@ -20,12 +20,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from core import metrics
 from core.backbones import get_spec
 from core.cache import DecodeCache
-from core.bundle import load_bundle, read_meta, save_bundle
-from core.config import DataSource, RunConfig, StageConfig
-from core.context import context_of
+from core.bundle import BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
+from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
 from core.device import dataloader_workers, fabric_precision, pick_device
-from core.evaluation import build_report, model_summary
+from core.evaluation import build_report
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
 from core.splits import assign_splits, split_counts
@@ -59,6 +58,16 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
     return df, prov
 
 
+def check_source_exists(src: DataSource, data_help: str | None) -> None:
+    """A missing data file or folder is named with where to get it, before any import starts."""
+    for key in ("manifest", "csv", "metadata", "images"):
+        path = getattr(src, key)
+        if path and not Path(path).exists():
+            hint = f" {data_help}" if data_help else ""
+            raise ConfigError(f"data {key} not found: {path} (from {Path.cwd()}).{hint} Point the recipe at your "
+                              f"copy with --data-root DIR (or the Train page's data folder).")
+
+
 def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str]:
     """Every stage's rows, split once for the whole run: a patient held out for validation or test in the
     last stage was never trained on in an earlier stage either."""
@@ -67,6 +76,7 @@ def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str
     for stage in cfg.stages:
         for source in stage.data:
             if source not in loaded:
+                check_source_exists(source, cfg.data_help)
                 loaded[source] = load_source(source)
         parts = [loaded[source] for source in stage.data]
         stages.append((pd.concat([p[0] for p in parts], ignore_index=True), [p[1] for p in parts]))
@@ -151,10 +161,7 @@ def _json_default(o):
 # ---------------------------------------------------------------- the loop
 def _score(m: dict, select: str) -> list[float]:
     """Selection key: the chosen validation metric, recall as tie-break; undefined counts as worst."""
-    def v(x):
-        return -np.inf if x is None else x
-    primary = -m["loss"] if select == "loss" else v(m.get(select))
-    return [primary, v(m.get("recall"))]
+    return [metrics.selection_score(m, select), metrics.selection_score(m, "recall")]
 
 
 def _make_scheduler(optimizer, stage: StageConfig):
@@ -305,7 +312,7 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def initial_model(cfg: RunConfig, resuming: bool = False) -> tuple[LesionClassifier, dict | None]:
+def initial_model(cfg: RunConfig, resuming: bool = False) -> tuple[LesionClassifier, BundleMeta | None]:
     """The starting model: a previous run's bundle, or the backbone with its weights (random when resuming,
     since the checkpoint replaces them: an offline resume must not need a download)."""
     if cfg.init_from:
@@ -313,7 +320,7 @@ def initial_model(cfg: RunConfig, resuming: bool = False) -> tuple[LesionClassif
         if b.spec.name != cfg.backbone:
             raise ValueError(f"init_from {cfg.init_from} is a {b.spec.name} model but the config asks for "
                              f"{cfg.backbone}")
-        return b.model, b.meta["provenance"]
+        return b.model, b.meta
     spec = get_spec(cfg.backbone)
     if cfg.input_size:
         spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=cfg.input_size))
@@ -416,14 +423,14 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
     chosen = metrics.choose_threshold(y, probs, rule=t.rule, target=t.target)
     val_report = build_report(val_df, probs, chosen["threshold"], n_boot=cfg.n_boot, seed=cfg.seed, split="val")
     vm = val_report["metrics"]
-    threshold = {"value": chosen["threshold"], "rule": t.rule, "target": t.target,
-                 "chosen_on": "validation split of the last stage",
-                 "val_sensitivity": vm["recall"], "val_specificity": vm["specificity"],
-                 "n_val": int(len(y)), "n_val_malignant": int(y.sum())}
+    threshold = Threshold(value=float(chosen["threshold"]), rule=t.rule, target=t.target,
+                          chosen_on="validation split of the last stage",
+                          val_sensitivity=vm["recall"], val_specificity=vm["specificity"],
+                          n_val=int(len(y)), n_val_malignant=int(y.sum()))
     provenance = _provenance(cfg, state, parent, vm, seconds)
     context = fit_context_stage(rf, cfg, df, val_df, probs) if cfg.context else None
     bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance, context=context)
-    val_report["model"] = model_summary(read_meta(bundle))  # the same provenance block as every other report
+    val_report["model"] = read_meta(bundle).summary()  # the same provenance block as every other report
     (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
     rf.log("validation (last stage, chosen model, threshold from validation):\n" +
            metrics.format_table([(f"{cfg.name} (val)", vm)]))
@@ -441,7 +448,7 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
     probs = predict_probs(b.model, test_df)
     report = build_report(test_df, probs, b.threshold, n_boot=cfg.n_boot, seed=cfg.seed,
                           model_meta=b.meta, split="test")
-    stage = context_of(b.meta)
+    stage = b.meta.context
     if stage is not None:
         from core.context_report import context_report, format_context_table
         report["context"] = context_report(test_df, probs, b.threshold, stage, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -452,7 +459,7 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
                format_context_table(report["context"], f"{cfg.name} (test)"))
 
 
-def fit_context_stage(rf, cfg, df, val_df, val_probs) -> dict:
+def fit_context_stage(rf, cfg, df, val_df, val_probs):
     """The optional context stage: answers of the training patients, fusion on the validation image logits."""
     from core.context_fit import fit_context
     t = cfg.threshold
@@ -463,17 +470,18 @@ def fit_context_stage(rf, cfg, df, val_df, val_probs) -> dict:
            f"threshold {th['value']:.3f} (validation sensitivity {th['val_sensitivity']['value']:.2f}, "
            f"specificity {th['val_specificity']['value']:.2f}, ROC-AUC {th['val_roc_auc']['value']:.3f})" +
            "".join(f"\n  left out {f}: {why}" for f, why in stage.excluded.items()))
-    return stage.to_dict()
+    return stage
 
 
-def _provenance(cfg, state, parent, val_metrics, seconds) -> dict:
+def _provenance(cfg, state, parent: BundleMeta | None, val_metrics, seconds) -> Provenance:
     import platform
 
     import timm
-    return {"run_name": cfg.name, "weights": cfg.weights if not cfg.init_from else f"init_from {cfg.init_from}",
-            "data": [s["data"] for s in state.stage_prov], "stages": state.stage_prov,
-            "split_counts": state.stage_prov[-1]["split_counts"], "seed": cfg.seed, "recipe": cfg.to_dict(),
-            "validation_metrics": val_metrics, "parent": parent, "train_seconds": round(seconds, 1),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "timm": timm.__version__}}
+    return Provenance(
+        run_name=cfg.name, weights=cfg.weights if not cfg.init_from else f"init_from {cfg.init_from}",
+        data=[s["data"] for s in state.stage_prov], stages=state.stage_prov,
+        split_counts=state.stage_prov[-1]["split_counts"], seed=cfg.seed, recipe=cfg.to_dict(),
+        validation_metrics=val_metrics, parent=parent.provenance if parent else None,
+        parent_weights_sha256=parent.weights_sha256 if parent else None, train_seconds=round(seconds, 1),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        versions={"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__})

@@ -5,7 +5,8 @@ Session-state keys (all in memory; nothing is written to disk unless the user sa
   model_label / model_path  the chosen bundle (label in the picker, bundle folder)
   extra_models              {label: folder} added from a typed path or an uploaded zip
   photo_bytes, photo_name   the current photo (from the Crop or Predict page uploader, or a test)
-  photo_id                  the upload it came from (a new upload replaces the photo and clears the crop)
+  photo_id                  the upload or example it came from (a new one replaces the photo and clears the crop)
+  upload_seen               the last uploader file seen (so a later example click is not undone by it)
   photo_crop                {left, top, width, height} in original upright pixels, or None (whole image)
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import appstate, photos
-from core.bundle import BundleError, read_meta
+from core import appstate, builtin, photos
+from core.bundle import BundleError, BundleMeta, read_meta
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "heic", "heif"]
 DISCLAIMER = ("Research tool, not a diagnostic device. The score is a model output for research and "
@@ -76,8 +77,8 @@ def _add_path() -> None:
     except BundleError as e:
         st.session_state["model_error_path"] = str(e)
         return
-    label = f"{Path(meta['_folder']).resolve()}"
-    st.session_state.setdefault("extra_models", {})[label] = meta["_folder"]
+    label = f"{meta.folder.resolve()}"
+    st.session_state.setdefault("extra_models", {})[label] = str(meta.folder)
     st.session_state["model_label"] = label
 
 
@@ -99,7 +100,7 @@ def _add_zip() -> None:
 def sidebar() -> None:
     """Model picker (bundles in RUNS_DIR, a typed path, an uploaded zip) and the chosen model's provenance."""
     root = appstate.runs_dir()
-    entries = appstate.list_bundles(root)
+    entries = appstate.model_entries(root)
     options = {e.label: str(e.path) for e in entries if e.meta}
     options.update(st.session_state.get("extra_models", {}))
     with st.sidebar:
@@ -129,7 +130,7 @@ def sidebar() -> None:
             provenance_box(meta, st.sidebar)
 
 
-def current_meta() -> dict | None:
+def current_meta() -> BundleMeta | None:
     path = st.session_state.get("model_path")
     if not path:
         return None
@@ -140,11 +141,12 @@ def current_meta() -> dict | None:
         return None
 
 
-def provenance_box(meta: dict, where=None) -> None:
+def provenance_box(meta: BundleMeta, where=None) -> None:
     """What the model is, what it was trained on and what its threshold means: shown with every probability."""
     d = appstate.describe_model(meta)
     box = (where or st).container(border=True)
-    box.markdown(f"**Model:** {d['run']} · backbone `{d['backbone']}` · initial weights: {d['weights']}")
+    box.markdown(f"**Model:** {d['run']} · backbone `{d['backbone']}` · initial weights: {d['weights']} · "
+                 f"weights SHA-256 `{d['weights_hash']}`")
     box.markdown("**Training data:**\n" + "\n".join(f"- {line}" for line in d["training_data"]))
     box.markdown(f"**Split sizes:** {d['splits']}")
     thr = f"{d['threshold']:.3f}" if isinstance(d["threshold"], (int, float)) else "?"
@@ -169,9 +171,33 @@ def take_upload(uploaded) -> None:
     if uploaded is None:
         return
     file_id = getattr(uploaded, "file_id", None) or uploaded.name
-    if st.session_state.get("photo_id") != file_id:
+    # Compare with the last upload seen, not the current photo: an example picked after an upload must not be
+    # replaced by that same upload on the next rerun (the uploader keeps returning it).
+    if st.session_state.get("upload_seen") != file_id:
         st.session_state.update(photo_bytes=uploaded.getvalue(), photo_name=uploaded.name, photo_crop=None,
-                                photo_id=file_id)
+                                photo_id=file_id, upload_seen=file_id)
+
+
+def use_example(example: builtin.Example) -> None:
+    st.session_state.update(photo_bytes=example.path.read_bytes(), photo_name=example.path.name, photo_crop=None,
+                            photo_id=f"example:{example.path.name}")
+
+
+def example_picker(key: str) -> None:
+    """One click on a shipped example photo (assets/examples, PAD-UFES-20 test patients) makes it the current photo."""
+    items = builtin.examples()
+    if not items:
+        return
+    with st.expander("Try an example photo", expanded=current_photo() is None):
+        st.caption("Smartphone photos of patients the built-in demo model never trained on (PAD-UFES-20, CC BY 4.0); "
+                   "the diagnosis under each is the dataset's.")
+        for col, (i, ex) in zip(st.columns(len(items)), enumerate(items)):
+            thumb = thumbnail(str(ex.path), 140)
+            if thumb is not None:
+                col.image(thumb)
+            col.button("Try this one", key=f"{key}_example_{i}", on_click=use_example, args=(ex,),
+                       width="stretch")
+            col.caption(ex.caption)
 
 
 def current_photo() -> Photo | None:

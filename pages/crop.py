@@ -23,9 +23,10 @@ def single_photo() -> None:
     uploaded = st.file_uploader("Drag and drop a photo", type=common.IMAGE_TYPES, key="crop_upload",
                                 help="Kept in memory for this session only; nothing is saved.")
     common.take_upload(uploaded)
+    common.example_picker("crop")
     photo = common.current_photo()
     if photo is None:
-        st.info("Upload a photo (JPEG, PNG or iPhone HEIC).")
+        st.info("Upload a photo (JPEG, PNG or iPhone HEIC), or try an example above.")
         return
     try:
         disp, size = common.preview(photo.data, photo.name)

@@ -12,12 +12,11 @@ from pages import common
 common.page_setup()
 st.title("Dashboard")
 root = appstate.runs_dir()
-paths = reports.find_reports(root)
-if not paths:
+labels = reports.report_choices(root)
+if not labels:
     st.info(f"No evaluation reports in `{root}` yet. Training writes `val_report.json` (and `test_report.json` "
             "with `report_test: true`); `python -m train.evaluate --run runs/NAME --manifest M.csv` writes "
             "`report_*.json`.")
-labels = {reports.report_label(p, root): p for p in paths}
 chosen = st.multiselect("Reports", list(labels), default=list(labels)[:3], key="dash_reports")
 
 loaded = {}
@@ -74,7 +73,7 @@ if loaded:
 
 st.subheader("PCA of the data (ISIC vs smartphone photos)")
 pca_extra = st.text_input("Another folder with PCA outputs (`python -m train.pca ... --out DIR`)", key="pca_dir")
-pcas = reports.find_pca([root] + ([Path(pca_extra)] if pca_extra.strip() else []))
+pcas = reports.find_pca(reports.pca_roots(root) + ([Path(pca_extra)] if pca_extra.strip() else []))
 if not pcas:
     st.caption("No PCA outputs found (a folder with summary.json and CSVs with pc1, pc2 columns).")
 for n, res in enumerate(pcas):

@@ -18,6 +18,7 @@ uploaded = st.file_uploader("Photo of the skin lesion (drag and drop)", type=com
                             help="Kept in memory for this session only. Crop it first on the Crop page if the "
                                  "lesion fills only part of the photo.")
 common.take_upload(uploaded)
+common.example_picker("predict")
 
 meta = common.current_meta()
 if meta is None:
@@ -25,7 +26,7 @@ if meta is None:
     st.stop()
 photo = common.current_photo()
 if photo is None:
-    st.info("Upload a photo above, or upload and crop one on the **Crop** page.")
+    st.info("Upload a photo above, try an example, or upload and crop one on the **Crop** page.")
     st.stop()
 
 if photo.crop:

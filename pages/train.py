@@ -53,6 +53,9 @@ with st.expander("Start a new run", expanded=job is None):
         manifest = c1.text_input("Data: a manifest CSV replacing every stage's data (optional)", value="",
                                  key=f"tf_manifest_{k}")
         domain = c2.text_input("Domain label for that manifest (optional)", value="", key=f"tf_domain_{k}")
+        data_root = c1.text_input("Data folder the recipe's data paths live in", value=summary["data_root"] or "",
+                                  key=f"tf_data_root_{k}", help="The recipe's data_root: change it when your copy "
+                                  "of the recipe's datasets is elsewhere (e.g. a downloaded PAD-UFES-20).")
         submitted = st.form_submit_button("Start training", type="primary")
     if submitted:
         sets = ()
@@ -67,7 +70,9 @@ with st.expander("Start a new run", expanded=job is None):
                                     backbone=backbone if backbone != summary["backbone"] else None,
                                     weights=weights.strip() if weights.strip() != str(summary["weights"]) else None,
                                     init_from=init_from, epochs=int(epochs) or None, lr=lr_value, device=device,
-                                    manifest=manifest.strip() or None, domain=domain.strip() or None, sets=sets)
+                                    manifest=manifest.strip() or None, domain=domain.strip() or None, sets=sets,
+                                    data_root=data_root.strip() if data_root.strip() != (summary["data_root"] or "")
+                                    else None)
             record = jobs.start_training(req, root)
         except ValueError as e:  # LaunchError, bad learning rate
             st.error(f"Not started: {e}")

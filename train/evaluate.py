@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from core import metrics
+from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.device import pick_device
 from core.evaluation import build_report, predict_probs, seen_by_model
@@ -15,11 +16,12 @@ from core.manifest import ManifestError, read_manifest
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__)
-    p.add_argument("--run", required=True, help="run folder (or bundle folder)")
+    p.add_argument("--run", required=True, help="run folder, bundle folder, or 'demo' for the built-in demo model")
     p.add_argument("--manifest", required=True, help="manifest CSV to evaluate on")
     p.add_argument("--split", default=None, help="test|val|train|all (default: test when the manifest has "
                                                   "a split column, else all)")
-    p.add_argument("--out", help="report.json to write (default <run>/report_<manifest>_<split>.json)")
+    p.add_argument("--out", help="report.json to write (default <run>/report_<manifest>_<split>.json; for the "
+                                 "built-in demo, that name in the current folder)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--device", default="auto")
     p.add_argument("--name", help="row label in the printed table")
@@ -50,6 +52,7 @@ def add_context(report: dict, df, probs, bundle, n_boot: int) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.run = str(builtin.resolve_model(args.run))
     try:
         bundle = load_bundle(args.run, device=pick_device(args.device))
         df = read_manifest(args.manifest)
@@ -70,16 +73,17 @@ def main(argv=None) -> int:
         report.setdefault("notes", []).append(warning)
         print(f"warning: {warning}", file=sys.stderr)
     context_table = add_context(report, df, probs, bundle, args.n_boot)
-    out = Path(args.out or Path(args.run) / f"report_{Path(args.manifest).stem}_{split}.json")
+    default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
+    out = Path(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
-    name = args.name or f"{bundle.meta['provenance'].get('run_name')} ({split})"
+    name = args.name or f"{bundle.meta.provenance.run_name} ({split})"
     print(metrics.format_table([(name, report["metrics"])]))
     if context_table:
         print(context_table)
     for note in report.get("notes", []):
         print(f"note: {note}")
-    print(f"wrote {out}")
+    print(f"wrote {out} (model weights sha256 {bundle.meta.short_hash or 'not recorded (format-1 bundle)'})")
     return 0
 
 

@@ -11,13 +11,14 @@ import argparse
 import sys
 import warnings
 
+from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.export import DEFAULT_TOLERANCE, ExportError, export_onnx, sidecar_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder (or bundle folder)")
+    p.add_argument("--run", required=True, help="run folder, bundle folder, or 'demo' for the built-in demo model")
     p.add_argument("--onnx", required=True, help="ONNX file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.run = str(builtin.resolve_model(args.run))
     try:
         bundle = load_bundle(args.run)
     except BundleError as e:

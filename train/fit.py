@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set stages.1.lr=1e-4 (repeatable)")
     for flag in ("name", "backbone", "weights", "init_from", "device", "precision"):
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"override '{flag}'")
+    p.add_argument("--data-root", dest="data_root", help="folder the recipe's relative data paths live in "
+                                                           "(overrides the recipe's data_root)")
     p.add_argument("--epochs", type=int, help="override every stage's epochs")
     p.add_argument("--devices", type=int, help="GPUs (or CPU processes) per node")
     p.add_argument("--num-nodes", type=int, dest="num_nodes")
@@ -39,7 +41,8 @@ def load_raw(args) -> dict:
     if args.init_from:  # starting from a run replaces the recipe's own starting model
         for key in ("weights", "head", "input_size"):
             raw.pop(key, None)
-    for key in ("name", "backbone", "weights", "init_from", "device", "precision", "devices", "num_nodes"):
+    for key in ("name", "backbone", "weights", "init_from", "device", "precision", "devices", "num_nodes",
+                "data_root"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     if args.epochs is not None:

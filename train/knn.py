@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core import knn, metrics
 from core.backbones import WeightsError
-from core.bundle import INTENDED_USE, BundleError
+from core.bundle import BundleError, BundleMeta, Provenance, Threshold
 from core.dataset import check_images
 from core.evaluation import build_report
 from core.images import ImageLoadError
@@ -66,16 +66,15 @@ def load_splits(args, out: Path) -> tuple:
     return df, how
 
 
-def _meta(args, embedder, df, k: int, val_metrics=None) -> dict:
+def _meta(args, embedder, df, k: int, val_metrics=None) -> BundleMeta:
     """A bundle-like description so build_report's model summary reads the same as for neural models."""
     backbone = embedder.description["backbone"]
-    return {"backbone": {"name": backbone},
-            "threshold": {"value": knn.THRESHOLD, "rule": "majority vote (malignant fraction >= 0.5)"},
-            "intended_use": INTENDED_USE,
-            "provenance": {"run_name": f"knn-k{k}-{backbone}", "weights": embedder.description.get("weights",
-                                                                                               args.run),
-                           "data": [str(args.manifest)], "split_counts": split_counts(df),
-                           "validation_metrics": val_metrics}}
+    return BundleMeta(backbone={"name": backbone},
+                      threshold=Threshold(value=knn.THRESHOLD, rule="majority vote (malignant fraction >= 0.5)"),
+                      provenance=Provenance(run_name=f"knn-k{k}-{backbone}",
+                                            weights=embedder.description.get("weights", args.run),
+                                            data=[str(args.manifest)], split_counts=split_counts(df),
+                                            validation_metrics=val_metrics))
 
 
 def run(args) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
+from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.device import dataloader_workers
 from core.images import SUPPORTED_SUFFIXES, ImageLoadError, load_image
@@ -134,8 +135,9 @@ def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame
     return {"what": "P(malignant) per image from python -m train.screen; research use only",
             "model": predictor.summary, "run": str(run), "bundle": str(bundle.path),
             "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
-            "preprocessing": bundle.meta.get("preprocessing"), "threshold": bundle.meta.get("threshold"),
-            "context_stage": bundle.meta.get("context"),
+            "weights_sha256_short": bundle.meta.short_hash,
+            "preprocessing": bundle.meta.preprocessing, "threshold": bundle.meta.threshold.to_dict(),
+            "context_stage": bundle.meta.context.to_dict() if bundle.meta.context else None,
             "inputs": inputs, "n_images": int(len(table)), "n_predicted": int(len(table) - failed),
             "n_failed": failed, "n_malignant_verdicts": int((table["verdict"] == "malignant").sum()),
             "precision": predictor.precision, "device": str(predictor.device),
@@ -148,7 +150,7 @@ def sidecar_path(out: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.screen", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder (or bundle folder)")
+    p.add_argument("--run", required=True, help="run folder, bundle folder, or 'demo' for the built-in demo model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of photos (searched recursively)")
     src.add_argument("--manifest", help="manifest CSV (image paths and optional crop boxes)")
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.run = str(builtin.resolve_model(args.run))
     if args.batch_size < 1:
         print("error: --batch-size must be positive", file=sys.stderr)
         return 2

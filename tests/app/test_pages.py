@@ -30,7 +30,9 @@ def everything(at) -> str:
 
 
 # ------------------------------------------------------------------ no model
-def test_no_model_state(without_model):
+def test_no_model_state(without_model, monkeypatch, tmp_path):
+    from core import builtin
+    monkeypatch.setattr(builtin, "DEMO_BUNDLE", tmp_path / "no_demo")  # a checkout without the built-in demo
     at = app()
     assert not at.exception
     info = "\n".join(i.value for i in at.sidebar.info)
@@ -53,6 +55,8 @@ def test_sidebar_lists_runs_and_shows_provenance(with_model):
     assert "sensitivity 90% (95% CI 80%–97%)" in side and "specificity 55% (95% CI 41%–68%)" in side
     assert "On 40 validation images (16 malignant)" in side
     assert "Research tool, not a diagnostic device" in side
+    from core.bundle import read_meta
+    assert f"weights SHA-256 `{read_meta(with_model.bundle).short_hash}`" in side
 
 
 def test_bundle_path_and_zip_upload(with_model, tmp_path):
@@ -269,7 +273,9 @@ def test_dashboard_from_saved_report(with_model):
     assert "Most confident incorrect predictions" in texts(at)
 
 
-def test_dashboard_without_reports(without_model):
+def test_dashboard_without_reports(without_model, monkeypatch, tmp_path):
+    from core import builtin
+    monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")  # a checkout without the demo
     at = app().switch_page("pages/dashboard.py").run()
     assert not at.exception
     assert any("No evaluation reports" in i.value for i in at.main.info)
@@ -330,11 +336,15 @@ def test_train_form_builds_the_request(with_model, monkeypatch):
 # ------------------------------------------------------------------ clinical context
 @pytest.fixture
 def with_context_model(app_env, tmp_path, monkeypatch):
+    from dataclasses import replace
+
     from core.bundle import load_bundle, save_bundle
+    from core.context import ContextModel
     from tests.conftest import hand_context_stage
     b = load_bundle(app_env.bundle)
-    save_bundle(b.model, tmp_path / "runs" / "ctx_run" / "bundle", threshold=b.meta["threshold"],
-                provenance={**b.meta["provenance"], "run_name": "ctx_run"}, context=hand_context_stage())
+    save_bundle(b.model, tmp_path / "runs" / "ctx_run" / "bundle", threshold=b.meta.threshold,
+                provenance=replace(b.meta.provenance, run_name="ctx_run"),
+                context=ContextModel.from_dict(hand_context_stage()))
     monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     return app_env
 

@@ -50,6 +50,7 @@ def test_list_bundles_and_describe(bundle_dir, tmp_path):
     assert "version 99" in entries["old"].error
     d = appstate.describe_model(entries["bare"].meta)
     assert d["backbone"] == "mobilenetv2_100" and d["threshold"] == 0.4
+    assert d["weights_hash"] == entries["bare"].meta.weights_sha256[:12] and len(d["weights_hash"]) == 12
     assert d["sensitivity"] == "90% (95% CI 80%–97%)" and d["specificity"].startswith("55%")
     assert d["n_val"] == 30 and "midas.csv" in d["training_data"][0] and "train 70" in d["splits"]
     assert "not a diagnostic device" in d["intended_use"]
@@ -76,10 +77,13 @@ def test_extract_bundle_zip(bundle_dir, tmp_path):
         appstate.extract_bundle_zip(b"hello", tmp_path / "x")
     with pytest.raises(BundleError, match="no model.safetensors"):
         appstate.extract_bundle_zip(_zip({"model.json": b"{}"}), tmp_path / "x")
-    meta = json.loads((src / "model.json").read_text()) | {"format_version": 2}
+    meta = json.loads((src / "model.json").read_text()) | {"format_version": 3}
     bad = _zip({"model.json": json.dumps(meta).encode(), "model.safetensors": b"0"})
-    with pytest.raises(BundleError, match="format version 2 but this tool reads version 1"):
+    with pytest.raises(BundleError, match="format version 3 but this tool reads version 2"):
         appstate.extract_bundle_zip(bad, tmp_path / "x")
+    swapped = _zip({"model.json": (src / "model.json").read_bytes(), "model.safetensors": b"0"})
+    with pytest.raises(BundleError, match="SHA-256 .* but model.json records"):
+        appstate.extract_bundle_zip(swapped, tmp_path / "x")
 
 
 @pytest.mark.parametrize("module", ["core.appstate", "core.jobs", "core.reports", "core.photos", "core.cropbox"])

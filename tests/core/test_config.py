@@ -97,3 +97,28 @@ def test_init_from_refuses_settings_the_parent_bundle_fixes():
     for k in ("weights", "input_size"):
         raw.pop(k)
     assert run_config_from_dict(raw).init_from == "runs/parent"
+
+
+def test_data_root_moves_relative_data_paths_and_keeps_absolute_ones(tmp_path):
+    raw = yaml.safe_load((CONFIGS / "shared_demo.yaml").read_text())
+    raw["data_root"] = str(tmp_path / "mydata")
+    raw["stages"][0]["data"].append({"manifest": "/abs/m.csv"})
+    cfg = run_config_from_dict(raw)
+    first, absolute = cfg.stages[0].data
+    assert first.csv == str(tmp_path / "mydata" / "pad_ufes_20_subset" / "labels.csv")
+    assert first.images == str(tmp_path / "mydata" / "pad_ufes_20_subset" / "images")
+    assert absolute.manifest == "/abs/m.csv"
+    # the resolved config no longer has a data_root: resuming from it cannot join the root twice
+    assert "data_root" not in cfg.to_dict() and run_config_from_dict(cfg.to_dict()).stages == cfg.stages
+
+
+def test_missing_data_names_the_download_not_a_traceback(tmp_path):
+    from core.training import run_data
+    raw = yaml.safe_load((CONFIGS / "shared_demo.yaml").read_text())
+    raw["data_root"] = str(tmp_path / "nowhere")
+    cfg = run_config_from_dict(raw)
+    with pytest.raises(ConfigError) as e:
+        run_data(cfg)
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere" / "pad_ufes_20_subset" / "labels.csv") in msg
+    assert "PAD-UFES-20" in msg and "Mendeley" in msg and "--data-root" in msg

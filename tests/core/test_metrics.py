@@ -520,3 +520,55 @@ def test_format_table_accepts_report_metrics():
     value = report["metrics"]["recall"]["value"]
     lo, hi = report["metrics"]["recall"]["ci95"]
     assert f"{value:.3f} [{lo:.2f}, {hi:.2f}]" in M.format_table([("model", report["metrics"])])
+
+
+# --------------------------------------------------------------------------- registries
+
+
+NPV = M.Metric("npv", "NPV", lambda tn, fp, fn, tp: tn / (tn + fn), selectable=True)
+
+
+def test_a_metric_added_to_the_registry_is_computed_tabled_and_selectable(monkeypatch):
+    from core import reports
+    from core.config import ConfigError, run_config_from_dict
+    from tests.conftest import tiny_config
+    monkeypatch.setattr(M, "METRICS", M.METRICS + (NPV,))
+    y, p = [0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.6, 0.3, 0.7, 0.9]
+    report = M.metric_report(y, p, 0.5, n_boot=20)
+    assert report["metrics"]["npv"]["value"] == pytest.approx(2 / 3)  # tn 2, fn 1
+    assert M.point_metrics(y, p, 0.5)["npv"] == pytest.approx(2 / 3)
+    assert M.format_table([("m", report["metrics"])]).splitlines()[0].rstrip().endswith("| NPV")
+    table = reports.metrics_table({"m": report})
+    assert table.loc[0, "NPV"].startswith("0.667")
+    assert "npv" in M.selection_metrics()
+    assert run_config_from_dict(tiny_config("l.csv", "imgs", select_metric="npv")).select_metric == "npv"
+    monkeypatch.setattr(M, "METRICS", M.METRICS[:-1])
+    with pytest.raises(ConfigError, match="select_metric must be one of .*roc_auc"):
+        run_config_from_dict(tiny_config("l.csv", "imgs", select_metric="npv"))
+
+
+def test_selection_score_orients_every_metric_higher_is_better():
+    values = {"roc_auc": 0.8, "loss": 0.3, "recall": None}
+    assert M.selection_score(values, "roc_auc") == 0.8 and M.selection_score(values, "loss") == -0.3
+    assert M.selection_score(values, "recall") == -math.inf
+    assert "loss" in M.selection_metrics() and "specificity" not in M.selection_metrics()
+
+
+def test_threshold_rules_registry_drives_defaults_validation_and_text():
+    from core.config import ConfigError, ThresholdConfig
+    assert set(M.THRESHOLD_RULES) == {"sensitivity", "youden", "fixed"}
+    assert ThresholdConfig("sensitivity").target == 0.9 and ThresholdConfig("fixed").target == 0.5
+    assert ThresholdConfig("youden").target is None
+    with pytest.raises(ConfigError, match="threshold.rule must be one of sensitivity, youden, fixed"):
+        ThresholdConfig("vibes")
+    assert M.describe_rule("sensitivity", 0.95) == "highest threshold reaching 95% validation sensitivity"
+    assert M.describe_rule("youden") == "maximises Youden's J on validation"
+    assert M.describe_rule("majority vote") == "majority vote" and M.describe_rule(None) == "?"
+
+
+def test_one_spelling_of_an_estimate():
+    assert M.format_estimate({"value": 0.8123, "ci95": [0.7412, 0.8687]}) == "0.812 [0.74, 0.87]"
+    assert M.format_estimate({"value": 0.9, "ci95": [None, 0.95]}) == "0.900"
+    assert M.format_estimate(float("nan")) == "n/a" and M.format_estimate(None, missing="?") == "?"
+    assert M.format_percent({"value": 0.9, "ci95": [0.8, 0.97]}) == "90% (95% CI 80%–97%)"
+    assert M.format_percent(None) == "not recorded"

@@ -12,6 +12,7 @@ import yaml
 from core import training
 from core.bundle import load_bundle
 from core.config import run_config_from_dict
+from core.manifest import file_sha256
 from core.evaluation import predict_probs
 from core.manifest import ManifestError, read_manifest
 from tests.conftest import tiny_config
@@ -55,14 +56,15 @@ def test_bundle_reloads_to_identical_probabilities(finished_run):
 
 def test_threshold_and_provenance_are_stored(finished_run):
     meta = load_bundle(finished_run / "run").meta
-    thr = meta["threshold"]
-    assert thr["rule"] == "sensitivity" and thr["target"] == 0.9
-    assert set(thr["val_sensitivity"]) == {"value", "ci95"}
-    prov = meta["provenance"]
-    assert prov["split_counts"]["test"]["images"] > 0
-    assert prov["data"][0][0]["sha256"] and prov["seed"] == 0
-    assert [s["recipe"]["freeze_backbone"] for s in prov["stages"]] == [True, False]
-    assert prov["validation_metrics"]["roc_auc"].keys() == {"value", "ci95"}
+    thr = meta.threshold
+    assert thr.rule == "sensitivity" and thr.target == 0.9
+    assert set(thr.val_sensitivity) == {"value", "ci95"}
+    prov = meta.provenance
+    assert prov.split_counts["test"]["images"] > 0
+    assert prov.data[0][0]["sha256"] and prov.seed == 0
+    assert [s["recipe"]["freeze_backbone"] for s in prov.stages] == [True, False]
+    assert prov.validation_metrics["roc_auc"].keys() == {"value", "ci95"}
+    assert meta.format_version == 2 and len(meta.weights_sha256) == 64
 
 
 def test_run_folder_can_move_without_breaking_its_splits(finished_run, tmp_path):
@@ -90,8 +92,10 @@ def test_evaluate_cli_writes_report_with_cis(finished_run, tmp_path, capsys):
     auc = report["metrics"]["roc_auc"]
     assert set(auc) == {"value", "ci95"}
     assert report["split"] == "test" and report["model"]["backbone"] == "mobilenetv2_100"
+    assert report["model"]["weights_sha256"] == file_sha256(run / "bundle" / "model.safetensors")
     assert len(report["predictions"]) == report["n"]
-    assert "ROC-AUC" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ROC-AUC" in printed and report["model"]["weights_sha256"][:12] in printed
     assert report["seen_by_model"] == {"train": 0, "val": 0}
     # the test split here equals the one the run itself reported
     assert report["n"] == json.loads((run / "test_report.json").read_text())["n"]
@@ -212,8 +216,10 @@ def test_init_from_on_the_command_line_replaces_the_recipes_starting_model(finis
     assert fit_cli.main(["--config", str(finished_run / "cfg.yaml"), "--out", str(out), "--epochs", "1",
                          "--init-from", str(finished_run / "run")]) == 0
     meta = load_bundle(out).meta
-    assert meta["provenance"]["parent"]["run_name"] == "tiny"
-    assert meta["preprocessing"]["input_size"] == 64  # from the parent bundle
+    assert meta.provenance.parent.run_name == "tiny"
+    assert meta.provenance.parent_weights_sha256 == load_bundle(finished_run / "run").meta.weights_sha256
+    assert meta.preprocessing["input_size"] == 64  # from the parent bundle
+
 
 
 def test_context_stage_is_fitted_on_the_runs_own_patients_and_reported(tmp_path, capsys):

@@ -86,6 +86,7 @@ def test_folder_screening_writes_rows_errors_quality_and_provenance(run_dir, pho
     assert meta["model"]["run"] == "demo" and meta["model"]["validation_metrics"]["roc_auc"] == 0.61
     assert meta["threshold"]["value"] == THRESHOLD and meta["n_failed"] == 1 and meta["n_predicted"] == 7
     assert meta["weights_sha256"] == file_sha256(run_dir / "bundle" / "model.safetensors")
+    assert meta["weights_sha256_short"] == meta["weights_sha256"][:12] == meta["model"]["weights_sha256"][:12]
     assert meta["model"]["intended_use"] and meta["preprocessing"]["input_size"] == 64
     assert "1 unreadable" in captured.out
 
@@ -130,11 +131,12 @@ def test_unusable_inputs_fail_with_a_message(run_dir, tmp_path, capsys, bad):
 
 
 def test_manifest_context_columns_give_fused_results(run_dir, photo_dir, tmp_path):
+    from core.context import ContextModel
     from tests.conftest import hand_context_stage
     bundle = load_bundle(run_dir)
     ctx_run = tmp_path / "ctx"
-    save_bundle(bundle.model, ctx_run / "bundle", threshold=bundle.meta["threshold"],
-                provenance=bundle.meta["provenance"], context=hand_context_stage())
+    save_bundle(bundle.model, ctx_run / "bundle", threshold=bundle.meta.threshold,
+                provenance=bundle.meta.provenance, context=ContextModel.from_dict(hand_context_stage()))
     photos = [photo_dir / f"p{i}.jpg" for i in range(3)]
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"image": [str(p) for p in photos], "label": [1, 0, 1], "bleed": ["True", "False", None],

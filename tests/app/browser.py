@@ -1,0 +1,84 @@
+"""Real-app plumbing shared by the browser tests and the screenshot script: start `streamlit run app.py` on a free
+local port, drive Debian's chromium through Playwright, wait for Streamlit to settle, take screenshots."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+# Without the networking flags Chromium floods the closed network with update and sync requests.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+class ServerError(RuntimeError):
+    """streamlit did not come up; the message holds the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(log_path: Path, runs_dir: Path | None = None, timeout: float = 60):
+    """Yield the URL of a running app; runs_dir None leaves RUNS_DIR unset (the app's own default, runs/)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RUNS_DIR"} | {"PYTHONUNBUFFERED": "1"}
+    if runs_dir is not None:
+        env["RUNS_DIR"] = str(runs_dir)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+             "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(url, proc, log_path, timeout)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_healthy(url: str, proc, log_path: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read().decode().strip() == "ok":
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise ServerError("streamlit did not come up:\n" + Path(log_path).read_text(errors="replace")[-3000:])
+        time.sleep(0.3)
+
+
+def settle(page) -> None:
+    """Wait until Streamlit has finished the current run (the 'Running…' status widget is gone)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=90_000)
+
+
+def wait_for_image(page, locator) -> None:
+    locator.wait_for(timeout=60_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=locator.element_handle(),
+                           timeout=30_000)
+
+
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)

@@ -1,0 +1,173 @@
+"""Command line: rebuild the built-in demo model in assets/demo from ../shared (train.fit, then copy its evidence).
+
+    python -m train.build_demo                      # trains train/configs/shared_demo.yaml into runs/shared_demo
+    python -m train.build_demo --run runs/shared_demo   # packages a run that already finished
+
+What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
+no probability on the run's validation and test photos by more than 0.01, else float32), evidence/ (the run's
+validation and test reports, and a PCA of the shared smartphone and ISIC sets), splits.csv (which image and
+patient was in which split, so evaluating the demo on them is flagged), and expected_predictions.json (the
+probabilities on assets/examples that tests/core/test_builtin.py checks).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core import builtin
+from core.fileio import atomic_write_json, read_json_or_none
+
+SHARED = Path("../shared/data")
+PCA_SETS = (("pad_ufes_20_subset", "pad_ufes_20"), ("isic2017_dermoscopic_subset", "isic2017_dermoscopic"),
+            ("isic_9class_test_180px", "isic_9class_dermoscopic"))
+HALF_TOLERANCE = 0.01
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.build_demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="a finished shared_demo run folder (default: train one into runs/shared_demo)")
+    p.add_argument("--config", default="train/configs/shared_demo.yaml")
+    p.add_argument("--out", default=str(builtin.DEMO_DIR), help="where the demo goes (default assets/demo)")
+    p.add_argument("--no-pca", action="store_true", help="skip the PCA evidence (it embeds 879 photos)")
+    return p
+
+
+def train_run(config: str) -> Path:
+    from train import fit
+    out = Path("runs/shared_demo")
+    if fit.main(["--config", config, "--out", str(out)] + (["--resume"] if (out / "checkpoint.pt").exists() else [])):
+        raise SystemExit("training failed; see the messages above")
+    return out
+
+
+def split_membership(run: Path) -> pd.DataFrame:
+    """Image file name, patient and split of every image the run used (the last stage's split file)."""
+    from core.manifest import read_manifest
+    frames = [read_manifest(p) for p in sorted((run / "splits").glob("*.csv"))]
+    df = pd.concat(frames, ignore_index=True).drop_duplicates("image")
+    return pd.DataFrame({"image": df["image"].map(lambda p: Path(str(p)).name),
+                         "patient_id": df.get("patient_id"), "split": df["split"]})
+
+
+def strip_paths(report: dict) -> dict:
+    """Reports name images by absolute path on the training machine; the shipped copy keeps file names only."""
+    for row in report.get("predictions") or []:
+        if isinstance(row, dict) and "image" in row:
+            row["image"] = Path(str(row["image"])).name
+    return report
+
+
+def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
+    """Max |P(fp16 weights) - P(fp32 weights)| over the run's validation and test photos, and their count."""
+    import torch
+
+    from core.bundle import load_bundle
+    from core.evaluation import predict_probs
+    from core.manifest import read_manifest
+    df = pd.concat([read_manifest(p) for p in sorted((run / "splits").glob("*.csv"))]).drop_duplicates("image")
+    df = df[df["split"].isin(["val", "test"])].reset_index(drop=True)
+    full = load_bundle(bundle_dir)
+    half = load_bundle(bundle_dir)
+    with torch.no_grad():
+        for p in half.model.parameters():
+            p.copy_(p.half().float())  # what a float16 file gives back after loading
+    a = predict_probs(full.model, df, device="cpu")
+    b = predict_probs(half.model, df, device="cpu")
+    return float(np.max(np.abs(a - b))), len(df)
+
+
+def write_bundle(run: Path, dest: Path) -> dict:
+    """Copy the run's bundle, stored in float16 when the measured shift allows it."""
+    from core.bundle import load_bundle, read_meta, save_weights
+    src = read_meta(run).folder
+    shift, n = half_precision_shift(src, run)
+    shutil.copytree(src, dest)
+    if shift <= HALF_TOLERANCE:
+        state = load_bundle(dest).model.state_dict()
+        save_weights(read_meta(dest), {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, dest)
+    return {"weights_dtype": "float16" if shift <= HALF_TOLERANCE else "float32",
+            "max_abs_prob_shift_fp16": shift, "photos_checked": n, "tolerance": HALF_TOLERANCE}
+
+
+def write_evidence(run: Path, dest: Path, pca: bool) -> None:
+    dest.mkdir(parents=True)
+    for name in ("val_report.json", "test_report.json"):
+        report = read_json_or_none(run / name)
+        if report is not None:
+            atomic_write_json(dest / name, strip_paths(report), indent=1)
+    if pca:
+        write_pca(run, dest / "pca")
+
+
+def write_pca(run: Path, dest: Path) -> None:
+    """PCA of the shared smartphone and ISIC sets in the demo model's feature space: coordinates and summary."""
+    from train import data, pca
+    with tempfile.TemporaryDirectory() as tmp:
+        manifests = []
+        for folder, domain in PCA_SETS:
+            m = Path(tmp) / f"{domain}.csv"
+            data.main(["csv", str(SHARED / folder / "labels.csv"), "--images", str(SHARED / folder / "images"),
+                       "--out", str(m), "--domain", domain])
+            manifests += ["--manifest", str(m)]
+        if pca.main(manifests + ["--run", str(run), "--out", str(Path(tmp) / "pca")]):
+            raise SystemExit("PCA failed; see the messages above")
+        dest.mkdir(parents=True)
+        for f in (Path(tmp) / "pca").iterdir():
+            if f.suffix == ".csv":
+                table = pd.read_csv(f)
+                if "image" in table:
+                    table["image"] = table["image"].map(lambda p: Path(str(p)).name)
+                table.to_csv(dest / f.name, index=False, float_format="%.5g")
+            elif f.name == "summary.json":
+                shutil.copy(f, dest / f.name)
+
+
+def expected_predictions(bundle_dir: Path) -> dict:
+    """The probabilities the shipped bundle gives each example photo (what tests check against)."""
+    from core.bundle import load_bundle
+    from core.inference import Predictor
+    predictor = Predictor(load_bundle(bundle_dir), device="cpu", fast=False)  # fp32: the same on every CPU class
+    out = {}
+    for ex in builtin.examples():
+        pred = predictor.predict_source(ex.path.read_bytes(), name=ex.path.name, cam_method=None)
+        out[ex.path.name] = {"prob": float(pred.prob), "label": ex.label, "diagnosis": ex.diagnosis}
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not SHARED.is_dir():
+        print(f"error: {SHARED} not found: the demo is rebuilt from the shared PAD-UFES-20 and ISIC sets "
+              "(run from the repository root with ../shared beside it)", file=sys.stderr)
+        return 2
+    run = Path(args.run) if args.run else train_run(args.config)
+    out = Path(args.out)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
+    try:
+        storage = write_bundle(run, staging / "bundle")
+        write_evidence(run, staging / "evidence", pca=not args.no_pca)
+        split_membership(run).to_csv(staging / "splits.csv", index=False)
+        atomic_write_json(staging / "weights_storage.json", storage)
+        atomic_write_json(staging / builtin.DEMO_EXPECTED.name, expected_predictions(staging / "bundle"))
+        for keep in ("README.md",):  # hand-written attribution and intended use stay
+            if (out / keep).is_file():
+                shutil.copy(out / keep, staging / keep)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"demo written to {out}: weights {storage['weights_dtype']} (max |dP| {storage['max_abs_prob_shift_fp16']:.4f}"
+          f" over {storage['photos_checked']} validation and test photos)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
