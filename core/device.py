@@ -7,12 +7,22 @@ import os
 import torch
 
 
+def mps_available() -> bool:
+    """Apple-silicon GPU (Metal Performance Shaders) available to this torch build."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def pick_device(preference: str = "auto") -> torch.device:
-    """'auto' takes CUDA when present, else the CPU; an explicit 'cuda' without a GPU is an error."""
+    """'auto' takes CUDA, then Apple MPS, then the CPU; an explicit 'cuda' or 'mps' that is absent is an error."""
     if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     if preference.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if preference.startswith("mps") and not mps_available():
+        raise RuntimeError("device 'mps' was asked for but Apple MPS is not available; use 'auto' or 'cpu'")
     return torch.device(preference)
 
 
@@ -25,11 +35,17 @@ def cpu_has_bf16() -> bool:
 
 
 def fast_dtype(device: torch.device) -> torch.dtype | None:
-    """The reduced precision worth using for inference on this device, or None for plain fp32."""
+    """The reduced precision worth trying for inference on this device, or None for plain fp32.
+
+    A candidate only: core.inference keeps it for a model only if its load-time check shows the feature map
+    within tolerance of fp32. On MPS the candidate is fp16 (Metal's native half type; bf16 needs a recent macOS
+    and is not faster there); nothing about MPS accuracy has been measured here, so the check decides alone."""
     if os.environ.get("SKINSCREEN_FP32") == "1":  # escape hatch for bit-for-bit comparisons
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
@@ -41,8 +57,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def fabric_precision(preference: str, accelerator: str) -> str:
-    """Map a run's precision setting onto Lightning Fabric's: 'auto' = bf16-mixed on GPUs and on CPUs with
-    native bf16 units (about 1.8x faster training on such a CPU, same validation AUC), else fp32."""
+    """Map a run's precision setting onto Lightning Fabric's: 'auto' = bf16-mixed on CUDA GPUs and on CPUs with
+    native bf16 units (about 1.8x faster training on such a CPU, same validation AUC), else fp32 (also on Apple
+    MPS: mixed-precision training there is unmeasured, and a run's validation choices must not depend on it)."""
     if preference != "auto":
         return preference
     if accelerator in ("cuda", "gpu") or (accelerator == "cpu" and cpu_has_bf16()):

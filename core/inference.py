@@ -8,9 +8,10 @@ The fast path (``fast=True``, the default) is what the app and ``train.screen`` 
   crop to a normalised channels-last tensor (no ToTensor/Normalize round trips);
 - one forward pass serves both the probability and the heat-map: Grad-CAM weights come from the head's
   gradient with respect to the last feature map (``core.gradcam``), no backward through the backbone;
-- on CPUs with native bf16 (AVX512-BF16/AMX) and on GPUs the backbone runs under autocast with its
-  convolution/linear weights cast to the low-precision type once, at load time (plain autocast re-casts every
-  weight on every call, which costs more than it saves on a CPU). Norm layers and the head stay fp32.
+- on CPUs with native bf16 (AVX512-BF16/AMX) and on GPUs (CUDA; fp16 is tried on Apple MPS) the backbone runs
+  under autocast with its convolution/linear weights cast to the low-precision type once, at load time (plain
+  autocast re-casts every weight on every call, which costs more than it saves on a CPU). Norm layers and the
+  head stay fp32.
   A measured check at load time compares the reduced-precision and fp32 feature maps and probabilities and
   falls back to fp32 when they differ by more than ``FEATURE_TOLERANCE`` / ``PRECISION_TOLERANCE``
   (``Predictor.precision`` records the decision and the measured numbers).
@@ -93,17 +94,21 @@ class Predictor:
     # ------------------------------------------------------------------ precision
     def _choose_precision(self, dtype: torch.dtype) -> None:
         """Use `dtype` only if it reproduces fp32's feature maps and probabilities on a fixed photo-like batch."""
-        reduced = reduced_precision_copy(self.model, dtype)
-        x = check_inputs(self.pp, self.device)
-        with torch.no_grad():
-            f32 = self.model.feature_map(x).float()
-            with autocast(self.device, dtype):
-                low = reduced.feature_map(x).float()
-            p32 = torch.sigmoid(self.model.logit_from_map(f32).float())
-            plow = torch.sigmoid(self.model.logit_from_map(low).float())
+        name = str(dtype).removeprefix("torch.")
+        try:
+            reduced = reduced_precision_copy(self.model, dtype)
+            x = check_inputs(self.pp, self.device)
+            with torch.no_grad():
+                f32 = self.model.feature_map(x).float()
+                with autocast(self.device, dtype):
+                    low = reduced.feature_map(x).float()
+                p32 = torch.sigmoid(self.model.logit_from_map(f32).float())
+                plow = torch.sigmoid(self.model.logit_from_map(low).float())
+        except (RuntimeError, TypeError) as e:  # a backend without this dtype's kernels or autocast (e.g. old MPS)
+            self.precision.update(reason=f"{name} not usable on {self.device.type}: {e}")
+            return
         rel = float(((low - f32).flatten(1).norm(dim=1) / f32.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
         diff = float((plow - p32).abs().max())
-        name = str(dtype).removeprefix("torch.")
         measured = f"feature error {rel:.2%} (limit {FEATURE_TOLERANCE:.0%}), max |dP| {diff:.2g} (limit " \
                    f"{PRECISION_TOLERANCE:g}) on the load-time check"
         self.precision = {"dtype": name, "reason": measured, "max_abs_prob_diff": diff, "feature_rel_err": rel}

@@ -1,14 +1,14 @@
-"""Training jobs: the one-job lock, starting, stopping and resuming `train.fit`, and each run's state and logs.
+"""Training jobs: the one-job lock, starting, stopping and resuming `train.fit`, and each run's state.
 
-Everything the app shows about training lives in run folders (status.json, metrics.csv, train.log, the
-launch record and the lock file), so refreshing or restarting the app loses nothing.
+Everything the app shows about training lives in run folders (core.runfolder) and the lock file, so refreshing or
+restarting the app loses nothing. Processes are identified and stopped through psutil (pid + creation time; a stop
+request file for a clean stop), so this works the same on Linux, macOS and Windows.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import yaml
 
+from core import runfolder
 from core.appstate import PROJECT_ROOT, runs_dir
+from core.fileio import atomic_write_json, read_json_or_none
 
 RECIPES_DIR = PROJECT_ROOT / "train" / "configs"
 LOCK_NAME = "train.lock"          # in RUNS_DIR: the one training job allowed at a time
-LAUNCH_NAME = "launch.json"       # in a run folder: how the app started it (pid, process group, command)
-CONSOLE_LOG = "console.log"       # in a run folder: the subprocess's stdout + stderr (tracebacks land here)
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CREATE_TIME_TOLERANCE = 0.01      # seconds: the same process reports the same creation time; a reused pid a later one
 
 
 class TrainingBusy(RuntimeError):
@@ -40,39 +42,73 @@ class LaunchError(ValueError):
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs this app process started: poll() reaps them (no zombies)
 
 
-def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of pid (field 22 of /proc/pid/stat): with the pid it names one process."""
+def create_time(pid: int | None) -> float | None:
+    """When pid was created (psutil, seconds since the epoch): with the pid it names one process, whatever the OS.
+    None when there is no such process (or it has exited and awaits its reaper)."""
+    if not pid:
+        return None
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":  # a zombie has exited
+    except psutil.AccessDenied:  # exists, owned by someone else: it has a creation time we may not read
         return None
-    return fields[19]
 
 
-def process_alive(pid: int | None, start: str | None = None) -> bool:
-    """Whether pid still runs (and, when `start` is given on Linux, is the same process, not a reused pid)."""
+def process_alive(pid: int | None, created: float | None = None) -> bool:
+    """Whether pid runs and, when `created` is given, is the same process (not a reused pid)."""
     if not pid:
         return False
     child = _CHILDREN.get(int(pid))
     if child is not None and child.poll() is not None:
         _CHILDREN.pop(int(pid), None)
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    now = create_time(pid)
+    if now is None:
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    if Path("/proc").is_dir():
-        now = _proc_start(int(pid))
-        if now is None:
-            return False
-        if start is not None and now != str(start):
-            return False
-    return True
+    return created is None or abs(now - float(created)) <= CREATE_TIME_TOLERANCE
+
+
+def is_trainer(pid: int) -> bool:
+    """Whether pid runs train.fit (guards a status.json pid that has since been reused by another program)."""
+    try:
+        return any("train.fit" in part for part in psutil.Process(int(pid)).cmdline())
+    except (psutil.Error, ValueError):
+        return False
+
+
+def popen_kwargs() -> dict:
+    """Start the trainer detached from the app's console, so Ctrl-C on `streamlit run` or closing the app leaves
+    it training: its own session on POSIX, its own process group on Windows (start_new_session does not exist
+    there)."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def kill_tree(pid: int, created: float | None) -> list[int]:
+    """Kill pid and every descendant (data-loader workers, DDP ranks), if pid is still the process created at
+    `created`; returns the pids killed."""
+    if not process_alive(pid, created):
+        return []
+    try:
+        root = psutil.Process(int(pid))
+        procs = [root, *root.children(recursive=True)]  # list the children before the parent dies
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    child = _CHILDREN.pop(int(pid), None)
+    if child is not None:
+        child.wait(timeout=10)  # reap it
+    return [p.pid for p in procs]
 
 
 # ------------------------------------------------------------------------------------------ the lock
@@ -81,11 +117,8 @@ def _lock_path(root: Path) -> Path:
 
 
 def read_lock(root: str | Path | None = None) -> dict | None:
-    path = _lock_path(Path(root) if root is not None else runs_dir())
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    lock = read_json_or_none(_lock_path(Path(root) if root is not None else runs_dir()))
+    return lock if isinstance(lock, dict) else None
 
 
 def current_job(root: str | Path | None = None) -> dict | None:
@@ -97,7 +130,7 @@ def current_job(root: str | Path | None = None) -> dict | None:
         if path.exists() and time.time() - path.stat().st_mtime > 30:
             path.unlink(missing_ok=True)  # unreadable for 30 s: a crash mid-write
         return None
-    if process_alive(lock.get("pid"), lock.get("start")):
+    if process_alive(lock.get("pid"), lock.get("create_time")):
         return lock
     _lock_path(root).unlink(missing_ok=True)
     return None
@@ -126,9 +159,7 @@ def acquire_lock(root: str | Path, record: dict) -> dict:
 
 
 def _write_lock(root: Path, record: dict) -> None:
-    tmp = _lock_path(root).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, _lock_path(root))
+    atomic_write_json(_lock_path(root), record)
 
 
 def release_lock(root: str | Path, pid: int | None = None) -> None:
@@ -230,10 +261,10 @@ def resume_training(run: str | Path, root: str | Path | None = None, *, device: 
     """Continue a stopped or interrupted run from its checkpoint (`train.fit --resume`)."""
     run = Path(run)
     root = Path(root) if root is not None else run.parent
-    if not (run / "checkpoint.pt").is_file():
+    if not runfolder.has_checkpoint(run):
         raise LaunchError(f"{run.name} has no checkpoint to resume from")
     cmd = [python or sys.executable, "-m", "train.fit", "--resume", "--out", str(run)]
-    launch = _read_json(run / LAUNCH_NAME) or {}
+    launch = runfolder.read_launch(run)
     dev = device or launch.get("requested_device") or "auto"
     if dev != "auto":
         cmd += ["--device", dev]
@@ -242,60 +273,57 @@ def resume_training(run: str | Path, root: str | Path | None = None, *, device: 
 
 def _launch(root: Path, out: Path, cmd: list[str], device: str, env: dict | None,
             requested: str | None = None) -> dict:
-    record = {"pid": os.getpid(), "start": _proc_start(os.getpid()), "run": out.name, "path": str(out),
-              "device": device, "started": time.time(), "command": cmd}
+    me = os.getpid()
+    record = {"pid": me, "create_time": create_time(me), "run": out.name, "path": str(out), "device": device,
+              "started": time.time(), "command": cmd}
     acquire_lock(root, record)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        log = open(out / CONSOLE_LOG, "ab")
-        try:
+        runfolder.clear_stop(out)  # an old request (e.g. before a force stop) must not stop this run
+        with open(out / runfolder.CONSOLE, "ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
             proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    stderr=subprocess.STDOUT, **popen_kwargs(),
                                     env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
-        finally:
-            log.close()
     except BaseException:
         release_lock(root)
         raise
     _CHILDREN[proc.pid] = proc
-    record |= {"pid": proc.pid, "pgid": proc.pid, "start": _proc_start(proc.pid),
-               "requested_device": requested or "auto"}
-    _write_json(out / LAUNCH_NAME, record)
+    record |= {"pid": proc.pid, "create_time": create_time(proc.pid), "requested_device": requested or "auto"}
+    runfolder.write_launch(out, record)
     _write_lock(root, record)
     return record
 
 
 def stop_training(run: str | Path, *, force: bool = False) -> str:
-    """Stop a run: SIGTERM to the trainer (it saves its state and writes status 'stopped', resumable; its
-    data-loader workers exit with it) or, with force, SIGKILL to its whole process group.
+    """Stop a run. Normally: a stop request in the run folder; the trainer stops at its next step boundary,
+    saves its state and writes status 'stopped' (resumable), on any OS. With force: kill the trainer and all its
+    descendants (no checkpoint of the current epoch).
 
-    SIGTERM goes to the trainer alone, not the group: a worker killed first makes the trainer fail with
-    "DataLoader worker ... killed by signal" instead of stopping cleanly. Only a process identified as this
-    run's trainer is signalled. Returns what was done."""
+    Only a process identified as this run's trainer is killed (launch record: pid + creation time; else a
+    status.json pid that runs train.fit). Returns what was done."""
     run = Path(run)
-    info = run_info(run)  # identifies the live trainer (launch record: pid + start time; else a train.fit pid)
+    info = run_info(run)
     if not info.alive:
         return f"{run.name} is not running"
-    sig = signal.SIGKILL if force else signal.SIGTERM
-    launch = _read_json(run / LAUNCH_NAME) or {}
-    try:
-        if force and launch.get("pgid") and launch.get("pid") == info.pid:
-            os.killpg(launch["pgid"], sig)  # the trainer and its data-loader workers
-        else:
-            os.kill(info.pid, sig)
-    except ProcessLookupError:
+    if not force:
+        runfolder.request_stop(run, by="the app's Stop button")
+        return f"asked {run.name} to stop (pid {info.pid}): it stops after its current training step"
+    launch = runfolder.read_launch(run)
+    created = launch.get("create_time") if launch.get("pid") == info.pid else create_time(info.pid)
+    killed = kill_tree(info.pid, created)
+    if not killed:
         return f"{run.name} had already exited"
-    return f"sent {'SIGKILL' if force else 'SIGTERM'} to {run.name} (pid {info.pid})"
+    return f"killed {run.name} (pid {info.pid} and {len(killed) - 1} child process(es))"
 
 
 def wait_for(run: str | Path, timeout: float = 60.0) -> bool:
     """Wait until the app-started process of run exits (True) or timeout (False); for tests and scripts."""
-    launch = _read_json(Path(run) / LAUNCH_NAME) or {}
+    launch = runfolder.read_launch(run)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not process_alive(launch.get("pid"), launch.get("start")):
+        if not process_alive(launch.get("pid"), launch.get("create_time")):
             return True
         time.sleep(0.2)
     return False
@@ -306,7 +334,7 @@ def wait_for(run: str | Path, timeout: float = 60.0) -> bool:
 class RunInfo:
     name: str
     path: Path
-    state: str                 # starting | running | finished | failed | stopped | interrupted | unknown
+    state: str                 # starting | running | stopping | finished | failed | stopped | interrupted | unknown
     stage: int | None = None
     stage_name: str | None = None
     epoch: int | None = None
@@ -319,43 +347,18 @@ class RunInfo:
     resumable: bool = False
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def read_status(run: str | Path) -> dict:
-    return _read_json(Path(run) / "status.json") or {}
-
-
-def _is_trainer(pid: int) -> bool:
-    """Whether pid runs train.fit (guards a status.json pid that has since been reused); True without /proc."""
-    try:
-        return b"train.fit" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return not Path("/proc").is_dir()
-
-
 def run_info(run: str | Path) -> RunInfo:
     """A run's state from its folder; 'running' whose process has gone becomes 'interrupted'."""
     run = Path(run)
-    status = read_status(run)
-    launch = _read_json(run / LAUNCH_NAME) or {}
-    # The app's launch record names the process exactly (pid + start time); a run started from a terminal
+    status = runfolder.read_status(run)
+    launch = runfolder.read_launch(run)
+    # The app's launch record names the process exactly (pid + creation time); a run started from a terminal
     # has only the pid in status.json.
     alive_pid = None
-    if launch.get("pid") and process_alive(launch["pid"], launch.get("start")):
+    if launch.get("pid") and process_alive(launch["pid"], launch.get("create_time")):
         alive_pid = launch["pid"]
     elif (status.get("pid") and status.get("pid") != launch.get("pid") and process_alive(status["pid"])
-          and _is_trainer(status["pid"])):
+          and is_trainer(status["pid"])):
         alive_pid = status["pid"]
     alive = alive_pid is not None
     relaunched = bool(launch) and launch.get("started", 0) > status.get("updated", 0)
@@ -364,16 +367,16 @@ def run_info(run: str | Path) -> RunInfo:
         state = ("starting" if alive else "failed") if launch else "unknown"
     elif state == "running" and not alive:
         state = "interrupted"
-    elif state in ("stopped", "failed", "finished") and alive:
-        state = "stopping"  # the trainer wrote its final state and is exiting
+    elif alive and (state in ("stopped", "failed", "finished") or runfolder.stop_requested(run)):
+        state = "stopping"  # asked to stop, or it wrote its final state and is exiting
     error = status.get("error") if state == "failed" else None
     if state == "failed" and not error and (not status or relaunched):
-        error = f"exited before training started; see {CONSOLE_LOG}"
+        error = f"exited before training started; see {runfolder.CONSOLE}"
     return RunInfo(name=run.name, path=run, state=state, stage=status.get("stage"),
                    stage_name=status.get("stage_name"), epoch=status.get("epoch"), epochs=status.get("epochs"),
                    updated=status.get("updated"), pid=alive_pid or status.get("pid") or launch.get("pid"),
-                   alive=alive, error=error, has_bundle=(run / "bundle" / "model.json").is_file(),
-                   resumable=(run / "checkpoint.pt").is_file() and state in ("stopped", "interrupted", "failed"))
+                   alive=alive, error=error, has_bundle=runfolder.has_bundle(run),
+                   resumable=runfolder.has_checkpoint(run) and state in ("stopped", "interrupted", "failed"))
 
 
 def list_runs(root: str | Path | None = None) -> list[RunInfo]:
@@ -381,11 +384,7 @@ def list_runs(root: str | Path | None = None) -> list[RunInfo]:
     root = Path(root) if root is not None else runs_dir()
     if not root.is_dir():
         return []
-    runs = []
-    for d in root.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and any(
-                (d / f).exists() for f in ("status.json", LAUNCH_NAME, "config.yaml")):
-            runs.append(run_info(d))
+    runs = [run_info(d) for d in root.iterdir() if runfolder.is_run_folder(d)]
     return sorted(runs, key=lambda r: -(r.updated or _mtime(r.path)))
 
 
@@ -399,7 +398,7 @@ def _mtime(p: Path) -> float:
 def runs_table(runs: list[RunInfo]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        m = read_metrics(r.path)
+        m = runfolder.read_metrics(r.path)
         auc = m["val_roc_auc"].dropna() if "val_roc_auc" in m else pd.Series(dtype=float)
         rows.append({"run": r.name, "state": r.state,
                      "stage": r.stage_name if r.stage_name is not None else (r.stage if r.stage is not None else ""),
@@ -410,27 +409,3 @@ def runs_table(runs: list[RunInfo]) -> pd.DataFrame:
                      "note": r.error or ""})
     return pd.DataFrame(rows, columns=["run", "state", "stage", "epoch", "best val AUC", "model", "updated",
                                        "note"])
-
-
-def read_metrics(run: str | Path) -> pd.DataFrame:
-    """metrics.csv (one row per epoch), or an empty frame when there is none yet."""
-    try:
-        df = pd.read_csv(Path(run) / "metrics.csv")
-    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
-        return pd.DataFrame()
-    if {"stage", "epoch"} <= set(df.columns):
-        df["step"] = range(1, len(df) + 1)  # epochs counted across stages, for one x axis
-    return df
-
-
-def log_tail(run: str | Path, name: str = "train.log", lines: int = 30, max_bytes: int = 64_000) -> str:
-    path = Path(run) / name
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])

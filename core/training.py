@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -25,14 +24,16 @@ from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
 from core.device import dataloader_workers, fabric_precision, pick_device
 from core.evaluation import build_report
+from core.fileio import atomic_write
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
+from core.runfolder import RunFolder
 from core.splits import assign_splits, split_counts
 from core.transforms import eval_transform, train_transform
 
 
 class Stopped(Exception):
-    """The run was asked to stop (SIGTERM from the app's stop button, or Ctrl-C)."""
+    """The run was asked to stop: a stop request in the run folder (the app's Stop button), SIGTERM or Ctrl-C."""
 
 
 # ---------------------------------------------------------------- data
@@ -90,64 +91,13 @@ def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str
 # ---------------------------------------------------------------- run folder state
 @dataclass
 class RunState:
-    """What a killed run needs to resume; saved after every epoch (tensors in a weights_only torch file)."""
+    """What a killed run needs to resume; saved after every epoch (core.runfolder's checkpoint)."""
     stage: int = 0
     epoch: int = -1                 # last completed epoch of `stage`
     best_score: list = field(default_factory=lambda: [-np.inf, -np.inf])
     best_epoch: int = -1
     history: list = field(default_factory=list)
     stage_prov: list = field(default_factory=list)
-
-
-class RunFolder:
-    """The run's files. Under DDP only the global-zero process writes (is_main); the others only read."""
-
-    def __init__(self, out: Path, is_main: bool = True):
-        self.out = Path(out)
-        self.is_main = is_main
-        if is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "splits").mkdir(exist_ok=True)
-
-    def log(self, msg: str) -> None:
-        if not self.is_main:
-            return
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        with open(self.out / "train.log", "a") as f:
-            f.write(line + "\n")
-        print(line, flush=True)
-
-    def status(self, **fields) -> None:
-        if not self.is_main:
-            return
-        path = self.out / "status.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
-        old.update(fields, updated=time.time(), pid=os.getpid())
-        if old.get("state") != "failed":
-            old.pop("error", None)  # an earlier failure's message must not outlive a resume
-        _atomic_write(path, json.dumps(old, indent=1))
-
-    def save_checkpoint(self, model, optimizer, scheduler, state: RunState) -> None:
-        blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler else {},
-                "state": json.dumps(asdict(state), default=_json_default)}
-        tmp = self.out / "checkpoint.pt.tmp"
-        torch.save(blob, tmp)
-        os.replace(tmp, self.out / "checkpoint.pt")
-
-    def load_checkpoint(self):
-        path = self.out / "checkpoint.pt"
-        if not path.exists():
-            return None
-        blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-        state = RunState(**json.loads(blob["state"]))
-        return blob, state
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _json_default(o):
@@ -253,7 +203,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     stage = cfg.stages[i]
     (df, sources), how = data[0][i], data[1]
     if fabric.is_global_zero:
-        write_manifest(df, rf.out / "splits" / f"{i}_{stage.name}.csv", relative=False)  # the run folder may move
+        write_manifest(df, rf.split_path(i, stage.name), relative=False)  # the run folder may move
     counts = split_counts(df)
     rf.log(f"stage {i} '{stage.name}': {len(df)} images; split {how}; {counts}")
     model.freeze_backbone(stage.freeze_backbone)
@@ -270,7 +220,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     stage_seed = int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])
     (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache,
                                              stage_seed)
-    best_path = rf.out / f"best_stage{i}.safetensors"
+    best_path = rf.best_path(i)
     if len(state.stage_prov) <= i:
         state.stage_prov.append({"name": stage.name, "data": sources, "split": how, "split_counts": counts,
                                  "recipe": asdict(stage)})
@@ -291,17 +241,15 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
         state.history.append(row)
         if score > state.best_score or state.best_epoch < 0:  # an undefined score still keeps the first epoch
             state.best_score, state.best_epoch = score, epoch
-            if fabric.is_global_zero:
-                tmp = best_path.with_suffix(".tmp")  # a kill mid-write must not leave a truncated best file
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-                os.replace(tmp, best_path)
+            if fabric.is_global_zero:  # atomic: a kill mid-write must not leave a truncated best file
+                weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                atomic_write(best_path, lambda tmp: save_file(weights, str(tmp)))
         state.epoch = epoch
-        if fabric.is_global_zero:
-            pd.DataFrame(state.history).to_csv(rf.out / "metrics.csv", index=False)
-            rf.save_checkpoint(model, optimizer, scheduler, state)
+        rf.write_metrics(state.history)
+        rf.save_checkpoint(model, optimizer, scheduler, asdict(state))
         rf.log(f"stage {i} epoch {epoch}: train_loss {loss:.4f} val_loss {val_loss:.4f} "
                f"val_auc {_fmt(m['roc_auc'])} val_recall {_fmt(m['recall'])} ({row['seconds']}s)")
-        check_stop(fabric)  # a signal during validation: stop after this epoch's checkpoint
+        check_stop(fabric)  # a request during validation: stop after this epoch's checkpoint
     fabric.barrier()
     model.load_state_dict(load_file(str(best_path)))  # the stage ends on its best validation epoch
     state.stage_prov[i]["best_epoch"] = state.best_epoch
@@ -328,13 +276,13 @@ def initial_model(cfg: RunConfig, resuming: bool = False) -> tuple[LesionClassif
 
 
 _STOP_SIGNALS: list[int] = []  # signals received under DDP, not yet acted on (see check_stop)
+_STOP_RUN: list[RunFolder] = []  # the run whose folder check_stop looks in for a stop request
 
 
 def _install_stop_handler(distributed: bool) -> None:
-    """SIGTERM (the app's stop button, SLURM) stops the run. One process raises Stopped at once; under DDP the
-    signal is only recorded, and every rank stops together at the next check_stop: after data import, after
-    every training step and after each epoch's checkpoint. A signal during the final report (rank 0 alone) is
-    logged, and the run finishes."""
+    """SIGTERM (SLURM, `kill`) stops the run. One process raises Stopped at once; under DDP the signal is only
+    recorded, and every rank stops together at the next check_stop. The app does not signal: it writes a stop
+    request into the run folder (core.runfolder.request_stop), which works the same on Linux, macOS and Windows."""
     _STOP_SIGNALS.clear()
 
     def handler(signum, frame):
@@ -346,15 +294,36 @@ def _install_stop_handler(distributed: bool) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
+def _watch_stop_requests(rf: RunFolder) -> None:
+    """Make check_stop look in rf's folder; drop a stop request older than this process (one left by a run that
+    was killed before it could act on it must not stop this one)."""
+    import psutil
+    rf.clear_stop(older_than=psutil.Process().create_time())
+    _STOP_RUN[:] = [rf]
+
+
+def _stop_reason() -> str | None:
+    if _STOP_SIGNALS:
+        return f"signal {_STOP_SIGNALS[0]}"
+    if _STOP_RUN and _STOP_RUN[0].stop_requested():
+        return f"stop requested in the run folder ({_STOP_RUN[0].out.name})"
+    return None
+
+
 def check_stop(fabric) -> None:
-    """Under DDP, raise Stopped on every rank at the same step once any rank was signalled. A rank that left on
+    """Raise Stopped at a step boundary once a stop was requested: after data import, after every training step
+    and after each epoch's checkpoint. Under DDP every rank raises at the same step once any rank saw a request (a
+    signal, or the stop file: each rank looks, ranks on other nodes may see it a step later). A rank that left on
     its own would leave the others blocked in a collective (gloo fails with "connection closed", NCCL waits for
-    its timeout); the app signals rank 0 alone."""
+    its timeout)."""
+    reason = _stop_reason()
     if fabric.world_size == 1:
+        if reason:
+            raise Stopped(reason)
         return
-    flag = torch.tensor(float(bool(_STOP_SIGNALS)), device=fabric.device)
+    flag = torch.tensor(float(reason is not None), device=fabric.device)
     if float(fabric.all_reduce(flag, reduce_op="sum")) > 0:
-        raise Stopped("stop requested on a rank")
+        raise Stopped(reason or "stop requested on another rank")
 
 
 def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
@@ -367,36 +336,38 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
     fabric.barrier()  # the folder exists before any rank reads from it
     fabric.seed_everything(cfg.seed)
     _install_stop_handler(distributed=fabric.world_size > 1)
-    if fabric.is_global_zero:
-        if not resume:  # a resumed run keeps the config it started with
-            (rf.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _watch_stop_requests(rf)
+    if not resume:  # a resumed run keeps the config it started with
+        rf.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_start = time.time()
     try:
         data = run_data(cfg)
-        model, parent = initial_model(cfg, resuming=resume and (rf.out / "checkpoint.pt").exists())
+        model, parent = initial_model(cfg, resuming=resume and rf.has_checkpoint())
         if cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         state, blob = RunState(), None
-        if resume and (loaded := rf.load_checkpoint()):
-            blob, state = loaded
+        if resume and (blob := rf.load_checkpoint()):
+            state = RunState(**blob["state"])
             model.load_state_dict(blob["model"])
             rf.log(f"resuming: stage {state.stage}, after epoch {state.epoch}")
         rf.status(state="running", started=t_start)
-        check_stop(fabric)  # a signal during data import and set-up
+        check_stop(fabric)  # a request during data import and set-up
         for i in range(state.stage, len(cfg.stages)):
             run_stage(fabric, rf, cfg, model, i, state, data, resume_blob=blob if i == state.stage else None)
             blob = None
             state.stage, state.epoch, state.best_score, state.best_epoch = i + 1, -1, [-np.inf, -np.inf], -1
         bundle = finish(fabric, rf, cfg, model, state, parent, time.time() - t_start)
-        if _STOP_SIGNALS:
+        if _stop_reason():
             rf.log("a stop was requested during the final report; the run finished first")
+            rf.clear_stop()
         rf.status(state="finished", finished=time.time())
         return bundle
-    except (Stopped, KeyboardInterrupt):
-        rf.log("stopped on request; resume with --resume")
+    except (Stopped, KeyboardInterrupt) as e:
+        rf.log(f"stopped on request ({str(e) or type(e).__name__}); resume with --resume")
         rf.status(state="stopped")
+        rf.clear_stop()  # acted on: a resumed run starts clean
         raise
     except Exception as e:
         rf.log(f"failed: {type(e).__name__}: {e}")

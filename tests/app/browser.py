@@ -80,5 +80,10 @@ def wait_for_image(page, locator) -> None:
                            timeout=30_000)
 
 
+def nav_link(page, title: str):
+    """The app's own sidebar link to a page (ui/shell.py draws them with st.page_link)."""
+    return page.locator('[data-testid="stSidebar"] [data-testid="stPageLink-NavLink"]', has_text=title).first
+
+
 def launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)

@@ -81,7 +81,7 @@ def capture(out: Path) -> list[Path]:
                 shots.append(_shot(page, out, f"predict_{Path(name).stem}"))
             page.get_by_role("button", name="Try this one").first.click()
             for name in ("crop", "dashboard", "train"):
-                page.locator('[data-testid="stSidebarNav"] a', has_text=name.capitalize()).first.click()
+                browser.nav_link(page, name.capitalize()).click()
                 page.locator("h1", has_text=name.capitalize()).first.wait_for(timeout=60_000)
                 if name == "dashboard":
                     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)

@@ -1,6 +1,7 @@
 """Real-browser test: `streamlit run app.py` against the fixture RUNS_DIR, driven by Debian's chromium through
-Playwright. Uploads a synthetic lesion photo on the Predict page and waits for the probability and the Grad-CAM
-image; screenshots every page (into a tmp folder, and into $SCREENSHOT_DIR when set).
+Playwright. Records every navigation the sidebar shows from the first paint on (it must only ever be the app's own:
+Crop, Predict, Dashboard, Train); uploads a synthetic lesion photo on the Predict page and waits for the
+probability and the Grad-CAM image; screenshots every page (into a tmp folder, and into $SCREENSHOT_DIR when set).
 
 Skipped when /usr/bin/chromium or the playwright package is missing (CI installs chromium)."""
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.app import browser
 from tests.app.conftest import ROOT
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
@@ -81,6 +83,29 @@ def _shot(page, name: str, tmp_path: Path) -> Path:
     return path
 
 
+APP_PAGES = ["Crop", "Predict", "Dashboard", "Train"]
+
+# Installed before any page script runs: records each distinct navigation the sidebar shows, from the first paint
+# on (Streamlit's own sidebar list and the app's page links), so a list that is replaced a moment later still counts.
+RECORD_NAVIGATION = """
+window.__navs = [];
+const snapshot = () => {
+  const own = [...document.querySelectorAll('[data-testid="stSidebar"] [data-testid="stPageLink-NavLink"]')];
+  const legacy = [...document.querySelectorAll('[data-testid="stSidebarNav"] a')];
+  // a link's text is its icon's ligature name, then its label: keep the label
+  const text = els => els.map(e => e.innerText.trim().split('\\n').pop().trim()).filter(t => t).join('|');
+  const seen = JSON.stringify({streamlit_nav: text(legacy), app_links: text(own)});
+  if (seen !== window.__navs[window.__navs.length - 1]) window.__navs.push(seen);
+};
+new MutationObserver(snapshot).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def _navigations(page) -> list[dict]:
+    import json
+    return [json.loads(n) for n in page.evaluate("window.__navs")]
+
+
 def _settle(page) -> None:
     """Wait until Streamlit has finished the current run (the 'Running…' status widget is gone)."""
     page.wait_for_timeout(300)
@@ -89,12 +114,25 @@ def _settle(page) -> None:
 
 def test_predict_page_in_chromium(server, app_env, tmp_path):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1700})
+            page = chromium.new_page(viewport={"width": 1400, "height": 1700})
+            page.add_init_script(RECORD_NAVIGATION)
+            # a deep link as the server's very first request: the case where Streamlit's legacy pages/ mode runs
+            # pages/predict.py by itself and would list every file in pages/
             page.goto(f"{server}/predict", wait_until="domcontentloaded")
-            page.get_by_text("Predict", exact=True).first.wait_for(timeout=60_000)
+            page.locator("h1", has_text="Predict").first.wait_for(timeout=60_000)
             page.locator('[data-testid="stSidebar"]').get_by_text("mobilenetv2_100").first.wait_for(timeout=30_000)
+            _settle(page)
+            navs = [n for n in _navigations(page) if n["streamlit_nav"] or n["app_links"]]
+            assert navs, "no navigation was ever shown"
+            # from the first paint on, only the app's own links (while they render, a prefix of them), never
+            # Streamlit's list of the files in pages/ (which would name app, common, ...)
+            assert all(not n["streamlit_nav"] for n in navs), f"Streamlit's own page list was painted: {navs}"
+            for n in navs:
+                links = n["app_links"].split("|")
+                assert links == APP_PAGES[:len(links)], navs
+            assert navs[-1]["app_links"].split("|") == APP_PAGES, navs
             # the main area's uploader (the sidebar has one too, for bundle zips)
             page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(app_env.photo))
             prob = page.get_by_text("Probability of malignancy:")
@@ -115,7 +153,7 @@ def test_predict_page_in_chromium(server, app_env, tmp_path):
 
             # the other pages, through the sidebar navigation (same session: the photo goes to the Crop page)
             for name in ("crop", "dashboard", "train"):
-                page.locator('[data-testid="stSidebarNav"] a', has_text=name.capitalize()).first.click()
+                browser.nav_link(page, name.capitalize()).click()
                 page.locator("h1", has_text=name.capitalize()).first.wait_for(timeout=60_000)
                 _settle(page)
                 if name == "crop":  # the cropper component (an iframe) shows the photo carried over
@@ -126,5 +164,7 @@ def test_predict_page_in_chromium(server, app_env, tmp_path):
                     page.wait_for_timeout(1000)
                 _shot(page, name, tmp_path)
                 assert not page.locator('[data-testid="stException"]').count(), name
+                assert page.url.rstrip("/").endswith("" if name == "crop" else f"/{name}"), page.url
+            assert all(not n["streamlit_nav"] for n in _navigations(page))
         finally:
-            browser.close()
+            chromium.close()

@@ -29,7 +29,7 @@ def test_demo_is_the_default_without_runs_and_listed_last_with_them(without_mode
 
 def test_try_an_example_on_predict(without_model):
     at = app()
-    at.switch_page("pages/predict.py").run()
+    at.switch_page("ui/predict.py").run()
     first = builtin.examples()[0]
     at.button(key="predict_example_0").click().run()
     assert not at.exception
@@ -41,7 +41,7 @@ def test_try_an_example_on_predict(without_model):
 
 
 def test_dashboard_opens_on_the_demo_evidence(without_model):
-    at = app().switch_page("pages/dashboard.py").run()
+    at = app().switch_page("ui/dashboard.py").run()
     assert not at.exception
     chosen = at.multiselect(key="dash_reports").value
     assert chosen and all(label.startswith("built-in demo: ") for label in chosen)

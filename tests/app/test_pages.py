@@ -7,6 +7,7 @@ import json
 import os
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -38,10 +39,28 @@ def test_no_model_state(without_model, monkeypatch, tmp_path):
     info = "\n".join(i.value for i in at.sidebar.info)
     assert "No model loaded" in info and "python -m train.fit" in info and "Train" in info
     assert "Crop" in texts(at, "title")  # the crop page (the default) works without a model
-    at.switch_page("pages/predict.py").run()
+    at.switch_page("ui/predict.py").run()
     assert not at.exception
     assert any("No model loaded" in i.value and "bundle" in i.value for i in at.main.info)
     assert "Probability" not in texts(at)
+
+
+# ------------------------------------------------------------------ navigation
+def test_navigation_is_the_apps_own_on_every_page(without_model):
+    """The sidebar lists the four pages (st.page_link, public API) and nothing else from pages/; each page is drawn
+    inside the same shell, with no set-up call of its own (under AppTest every run takes Streamlit's legacy pages/
+    route, which runs the pages/ entry file by itself)."""
+    at = app()
+    for path, title in (("ui/crop.py", "Crop"), ("ui/predict.py", "Predict"), ("ui/dashboard.py", "Dashboard"),
+                        ("ui/train.py", "Train")):
+        at.switch_page(path).run()
+        assert not at.exception
+        assert [link.proto.label for link in at.sidebar.get("page_link")] == ["Crop", "Predict", "Dashboard",
+                                                                               "Train"]
+        assert title in texts(at, "title")
+        assert any("No model loaded" in i.value for i in at.sidebar.info)  # the shell's model picker
+    for entry in Path(APP).parent.joinpath("pages").glob("*.py"):  # entries only: the page code lives in ui/
+        assert "ui.shell import run" in entry.read_text() and len(entry.read_text().splitlines()) < 10, entry
 
 
 # ------------------------------------------------------------------ sidebar
@@ -91,7 +110,7 @@ def _predict_page(env, data: bytes | None = None, name="lesion.jpg", crop=None):
     at.session_state["photo_bytes"] = data if data is not None else env.photo.read_bytes()
     at.session_state["photo_name"] = name
     at.session_state["photo_crop"] = crop
-    return at.switch_page("pages/predict.py").run()
+    return at.switch_page("ui/predict.py").run()
 
 
 def test_predict_with_injected_photo(with_model):
@@ -158,7 +177,7 @@ def test_bad_uploads_show_error_and_app_keeps_running(with_model, data, expected
     errors = "\n".join(e.value for e in at.main.error)
     assert "This file cannot be used" in errors and expected in errors
     assert "Probability of malignancy" not in texts(at)
-    at.switch_page("pages/dashboard.py").run()  # still alive
+    at.switch_page("ui/dashboard.py").run()  # still alive
     assert not at.exception
 
 
@@ -253,7 +272,7 @@ def test_dataset_crop_mode_saves_and_resumes(without_model, tmp_path, monkeypatc
 
 # ------------------------------------------------------------------ dashboard
 def test_dashboard_from_saved_report(with_model):
-    at = app().switch_page("pages/dashboard.py").run()
+    at = app().switch_page("ui/dashboard.py").run()
     assert not at.exception
     assert at.multiselect(key="dash_reports").value == [f"{RUN_NAME}/val_report.json"]
     table = at.dataframe[0].value
@@ -276,7 +295,7 @@ def test_dashboard_from_saved_report(with_model):
 def test_dashboard_without_reports(without_model, monkeypatch, tmp_path):
     from core import builtin
     monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")  # a checkout without the demo
-    at = app().switch_page("pages/dashboard.py").run()
+    at = app().switch_page("ui/dashboard.py").run()
     assert not at.exception
     assert any("No evaluation reports" in i.value for i in at.main.info)
 
@@ -284,11 +303,11 @@ def test_dashboard_without_reports(without_model, monkeypatch, tmp_path):
 # ------------------------------------------------------------------ train
 def test_train_page_lists_runs_and_refuses_second_job(with_model):
     root = with_model.runs
-    me = {"pid": os.getpid(), "start": jobs._proc_start(os.getpid()), "run": "busy_run", "device": "cpu",
+    me = {"pid": os.getpid(), "create_time": jobs.create_time(os.getpid()), "run": "busy_run", "device": "cpu",
           "started": time.time()}
     jobs.acquire_lock(root, me)
     try:
-        at = app().switch_page("pages/train.py").run()
+        at = app().switch_page("ui/train.py").run()
         assert not at.exception
         runs = at.dataframe[0].value
         assert runs.set_index("run").loc[RUN_NAME, "state"] == "finished"
@@ -314,7 +333,7 @@ def test_train_form_builds_the_request(with_model, monkeypatch):
         return {"run": req.name, "device": req.device, "pid": 4242}
 
     monkeypatch.setattr(jobs, "start_training", fake_start)
-    at = app().switch_page("pages/train.py").run()
+    at = app().switch_page("ui/train.py").run()
     assert at.selectbox(key="train_recipe").value.name == "shared_demo.yaml"
     k = "shared_demo"
     at.text_input(key=f"tf_name_{k}").set_value("my_run")
@@ -372,8 +391,8 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     differs = (down >= 0.5) != (image_prob >= 0.5)
     assert ("photo alone gives a different verdict" in texts(at, "warning")) == differs
     # remembered for the session across pages, never written to disk
-    at.switch_page("pages/crop.py").run()
-    at.switch_page("pages/predict.py").run()
+    at.switch_page("ui/crop.py").run()
+    at.switch_page("ui/predict.py").run()
     assert at.selectbox(key="ctx_bleed").value == "no" and at.number_input(key="ctx_age").value == 20.0
     assert "photo + 2 answers" in texts(at)
     assert sorted(p for p in (tmp_path / "runs").rglob("*")) == before

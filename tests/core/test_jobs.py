@@ -1,5 +1,5 @@
-"""Tests for core.jobs: the one-job lock, launching and stopping real (tiny, random-weight, CPU) training
-subprocesses, run states from their folders, metrics and log tails."""
+"""Tests for core.jobs: the one-job lock, launching, stopping (through the run folder's stop request) and resuming
+real (tiny, random-weight, CPU) training subprocesses, process identity through psutil, run states from folders."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from PIL import Image
 
-from core import appstate, jobs, reports
+from core import appstate, jobs, reports, runfolder
 from core.jobs import TrainRequest, TrainingBusy
 from core.manifest import write_manifest
 
@@ -48,6 +49,14 @@ def tiny_recipe(path: Path, manifest: Path, epochs: int) -> Path:
     return path
 
 
+def wait_epochs(run: Path, n: int, timeout: float = 90.0) -> None:
+    """Wait until n epochs are in metrics.csv (and so in the checkpoint, written just before)."""
+    deadline = time.time() + timeout
+    while len(runfolder.read_metrics(run)) < n:
+        assert time.time() < deadline, runfolder.log_tail(run, runfolder.CONSOLE, 40)
+        time.sleep(0.2)
+
+
 def wait_state(run: Path, states: set[str], timeout: float = 60.0) -> jobs.RunInfo:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -56,12 +65,12 @@ def wait_state(run: Path, states: set[str], timeout: float = 60.0) -> jobs.RunIn
             return info
         time.sleep(0.2)
     raise AssertionError(f"{run.name} never reached {states}: {jobs.run_info(run)}\n"
-                         f"{jobs.log_tail(run, jobs.CONSOLE_LOG, 40)}")
+                         f"{runfolder.log_tail(run, runfolder.CONSOLE, 40)}")
 
 
 # ------------------------------------------------------------------ real training subprocesses
-@pytest.mark.timeout(120)
-def test_launch_finish_second_job_refused_and_stop(tmp_path):
+@pytest.mark.timeout(240)
+def test_launch_finish_second_job_refused_stop_and_resume(tmp_path):
     root = tmp_path / "runs"
     manifest = synthetic_dataset(tmp_path / "data")
     short = tiny_recipe(tmp_path / "short.yaml", manifest, epochs=1)
@@ -76,28 +85,49 @@ def test_launch_finish_second_job_refused_and_stop(tmp_path):
     assert not (root / "second").exists()
     assert jobs.wait_for(root / "short", timeout=90)
     info = jobs.run_info(root / "short")
-    assert info.state == "finished", jobs.log_tail(root / "short", jobs.CONSOLE_LOG, 40)
+    assert info.state == "finished", runfolder.log_tail(root / "short", runfolder.CONSOLE, 40)
     assert info.has_bundle and not info.alive
     assert jobs.current_job(root) is None and not (root / jobs.LOCK_NAME).exists()  # stale lock cleared
     assert [b.label for b in appstate.list_bundles(root)] == ["short"]
-    assert len(jobs.read_metrics(root / "short")) == 1
+    assert len(runfolder.read_metrics(root / "short")) == 1
     assert "val_report.json" in [p.name for p in reports.find_reports(root)]
 
-    # 2. a long run is stopped with SIGTERM to its process group: status 'stopped', resumable, lock free
-    jobs.start_training(TrainRequest(recipe=str(long), name="long", device="cpu"), root)
+    # 2. a long run is stopped through a stop request in its folder (no signal: the same on every OS); it stops
+    # at a step boundary with status 'stopped', resumable, the request consumed and the lock free
+    rec = jobs.start_training(TrainRequest(recipe=str(long), name="long", device="cpu"), root)
     run = root / "long"
-    deadline = time.time() + 60
-    while not (run / "checkpoint.pt").exists() and time.time() < deadline:  # written after each epoch
-        time.sleep(0.2)
+    assert rec["create_time"] == psutil.Process(rec["pid"]).create_time()
+    wait_epochs(run, 1)
     assert jobs.run_info(run).state == "running"
-    assert "SIGTERM" in jobs.stop_training(run)
+    assert "asked long to stop" in jobs.stop_training(run)
+    assert jobs.run_info(run).state in ("stopping", "stopped")
     assert jobs.wait_for(run, timeout=30)
     info = jobs.run_info(run)
-    assert info.state == "stopped" and info.resumable, jobs.log_tail(run, jobs.CONSOLE_LOG, 40)
+    assert info.state == "stopped" and info.resumable, runfolder.log_tail(run, runfolder.CONSOLE, 40)
+    assert "stopped on request (stop requested in the run folder" in runfolder.log_tail(run)
+    assert not runfolder.stop_requested(run)
     assert jobs.current_job(root) is None
     assert "not running" in jobs.stop_training(run)
     states = {r.name: r.state for r in jobs.list_runs(root)}
     assert states == {"short": "finished", "long": "stopped"}
+    done = len(runfolder.read_metrics(run))
+
+    # 3. resumed, it continues after its last finished epoch (a stale stop request does not stop it); a forced
+    # stop kills it and its children: 'interrupted', still resumable from its checkpoint
+    runfolder.request_stop(run)  # e.g. a second click that came too late: the launch clears it
+    with pytest.raises(jobs.LaunchError, match="no checkpoint"):
+        jobs.resume_training(root / "short_no_ckpt", root)
+    rec = jobs.resume_training(run, root)
+    assert rec["device"] == "cpu" and jobs.read_lock(root)["pid"] == rec["pid"]
+    wait_epochs(run, done + 1)
+    m = runfolder.read_metrics(run)
+    assert m["epoch"].tolist()[:done + 1] == list(range(done + 1))  # no epoch repeated or skipped
+    assert "resuming: stage 0, after epoch" in runfolder.log_tail(run, lines=200)
+    assert "killed long" in jobs.stop_training(run, force=True)
+    assert not psutil.pid_exists(rec["pid"]) or psutil.Process(rec["pid"]).status() == psutil.STATUS_ZOMBIE
+    info = jobs.run_info(run)
+    assert info.state == "interrupted" and info.resumable and not info.alive
+    assert jobs.current_job(root) is None
 
 
 def test_name_and_recipe_checks(tmp_path):
@@ -139,19 +169,19 @@ def test_training_command_overrides():
 # ------------------------------------------------------------------ lock
 def test_lock_held_by_live_process_refuses_and_stale_lock_is_cleared(tmp_path):
     root = tmp_path / "runs"
-    me = {"pid": os.getpid(), "start": jobs._proc_start(os.getpid()), "run": "busy", "device": "cuda",
+    me = {"pid": os.getpid(), "create_time": psutil.Process().create_time(), "run": "busy", "device": "cuda",
           "started": time.time()}
     jobs.acquire_lock(root, me)
     with pytest.raises(TrainingBusy, match="run 'busy' on device 'cuda'"):
         jobs.acquire_lock(root, {**me, "run": "other"})
     assert jobs.current_job(root)["run"] == "busy"
-    # the same pid with another start time is a reused pid: stale
-    jobs._write_lock(root, {**me, "start": "1"})
+    # the same pid with another creation time is a reused pid: stale
+    jobs._write_lock(root, {**me, "create_time": me["create_time"] - 100})
     assert jobs.current_job(root) is None and not (root / jobs.LOCK_NAME).exists()
     # a dead pid: stale, and a new job may take the lock
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    jobs._write_lock(root, {**me, "pid": dead.pid, "start": None})
+    jobs._write_lock(root, {**me, "pid": dead.pid, "create_time": None})
     assert jobs.acquire_lock(root, {**me, "run": "new"})["run"] == "new"
     jobs.release_lock(root, pid=12345)  # not the holder: kept
     assert jobs.read_lock(root)["run"] == "new"
@@ -180,10 +210,15 @@ def test_run_states_from_folders(tmp_path):
         assert jobs.run_info(run).state == "running"
         # stopped, then resumed by the app: the new process counts before its first status update
         (run / "status.json").write_text(json.dumps({"state": "stopped", "pid": dead.pid, "updated": 1}))
-        (run / jobs.LAUNCH_NAME).write_text(json.dumps({"pid": trainer.pid, "started": 2,
-                                                            "start": jobs._proc_start(trainer.pid)}))
+        launch = {"pid": trainer.pid, "started": 2, "create_time": psutil.Process(trainer.pid).create_time()}
+        (run / runfolder.LAUNCH).write_text(json.dumps(launch))
         info = jobs.run_info(run)
         assert info.state == "starting" and info.alive and info.pid == trainer.pid and not info.resumable
+        # the launch record's pid, reused by a process created at another time: not our trainer
+        (run / runfolder.LAUNCH).write_text(json.dumps({**launch, "create_time": launch["create_time"] - 5}))
+        assert not jobs.run_info(run).alive and not jobs.process_alive(trainer.pid, launch["create_time"] - 5)
+        assert jobs.process_alive(trainer.pid, launch["create_time"])
+        (run / runfolder.LAUNCH).write_text(json.dumps(launch))
     finally:
         trainer.kill()
         trainer.wait()
@@ -191,50 +226,57 @@ def test_run_states_from_folders(tmp_path):
     assert info.state == "failed" and not info.alive  # the relaunch died before writing any status
     other = tmp_path / "launched"
     other.mkdir()
-    (other / jobs.LAUNCH_NAME).write_text(json.dumps({"pid": dead.pid, "started": time.time()}))
+    (other / runfolder.LAUNCH).write_text(json.dumps({"pid": dead.pid, "started": time.time()}))
     info = jobs.run_info(other)
-    assert info.state == "failed" and jobs.CONSOLE_LOG in info.error
+    assert info.state == "failed" and runfolder.CONSOLE in info.error
     table = jobs.runs_table(jobs.list_runs(tmp_path))
     assert set(table["run"]) == {"r", "launched"} and "state" in table
 
 
-def test_log_tail_and_metrics(tmp_path):
-    (tmp_path / "train.log").write_text("".join(f"line {i}\n" for i in range(100)))
-    assert jobs.log_tail(tmp_path, lines=3) == "line 97\nline 98\nline 99"
-    assert jobs.log_tail(tmp_path, "missing.log") == ""
-    assert jobs.read_metrics(tmp_path).empty
-    pd.DataFrame({"stage": [0, 0, 1], "epoch": [0, 1, 0], "train_loss": [1, 0.8, 0.7],
-                  "val_roc_auc": [0.5, 0.6, None]}).to_csv(tmp_path / "metrics.csv", index=False)
-    assert jobs.read_metrics(tmp_path)["step"].tolist() == [1, 2, 3]
-
-
-def test_force_stop_kills_the_process_group_and_never_a_stranger(tmp_path):
+def test_force_stop_kills_the_process_tree_and_never_a_stranger(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
-    # a "trainer" with a child in its own process group, as start_training makes them
+    # a "trainer" with a child (a data-loader worker), started as start_training starts them
     code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
            "time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", code, "train.fit"], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, "train.fit"], **jobs.popen_kwargs())
     try:
-        (run / jobs.LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "pgid": proc.pid, "started": 1,
-                                                            "start": jobs._proc_start(proc.pid)}))
-        time.sleep(0.5)
+        trainer = psutil.Process(proc.pid)
+        deadline = time.time() + 10
+        while not trainer.children() and time.time() < deadline:
+            time.sleep(0.1)
+        (child,) = trainer.children()
+        launch = {"pid": proc.pid, "started": 1, "create_time": trainer.create_time()}
+        # a launch record whose pid was reused (another creation time) is never killed
+        (run / runfolder.LAUNCH).write_text(json.dumps({**launch, "create_time": launch["create_time"] + 3}))
+        assert "not running" in jobs.stop_training(run, force=True)
+        assert proc.poll() is None and child.is_running()
+        (run / runfolder.LAUNCH).write_text(json.dumps(launch))
         assert jobs.run_info(run).alive
-        assert "SIGKILL" in jobs.stop_training(run, force=True)
-        proc.wait(10)
-        time.sleep(0.2)
-        group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert not [pid for pid in group if jobs.process_alive(int(pid))]  # zombies await their reaper
+        assert "killed r (pid" in jobs.stop_training(run, force=True)
+        assert proc.wait(10) is not None
+        psutil.wait_procs([child], timeout=10)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     finally:
         if proc.poll() is None:
             proc.kill()
     # a status.json pid that now belongs to an unrelated process is never signalled
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        (run / jobs.LAUNCH_NAME).unlink()
+        (run / runfolder.LAUNCH).unlink()
         (run / "status.json").write_text(json.dumps({"state": "running", "pid": stranger.pid, "updated": 1}))
+        assert not jobs.is_trainer(stranger.pid)
         assert "not running" in jobs.stop_training(run, force=True)
-        assert stranger.poll() is None
+        assert "not running" in jobs.stop_training(run)
+        assert stranger.poll() is None and not runfolder.stop_requested(run)
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_launch_detaches_the_trainer_portably(monkeypatch):
+    monkeypatch.setattr(jobs.os, "name", "nt")
+    monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200, raising=False)
+    assert jobs.popen_kwargs() == {"creationflags": 0x200}
+    monkeypatch.setattr(jobs.os, "name", "posix")
+    assert jobs.popen_kwargs() == {"start_new_session": True}

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from core import runfolder
 from core.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,9 +150,11 @@ def _fit_processes(out: Path) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
-def test_stop_signal_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path):
-    """The app's stop button sends SIGTERM to the trainer (rank 0) alone: every rank must stop, none may hang in a
-    collective, and the run must be left 'stopped' with a checkpoint to resume from."""
+@pytest.mark.parametrize("how", ["stop_file", "sigterm_to_rank_zero"])
+def test_a_stop_stops_every_rank_at_the_same_step(tmp_path, how):
+    """The app's stop button writes a stop request into the run folder; SIGTERM from a terminal may reach the
+    trainer (rank 0) alone. Either way every rank must stop, none may hang in a collective, and the run must be
+    left 'stopped' with a checkpoint to resume from."""
     import signal
     import time
     cfg = write_data(tmp_path / "data")
@@ -172,7 +175,10 @@ def test_stop_signal_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path):
             time.sleep(0.5)
         time.sleep(1.0)
         assert len(_fit_processes(out)) == 2, "expected two ranks"
-        proc.send_signal(signal.SIGTERM)
+        if how == "stop_file":
+            runfolder.request_stop(out, by="test")
+        else:
+            proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
         deadline = time.time() + 30
         while _fit_processes(out) and time.time() < deadline:
@@ -190,3 +196,7 @@ def test_stop_signal_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path):
     assert "Traceback" not in log, log[-3000:]
     assert json.loads((out / "status.json").read_text())["state"] == "stopped"
     assert (out / "checkpoint.pt").exists()
+    # (rank 0 may be told by the all-reduce that another rank saw the file first: "stop requested on another rank")
+    expected = "stopped on request (stop requested" if how == "stop_file" else f"signal {int(signal.SIGTERM)}"
+    assert expected in (out / "train.log").read_text()
+    assert not runfolder.stop_requested(out)

@@ -1,7 +1,9 @@
-"""End-to-end: a two-stage run on synthetic images, its bundle, resume after a kill, and evaluation."""
+"""End-to-end: a two-stage run on synthetic images, its bundle, stop and resume, and evaluation."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from core import training
+from core import runfolder, training
 from core.bundle import load_bundle
 from core.config import run_config_from_dict
 from core.manifest import file_sha256
@@ -137,34 +139,60 @@ def test_evaluate_cli_errors(finished_run, tmp_path, capsys):
     assert "no split column" in capsys.readouterr().err
 
 
-def test_killed_run_resumes_from_its_last_epoch(image_set, tmp_path, monkeypatch):
+def test_stopped_run_resumes_from_its_last_epoch(image_set, tmp_path, monkeypatch):
+    """A stop request in the run folder (the app's portable Stop) stops the run at the next step boundary; --resume
+    continues from the last finished epoch and draws what an uninterrupted run draws."""
     labels, images = image_set
     cfg = run_config_from_dict(tiny_config(labels, images, num_workers=1))  # workers draw the augmentations
+    run = tmp_path / "run"
     real = training.train_epoch
     calls = []
 
-    def dies_in_second_stage(*args, **kwargs):
+    def stop_requested_in_second_stage(*args, **kwargs):
         calls.append(args[-1])
-        if len(calls) == 3:  # stage 0 epoch 0, stage 1 epoch 0 done; killed in stage 1 epoch 1
-            raise training.Stopped("simulated kill")
+        if len(calls) == 3:  # stage 0 epoch 0, stage 1 epoch 0 done; asked to stop in stage 1 epoch 1
+            runfolder.request_stop(run, by="test")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_epoch", dies_in_second_stage)
-    with pytest.raises(training.Stopped):
-        training.fit(cfg, tmp_path / "run")
-    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
-    assert not (tmp_path / "run" / "bundle").exists()
+    monkeypatch.setattr(training, "train_epoch", stop_requested_in_second_stage)
+    with pytest.raises(training.Stopped, match="stop requested in the run folder"):
+        training.fit(cfg, run)
+    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
+    assert not (run / "bundle").exists() and not runfolder.stop_requested(run)  # the request was consumed
+    assert runfolder.read_metrics(run)[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0]]  # epoch 1 unfinished
     monkeypatch.setattr(training, "train_epoch", real)
-    calls.clear()
-    training.fit(cfg, tmp_path / "run", resume=True)
-    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    runfolder.request_stop(run)  # a request older than the resuming process (e.g. left by a killed run) ...
+    old = time.time() - 3600
+    os.utime(run / runfolder.STOP, (old, old))
+    training.fit(cfg, run, resume=True)  # ... is dropped, not acted on
+    history = pd.read_csv(run / "metrics.csv")
     assert history[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0], [1, 1]]
-    assert load_bundle(tmp_path / "run").threshold is not None
+    assert load_bundle(run).threshold is not None
     # The resumed epoch drew the same shuffle, augmentations and dropout masks as an uninterrupted run's
     training.fit(cfg, tmp_path / "straight")
     straight = pd.read_csv(tmp_path / "straight" / "metrics.csv")
     cols = ["train_loss", "val_loss", "val_roc_auc"]
     np.testing.assert_allclose(history[cols].to_numpy(float), straight[cols].to_numpy(float), rtol=1e-6)
+
+
+def test_a_stop_request_is_seen_at_the_next_training_step(image_set, tmp_path, monkeypatch):
+    """check_stop runs after every step: a request made during an epoch stops it after one more step, not at the
+    epoch's end."""
+    labels, images = image_set
+    cfg = run_config_from_dict(tiny_config(labels, images))
+    run = tmp_path / "run"
+    real_check, steps = training.check_stop, []
+
+    def counting_check(fabric):
+        steps.append(1)
+        if len(steps) == 2:  # after data import (1), after the first training step (2)
+            runfolder.request_stop(run)
+        real_check(fabric)
+    monkeypatch.setattr(training, "check_stop", counting_check)
+    with pytest.raises(training.Stopped):
+        training.fit(cfg, run)
+    assert len(steps) == 2 and runfolder.read_metrics(run).empty  # no epoch finished
+    assert runfolder.read_status(run)["state"] == "stopped"
 
 
 def test_fit_cli_refuses_to_overwrite_a_run_without_resume(finished_run, capsys):

@@ -1,4 +1,4 @@
-"""Shared UI pieces for the pages: the sidebar model picker, the provenance box, the photo carried between
+"""Shared UI pieces for the pages (ui/*.py): the sidebar model picker, the provenance box, the photo carried between
 pages, the cropper wrapper and the cached predictor. Logic lives in core (appstate, photos); this only renders.
 
 Session-state keys (all in memory; nothing is written to disk unless the user saves a crop file):
@@ -25,31 +25,6 @@ DISCLAIMER = ("Research tool, not a diagnostic device. The score is a model outp
               "demonstration; it cannot make or rule out a diagnosis. Any changing, bleeding, itching or "
               "otherwise worrying skin lesion needs a clinician's examination.")
 CLI_EXAMPLE = "python -m train.fit --config train/configs/shared_demo.yaml --out runs/shared_demo"
-
-
-PAGE_CONFIG = dict(page_title="Skin lesion screening (research)", page_icon=":material/dermatology:", layout="wide")
-
-
-def page_setup() -> None:
-    """Call first on every page.
-
-    Streamlit has a legacy mode that runs a file from a folder named `pages/` on its own, without app.py: it
-    picks it for a server's first request of a page URL (e.g. /predict) before app.py has ever called
-    st.navigation, and AppTest picks it on every rerun. Switch it off; in a server, rerun through app.py (same
-    page: page hashes come from the URL path). Under AppTest draw what app.py would have (page config, sidebar)
-    in place instead, since a rerun there would swallow the button click that started the run."""
-    try:
-        from streamlit import config
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # pragma: no cover - internal module moved; st.navigation still works
-        return
-    if not getattr(PagesManager, "uses_pages_directory", None):
-        return
-    PagesManager.uses_pages_directory = False
-    if not config.get_option("global.appTest"):
-        st.rerun()
-    st.set_page_config(**PAGE_CONFIG)
-    sidebar()
 
 
 def no_model_message(where=None, short: bool = False) -> None:

@@ -1,0 +1,229 @@
+"""The run-folder contract: the one module that names, writes and reads a training run's files.
+
+The trainer (core.training, any rank) and the app (core.jobs) both go through here, so they cannot disagree about
+a file name or format. A run folder holds:
+
+  config.yaml        the resolved recipe (written once; a resumed run keeps it)
+  status.json        state (running/stopped/failed/finished), stage, epoch, pid, error; merged on every update
+  train.log          timestamped progress lines
+  metrics.csv        one row per finished epoch, across stages
+  checkpoint.pt      what --resume needs (model, optimizer, scheduler, loop state); loaded with weights_only=True
+  best_stage<i>.safetensors   the best validation epoch of stage i
+  splits/<i>_<stage>.csv       each stage's patient-level split
+  val_report.json, test_report.json, bundle/   the results
+  stop.request       a stop request (the app's Stop button, or any tool): the trainer stops at its next step
+  launch.json, console.log     how the app started the process, and that process's stdout/stderr
+
+Every write is atomic (core.fileio), so a reader polling the folder never sees half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from core.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json_or_none, to_jsonable
+
+CONFIG = "config.yaml"
+STATUS = "status.json"
+LOG = "train.log"
+METRICS = "metrics.csv"
+CHECKPOINT = "checkpoint.pt"
+SPLITS = "splits"
+VAL_REPORT = "val_report.json"
+TEST_REPORT = "test_report.json"
+BUNDLE = "bundle"
+STOP = "stop.request"
+LAUNCH = "launch.json"
+CONSOLE = "console.log"
+MARKERS = (STATUS, LAUNCH, CONFIG)  # a folder holding any of these is a run folder
+
+
+def best_path(run: str | Path, stage: int) -> Path:
+    return Path(run) / f"best_stage{stage}.safetensors"
+
+
+def split_path(run: str | Path, stage: int, name: str) -> Path:
+    return Path(run) / SPLITS / f"{stage}_{name}.csv"
+
+
+def is_run_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and not path.name.startswith(".") and any((path / f).exists() for f in MARKERS)
+
+
+def has_bundle(run: str | Path) -> bool:
+    return (Path(run) / BUNDLE / "model.json").is_file()
+
+
+def has_checkpoint(run: str | Path) -> bool:
+    return (Path(run) / CHECKPOINT).is_file()
+
+
+# ---------------------------------------------------------------- status
+def read_status(run: str | Path) -> dict:
+    """status.json, or {} when there is none yet (or it is unreadable)."""
+    status = read_json_or_none(Path(run) / STATUS)
+    return status if isinstance(status, dict) else {}
+
+
+def update_status(run: str | Path, **fields) -> dict:
+    """Merge fields into status.json, stamping the time and this process's pid; a state other than 'failed'
+    drops an earlier error (a resumed run must not keep showing the failure it recovered from)."""
+    status = read_status(run)
+    status.update(fields, updated=time.time(), pid=os.getpid())
+    if status.get("state") != "failed":
+        status.pop("error", None)
+    atomic_write_json(Path(run) / STATUS, status, indent=1)
+    return status
+
+
+# ---------------------------------------------------------------- log
+def append_log(run: str | Path, line: str) -> None:
+    with open(Path(run) / LOG, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def log_tail(run: str | Path, name: str = LOG, lines: int = 30, max_bytes: int = 64_000) -> str:
+    """The last lines of a log in the run folder (train.log, or console.log), reading at most max_bytes."""
+    try:
+        with open(Path(run) / name, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- metrics
+def write_metrics(run: str | Path, rows: list[dict]) -> None:
+    """The whole per-epoch history (rewritten each epoch, atomically: the app polls this file)."""
+    atomic_write(Path(run) / METRICS, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+
+
+def read_metrics(run: str | Path) -> pd.DataFrame:
+    """metrics.csv (one row per epoch, with `step` = epochs counted across stages), or an empty frame."""
+    try:
+        df = pd.read_csv(Path(run) / METRICS)
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return pd.DataFrame()
+    if {"stage", "epoch"} <= set(df.columns):
+        df["step"] = range(1, len(df) + 1)
+    return df
+
+
+# ---------------------------------------------------------------- config
+def write_config(run: str | Path, text: str) -> None:
+    atomic_write_text(Path(run) / CONFIG, text)
+
+
+# ---------------------------------------------------------------- checkpoint
+def save_checkpoint(run: str | Path, model: dict, optimizer: dict, scheduler: dict, state: dict) -> None:
+    """State dicts (tensors) plus the loop state as JSON text: loadable with weights_only=True."""
+    blob = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
+            "state": json.dumps(state, default=to_jsonable)}
+    atomic_write(Path(run) / CHECKPOINT, lambda tmp: torch.save(blob, tmp))
+
+
+def load_checkpoint(run: str | Path) -> dict | None:
+    """{'model', 'optimizer', 'scheduler', 'state' (a dict)} or None; never unpickles code."""
+    path = Path(run) / CHECKPOINT
+    if not path.exists():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return {**blob, "state": json.loads(blob["state"])}
+
+
+# ---------------------------------------------------------------- stop requests
+def request_stop(run: str | Path, by: str = "") -> None:
+    """Ask the trainer to stop at its next step boundary (it saves its state first). Works on every OS and from
+    any process that can write the folder; under DDP every rank sees it and they stop at the same step."""
+    atomic_write_json(Path(run) / STOP, {"requested": time.time(), "by": by or f"pid {os.getpid()}"})
+
+
+def stop_requested(run: str | Path) -> bool:
+    return (Path(run) / STOP).exists()
+
+
+def clear_stop(run: str | Path, older_than: float | None = None) -> None:
+    """Remove the stop request (all of it, or only one made before `older_than`, e.g. this process's start:
+    a request left by a run that was killed before it could act must not stop the next one)."""
+    path = Path(run) / STOP
+    if older_than is not None:
+        try:
+            if path.stat().st_mtime >= older_than:
+                return
+        except OSError:
+            return
+    path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- launch record (written by core.jobs)
+def read_launch(run: str | Path) -> dict:
+    launch = read_json_or_none(Path(run) / LAUNCH)
+    return launch if isinstance(launch, dict) else {}
+
+
+def write_launch(run: str | Path, record: dict[str, Any]) -> None:
+    atomic_write_json(Path(run) / LAUNCH, record, indent=1)
+
+
+# ---------------------------------------------------------------- the trainer's view
+class RunFolder:
+    """The trainer's handle on its run folder. Under DDP only the global-zero process writes (is_main); the others
+    only read (checkpoint) and look for stop requests."""
+
+    def __init__(self, out: str | Path, is_main: bool = True):
+        self.out = Path(out)
+        self.is_main = is_main
+        if is_main:
+            (self.out / SPLITS).mkdir(parents=True, exist_ok=True)
+
+    def log(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        append_log(self.out, line)
+        print(line, flush=True)
+
+    def status(self, **fields) -> None:
+        if self.is_main:
+            update_status(self.out, **fields)
+
+    def write_config(self, text: str) -> None:
+        if self.is_main:
+            write_config(self.out, text)
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        if self.is_main:
+            write_metrics(self.out, rows)
+
+    def save_checkpoint(self, model, optimizer, scheduler, state: dict) -> None:
+        if self.is_main:
+            save_checkpoint(self.out, model.state_dict(), optimizer.state_dict(),
+                            scheduler.state_dict() if scheduler else {}, state)
+
+    def load_checkpoint(self) -> dict | None:
+        return load_checkpoint(self.out)
+
+    def has_checkpoint(self) -> bool:
+        return has_checkpoint(self.out)
+
+    def best_path(self, stage: int) -> Path:
+        return best_path(self.out, stage)
+
+    def split_path(self, stage: int, name: str) -> Path:
+        return split_path(self.out, stage, name)
+
+    def stop_requested(self) -> bool:
+        return stop_requested(self.out)
+
+    def clear_stop(self, older_than: float | None = None) -> None:
+        if self.is_main:
+            clear_stop(self.out, older_than)

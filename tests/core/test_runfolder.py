@@ -1,0 +1,115 @@
+"""Tests for core.runfolder: the one module that writes and reads a run folder (status, log, metrics, checkpoint,
+stop requests, launch record)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from core import runfolder
+from core.runfolder import RunFolder
+
+
+def test_status_merges_stamps_and_drops_an_old_error(tmp_path):
+    assert runfolder.read_status(tmp_path) == {}
+    runfolder.update_status(tmp_path, state="failed", error="OSError: disk full", stage=1)
+    first = runfolder.read_status(tmp_path)
+    assert first["state"] == "failed" and first["error"] == "OSError: disk full" and first["pid"] == os.getpid()
+    runfolder.update_status(tmp_path, state="running", epoch=3)  # a resume: the old failure must not linger
+    status = runfolder.read_status(tmp_path)
+    assert status["stage"] == 1 and status["epoch"] == 3 and "error" not in status
+    assert status["updated"] >= first["updated"]
+    (tmp_path / runfolder.STATUS).write_text('{"state": "runn')  # half-written by some other tool
+    assert runfolder.read_status(tmp_path) == {}
+
+
+def test_log_append_and_tail(tmp_path):
+    for i in range(100):
+        runfolder.append_log(tmp_path, f"line {i}")
+    assert runfolder.log_tail(tmp_path, lines=3) == "line 97\nline 98\nline 99"
+    assert runfolder.log_tail(tmp_path, lines=2, max_bytes=20) == "line 98\nline 99"
+    assert runfolder.log_tail(tmp_path, runfolder.CONSOLE) == ""
+
+
+def test_metrics_round_trip_with_step_across_stages(tmp_path):
+    assert runfolder.read_metrics(tmp_path).empty
+    rows = [{"stage": 0, "epoch": 0, "train_loss": 1.0, "val_roc_auc": 0.5},
+            {"stage": 1, "epoch": 0, "train_loss": 0.8, "val_roc_auc": None},
+            {"stage": 1, "epoch": 1, "train_loss": np.float64(0.7), "val_roc_auc": 0.6}]
+    runfolder.write_metrics(tmp_path, rows)
+    df = runfolder.read_metrics(tmp_path)
+    assert df["step"].tolist() == [1, 2, 3] and df["train_loss"].tolist() == [1.0, 0.8, 0.7]
+    assert np.isnan(df.loc[1, "val_roc_auc"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_round_trip_loads_with_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    state = {"stage": 1, "epoch": 2, "best_score": [float("-inf"), 0.5], "history": [{"epoch": np.int64(0)}]}
+    runfolder.save_checkpoint(tmp_path, model.state_dict(), opt.state_dict(), {}, state)
+    blob = runfolder.load_checkpoint(tmp_path)
+    assert blob["state"] == {**state, "history": [{"epoch": 0}]}
+    assert torch.equal(blob["model"]["weight"], model.weight.detach())
+    assert blob["optimizer"]["state"][0]["step"] == 1
+    assert runfolder.load_checkpoint(tmp_path / "none") is None
+    # a checkpoint that carries code is refused, not executed
+    torch.save({"model": {}, "state": "{}", "evil": print}, tmp_path / runfolder.CHECKPOINT)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        runfolder.load_checkpoint(tmp_path)
+
+
+def test_stop_request_set_seen_and_cleared(tmp_path):
+    assert not runfolder.stop_requested(tmp_path)
+    runfolder.request_stop(tmp_path, by="test")
+    assert runfolder.stop_requested(tmp_path)
+    assert json.loads((tmp_path / runfolder.STOP).read_text())["by"] == "test"
+    runfolder.clear_stop(tmp_path, older_than=time.time() - 3600)  # made after that: kept
+    assert runfolder.stop_requested(tmp_path)
+    runfolder.clear_stop(tmp_path, older_than=time.time() + 1)     # made before: stale, removed
+    assert not runfolder.stop_requested(tmp_path)
+    runfolder.request_stop(tmp_path)
+    runfolder.clear_stop(tmp_path)
+    assert not runfolder.stop_requested(tmp_path)
+    runfolder.clear_stop(tmp_path)  # nothing to clear: no error
+
+
+def test_run_folder_handle_writes_only_on_the_main_rank(tmp_path):
+    main, other = RunFolder(tmp_path / "run"), RunFolder(tmp_path / "run", is_main=False)
+    assert (tmp_path / "run" / runfolder.SPLITS).is_dir()
+    other.log("from rank 1")
+    other.status(state="running")
+    other.write_metrics([{"stage": 0, "epoch": 0}])
+    assert not (tmp_path / "run" / runfolder.LOG).exists() and runfolder.read_status(main.out) == {}
+    main.log("from rank 0")
+    main.status(state="running")
+    assert "from rank 0" in runfolder.log_tail(main.out) and runfolder.read_status(main.out)["state"] == "running"
+    runfolder.request_stop(main.out)
+    other.clear_stop()
+    assert other.stop_requested()  # only rank 0 clears
+    main.clear_stop()
+    assert not other.stop_requested()
+    assert main.best_path(1).name == "best_stage1.safetensors"
+    assert main.split_path(0, "head") == tmp_path / "run" / "splits" / "0_head.csv"
+
+
+def test_markers_launch_record_and_bundle(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    assert not runfolder.is_run_folder(run) and not runfolder.has_bundle(run) and not runfolder.has_checkpoint(run)
+    runfolder.write_launch(run, {"pid": 1, "create_time": 12.5})
+    assert runfolder.is_run_folder(run) and runfolder.read_launch(run) == {"pid": 1, "create_time": 12.5}
+    assert runfolder.read_launch(tmp_path) == {}
+    (run / "bundle").mkdir()
+    (run / "bundle" / "model.json").write_text("{}")
+    assert runfolder.has_bundle(run)
+    hidden = tmp_path / ".hidden"
+    hidden.mkdir()
+    (hidden / runfolder.STATUS).write_text("{}")
+    assert not runfolder.is_run_folder(hidden)

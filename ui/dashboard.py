@@ -1,0 +1,114 @@
+"""Dashboard: saved evaluation reports (no recomputation): metrics with 95% CIs in the paper's table layout,
+confusion matrices, ROC curves, subgroups, PCA plots and example predictions."""
+from pathlib import Path
+
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import appstate, reports
+from ui import common
+
+st.title("Dashboard")
+root = appstate.runs_dir()
+labels = reports.report_choices(root)
+if not labels:
+    st.info(f"No evaluation reports in `{root}` yet. Training writes `val_report.json` (and `test_report.json` "
+            "with `report_test: true`); `python -m train.evaluate --run runs/NAME --manifest M.csv` writes "
+            "`report_*.json`.")
+chosen = st.multiselect("Reports", list(labels), default=list(labels)[:3], key="dash_reports")
+
+loaded = {}
+for label in chosen:
+    try:
+        loaded[label] = reports.load_report(labels[label])
+    except ValueError as e:
+        st.warning(str(e))
+
+if loaded:
+    st.subheader("Metrics (95% confidence intervals)")
+    st.dataframe(reports.metrics_table(loaded), hide_index=True, width="stretch")
+    for label, rep in loaded.items():
+        notes = rep.get("notes") or []
+        if rep.get("ci_method") or notes:
+            st.caption(f"**{label}**: {rep.get('ci_method', '')}" + "".join(f"; {n}" for n in notes))
+
+    st.subheader("ROC curves")
+    roc = go.Figure()
+    for label, rep in loaded.items():
+        if rep.get("roc"):
+            auc = (rep["metrics"].get("roc_auc") or {}).get("value")
+            roc.add_trace(go.Scatter(x=rep["roc"]["fpr"], y=rep["roc"]["tpr"], mode="lines",
+                                     name=f"{label} (AUC {auc:.3f})" if auc is not None else label))
+    roc.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
+                             name="chance", hoverinfo="skip"))
+    roc.update_layout(xaxis_title="False positive rate (1 - specificity)", yaxis_title="True positive rate "
+                      "(sensitivity)", height=420, margin={"t": 20}, legend={"yanchor": "bottom", "y": 0.02,
+                                                                             "xanchor": "right", "x": 0.98})
+    st.plotly_chart(roc, width="stretch", key="roc")
+
+    st.subheader("Confusion matrices (at each model's threshold)")
+    cols = st.columns(min(3, len(loaded)))
+    for n, (label, rep) in enumerate(loaded.items()):
+        cm = rep.get("confusion_matrix")
+        if not cm:
+            continue
+        fig = px.imshow(cm, text_auto=True, color_continuous_scale="Blues", aspect="equal",
+                        x=["pred benign", "pred malignant"], y=["benign", "malignant"],
+                        labels={"x": "prediction", "y": "truth", "color": "images"})
+        fig.update_layout(title=f"{label} (threshold {rep.get('threshold', 0):.3f})", height=340,
+                          margin={"t": 40, "b": 10}, coloraxis_showscale=False)
+        cols[n % len(cols)].plotly_chart(fig, width="stretch", key=f"cm_{n}")
+
+    st.subheader("Subgroups")
+    any_sub = False
+    for label, rep in loaded.items():
+        for kind, table in reports.subgroup_tables(rep).items():
+            any_sub = True
+            st.markdown(f"**{label}** by {kind}")
+            st.dataframe(table, hide_index=True, width="stretch")
+    if not any_sub:
+        st.caption("The chosen reports have no Fitzpatrick or domain columns.")
+
+st.subheader("PCA of the data (ISIC vs smartphone photos)")
+pca_extra = st.text_input("Another folder with PCA outputs (`python -m train.pca ... --out DIR`)", key="pca_dir")
+pcas = reports.find_pca(reports.pca_roots(root) + ([Path(pca_extra)] if pca_extra.strip() else []))
+if not pcas:
+    st.caption("No PCA outputs found (a folder with summary.json and CSVs with pc1, pc2 columns).")
+for n, res in enumerate(pcas):
+    with st.expander(f"{reports.report_label(res.folder, root)}", expanded=n == 0):
+        for m, table in enumerate(res.tables):
+            df = reports.read_pca_table(table)
+            color = "domain" if "domain" in df else None
+            symbol = "label" if "label" in df else None
+            if symbol:
+                df["label"] = df["label"].map({0: "benign", 1: "malignant"}).fillna(df["label"].astype(str))
+            fig = px.scatter(df, x="pc1", y="pc2", color=color, symbol=symbol, opacity=0.7, title=table.name,
+                             hover_data=[c for c in ("image",) if c in df])
+            fig.update_layout(height=420, margin={"t": 40})
+            st.plotly_chart(fig, width="stretch", key=f"pca_{n}_{m}")
+        if res.summary is not None:
+            st.json(res.summary, expanded=False)
+
+if loaded:
+    st.subheader("Example predictions")
+    label = st.selectbox("From report", list(loaded), key="dash_examples")
+    examples = reports.example_predictions(loaded[label], n=4)
+    thr = loaded[label].get("threshold", 0.5)
+    for kind in ("correct", "incorrect"):
+        st.markdown(f"**Most confident {kind} predictions**")
+        rows = examples[kind]
+        if not rows:
+            st.caption("none")
+            continue
+        cols = st.columns(4)
+        for col, row in zip(cols, rows):
+            truth = "malignant" if int(row["label"]) == 1 else "benign"
+            caption = f"{Path(str(row.get('image', '?'))).name}\ntruth {truth} · P={row['prob']:.2f} (thr {thr:.2f})"
+            thumb = common.thumbnail(row.get("image") or "", 160)
+            if thumb is not None:
+                col.image(thumb, caption=caption)
+            else:
+                col.caption(f"(image not found) {caption}")
+
+st.caption(common.DISCLAIMER)
