@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.backbones import BackboneSpec
+from core.context import ContextModel
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
 from core.model import HeadConfig, LesionClassifier
@@ -129,6 +130,7 @@ class BundleMeta:
     format_version: int = FORMAT_VERSION  # as read; saving always writes FORMAT_VERSION
     folder: Path | None = field(default=None, compare=False)
     # optional sections go here, each `name: Type | None = None`
+    context: ContextModel | None = None   # the clinical-context stage (core.context): answers fused with the photo
 
     @property
     def spec(self) -> BackboneSpec:

@@ -132,6 +132,22 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
     for col in CARRIED:
         if col in df.columns:
             out[col] = df[col].values
+    return add_context(out, df, predictor)
+
+
+def add_context(out: pd.DataFrame, df: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
+    """With a context stage and context columns in the manifest: the fused result per row, and what it used."""
+    from core.context import context_frame, fuse
+    stage = predictor.context
+    if stage is None or not any(f in df.columns for f in stage.fields):
+        return out
+    answers = context_frame(df, stage.fields).to_dict("records")
+    thr = predictor.bundle.threshold
+    rows = [fuse(stage, p, thr, a) if not np.isnan(p) else None for p, a in zip(out["prob_malignant"], answers)]
+    out["fused_prob"] = [round(r.prob, 6) if r else np.nan for r in rows]
+    out["fused_verdict"] = ["" if r is None else "malignant" if r.malignant else "benign" for r in rows]
+    out["fused_threshold"] = [r.threshold if r else np.nan for r in rows]
+    out["inputs"] = [r.inputs if r else "" for r in rows]
     return out
 
 
@@ -157,6 +173,7 @@ def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame
             "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
             "weights_sha256_short": bundle.meta.short_hash,
             "preprocessing": bundle.meta.preprocessing, "threshold": bundle.meta.threshold.to_dict(),
+            "context_stage": bundle.meta.context.to_dict() if bundle.meta.context else None,
             "inputs": inputs, "n_images": int(len(table)), "n_predicted": int(len(table) - failed),
             "n_failed": failed, "not_scored": {str(k): int(v) for k, v in reasons.items()},
             "n_malignant_verdicts": int((table["verdict"] == "malignant").sum()),

@@ -4,6 +4,7 @@ import streamlit as st
 
 from core import appstate
 from core.bundle import BundleError
+from core.context import context_of
 from core.gradcam import overlay
 from core.images import ImageLoadError
 from ui import common
@@ -35,6 +36,17 @@ if photo.crop:
 else:
     st.markdown(f"Photo **{photo.name}** (whole photo; the model centre-crops it).")
 
+stage = context_of(meta)  # the model's optional clinical-context stage
+answers = {}
+with st.expander("Clinical context (optional)", expanded=stage is not None):
+    if stage is None:
+        st.caption("This model has no context stage: it uses the photo only.")
+    else:
+        st.caption("Any, all or none of these: each answer you give is used, and the result says which. "
+                   "Kept for this session only, never saved.")
+        answers = common.context_form(stage)
+        st.button("Clear the answers", on_click=common.clear_context_answers)
+
 col_method, col_opacity = st.columns(2)
 method_label = col_method.radio("Heat-map method", ["Grad-CAM", "Grad-CAM++"], horizontal=True, key="cam_method")
 opacity = col_opacity.slider("Heat-map opacity", 0.0, 1.0, 0.45, 0.05, key="cam_opacity")
@@ -42,7 +54,7 @@ method = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}[method_label]
 
 try:
     with st.spinner("Running the model…"):
-        pred = common.predict(photo, st.session_state["model_path"], method)
+        pred = common.predict(photo, st.session_state["model_path"], method, answers)
 except ImageLoadError as e:
     st.error(f"This file cannot be used: {e}")
     st.stop()
@@ -67,12 +79,23 @@ with left:
     with st.expander("The model's input without heat-map"):
         st.image(pred.model_input, width="stretch")
 with right:
-    st.markdown(f"### Probability of malignancy: {pred.prob:.1%}")
+    fused = pred.fused
+    st.markdown(f"**Inputs used: {fused.inputs}**" + (f" ({', '.join(fused.used)})" if fused.used else ""))
+    st.markdown(f"### Probability of malignancy: {fused.prob:.1%}")
     d = appstate.describe_model(meta)
-    if pred.malignant:
-        st.error(f"**At or above the model's threshold ({pred.threshold:.3f}): flagged as suspicious.**")
+    which = "the photo + answers threshold" if fused.used else "the model's threshold"
+    if fused.malignant:
+        st.error(f"**At or above {which} ({fused.threshold:.3f}): flagged as suspicious.**")
     else:
-        st.success(f"**Below the model's threshold ({pred.threshold:.3f}): not flagged.**")
+        st.success(f"**Below {which} ({fused.threshold:.3f}): not flagged.**")
+    if fused.used:
+        t = stage.threshold
+        st.caption(f"Photo + answers threshold chosen on validation: sensitivity {t['val_sensitivity']['value']:.0%}, "
+                   f"specificity {t['val_specificity']['value']:.0%} on {t['n_val']} validation images.")
+    if fused.verdicts_differ:
+        st.warning(f"**The photo alone gives a different verdict:** {fused.image_prob:.1%}, "
+                   f"{'flagged' if fused.image_malignant else 'not flagged'} at its own threshold "
+                   f"({fused.image_threshold:.3f}).")
     st.markdown(
         f"**What the threshold means.** It was chosen on validation data ({d['threshold_rule']}). On "
         f"{d['n_val'] or '?'} validation images ({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} "
