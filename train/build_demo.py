@@ -56,6 +56,15 @@ def split_membership(run: Path) -> pd.DataFrame:
                          "patient_id": df.get("patient_id"), "split": df["split"]})
 
 
+def check_examples_unseen(membership: pd.DataFrame) -> None:
+    """The shipped examples must come from the model's test patients: a demo on its training photos would flatter it."""
+    listed = pd.read_csv(builtin.EXAMPLES_DIR / "examples.csv")
+    split = dict(zip(membership["image"], membership["split"]))
+    wrong = {src: split.get(src, "not in the run") for src in listed["source_image"] if split.get(src) != "test"}
+    if wrong:
+        raise SystemExit(f"examples not from this run's test patients: {wrong}; pick others in assets/examples")
+
+
 def strip_paths(report: dict) -> dict:
     """Reports name images by absolute path on the training machine; the shipped copy keeps file names only."""
     for row in report.get("predictions") or []:
@@ -153,7 +162,9 @@ def main(argv=None) -> int:
     try:
         storage = write_bundle(run, staging / "bundle")
         write_evidence(run, staging / "evidence", pca=not args.no_pca)
-        split_membership(run).to_csv(staging / "splits.csv", index=False)
+        membership = split_membership(run)
+        check_examples_unseen(membership)
+        membership.to_csv(staging / "splits.csv", index=False)
         atomic_write_json(staging / "weights_storage.json", storage)
         atomic_write_json(staging / builtin.DEMO_EXPECTED.name, expected_predictions(staging / "bundle"))
         for keep in ("README.md",):  # hand-written attribution and intended use stay
