@@ -1,7 +1,7 @@
 """Command line: rebuild the built-in demo model in assets/demo from ../shared (train.fit, then copy its evidence).
 
-    python -m train.build_demo                      # trains train/configs/shared_demo.yaml into runs/shared_demo
-    python -m train.build_demo --run runs/shared_demo   # packages a run that already finished
+    python -m train.build_demo        # trains train/configs/shared_demo_context.yaml into runs/shared_demo_context
+    python -m train.build_demo --run runs/NAME   # packages a run that already finished
 
 What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
 no probability on the run's validation and test photos by more than 0.01, else float32), evidence/ (the run's
@@ -32,8 +32,9 @@ HALF_TOLERANCE = 0.01
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.build_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", help="a finished shared_demo run folder (default: train one into runs/shared_demo)")
-    p.add_argument("--config", default="train/configs/shared_demo.yaml")
+    p.add_argument("--run", help="a finished run folder (default: train --config into runs/<recipe name>)")
+    p.add_argument("--config", default="train/configs/shared_demo_context.yaml",
+                   help="the recipe to train (default: the shared demo with its clinical-context stage)")
     p.add_argument("--out", default=str(builtin.DEMO_DIR), help="where the demo goes (default assets/demo)")
     p.add_argument("--no-pca", action="store_true", help="skip the PCA evidence (it embeds 879 photos)")
     return p
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_run(config: str) -> Path:
     from train import fit
-    out = Path("runs/shared_demo")
+    out = Path("runs") / Path(config).stem
     if fit.main(["--config", config, "--out", str(out)] + (["--resume"] if (out / runfolder.CHECKPOINT).exists() else [])):
         raise SystemExit("training failed; see the messages above")
     return out
