@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core import builtin, metrics
-from core.bundle import BundleError, BundleMeta, read_meta, verify_weights
+from core.bundle import BundleError, BundleMeta, bundle_folder, read_meta, verify_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MAX_BUNDLE_UNZIPPED = 4 << 30     # a zip that expands beyond this is refused (zip bomb guard)
@@ -40,7 +40,7 @@ def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
     for d in root.iterdir():
         if not d.is_dir() or d.name.startswith("."):
             continue
-        folder = d / "bundle" if (d / "bundle" / "model.json").is_file() else d
+        folder = bundle_folder(d)
         if not (folder / "model.json").is_file():
             continue
         try:

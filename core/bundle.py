@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from core import calibration as calibration_mod
 from core import ood, similar as similar_mod
 from core.backbones import BackboneSpec
+from core.context import ContextModel
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
 from core.model import HeadConfig, LesionClassifier
@@ -142,6 +143,7 @@ class BundleMeta:
     calibration: dict | None = None       # core.calibration.Calibration.to_meta() + threshold_calibrated
     similar_cases: dict | None = None     # core.similar.SimilarIndex summary; embeddings + records in TRUST_FILE
     trust_arrays: dict | None = None      # {"file": TRUST_FILE, "sha256": ...}
+    context: ContextModel | None = None   # the clinical-context stage (core.context): answers fused with the photo
 
     @property
     def spec(self) -> BackboneSpec:

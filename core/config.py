@@ -15,6 +15,7 @@ from core.splits import SplitConfig
 from core.transforms import AUGMENTATIONS
 
 SCHEDULERS = ("none", "plateau", "cosine")
+IMPORTERS = ("pad_ufes", "isic", "midas")
 
 
 class ConfigError(ValueError):
@@ -23,9 +24,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataSource:
-    """A manifest CSV, or a labelled CSV + image folder imported on the fly (column names as in `train.data csv`)."""
+    """A manifest CSV, a labelled CSV + image folder imported on the fly (column names as in `train.data csv`), or a
+    named dataset's metadata + images through its importer (`importer: pad_ufes|isic|midas`, with its context
+    columns)."""
     manifest: str | None = None
     csv: str | None = None
+    metadata: str | None = None
+    importer: str | None = None
     images: str | None = None
     domain: str | None = None
     image_col: str = "image"
@@ -33,10 +38,13 @@ class DataSource:
     patient_col: str = "patient_id"
 
     def __post_init__(self):
-        if bool(self.manifest) == bool(self.csv):
-            raise ConfigError("a data source names exactly one of 'manifest' or 'csv'")
-        if self.csv and not self.images:
-            raise ConfigError(f"data source csv={self.csv!r} needs 'images' (the image folder)")
+        if sum(bool(x) for x in (self.manifest, self.csv, self.metadata)) != 1:
+            raise ConfigError("a data source names exactly one of 'manifest', 'csv' or 'metadata'")
+        if (self.csv or self.metadata) and not self.images:
+            raise ConfigError(f"data source {self.csv or self.metadata!r} needs 'images' (the image folder)")
+        if bool(self.metadata) != bool(self.importer) or (self.importer and self.importer not in IMPORTERS):
+            raise ConfigError(f"'metadata' goes with 'importer' (one of {', '.join(IMPORTERS)}), "
+                              f"got importer={self.importer!r}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,21 @@ class ThresholdConfig:
 
 
 @dataclass(frozen=True)
+class ContextConfig:
+    """The optional context stage (core.context): which answer fields it may use; fitted after the image model."""
+    fields: tuple[str, ...] = ("age", "sex", "site", "itch", "grew", "hurt", "changed", "bleed", "elevation",
+                               "diameter_mm")
+
+    def __post_init__(self):
+        from core.context import ContextError, check_fields
+        object.__setattr__(self, "fields", tuple(self.fields))
+        try:
+            check_fields(self.fields)
+        except ContextError as e:
+            raise ConfigError(f"context.fields: {e}") from None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     stages: tuple[StageConfig, ...]
@@ -100,6 +123,7 @@ class RunConfig:
     channels_last: bool = True
     report_test: bool = False     # after selection, evaluate the chosen model once on the last stage's test split
     n_boot: int = 1000
+    context: ContextConfig | None = None  # a context stage over the image logit + clinical answers (issue 14)
     data_help: str | None = None  # where the recipe's data comes from: said when a data path is missing
 
     def __post_init__(self):
@@ -222,9 +246,9 @@ def run_config_from_dict(raw: dict) -> RunConfig:
         s = dict(s)
         data = tuple(_build(DataSource, _under(data_root, d), f"stages[{i}].data") for d in (s.pop("data", None) or []))
         stages.append(_build(StageConfig, {**s, "data": data}, f"stages[{i}]"))
-    nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig}
+    nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig, "context": ContextConfig}
     for key, cls in nested.items():
-        if key in raw:
+        if raw.get(key) is not None:
             raw[key] = _build(cls, raw[key], key)
     return _build(RunConfig, {**raw, "stages": tuple(stages)}, "run")
 
@@ -233,7 +257,7 @@ def _under(root: str | None, source: dict) -> dict:
     """A data source's relative paths taken under the recipe's data_root (absolute paths are kept)."""
     if not root or not isinstance(source, dict):
         return source
-    return {k: str(Path(root) / v) if k in ("manifest", "csv", "images") and v and not Path(v).is_absolute() else v
+    return {k: str(Path(root) / v) if k in ("manifest", "csv", "metadata", "images") and v and not Path(v).is_absolute() else v
             for k, v in source.items()}
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from core import builtin, metrics
+from core import builtin, metrics, runfolder
 from core.dataset import ManifestDataset
 from core.device import autocast, dataloader_workers
 from core.transforms import eval_transform
@@ -70,7 +70,7 @@ def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
 
     from core.manifest import read_manifest
     used: dict[str, str] = {}
-    for path in sorted((Path(run_folder) / "splits").glob("*.csv")):
+    for path in sorted((Path(run_folder) / runfolder.SPLITS).glob("*.csv")):
         split = read_manifest(path)
         for image, part in zip(split["image"], split["split"]):
             if part in ("train", "val") and used.get(image) != "train":

@@ -129,6 +129,8 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
                                     f"resize the short side to {pp.resize_to} ({pp.interpolation})",
                                     f"centre-crop {s}x{s}", "scale to [0, 1], subtract mean, divide by std"]},
         "threshold": meta.threshold.to_dict(), "labels": meta.labels, "intended_use": meta.intended_use,
+        # The clinical-context stage is not in the graph: plain numbers applied to the graph's logit (formula inside).
+        "context_stage": meta.context.to_dict() if meta.context else None,
         "provenance": {**meta.summary(), "bundle": str(bundle.path) if bundle.path else None,
                        # hashed here too: a version-1 bundle records none, and this names what was exported
                        "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,

@@ -29,6 +29,7 @@ import torch.nn as nn
 from PIL import Image
 
 from core.bundle import Bundle
+from core.context import Fused, fuse
 from core.dataset import decode_limits
 from core.device import autocast, fast_dtype, pick_device
 from core.gradcam import cams, map_and_grads
@@ -61,6 +62,7 @@ class Prediction:
     quality: list[QualityWarning]
     model: dict                      # provenance: training data, split, validation metrics, intended use
     timings_ms: dict = field(default_factory=dict)
+    fused: Fused | None = None       # photo + clinical answers (core.context); the photo alone when none given
     assessment: Assessment | None = None  # verdict flagged / not flagged / not assessed (reason), calibrated prob
     similar: list[SimilarCase] = field(default_factory=list)  # most similar training/validation photos first
     lacks: list[str] = field(default_factory=list)            # what an older bundle cannot do (no gate, ...)
@@ -97,6 +99,7 @@ class Predictor:
         self.pp = bundle.spec.preprocessing
         self.transform = eval_transform(self.pp)  # the reference pipeline (prepare_reference); fast path mirrors it
         self.summary = bundle.meta.summary()
+        self.context = bundle.meta.context  # the optional clinical-context stage (None: photo only)
         self.decode_kw = decode_limits(self.pp.resize_to)  # load_image's JPEG draft limits, as in training
         self._lock = threading.Lock()
         self._mean = torch.tensor(self.pp.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -187,7 +190,8 @@ class Predictor:
                 "reference": reference_population(b.calibration),
                 "threshold_calibrated": b.calibration.threshold(b.threshold) if b.calibration else None}
 
-    def predict_image(self, img: Image.Image, cam_method: str | None = "gradcam") -> Prediction:
+    def predict_image(self, img: Image.Image, cam_method: str | None = "gradcam", context: dict | None = None
+                      ) -> Prediction:
         t0 = time.perf_counter()
         quality = quality_warnings(img)
         x, rgb = self.prepare(img)
@@ -202,14 +206,14 @@ class Predictor:
                           cam=None if heat is None else heat[0], cam_method=cam_method, quality=quality,
                           model=self.summary,
                           timings_ms={"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3},
-                          **self._trust(prob, feats, quality))
+                          fused=fuse(self.context, prob, thr, context), **self._trust(prob, feats, quality))
 
-    def predict_source(self, source, *, name=None, crop=None, cam_method="gradcam") -> Prediction:
+    def predict_source(self, source, *, name=None, crop=None, cam_method="gradcam", context=None) -> Prediction:
         """From a path, bytes or an upload: decode only as much resolution as the model needs."""
         t0 = time.perf_counter()
         img = load_image(source, name=name, crop=crop, **self.decode_kw)
         t1 = time.perf_counter()
-        pred = self.predict_image(img, cam_method)
+        pred = self.predict_image(img, cam_method, context)
         pred.timings_ms = {"decode": (t1 - t0) * 1e3, **pred.timings_ms}
         return pred
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import builtin
+from core import builtin, runfolder
 from core.appstate import runs_dir
 from core import metrics
 from core.fileio import read_json_or_none
 
-REPORT_NAMES = ("val_report.json", "test_report.json")
+REPORT_NAMES = (runfolder.VAL_REPORT, runfolder.TEST_REPORT)
 
 
 def _walk(root: Path, max_depth: int):
@@ -23,7 +23,7 @@ def _walk(root: Path, max_depth: int):
     base = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root):
         depth = len(Path(dirpath).parts) - base
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("bundle", "splits")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in (runfolder.BUNDLE, runfolder.SPLITS)
                              and depth < max_depth)
         yield Path(dirpath), sorted(filenames)
 

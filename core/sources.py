@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.context import ContextError, normalise
 from core.manifest import ImportReport, ManifestError, finish_import, require_columns
 
 # Used only when core.images (the project's loader) is not importable.
@@ -103,6 +104,7 @@ def import_isic(metadata_csv: str | Path, images: str | Path, *,
         row = {"image": str(path), "label": label, "domain": domain,
                "fitzpatrick": parse_fitzpatrick(r.get("fitzpatrick_skin_type"))}
         row.update({c: r[c] for c in ISIC_KEEP if c in r})
+        row.update(isic_context(r))
         rows.append(row)
     return finish_import(rows, report, str(metadata_csv))
 
@@ -142,7 +144,8 @@ def import_pad_ufes(metadata_csv: str | Path, images: str | Path, *,
             # PAD lesion numbers repeat across patients, so the id is scoped to the patient.
             "lesion_id": f"{r['patient_id']}_{r['lesion_id']}", "domain": domain,
             "fitzpatrick": parse_fitzpatrick(r.get("fitspatrick", r.get("fitzpatrick"))),
-            "region": r.get("region"), "biopsed": r.get("biopsed"), "diagnostic": dx})
+            # `biopsed` is left out by name: it is True for every malignant image (core.context.LEAK_COLUMNS).
+            "region": r.get("region"), "diagnostic": dx, **pad_context(r)})
     return finish_import(rows, report, str(metadata_csv))
 
 
@@ -173,9 +176,45 @@ def import_midas(xlsx: str | Path, images: str | Path, *, domain: str | None = "
             "patient_id": _text(r["midas_record_id"]), "lesion_id": _midas_lesion_id(r),
             "domain": domain, "fitzpatrick": parse_fitzpatrick(r.get("midas_fitzpatrick")),
             "distance": distance, "distance_in": MIDAS_DISTANCE_IN.get(distance),
-            "location": _text(r["midas_location"]), "pathology": _text(r["midas_path"])})
+            "location": _text(r["midas_location"]), "pathology": _text(r["midas_path"]), **midas_context(r)})
     df, report = finish_import(rows, report, str(xlsx))
     return keep_one_per_lesion(df, report) if one_per_lesion else (df, report)
+
+
+def pad_context(r: dict) -> dict:
+    """PAD-UFES-20 anamnesis -> the stable context columns (UNK answers become 'unknown', blanks missing)."""
+    out = {"age": _answer("age", r.get("age")), "sex": _answer("sex", r.get("gender")),
+           "site": _answer("site", r.get("region")),
+           "diameter_mm": _largest(r.get("diameter_1"), r.get("diameter_2"))}
+    out.update({q: _answer(q, r.get(q)) for q in ("itch", "grew", "hurt", "changed", "bleed", "elevation")})
+    return out
+
+
+def isic_context(r: dict) -> dict:
+    """ISIC metadata (age_approx, sex, anatom_site_general, clin_size_long_diam_mm) -> context columns."""
+    site = r.get("anatom_site_general", r.get("anatom_site_general_challenge"))
+    return {"age": _answer("age", r.get("age_approx")), "sex": _answer("sex", r.get("sex")),
+            "site": _answer("site", site), "diameter_mm": _answer("diameter_mm", r.get("clin_size_long_diam_mm"))}
+
+
+def midas_context(r: dict) -> dict:
+    """MIDAS (midas_age, midas_gender, midas_location, length/width in mm) -> context columns."""
+    return {"age": _answer("age", r.get("midas_age")), "sex": _answer("sex", r.get("midas_gender")),
+            "site": _answer("site", r.get("midas_location")),
+            "diameter_mm": _largest(r.get("length_(mm)"), r.get("width_(mm)"))}
+
+
+def _answer(name: str, value):
+    """A source's answer in canonical form; a value outside the field's range or levels counts as missing."""
+    try:
+        return normalise(name, value)
+    except ContextError:
+        return None
+
+
+def _largest(*values):
+    sizes = [v for v in (_answer("diameter_mm", x) for x in values) if v is not None]
+    return max(sizes) if sizes else None
 
 
 def midas_cropped(df: pd.DataFrame, report: ImportReport, crops: pd.DataFrame, *,

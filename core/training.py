@@ -43,6 +43,13 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
     if src.manifest:
         df = read_manifest(src.manifest)
         prov = {"manifest": src.manifest, "sha256": file_sha256(src.manifest)}
+    elif src.metadata:
+        from core import sources
+        importer = {"pad_ufes": sources.import_pad_ufes, "isic": sources.import_isic,
+                    "midas": sources.import_midas}[src.importer]
+        df, report = importer(src.metadata, src.images)
+        prov = {"metadata": src.metadata, "importer": src.importer, "images": src.images,
+                "sha256": file_sha256(src.metadata), "dropped": report.dropped}
     else:
         df, report = import_csv(src.csv, src.images, image_col=src.image_col, label_col=src.label_col,
                                 patient_col=src.patient_col)
@@ -55,7 +62,7 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
 
 def check_source_exists(src: DataSource, data_help: str | None) -> None:
     """A missing data file or folder is named with where to get it, before any import starts."""
-    for key in ("manifest", "csv", "images"):
+    for key in ("manifest", "csv", "metadata", "images"):
         path = getattr(src, key)
         if path and not Path(path).exists():
             hint = f" {data_help}" if data_help else ""
@@ -393,11 +400,12 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                           val_sensitivity=vm["recall"], val_specificity=vm["specificity"],
                           n_val=int(len(y)), n_val_malignant=int(y.sum()))
     provenance = _provenance(cfg, state, parent, vm, seconds)
+    context = fit_context_stage(rf, cfg, df, val_df, probs) if cfg.context else None
     trust = fit_trust(model, df, device=fabric.device, seed=cfg.seed)  # gate, calibration, similar cases
     for note in trust.notes:
         rf.log(note)
-    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance, gate=trust.gate,
-                         calibration=trust.calibration, similar=trust.similar)
+    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance, context=context,
+                         gate=trust.gate, calibration=trust.calibration, similar=trust.similar)
     _log_trust(rf, trust)
     val_report["model"] = read_meta(bundle).summary()  # the same provenance block as every other report
     (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
@@ -430,11 +438,32 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
                           model_meta=b.meta, split="test")
     attach(report, trust_report(test_df, logits, feats, b, quality_lists=quality_of(test_df, b.spec.preprocessing),
                                 n_boot=cfg.n_boot, seed=cfg.seed))
+    stage = b.meta.context
+    if stage is not None:
+        from core.context_report import context_report, format_context_table
+        report["context"] = context_report(test_df, probs, b.threshold, stage, n_boot=cfg.n_boot, seed=cfg.seed)
     (rf.out / "test_report.json").write_text(json.dumps(report, indent=1, default=_json_default))
     rows = [(f"{cfg.name} (test)", report["metrics"])]
     if "accepted_metrics" in report["trust"]:
         rows.append((f"{cfg.name} (test, assessed only)", report["trust"]["accepted_metrics"]["metrics"]))
     rf.log("test (held-out patients):\n" + metrics.format_table(rows) + "\n" + "\n".join(summary_lines(report["trust"])))
+    if stage is not None:
+        rf.log("test, clinical context (held-out patients):\n" +
+               format_context_table(report["context"], f"{cfg.name} (test)"))
+
+
+def fit_context_stage(rf, cfg, df, val_df, val_probs):
+    """The optional context stage: answers of the training patients, fusion on the validation image logits."""
+    from core.context_fit import fit_context
+    t = cfg.threshold
+    stage = fit_context(df[df["split"] == "train"], val_df, val_probs, cfg.context.fields, rule=t.rule,
+                        target=t.target, n_boot=cfg.n_boot, seed=cfg.seed)
+    th = stage.threshold
+    rf.log(f"context stage: fields {', '.join(stage.fields)}; missing answers: {stage.missing_rule}; fused "
+           f"threshold {th['value']:.3f} (validation sensitivity {th['val_sensitivity']['value']:.2f}, "
+           f"specificity {th['val_specificity']['value']:.2f}, ROC-AUC {th['val_roc_auc']['value']:.3f})" +
+           "".join(f"\n  left out {f}: {why}" for f, why in stage.excluded.items()))
+    return stage
 
 
 def _provenance(cfg, state, parent: BundleMeta | None, val_metrics, seconds) -> Provenance:

@@ -100,3 +100,19 @@ def spread_logits(model, std=2.0):
         last = model.head[-1]
         last.weight.mul_(std / float(z.std()))
         last.bias.sub_(float(z.mean())).mul_(std / float(z.std()))
+
+
+def hand_context_stage() -> dict:
+    """A context stage written by hand (plain JSON, as a bundle stores it): bleeding and age raise the score."""
+    from core.context import FIELDS
+    thr = {"value": 0.5, "rule": "sensitivity", "target": 0.9, "chosen_on": "validation split (fused output)",
+           "val_sensitivity": {"value": 0.92, "ci95": [0.8, 1.0]}, "val_specificity": {"value": 0.6, "ci95": [0.4, 0.8]},
+           "val_roc_auc": {"value": 0.9, "ci95": [0.8, 0.97]}, "n_val": 30, "n_val_malignant": 12}
+    cat = lambda name, **w: {"kind": "categorical", "missing": 0.0,  # noqa: E731
+                             "weights": {lv: w.get(lv, 0.0) for lv in FIELDS[name].levels}}
+    return {"kind": "logistic_context_fusion", "fields": ["age", "site", "bleed", "grew"], "intercept": 0.0,
+            "weights": {"age": {"kind": "numeric", "weight": 1.0, "mean": 50.0, "std": 15.0, "missing": 0.0},
+                        "site": cat("site", head_neck=0.5), "bleed": cat("bleed", yes=2.0, no=-1.0),
+                        "grew": cat("grew", yes=1.0, no=-0.5)},
+            "fusion": {"intercept": 0.0, "image": 1.0, "context": 1.0}, "missing_rule": "masked_level",
+            "threshold": thr, "context_threshold": {**thr, "chosen_on": "validation split (context output)"}}

@@ -1,7 +1,7 @@
 """Command line: rebuild the built-in demo model in assets/demo from ../shared (train.fit, then copy its evidence).
 
-    python -m train.build_demo                      # trains train/configs/shared_demo.yaml into runs/shared_demo
-    python -m train.build_demo --run runs/shared_demo   # packages a run that already finished
+    python -m train.build_demo        # trains train/configs/shared_demo_context.yaml into runs/shared_demo_context
+    python -m train.build_demo --run runs/NAME   # packages a run that already finished
 
 What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
 no probability on the run's validation and test photos by more than 0.01, else float32), evidence/ (the run's
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import builtin
+from core import builtin, runfolder
 from core.fileio import atomic_write_json, read_json_or_none
 
 SHARED = Path("../shared/data")
@@ -32,8 +32,9 @@ HALF_TOLERANCE = 0.01
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.build_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", help="a finished shared_demo run folder (default: train one into runs/shared_demo)")
-    p.add_argument("--config", default="train/configs/shared_demo.yaml")
+    p.add_argument("--run", help="a finished run folder (default: train --config into runs/<recipe name>)")
+    p.add_argument("--config", default="train/configs/shared_demo_context.yaml",
+                   help="the recipe to train (default: the shared demo with its clinical-context stage)")
     p.add_argument("--out", default=str(builtin.DEMO_DIR), help="where the demo goes (default assets/demo)")
     p.add_argument("--no-pca", action="store_true", help="skip the PCA evidence (it embeds 879 photos)")
     return p
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_run(config: str) -> Path:
     from train import fit
-    out = Path("runs/shared_demo")
-    if fit.main(["--config", config, "--out", str(out)] + (["--resume"] if (out / "checkpoint.pt").exists() else [])):
+    out = Path("runs") / Path(config).stem
+    if fit.main(["--config", config, "--out", str(out)] + (["--resume"] if (out / runfolder.CHECKPOINT).exists() else [])):
         raise SystemExit("training failed; see the messages above")
     return out
 
@@ -50,10 +51,19 @@ def train_run(config: str) -> Path:
 def split_membership(run: Path) -> pd.DataFrame:
     """Image file name, patient and split of every image the run used (the last stage's split file)."""
     from core.manifest import read_manifest
-    frames = [read_manifest(p) for p in sorted((run / "splits").glob("*.csv"))]
+    frames = [read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]
     df = pd.concat(frames, ignore_index=True).drop_duplicates("image")
     return pd.DataFrame({"image": df["image"].map(lambda p: Path(str(p)).name),
                          "patient_id": df.get("patient_id"), "split": df["split"]})
+
+
+def check_examples_unseen(membership: pd.DataFrame) -> None:
+    """The shipped examples must come from the model's test patients: a demo on its training photos would flatter it."""
+    listed = pd.read_csv(builtin.EXAMPLES_DIR / "examples.csv")
+    split = dict(zip(membership["image"], membership["split"]))
+    wrong = {src: split.get(src, "not in the run") for src in listed["source_image"] if split.get(src) != "test"}
+    if wrong:
+        raise SystemExit(f"examples not from this run's test patients: {wrong}; pick others in assets/examples")
 
 
 def strip_paths(report: dict) -> dict:
@@ -71,7 +81,7 @@ def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
     from core.bundle import load_bundle
     from core.evaluation import predict_probs
     from core.manifest import read_manifest
-    df = pd.concat([read_manifest(p) for p in sorted((run / "splits").glob("*.csv"))]).drop_duplicates("image")
+    df = pd.concat([read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]).drop_duplicates("image")
     df = df[df["split"].isin(["val", "test"])].reset_index(drop=True)
     full = load_bundle(bundle_dir)
     half = load_bundle(bundle_dir)
@@ -98,7 +108,7 @@ def write_bundle(run: Path, dest: Path) -> dict:
 
 def write_evidence(run: Path, dest: Path, pca: bool) -> None:
     dest.mkdir(parents=True)
-    for name in ("val_report.json", "test_report.json"):
+    for name in (runfolder.VAL_REPORT, runfolder.TEST_REPORT):
         report = read_json_or_none(run / name)
         if report is not None:
             atomic_write_json(dest / name, strip_paths(report), indent=1)
@@ -153,7 +163,9 @@ def main(argv=None) -> int:
     try:
         storage = write_bundle(run, staging / "bundle")
         write_evidence(run, staging / "evidence", pca=not args.no_pca)
-        split_membership(run).to_csv(staging / "splits.csv", index=False)
+        membership = split_membership(run)
+        check_examples_unseen(membership)
+        membership.to_csv(staging / "splits.csv", index=False)
         atomic_write_json(staging / "weights_storage.json", storage)
         atomic_write_json(staging / builtin.DEMO_EXPECTED.name, expected_predictions(staging / "bundle"))
         for keep in ("README.md",):  # hand-written attribution and intended use stay

@@ -152,6 +152,15 @@ def summary_table(df, report) -> str:
     return "\n".join(f"  {name:<{width}}  {n:>7}  {extra}".rstrip() for name, n, extra in rows)
 
 
+def context_line(df) -> str:
+    """How many images lack each clinical-context answer (the importer's stable context columns)."""
+    from core.context import missing_counts
+    missing = missing_counts(df)
+    if not missing:
+        return ""
+    return f"  context answers missing (of {len(df)}): " + ", ".join(f"{k} {n}" for k, n in missing.items())
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -160,6 +169,8 @@ def main(argv=None) -> int:
             path = write_manifest(df, out)
             print(f"{path}:")
             print(summary_table(df, report))
+            if line := context_line(df):
+                print(line)
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,17 @@ def select_rows(df, split):
     return chosen.reset_index(drop=True), split
 
 
+def add_context(report: dict, df, probs, bundle, n_boot: int) -> str:
+    """With a context stage and context columns in the manifest: image-only, context-only and fused side by side."""
+    from core.context import context_of
+    from core.context_report import context_report, format_context_table
+    stage = context_of(bundle.meta)
+    if stage is None or not any(f in df.columns for f in stage.fields):
+        return ""
+    report["context"] = context_report(df, probs, bundle.threshold, stage, n_boot=n_boot)
+    return format_context_table(report["context"], "")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.run = str(builtin.resolve_model(args.run))
@@ -68,6 +79,7 @@ def main(argv=None) -> int:
                    f"for new patients")
         report.setdefault("notes", []).append(warning)
         print(f"warning: {warning}", file=sys.stderr)
+    context_table = add_context(report, df, probs, bundle, args.n_boot)
     default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
     out = Path(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +91,8 @@ def main(argv=None) -> int:
     print(metrics.format_table(rows))
     for line in summary_lines(report["trust"]):
         print(line)
+    if context_table:
+        print(context_table)
     for note in report.get("notes", []):
         print(f"note: {note}")
     print(f"wrote {out} (model weights sha256 {bundle.meta.short_hash or 'not recorded (format-1 bundle)'})")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from core import runfolder
 from core.config import ConfigError, apply_override, run_config_from_dict
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_raw(args) -> dict:
     config = args.config
     if args.resume and not config and args.out:
-        config = str(Path(args.out) / "config.yaml")
+        config = str(Path(args.out) / runfolder.CONFIG)
     if not config:
         raise ConfigError("--config is required (or --resume --out RUN)")
     path = Path(config)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     try:
         cfg = run_config_from_dict(load_raw(args))
         out = Path(args.out or Path("runs") / cfg.name)
-        if not args.resume and (out / "checkpoint.pt").exists():
+        if not args.resume and (out / runfolder.CHECKPOINT).exists():
             raise ConfigError(f"{out} already holds a run; use --resume to continue it or pick another --out")
         bundle = fit(cfg, out, resume=args.resume)
     except (ConfigError, ManifestError, WeightsError, BundleError) as e:

@@ -32,7 +32,7 @@ from core.images import SUPPORTED_FORMATS, ImageLoadError, load_image
 from core.inference import Predictor, model_view
 from core.manifest import ManifestError, crop_of, file_sha256, read_manifest
 from core.quality import quality_warnings
-from core.trust import FLAGGED, NOT_ASSESSED
+from core.trust import FLAGGED, NOT_ASSESSED, NOT_FLAGGED
 
 CARRIED = ("label", "patient_id", "lesion_id", "domain", "fitzpatrick", "split")  # manifest columns kept in the CSV
 SCORED = "scored"
@@ -149,6 +149,25 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
     for col in CARRIED:
         if col in df.columns:
             out[col] = df[col].values
+    return add_context(out, df, predictor)
+
+
+def add_context(out: pd.DataFrame, df: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
+    """With a context stage and context columns in the manifest: the fused result per row, and what it used."""
+    from core.context import context_frame, fuse
+    stage = predictor.context
+    if stage is None or not any(f in df.columns for f in stage.fields):
+        return out
+    answers = context_frame(df, stage.fields).to_dict("records")
+    thr = predictor.bundle.threshold
+    # a photo the model cannot assess gets no fused result either: the answers do not make the photo usable
+    rows = [fuse(stage, p, thr, a) if not np.isnan(p) and v != NOT_ASSESSED else None
+            for p, a, v in zip(out["raw_score"], answers, out["verdict"])]
+    out["fused_prob"] = [round(r.prob, 6) if r else np.nan for r in rows]
+    out["fused_verdict"] = [NOT_ASSESSED if v == NOT_ASSESSED else "" if r is None else
+                            FLAGGED if r.malignant else NOT_FLAGGED for r, v in zip(rows, out["verdict"])]
+    out["fused_threshold"] = [r.threshold if r else np.nan for r in rows]
+    out["inputs"] = [r.inputs if r else "" for r in rows]
     return out
 
 
@@ -174,6 +193,7 @@ def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame
             "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
             "weights_sha256_short": bundle.meta.short_hash,
             "preprocessing": bundle.meta.preprocessing, "threshold": bundle.meta.threshold.to_dict(),
+            "context_stage": bundle.meta.context.to_dict() if bundle.meta.context else None,
             "inputs": inputs, "n_images": int(len(table)), "n_predicted": int(len(table) - failed),
             "n_failed": failed, "not_scored": {str(k): int(v) for k, v in reasons.items()},
             "n_flagged": int((table["verdict"] == FLAGGED).sum()),

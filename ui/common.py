@@ -230,18 +230,24 @@ def get_predictor(path: str):
     return _predictor(str(path), (Path(path) / "model.safetensors").stat().st_mtime)
 
 
-def predict(photo: Photo, model_path: str, cam_method: str):
-    """The prediction for the current photo, crop, model and heat-map method; recomputed only when one changes
-    (moving the opacity slider does not rerun the model)."""
+def predict(photo: Photo, model_path: str, cam_method: str, context: dict | None = None):
+    """The prediction for the current photo, crop, model and heat-map method, fused with the clinical answers;
+    the model reruns only when the photo, crop, model or method changes (not for the opacity slider or an
+    answer: fusing answers is arithmetic on the stored probability)."""
+    import dataclasses
+
+    from core.context import fuse
     crop = tuple(photo.crop[k] for k in ("left", "top", "width", "height")) if photo.crop else None
     key = (hashlib.sha1(photo.data).hexdigest(), crop, str(model_path), cam_method)
     cached = st.session_state.get("_prediction")
     if cached and cached[0] == key:
-        return cached[1]
-    pred = get_predictor(model_path).predict_source(photo.data, name=photo.name, crop=photo.crop,
-                                                    cam_method=cam_method)
-    st.session_state["_prediction"] = (key, pred)
-    return pred
+        pred = cached[1]
+    else:
+        pred = get_predictor(model_path).predict_source(photo.data, name=photo.name, crop=photo.crop,
+                                                        cam_method=cam_method)
+        st.session_state["_prediction"] = (key, pred)
+    stage = get_predictor(model_path).context
+    return dataclasses.replace(pred, fused=fuse(stage, pred.prob, pred.threshold, context))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -256,3 +262,36 @@ def thumbnail(path: str, size: int = 160):
     except (OSError, TypeError, ValueError):
         return None
     return _thumb(str(path), mtime, size)
+
+
+SITE_LABELS = {"head_neck": "Head or neck (face, scalp, ears, lips)", "torso_front": "Chest or abdomen",
+               "torso_back": "Back", "torso_side": "Side of the torso", "upper_limb": "Arm or hand",
+               "lower_limb": "Leg or foot", "palms_soles": "Palm or sole", "oral_genital": "Mouth or genitals"}
+NOT_ANSWERED = "not answered"
+
+
+def context_form(stage) -> dict:
+    """The optional clinical questionnaire for the fields the model's context stage uses. Answers live in this
+    session's state only (never written to disk) and survive a visit to another page. Returns the given answers."""
+    from core.context import FIELDS
+    kept = st.session_state.setdefault("context_answers", {})
+    answers = {}
+    for name in stage.fields:
+        spec, key = FIELDS[name], f"ctx_{name}"
+        if key not in st.session_state:  # a widget's state is dropped on other pages: restore it from ours
+            st.session_state[key] = kept.get(name, None if spec.kind == "numeric" else NOT_ANSWERED)
+        if spec.kind == "numeric":
+            value = st.number_input(spec.label, min_value=0.0, max_value=120.0 if name == "age" else 300.0,
+                                    step=1.0, key=key, placeholder=NOT_ANSWERED)
+        else:
+            value = st.selectbox(spec.label, [NOT_ANSWERED, *spec.levels], key=key,
+                                 format_func=lambda v: SITE_LABELS.get(v, v) if name == "site" else v)
+        if value is not None and value != NOT_ANSWERED:
+            answers[name] = value
+    st.session_state["context_answers"] = answers
+    return answers
+
+
+def clear_context_answers() -> None:
+    for k in [k for k in st.session_state if str(k).startswith("ctx_") or k == "context_answers"]:
+        del st.session_state[k]

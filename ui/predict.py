@@ -5,6 +5,7 @@ import streamlit as st
 
 from core import appstate
 from core.bundle import BundleError
+from core.context import context_of
 from core.gradcam import overlay
 from core.images import ImageLoadError
 from ui import common
@@ -36,6 +37,17 @@ if photo.crop:
 else:
     st.markdown(f"Photo **{photo.name}** (whole photo; the model centre-crops it).")
 
+stage = context_of(meta)  # the model's optional clinical-context stage
+answers = {}
+with st.expander("Clinical context (optional)", expanded=stage is not None):
+    if stage is None:
+        st.caption("This model has no context stage: it uses the photo only.")
+    else:
+        st.caption("Any, all or none of these: each answer you give is used, and the result says which. "
+                   "Kept for this session only, never saved.")
+        answers = common.context_form(stage)
+        st.button("Clear the answers", on_click=common.clear_context_answers)
+
 col_method, col_opacity = st.columns(2)
 method_label = col_method.radio("Heat-map method", ["Grad-CAM", "Grad-CAM++"], horizontal=True, key="cam_method")
 opacity = col_opacity.slider("Heat-map opacity", 0.0, 1.0, 0.45, 0.05, key="cam_opacity")
@@ -43,7 +55,7 @@ method = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}[method_label]
 
 try:
     with st.spinner("Running the model…"):
-        pred = common.predict(photo, st.session_state["model_path"], method)
+        pred = common.predict(photo, st.session_state["model_path"], method, answers)
 except ImageLoadError as e:
     st.error(f"This file cannot be used: {e}")
     st.stop()
@@ -84,18 +96,35 @@ with right:
             st.markdown(f"Raw score {pred.prob:.3f} (threshold {pred.threshold:.3f}). The model was not built for "
                         "this photo: this number says nothing about the skin in it and must not be read as a risk.")
     else:
-        if pred.prob_calibrated is not None:
+        fused = pred.fused
+        st.markdown(f"**Inputs used: {fused.inputs}**" + (f" ({', '.join(fused.used)})" if fused.used else ""))
+        if fused.used:  # the clinical-context stage: photo score and answers fused, with its own threshold
+            st.markdown(f"### Probability of malignancy from the photo and the answers: {fused.prob:.1%}")
+            flagged, thr_text = fused.malignant, f"the photo + answers threshold, {fused.threshold:.3f}"
+        elif pred.prob_calibrated is not None:
             st.markdown(f"### Calibrated probability of malignancy: {pred.prob_calibrated:.0%}")
             st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {pred.prob_calibrated:.0%} of "
                        "photos scored like this one were malignant. It describes that population, not you.")
+            flagged = pred.verdict == "flagged"
+            thr_text = f"the model's threshold, {pred.threshold_calibrated:.0%} calibrated (raw score {pred.threshold:.3f})"
         else:
             st.markdown(f"### Model score: {pred.prob:.1%} (not a calibrated probability)")
-        thr_text = (f"{pred.threshold_calibrated:.0%} calibrated, raw score {pred.threshold:.3f}"
-                    if pred.threshold_calibrated is not None else f"{pred.threshold:.3f}")
-        if pred.verdict == "flagged":
-            st.error(f"**Flagged**: at or above the model's threshold ({thr_text}).")
+            flagged, thr_text = pred.verdict == "flagged", f"the model's threshold ({pred.threshold:.3f})"
+        if flagged:
+            st.error(f"**Flagged**: at or above {thr_text}.")
         else:
-            st.success(f"**Not flagged**: below the model's threshold ({thr_text}).")
+            st.success(f"**Not flagged**: below {thr_text}.")
+        if fused.used:
+            t = stage.threshold
+            st.caption(f"Photo + answers threshold chosen on validation: sensitivity "
+                       f"{t['val_sensitivity']['value']:.0%}, specificity {t['val_specificity']['value']:.0%} on "
+                       f"{t['n_val']} validation images.")
+        if fused.verdicts_differ:
+            alone = (f"calibrated probability {pred.prob_calibrated:.0%}" if pred.prob_calibrated is not None
+                     else f"score {fused.image_prob:.1%}")
+            st.warning(f"**The photo alone gives a different verdict:** {alone}, "
+                       f"{'flagged' if fused.image_malignant else 'not flagged'} at its own threshold "
+                       f"({fused.image_threshold:.3f}).")
         st.markdown(
             f"**What the threshold means.** It was chosen on validation data ({d['threshold_rule']}). On "
             f"{d['n_val'] or '?'} validation images "

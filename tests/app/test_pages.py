@@ -381,3 +381,59 @@ def test_train_form_builds_the_request(with_model, monkeypatch):
     assert (req.backbone, req.device, req.epochs, req.lr, req.manifest) == ("resnet18", "cpu", 2, 3e-4, "/data/m.csv")
     assert req.weights is None and req.init_from is None and req.sets == ("init_from=null",)
     assert any("Started **my_run** on cpu" in s.value for s in at.main.success)
+
+
+# ------------------------------------------------------------------ clinical context
+@pytest.fixture
+def with_context_model(app_env, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from core.bundle import load_bundle, save_bundle
+    from core.context import ContextModel
+    from tests.conftest import hand_context_stage
+    b = load_bundle(app_env.bundle)
+    save_bundle(b.model, tmp_path / "runs" / "ctx_run" / "bundle", threshold=b.meta.threshold,
+                provenance=replace(b.meta.provenance, run_name="ctx_run"),
+                context=ContextModel.from_dict(hand_context_stage()))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    return app_env
+
+
+def _answer(at, **answers):
+    for name, value in answers.items():
+        widget = at.number_input(key=f"ctx_{name}") if name == "age" else at.selectbox(key=f"ctx_{name}")
+        widget.set_value(value)
+    return at.run()
+
+
+def _headline(at) -> float:
+    """The number in the result's headline (photo-only model score, or photo + answers probability)."""
+    line = next(m for m in texts(at).splitlines() if m.startswith("### "))
+    return float(line.rsplit(": ", 1)[1].split("%")[0]) / 100
+
+
+def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_model, tmp_path):
+    before = sorted(p for p in (tmp_path / "runs").rglob("*"))
+    at = _predict_page(with_context_model)
+    assert not at.exception, at.exception
+    assert "Inputs used: photo only" in texts(at)
+    assert "### Model score:" in texts(at)  # this bundle has no calibration map
+    image_prob = _headline(at)
+    _answer(at, age=80.0, bleed="yes")
+    assert not at.exception, at.exception
+    assert "Inputs used: photo + 2 answers** (age, bleed)" in texts(at)
+    assert "### Probability of malignancy from the photo and the answers:" in texts(at)
+    up = _headline(at)
+    _answer(at, age=20.0, bleed="no")
+    down = _headline(at)
+    assert down < image_prob < up
+    differs = (down >= 0.5) != (image_prob >= 0.5)
+    assert ("photo alone gives a different verdict" in texts(at, "warning")) == differs
+    # remembered for the session across pages, never written to disk
+    at.switch_page("ui/crop.py").run()
+    at.switch_page("ui/predict.py").run()
+    assert at.selectbox(key="ctx_bleed").value == "no" and at.number_input(key="ctx_age").value == 20.0
+    assert "photo + 2 answers" in texts(at)
+    assert sorted(p for p in (tmp_path / "runs").rglob("*")) == before
+    at.button[[b.label for b in at.button].index("Clear the answers")].click().run()
+    assert "Inputs used: photo only" in texts(at) and at.selectbox(key="ctx_bleed").value == "not answered"

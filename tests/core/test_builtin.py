@@ -89,6 +89,12 @@ def test_demo_evidence_ships_without_photos():
     assert not [p for p in builtin.DEMO_DIR.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
 
 
+def test_examples_come_from_the_demos_test_patients():
+    split = pd.read_csv(builtin.DEMO_DIR / "splits.csv").set_index("image")["split"]
+    listed = pd.read_csv(builtin.EXAMPLES_DIR / "examples.csv")
+    assert (listed["source_image"].map(split) == "test").all()
+
+
 def test_evaluating_the_demo_on_its_own_training_photos_is_flagged():
     names = builtin.demo_split_names()
     assert names and set(names.values()) == {"train", "val"}

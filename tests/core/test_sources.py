@@ -88,6 +88,9 @@ def test_isic_import_current_metadata(isic_dir):
         ("clinical: close-up", "CC-BY", "Synthetic Clinic A")
     assert df["fitzpatrick"].fillna("").tolist() == ["2", "2", "", "6"]
     assert set(df["domain"]) == {"isic"}
+    # age, sex, anatomical site and diameter under the stable context names; the biopsy columns never
+    assert (first["age"], first["sex"], first["site"], first["diameter_mm"]) == (55.0, "male", "head_neck", 6.0)
+    assert not {"concomitant_biopsy", "diagnosis_confirm_type", "biopsed"} & set(df.columns)
 
 
 def test_isic_import_legacy_benign_malignant(tmp_path):
@@ -134,7 +137,12 @@ def test_pad_ufes_import_fixture(tmp_path):
     assert df["lesion_id"].tolist()[:3] == ["PAT_9001_11", "PAT_9001_11", "PAT_9002_11"]
     assert df["fitzpatrick"].fillna("").tolist()[:4] == ["2", "2", "", "3"]
     assert Path(df.loc[df["patient_id"] == "PAT_9005", "image"].item()).suffix == ".jpg"
-    assert {"region", "biopsed", "diagnostic"} <= set(df.columns)
+    assert {"region", "diagnostic", "age", "site", "itch", "bleed"} <= set(df.columns)
+    assert "biopsed" not in df.columns  # true for every malignant image: never carried into a manifest
+    first, third = df.iloc[0], df.iloc[2]
+    assert (first["age"], first["sex"], first["site"], first["diameter_mm"], first["bleed"], first["hurt"]) == \
+        (61.0, "male", "head_neck", 8.0, "yes", "no")
+    assert third[["sex", "diameter_mm"]].isna().all() and third["site"] == "torso_back"
     assert set(df["domain"]) == {"pad_ufes_20"}
 
 
@@ -220,6 +228,9 @@ def test_midas_uncropped(midas):
     assert df["fitzpatrick"].fillna("").tolist() == ["2", "2", "2", "6", "1", "", "5", "5"]
     assert df["distance"].tolist()[:3] == ["6in", "6in", "1ft"]
     assert set(df["domain"]) == {"midas"}
+    assert df["site"].tolist()[:4] == ["upper_limb"] * 3 + ["head_neck"]  # "left arm", "cheek"
+    assert (df["age"].iloc[0], df["sex"].iloc[0], df["diameter_mm"].iloc[0]) == (60.0, "female", 5.0)
+    assert "pathology" in df and "pathology" not in __import__("core.context").context.CONTEXT_COLUMNS
 
 
 def test_midas_one_per_lesion_keeps_the_closest_image(midas):

@@ -106,6 +106,9 @@ def test_pad_ufes_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"dropped: image file missing\s+5\n", out)
     assert re.search(r"dropped: diagnostic not one of .*\(XYZ\)\s+1", out)
+    # the first three fixture rows: sex and diameter are blank for the one non-biopsied lesion
+    assert "context answers missing (of 3): age 0, sex 1, site 0" in out and "diameter_mm 1" in out
+    assert "biopsed" not in df.columns
 
 
 def test_missing_columns_exit_2_naming_them(tmp_path, capsys):

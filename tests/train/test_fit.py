@@ -249,3 +249,40 @@ def test_init_from_on_the_command_line_replaces_the_recipes_starting_model(finis
     assert meta.provenance.parent.run_name == "tiny"
     assert meta.provenance.parent_weights_sha256 == load_bundle(finished_run / "run").meta.weights_sha256
     assert meta.preprocessing["input_size"] == 64  # from the parent bundle
+
+
+
+def test_context_stage_is_fitted_on_the_runs_own_patients_and_reported(tmp_path, capsys):
+    """A run whose manifest carries answers (bleeding tracks the label) and a leaking `biopsed` column: the
+    bundle gets a context stage without it, the test report puts image-only, context-only and fused side by
+    side, and train.evaluate does the same from the manifest's columns."""
+    from core.context import context_of
+    from core.manifest import write_manifest
+    from tests.conftest import make_images
+    df = make_images(tmp_path / "images", n=48)
+    rng = np.random.default_rng(0)
+    df["image"] = [str((tmp_path / "images" / p).resolve()) for p in df["image"]]
+    df["bleed"] = np.where(rng.random(len(df)) < 0.2 + 0.6 * df["label"], "True", "False")
+    df["age"] = (45 + 20 * df["label"] + rng.normal(0, 10, len(df))).round()
+    df["site"] = rng.choice(["FACE", "BACK"], len(df))
+    df["biopsed"] = df["label"].map({1: "True", 0: "False"})
+    manifest = write_manifest(df, tmp_path / "m.csv")
+    cfg = tiny_config(tmp_path, tmp_path, report_test=True, context={"fields": ["age", "site", "bleed"]})
+    for stage in cfg["stages"]:
+        stage["data"] = [{"manifest": str(manifest)}]
+    bundle = training.fit(run_config_from_dict(cfg), tmp_path / "run")
+    stage = context_of(load_bundle(bundle).meta)
+    assert stage.fields == ("age", "site", "bleed") and "biopsed" not in json.dumps(stage.to_dict())
+    assert stage.threshold["chosen_on"] == "validation split (fused output)"
+    assert "validation split" in stage.fitted["fusion"] and "training split" in stage.fitted["context_model"]
+    report = json.loads((tmp_path / "run" / "test_report.json").read_text())["context"]
+    assert {"image_only", "context_only", "fused", "withheld", "weights_per_field"} <= set(report)
+    assert set(report["withheld"]) == {"age", "site", "bleed", "all answers"}
+    assert "context stage: fields age, site, bleed" in (tmp_path / "run" / "train.log").read_text()
+    capsys.readouterr()
+    assert evaluate_cli.main(["--run", str(tmp_path / "run"), "--manifest",
+                              str(tmp_path / "run" / "splits" / "1_finetune.csv"), "--split", "test",
+                              "--n-boot", "20", "--out", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "context only" in out and "fused, bleed withheld" in out
+    assert json.loads((tmp_path / "r.json").read_text())["context"]["fused"]["n"] == report["fused"]["n"]

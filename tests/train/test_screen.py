@@ -225,3 +225,29 @@ def test_manifest_rows_that_cannot_be_scored_are_named_and_nothing_scored_exits_
     assert list(df["status"]) == ["not_found", "bad_crop"] and list(df["label"]) == [1, 0]
     err = capsys.readouterr().err
     assert "gone.jpg: file not found" in err and "falls outside" in err
+
+
+def test_manifest_context_columns_give_fused_results(run_dir, photo_dir, tmp_path):
+    from core.context import ContextModel
+    from tests.conftest import hand_context_stage
+    bundle = load_bundle(run_dir)
+    ctx_run = tmp_path / "ctx"
+    save_bundle(bundle.model, ctx_run / "bundle", threshold=bundle.meta.threshold,
+                provenance=bundle.meta.provenance, context=ContextModel.from_dict(hand_context_stage()))
+    photos = [photo_dir / f"p{i}.jpg" for i in range(3)]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image": [str(p) for p in photos], "label": [1, 0, 1], "bleed": ["True", "False", None],
+                  "age": [80, None, None], "biopsed": ["True", "False", "True"]}).to_csv(manifest, index=False)
+    assert main(["--run", str(ctx_run), "--manifest", str(manifest), "--out", str(tmp_path / "p.csv"),
+                 "--workers", "0"]) == 0
+    out = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert out["inputs"].tolist() == ["photo + 2 answers", "photo + 1 answer", "photo only"]
+    z = np.log(out["raw_score"] / (1 - out["raw_score"]))
+    expected = 1 / (1 + np.exp(-(z[:2] + np.array([2.0 + 2.0, -1.0]))))  # bleed yes + age (80-50)/15; bleed no
+    np.testing.assert_allclose(out["fused_prob"][:2], expected, atol=1e-5)
+    assert out["fused_prob"][2] == out["raw_score"][2]  # no answer: the photo's own result and threshold
+    assert out["fused_threshold"].tolist() == [0.5, 0.5, THRESHOLD]
+    assert out["fused_verdict"].tolist() == ["flagged" if p >= t else "not flagged"
+                                             for p, t in zip(out["fused_prob"], out["fused_threshold"])]
+    side = json.loads(sidecar_path(tmp_path / "p.csv").read_text())
+    assert side["context_stage"]["fields"] == ["age", "site", "bleed", "grew"]

@@ -1,0 +1,285 @@
+"""Fit the context stage on a run's own patients: answers from training rows, fusion on validation image logits.
+
+Measured choices (recorded in ``ContextModel.fitted``):
+
+* regularisation of the context model: grouped 5-fold cross-validation over the training patients;
+* how an unanswered field is handled, chosen on validation from two designs (neither is silent imputation):
+  ``masked_level`` learns a ``missing`` weight per field from training rows copied with answers withheld at
+  random; ``expected`` fits on the answers given and lets a missing field contribute its expected weight under
+  the training patients' answer frequencies (marginalising in logit space);
+* a field whose *absence* predicts the label in the training rows (PAD-UFES-20 records sex and diameter only for
+  biopsied lesions, so "not recorded" means benign there) is left out, with the counts that show it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.stats import fisher_exact
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.model_selection import GroupKFold
+
+from core import metrics
+from core.context import FIELDS, ContextError, ContextModel, check_fields, context_frame, logit, sigmoid
+
+MISSING_RULES = ("masked_level", "expected")
+C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+MASK_COPIES = 4        # training copies with answers withheld at random (masked_level)
+MASK_P = 0.5           # each answer withheld with this probability in a copy
+FUSION_C = 1.0
+MISSING_LEAK_P = 1e-3  # Fisher exact test, missing x label, on the training rows
+MIN_ANSWERS = 10
+
+
+def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, fields, *, rule="sensitivity",
+                target=0.90, n_boot=1000, seed=0) -> ContextModel:
+    """The context stage of a run. train_df: the training patients' rows (answers only are used); val_df and
+    val_image_probs: the validation patients' rows and the image model's P(malignant) for them."""
+    fields = check_fields(fields)
+    _check_rows(train_df, "train")
+    _check_rows(val_df, "val")
+    _check_disjoint(train_df, val_df)
+    a_tr, y_tr, g_tr = context_frame(train_df, fields), _y(train_df), _groups(train_df)
+    a_val, y_val, g_val = context_frame(val_df, fields), _y(val_df), _groups(val_df)
+    z_img = logit(np.asarray(val_image_probs, float))
+    if len(z_img) != len(val_df):
+        raise ContextError(f"{len(z_img)} image probabilities for {len(val_df)} validation rows")
+    kept, excluded = screen_fields(a_tr, y_tr)
+    if not kept:
+        raise ContextError(f"no usable context field in the training rows: {excluded}")
+    rng = np.random.default_rng(seed)
+    scenarios = _scenarios(kept, len(a_val), rng)
+    tried = {}
+    for missing_rule in MISSING_RULES:
+        model = _fit_answers(a_tr[kept], y_tr, g_tr, missing_rule, seed)
+        tried[missing_rule] = (model, _crossfit_loss(model, a_val, z_img, y_val, g_val, scenarios))
+    chosen = min(tried, key=lambda k: tried[k][1])
+    model = tried[chosen][0]
+    ctx_val = np.array([model.context_logit(r) for r in _records(a_val)])
+    fusion = _fit_fusion(z_img, ctx_val, y_val)
+    model = ContextModel(fields=tuple(kept), intercept=model.intercept, weights=model.weights, fusion=fusion,
+                         missing_rule=chosen, excluded=excluded, fitted={
+                             "context_model": f"training split: {len(a_tr)} images, "
+                                              f"{len(set(g_tr))} patients (answers only)",
+                             "fusion": f"validation split: {len(a_val)} images, {len(set(g_val))} patients "
+                                       "(the image model's logits, never trained on)",
+                             "C": model.fitted["C"], "cv_log_loss": model.fitted["cv_log_loss"],
+                             "missing_rule_val_log_loss": {k: round(v[1], 4) for k, v in tried.items()},
+                             "missing_rule_scenarios": "all answers; each field withheld in turn; 3 random masks "
+                                                       f"(p={MASK_P}); fusion cross-fitted over 10 patient folds",
+                             "train_missing": {f: int(a_tr[f].isna().sum()) for f in fields},
+                             "n_train": int(len(a_tr)), "n_val": int(len(a_val))})
+    return _with_thresholds(model, a_val, np.asarray(val_image_probs, float), y_val, g_val, rule, target, n_boot,
+                            seed)
+
+
+def screen_fields(answers: pd.DataFrame, y: np.ndarray) -> tuple[list[str], dict]:
+    """Fields usable as context on these training rows, and why the others are not."""
+    kept, excluded = [], {}
+    for f in answers.columns:
+        missing = answers[f].isna().to_numpy()
+        n_answered = int((~missing).sum())
+        if n_answered < MIN_ANSWERS:
+            excluded[f] = f"only {n_answered} training images have an answer"
+            continue
+        if missing.any():
+            table = [[int((missing & (y == 0)).sum()), int((missing & (y == 1)).sum())],
+                     [int((~missing & (y == 0)).sum()), int((~missing & (y == 1)).sum())]]
+            p = fisher_exact(table)[1]
+            if p < MISSING_LEAK_P:
+                excluded[f] = (f"not recorded for {table[0][0]} of {int((y == 0).sum())} benign and {table[0][1]} "
+                               f"of {int((y == 1).sum())} malignant training images (Fisher p = {p:.1g}): whether "
+                               "it was recorded gives the label away")
+                continue
+        kept.append(f)
+    return kept, excluded
+
+
+# ---------------------------------------------------------------- the context model (training rows)
+def _stats(a: pd.DataFrame) -> dict:
+    stats = {}
+    for f in a.columns:
+        answered = a[f].dropna()
+        if FIELDS[f].kind == "numeric":
+            x = answered.astype(float)
+            stats[f] = {"mean": float(x.mean()), "std": float(max(x.std(ddof=0), 1e-6))}
+        else:
+            freq = answered.value_counts(normalize=True)
+            stats[f] = {"freq": {lv: float(freq.get(lv, 0.0)) for lv in FIELDS[f].levels}}
+    return stats
+
+
+def _design(a: pd.DataFrame, stats: dict, missing_rule: str) -> np.ndarray:
+    cols = []
+    for f in a.columns:
+        values = a[f].to_numpy()
+        miss = pd.isna(values)
+        if FIELDS[f].kind == "numeric":
+            s = stats[f]
+            z = np.where(miss, 0.0, np.clip((np.where(miss, s["mean"], values).astype(float) - s["mean"]) / s["std"],
+                                            -4, 4))
+            cols.append(z)
+        else:
+            for lv in FIELDS[f].levels:
+                fill = 0.0 if missing_rule == "masked_level" else stats[f]["freq"][lv]
+                cols.append(np.where(miss, fill, (values == lv).astype(float)))
+        if missing_rule == "masked_level":
+            cols.append(miss.astype(float))
+    return np.column_stack(cols)
+
+
+def _weights(coef: np.ndarray, a_cols, stats: dict, missing_rule: str) -> dict:
+    out, i = {}, 0
+    for f in a_cols:
+        if FIELDS[f].kind == "numeric":
+            w = {"kind": "numeric", "weight": float(coef[i]), **stats[f]}
+            i += 1
+        else:
+            levels = FIELDS[f].levels
+            w = {"kind": "categorical", "weights": {lv: float(c) for lv, c in zip(levels, coef[i:i + len(levels)])}}
+            i += len(levels)
+        if missing_rule == "masked_level":
+            w["missing"] = float(coef[i])
+            i += 1
+        elif w["kind"] == "numeric":
+            w["missing"] = 0.0  # z = 0 at the training mean
+        else:
+            w["missing"] = float(sum(stats[f]["freq"][lv] * w["weights"][lv] for lv in levels))
+        out[f] = w
+    return out
+
+
+def _mask(a: pd.DataFrame, rng, copies: int) -> pd.DataFrame:
+    base = a.to_numpy(dtype=object)
+    parts = [base]
+    for _ in range(copies):
+        copy = base.copy()
+        copy[rng.random(copy.shape) < MASK_P] = None
+        parts.append(copy)
+    return pd.DataFrame(np.concatenate(parts), columns=a.columns)
+
+
+def _fit_lr(x, y, c, weight=None) -> LogisticRegression:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on tiny folds; the grid compares log-loss anyway
+        return LogisticRegression(C=c, solver="newton-cholesky", max_iter=200).fit(x, y, sample_weight=weight)
+
+
+def _fit_answers(a: pd.DataFrame, y, groups, missing_rule: str, seed: int) -> ContextModel:
+    """Context-only logistic regression on the training rows, C chosen by grouped cross-validation."""
+    copies = MASK_COPIES  # both rules are scored on the same masked copies of the held-out rows
+    n_folds = min(5, len(set(groups)))
+    losses = {c: [] for c in C_GRID}
+    for k, (tr, te) in enumerate(GroupKFold(n_splits=n_folds).split(a, y, groups)):
+        rng = np.random.default_rng([seed, k])
+        a_fit = _mask(a.iloc[tr], rng, copies) if missing_rule == "masked_level" else a.iloc[tr]
+        y_fit = np.tile(y[tr], copies + 1) if missing_rule == "masked_level" else y[tr]
+        a_eval, y_eval = _mask(a.iloc[te], rng, copies), np.tile(y[te], copies + 1)
+        if len(set(y_fit)) < 2 or len(set(y_eval)) < 2:
+            continue
+        stats = _stats(a.iloc[tr])
+        x_fit, x_eval = _design(a_fit, stats, missing_rule), _design(a_eval, stats, missing_rule)
+        for c in C_GRID:
+            p = _fit_lr(x_fit, y_fit, c).predict_proba(x_eval)[:, 1]
+            losses[c].append(log_loss(y_eval, p, labels=[0, 1]))
+    mean = {c: float(np.mean(v)) if v else np.inf for c, v in losses.items()}
+    best = min(C_GRID, key=lambda c: (mean[c], c))
+    rng = np.random.default_rng([seed, 99])
+    a_fit = _mask(a, rng, copies) if missing_rule == "masked_level" else a
+    y_fit = np.tile(y, copies + 1) if missing_rule == "masked_level" else y
+    stats = _stats(a)
+    lr = _fit_lr(_design(a_fit, stats, missing_rule), y_fit, best)
+    return ContextModel(fields=tuple(a.columns), intercept=float(lr.intercept_[0]),
+                        weights=_weights(lr.coef_[0], a.columns, stats, missing_rule),
+                        fusion={"intercept": 0.0, "image": 0.0, "context": 1.0}, missing_rule=missing_rule,
+                        fitted={"C": best, "cv_log_loss": {str(c): round(v, 4) for c, v in mean.items()}})
+
+
+# ---------------------------------------------------------------- fusion (validation rows)
+def _fit_fusion(z_img, z_ctx, y) -> dict:
+    if len(set(y)) < 2:
+        raise ContextError("the validation split needs malignant and benign images to fit the fusion")
+    lr = _fit_lr(np.column_stack([z_img, z_ctx]), y, FUSION_C)
+    return {"intercept": float(lr.intercept_[0]), "image": float(lr.coef_[0][0]), "context": float(lr.coef_[0][1])}
+
+
+def _scenarios(fields, n, rng) -> list[dict]:
+    """Which answers are withheld, per validation row: none; each field in turn; three random masks."""
+    out = [{}]
+    out += [{f: np.ones(n, bool)} for f in fields]
+    for _ in range(3):
+        out.append({f: rng.random(n) < MASK_P for f in fields})
+    return out
+
+
+def _crossfit_loss(model: ContextModel, a_val, z_img, y, groups, scenarios) -> float:
+    """Mean log-loss of the fused model over the scenarios, its fusion fitted on other validation patients."""
+    losses = []
+    folds = list(GroupKFold(n_splits=min(10, len(set(groups)))).split(z_img, y, groups))
+    for withheld in scenarios:
+        a = a_val.copy()
+        for f, mask in withheld.items():
+            if f in a:
+                a.loc[mask, f] = None
+        z_ctx = np.array([model.context_logit(r) for r in _records(a)])
+        p = np.empty(len(y))
+        for tr, te in folds:
+            if len(set(y[tr])) < 2:
+                p[te] = y[tr].mean()
+                continue
+            f = _fit_fusion(z_img[tr], z_ctx[tr], y[tr])
+            p[te] = sigmoid(f["intercept"] + f["image"] * z_img[te] + f["context"] * z_ctx[te])
+        losses.append(log_loss(y, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1]))
+    return float(np.mean(losses))
+
+
+def _with_thresholds(model: ContextModel, a_val, image_probs, y, groups, rule, target, n_boot, seed) -> ContextModel:
+    from dataclasses import replace
+
+    # Every validation row through the fused formula (unanswered fields at their missing weight), as reported.
+    fused = sigmoid(np.array([model.fused_logit(p, r) for p, r in zip(image_probs, _records(a_val))]))
+    ctx = sigmoid(np.array([model.context_logit(r) for r in _records(a_val)]))
+    out = {}
+    for name, p in (("fused", fused), ("context", ctx)):
+        chosen = metrics.choose_threshold(y, p, rule=rule, target=target)
+        rep = metrics.metric_report(y, p, chosen["threshold"], groups=groups, n_boot=n_boot, seed=seed)
+        m = rep["metrics"]
+        out[name] = {"value": chosen["threshold"], "rule": rule, "target": target,
+                     "chosen_on": f"validation split ({name} output)", "val_sensitivity": m["recall"],
+                     "val_specificity": m["specificity"], "val_roc_auc": m["roc_auc"], "n_val": int(len(y)),
+                     "n_val_malignant": int(y.sum())}
+    return replace(model, threshold=out["fused"], context_threshold=out["context"])
+
+
+# ---------------------------------------------------------------- checks
+def _records(a: pd.DataFrame) -> list[dict]:
+    return [{k: v for k, v in r.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+            for r in a.to_dict("records")]
+
+
+def _y(df) -> np.ndarray:
+    return df["label"].to_numpy().astype(int)
+
+
+def _groups(df) -> np.ndarray:
+    from core.splits import grouping
+    return grouping(df)[1].to_numpy()
+
+
+def _check_rows(df: pd.DataFrame, split: str) -> None:
+    if df.empty:
+        raise ContextError(f"no {split} rows to fit the context stage on")
+    if "split" in df and not (df["split"] == split).all():
+        others = sorted(set(df["split"].dropna()) - {split})
+        raise ContextError(f"the context stage's {split} rows include rows of split(s) {others}: a held-out "
+                           "patient's answers must never reach it")
+
+
+def _check_disjoint(train_df: pd.DataFrame, val_df: pd.DataFrame) -> None:
+    g_tr, g_val = set(_groups(train_df)), set(_groups(val_df))
+    both = g_tr & g_val
+    if both:
+        raise ContextError(f"{len(both)} patient(s) in both the training and validation rows, e.g. "
+                           f"{sorted(both)[0]!r}")

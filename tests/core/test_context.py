@@ -1,0 +1,186 @@
+"""The context stage: leak refusals, training-rows-only learning, any subset of answers, JSON round trip."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.context import (CONTEXT_COLUMNS, ContextError, ContextModel, check_fields, context_frame, fuse,
+                          normalise, site_of)
+from core.context_fit import fit_context, screen_fields
+from core.context_report import context_report
+
+QUESTIONS = ("itch", "grew", "hurt", "changed", "bleed", "elevation")
+
+
+def synthetic(n=240, seed=0, leak_sex=False) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows whose answers carry signal (bleeding, growth, age), with patient ids and a patient-level split, and an
+    image probability that carries some signal of its own."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    age = np.clip(rng.normal(50 + 15 * y, 12), 1, 100).round()
+    yes = lambda p: np.where(rng.random(n) < p, "True", "False")  # noqa: E731
+    df = pd.DataFrame({
+        "image": [f"/x/img{i}.png" for i in range(n)], "label": y, "patient_id": [f"P{i // 2}" for i in range(n)],
+        "age": age, "site": rng.choice(["FACE", "BACK", "ARM", "THIGH"], n),
+        "bleed": yes(0.2 + 0.5 * y), "grew": yes(0.3 + 0.4 * y), "itch": yes(0.5), "hurt": yes(0.2 + 0.2 * y),
+        "changed": yes(0.2 + 0.3 * y), "elevation": yes(0.5),
+        "sex": rng.choice(["FEMALE", "MALE"], n), "biopsed": np.where(y == 1, "True", "False")})
+    if leak_sex:  # recorded only for malignant (PAD records sex only for biopsied lesions)
+        df.loc[df["label"] == 0, "sex"] = None
+    df["split"] = np.select([df.index % 10 < 6, df.index % 10 < 8], ["train", "val"], "test")
+    df.loc[df.index % 2 == 1, "split"] = df["split"].shift(1)  # both images of a patient in one split
+    image_prob = 1 / (1 + np.exp(-(1.2 * (2 * y - 1) + rng.normal(0, 1.5, n))))
+    return df, image_prob
+
+
+def fitted(df, prob, fields=("age", "site", "bleed", "grew", "itch", "hurt", "changed", "elevation"), **kw):
+    tr, va = df[df["split"] == "train"], df[df["split"] == "val"]
+    return fit_context(tr, va, prob[(df["split"] == "val").to_numpy()], fields, n_boot=50, **kw)
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    df, prob = synthetic()
+    return fitted(df, prob), df, prob
+
+
+# ---------------------------------------------------------------- leaks
+@pytest.mark.parametrize("name", ["biopsed", "diagnostic", "Diagnosis", "midas_path", "benign_malignant"])
+def test_leaking_columns_are_refused_by_name(name):
+    with pytest.raises(ContextError, match=f"{name}.*give the label away"):
+        check_fields(["age", name])
+    df, prob = synthetic()
+    with pytest.raises(ContextError, match="give the label away"):
+        fitted(df, prob, fields=("age", name))
+
+
+def test_a_leaking_column_in_the_manifest_cannot_reach_the_model(model_and_data):
+    model, df, prob = model_and_data
+    flipped = df.assign(biopsed=np.where(df["biopsed"] == "True", "False", "True"), diagnostic="BCC")
+    again = fitted(flipped, prob)
+    assert again.to_dict() == model.to_dict()
+    assert "biopsed" not in json.dumps(model.to_dict())
+
+
+def test_a_field_whose_absence_gives_the_label_away_is_left_out():
+    df, prob = synthetic(leak_sex=True)
+    model = fitted(df, prob, fields=("age", "sex", "bleed"))
+    assert "sex" not in model.fields and "gives the label away" in model.excluded["sex"]
+    assert model.fields == ("age", "bleed")
+
+
+# ---------------------------------------------------------------- who it learns from
+def test_held_out_patients_answers_never_reach_training(model_and_data):
+    model, df, prob = model_and_data
+    held = df["split"] == "test"
+    changed = df.copy()
+    changed.loc[held, "bleed"] = np.where(changed.loc[held, "label"] == 1, "False", "True")  # inverted answers
+    changed.loc[held, "age"] = 5
+    assert fitted(changed, prob).to_dict() == model.to_dict()
+    # validation answers do reach the fusion (they are the honest image logits' rows), never the answer weights
+    val = df["split"] == "val"
+    changed.loc[val, "bleed"] = "False"
+    other = fitted(changed, prob)
+    assert other.weights == model.weights and other.fusion != model.fusion
+
+
+def test_rows_of_other_splits_are_refused():
+    df, prob = synthetic()
+    with pytest.raises(ContextError, match="held-out patient's answers"):
+        fit_context(df[df["split"] != "val"], df[df["split"] == "val"], prob[(df["split"] == "val").to_numpy()],
+                    ("age", "bleed"), n_boot=0)
+    tr = df[df["split"] == "train"]
+    with pytest.raises(ContextError, match="patient"):
+        fit_context(tr.drop(columns="split"), tr.drop(columns="split"), prob[:len(tr)], ("age", "bleed"),
+                    n_boot=0)
+
+
+# ---------------------------------------------------------------- prediction
+def test_any_subset_of_answers_predicts(model_and_data):
+    model, df, _ = model_and_data
+    full = {"age": 70, "site": "face", "bleed": "yes", "grew": "yes", "itch": "no", "hurt": "no", "changed": "yes",
+            "elevation": "yes"}
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        keep = [f for f in full if rng.random() < 0.5]
+        r = fuse(model, 0.4, 0.5, {f: full[f] for f in keep})
+        assert 0 < r.prob < 1 and set(r.used) == set(keep)
+        assert r.inputs == ("photo only" if not keep else f"photo + {len(keep)} answer" + "s" * (len(keep) != 1))
+    # answers move the probability the way the training signal points
+    assert fuse(model, 0.4, 0.5, {"bleed": "yes"}).prob > fuse(model, 0.4, 0.5, {"bleed": "no"}).prob
+
+
+def test_no_answer_gives_the_image_only_result(model_and_data):
+    model, _, _ = model_and_data
+    for answers in (None, {}, {"age": None, "bleed": ""}, {"bleed": "not answered"}):
+        r = fuse(model, 0.37, 0.2, answers)
+        assert (r.prob, r.threshold, r.malignant, r.used) == (0.37, 0.2, True, ())
+        assert r.inputs == "photo only" and not r.verdicts_differ
+    assert fuse(None, 0.1, 0.2, {"bleed": "yes"}).ignored == ("bleed",)
+
+
+def test_bad_answers_are_named():
+    with pytest.raises(ContextError, match="age.*outside"):
+        normalise("age", 250)
+    with pytest.raises(ContextError, match="site.*elbowpit"):
+        normalise("site", "elbowpit")
+    with pytest.raises(ContextError, match="bleed.*sometimes"):
+        normalise("bleed", "sometimes")
+    assert normalise("bleed", "UNK") == "unknown" and normalise("bleed", "True") == "yes"
+    assert site_of("NOSE") == "head_neck" and site_of("left upper back") == "torso_back"
+    assert site_of("anterior torso") == "torso_front"
+
+
+def test_model_round_trips_through_plain_json_and_applies_by_its_formula(model_and_data):
+    model, _, _ = model_and_data
+    back = ContextModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert back == model
+    answers = {"age": 64, "site": "upper_limb", "bleed": "yes"}
+    d = model.to_dict()
+    w = d["weights"]
+    by_hand = d["intercept"] + w["age"]["weight"] * (64 - w["age"]["mean"]) / w["age"]["std"] + \
+        w["site"]["weights"]["upper_limb"] + w["bleed"]["weights"]["yes"] + \
+        sum(w[f]["missing"] for f in d["fields"] if f not in answers)
+    z = d["fusion"]["intercept"] + d["fusion"]["image"] * np.log(0.3 / 0.7) + d["fusion"]["context"] * by_hand
+    assert fuse(back, 0.3, 0.5, answers).prob == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-9)
+
+
+def test_threshold_and_validation_numbers_are_stored(model_and_data):
+    model, _, _ = model_and_data
+    for t in (model.threshold, model.context_threshold):
+        assert 0 < t["value"] < 1 and t["rule"] == "sensitivity" and "validation" in t["chosen_on"]
+        assert t["val_sensitivity"]["value"] >= 0.9 and t["val_specificity"]["ci95"] is not None
+    assert model.missing_rule in ("masked_level", "expected")
+    assert set(model.fitted["missing_rule_val_log_loss"]) == {"masked_level", "expected"}
+
+
+def test_report_side_by_side_with_each_answer_withheld(model_and_data):
+    model, df, prob = model_and_data
+    test = df[df["split"] == "test"].reset_index(drop=True)
+    rep = context_report(test, prob[(df["split"] == "test").to_numpy()], 0.5, model, n_boot=50)
+    for key in ("image_only", "context_only", "fused"):
+        assert rep[key]["metrics"]["roc_auc"]["ci95"] is not None
+    assert set(rep["withheld"]) == {*model.fields, "all answers"}
+    # with every answer withheld the fused score is a monotone function of the image score: same ranking
+    assert rep["withheld"]["all answers"]["metrics"]["roc_auc"]["value"] == pytest.approx(
+        rep["image_only"]["metrics"]["roc_auc"]["value"])
+    assert rep["fused"]["metrics"]["roc_auc"]["value"] > rep["image_only"]["metrics"]["roc_auc"]["value"]
+    assert set(rep["weights_per_field"]["bleed"]) == {"yes", "no", "unknown", "missing"}
+
+
+def test_context_frame_takes_only_the_stable_columns():
+    df = pd.DataFrame({"age": ["40", None], "bleed": ["UNK", "False"], "biopsed": ["True", "False"]})
+    frame = context_frame(df, CONTEXT_COLUMNS)
+    assert list(frame.columns) == list(CONTEXT_COLUMNS)
+    assert frame["bleed"].tolist() == ["unknown", "no"] and frame["sex"].isna().all()
+
+
+def test_screen_fields_keeps_fields_missing_at_random():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    a = pd.DataFrame({"bleed": np.where(rng.random(200) < 0.3, None, "yes")})
+    kept, excluded = screen_fields(a, y)
+    assert kept == ["bleed"] and not excluded
