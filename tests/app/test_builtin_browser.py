@@ -5,9 +5,8 @@ an example clicked after it replaces it.
 Skipped when /usr/bin/chromium or the playwright package is missing (CI installs chromium)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 
