@@ -23,6 +23,7 @@ like the weights. A bundle without them still loads; `Bundle.lacks()` says what 
 """
 from __future__ import annotations
 
+import copy
 import json
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -315,7 +316,8 @@ def _load_trust(meta: BundleMeta) -> dict:
             parts["gate"] = ood.OODGate.from_meta(meta.ood_gate, gate_arrays)
         if meta.similar_cases is not None:
             records = json.loads(metadata.get("similar_records", "[]"))
-            parts["similar"] = similar_mod.SimilarIndex.from_meta({"records": records}, arrays["similar.embeddings"])
+            parts["similar"] = similar_mod.SimilarIndex.from_meta({"records": records}, arrays["similar.embeddings"],
+                                                                  base=meta.folder)
     except (ood.GateError, calibration_mod.CalibrationError, similar_mod.SimilarError, KeyError, ValueError) as e:
         if isinstance(e, BundleError):
             raise
@@ -370,12 +372,23 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundl
     return Bundle(model=model, meta=meta, path=meta.folder, **_load_trust(meta))
 
 
-def save_weights(meta: BundleMeta, state: dict[str, torch.Tensor], folder: str | Path) -> Path:
-    """Write `state` as a bundle's weights under meta's description, recording their new hash (e.g. the same
-    weights stored in float16: loading casts them back into the float32 model)."""
+
+# save_bundle writes these itself (from the model, its arguments and the trust parts); repack passes the rest on.
+_WRITTEN_BY_SAVE = {"backbone", "head", "preprocessing", "threshold", "provenance", "weights_sha256", "format_version",
+                    "folder", "calibration", "ood_gate", "similar_cases", "trust_arrays"}
+
+
+def repack(bundle: Bundle, folder: str | Path, *, weights_dtype: torch.dtype | None = None,
+           relative_images: bool = False) -> Path:
+    """Save a loaded bundle again under the same description: weights optionally stored in another dtype (loading
+    casts them back into the float32 model), similar-case image references optionally made relative to the new
+    folder. Hashes are recomputed."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / META_FILE).unlink(missing_ok=True)
-    weights = atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-    atomic_write_json(folder / META_FILE, replace(meta, weights_sha256=file_sha256(weights)).to_dict())
-    return folder
+    model = bundle.model
+    if weights_dtype is not None:
+        model = copy.deepcopy(model).to(weights_dtype)
+    similar = bundle.similar.relative_to(folder) if (bundle.similar is not None and relative_images) \
+        else bundle.similar
+    sections = {f.name: getattr(bundle.meta, f.name) for f in fields(BundleMeta) if f.name not in _WRITTEN_BY_SAVE}
+    return save_bundle(model, folder, threshold=bundle.meta.threshold, provenance=bundle.meta.provenance,
+                       gate=bundle.gate, calibration=bundle.calibration, similar=similar, **sections)

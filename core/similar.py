@@ -39,6 +39,7 @@ class SimilarIndex:
     """Normalised float16 embeddings (N, D) plus one record per row (image, split, label, diagnosis...)."""
     embeddings: np.ndarray = field(repr=False)
     records: tuple[dict, ...] = field(repr=False)
+    base: Path | None = field(default=None, compare=False)  # relative image references are relative to this
 
     def __post_init__(self):
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.records):
@@ -62,10 +63,12 @@ class SimilarIndex:
     def _case(self, j: int, sim: float) -> SimilarCase:
         r = self.records[j]
         label = int(r["label"])
-        image = str(r["image"])
-        return SimilarCase(image=image, label=label, label_name=LABEL_NAMES.get(label, str(label)),
+        image = Path(str(r["image"]))
+        if not image.is_absolute() and self.base is not None:
+            image = self.base / image
+        return SimilarCase(image=str(image), label=label, label_name=LABEL_NAMES.get(label, str(label)),
                            split=str(r.get("split") or ""), similarity=sim, diagnosis=r.get("diagnosis"),
-                           available=Path(image).is_file())
+                           available=image.is_file())
 
     def to_meta(self) -> dict:
         return {"n": len(self.records), "dim": self.dim, "dtype": "float16", "similarity": "cosine",
@@ -73,8 +76,16 @@ class SimilarIndex:
                 "records": list(self.records)}
 
     @classmethod
-    def from_meta(cls, meta: dict, embeddings) -> SimilarIndex:
-        return cls(np.asarray(embeddings, dtype=np.float16), tuple(meta.get("records", ())))
+    def from_meta(cls, meta: dict, embeddings, base: Path | None = None) -> SimilarIndex:
+        return cls(np.asarray(embeddings, dtype=np.float16), tuple(meta.get("records", ())), base)
+
+    def relative_to(self, folder: Path) -> SimilarIndex:
+        """The same index with image references relative to `folder` (a bundle that travels with its data
+        beside it, e.g. the built-in demo and ../shared), so no machine's absolute paths are stored."""
+        import os
+        records = tuple({**r, "image": os.path.relpath(Path(str(r["image"])).resolve(), Path(folder).resolve())}
+                        for r in self.records)
+        return SimilarIndex(self.embeddings, records, Path(folder))
 
 
 def build_index(df: pd.DataFrame, feats, *, seed: int = 0) -> SimilarIndex:

@@ -94,14 +94,15 @@ def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
 
 
 def write_bundle(run: Path, dest: Path) -> dict:
-    """Copy the run's bundle, stored in float16 when the measured shift allows it."""
-    from core.bundle import load_bundle, read_meta, save_weights
+    """The run's bundle, its weights stored in float16 when the measured shift allows it."""
+    import torch
+
+    from core.bundle import load_bundle, read_meta, repack
     src = read_meta(run).folder
     shift, n = half_precision_shift(src, run)
-    shutil.copytree(src, dest)
-    if shift <= HALF_TOLERANCE:
-        state = load_bundle(dest).model.state_dict()
-        save_weights(read_meta(dest), {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, dest)
+    # similar-case references become relative to the bundle: they resolve where ../shared sits beside the checkout
+    repack(load_bundle(src), dest, weights_dtype=torch.float16 if shift <= HALF_TOLERANCE else None,
+           relative_images=True)
     return {"weights_dtype": "float16" if shift <= HALF_TOLERANCE else "float32",
             "max_abs_prob_shift_fp16": shift, "photos_checked": n, "tolerance": HALF_TOLERANCE}
 
