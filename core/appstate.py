@@ -122,7 +122,7 @@ def describe_model(meta: BundleMeta) -> dict:
     for i, sources in enumerate(prov.data or []):
         stage = stages[i]["name"] if i < len(stages) and isinstance(stages[i], dict) else f"stage {i}"
         for src in sources or []:
-            where = src.get("manifest") or src.get("csv") or "?"
+            where = src.get("manifest") or src.get("csv") or src.get("metadata") or "?"
             data_lines.append(f"{stage}: {Path(str(where)).name} ({src.get('domain') or 'no domain'}; "
                               f"{src.get('images', '?')} images, {src.get('malignant', '?')} malignant)")
     split_text = ", ".join(f"{k} {v.get('images', '?')} ({v.get('malignant', '?')} malignant)"

@@ -13,7 +13,7 @@ DEMO_BUNDLE = DEMO_DIR / "bundle"
 DEMO_EVIDENCE = DEMO_DIR / "evidence"      # its validation/test reports and PCA summary (no photos)
 DEMO_EXPECTED = DEMO_DIR / "expected_predictions.json"
 EXAMPLES_DIR = ASSETS / "examples"
-DEMO_LABEL = "Built-in demo (MobileNetV2 on PAD-UFES-20)"
+DEMO_LABEL = "Built-in demo (PAD-UFES-20)"  # short: the sidebar's picker cuts longer labels
 SHORT_NAMES = ("demo", "builtin")
 
 

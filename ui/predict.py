@@ -39,7 +39,7 @@ else:
 
 stage = context_of(meta)  # the model's optional clinical-context stage
 answers = {}
-with st.expander("Clinical context (optional)", expanded=stage is not None):
+with st.expander("Clinical context (optional)", expanded=bool(st.session_state.get("context_answers"))):
     if stage is None:
         st.caption("This model has no context stage: it uses the photo only.")
     else:

@@ -71,13 +71,30 @@ def _wait_healthy(url: str, proc, log_path: Path, timeout: float) -> None:
 def settle(page) -> None:
     """Wait until Streamlit has finished the current run (the 'Running…' status widget is gone)."""
     page.wait_for_timeout(300)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=90_000)
+    # no 'Running…' widget and no element still greyed out from the previous run
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]') && "
+                           "!document.querySelector('[data-stale=\"true\"]')", timeout=90_000)
 
 
 def wait_for_image(page, locator) -> None:
     locator.wait_for(timeout=60_000)
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=locator.element_handle(),
                            timeout=30_000)
+
+
+def wait_for_model(page, label: str) -> None:
+    """Wait until the sidebar's model picker (a combobox input: its value is the label) shows `label`."""
+    page.wait_for_function(
+        "l => [...document.querySelectorAll('[data-testid=\"stSidebar\"] input[aria-label=\"Model bundle\"]')]"
+        ".some(i => i.value === l)", arg=label, timeout=90_000)
+
+
+def try_example(page, n: int = 0) -> None:
+    """Click the n-th 'Try this one' button, opening the examples expander first when it is closed."""
+    button = page.get_by_role("button", name="Try this one").nth(n)
+    if not button.is_visible():
+        page.get_by_text("Try an example photo").first.click()
+    button.click()
 
 
 def heatmap(page):

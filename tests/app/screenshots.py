@@ -69,17 +69,17 @@ def capture(out: Path) -> list[Path]:
         (tmp / "runs").mkdir()
         with browser.serve(tmp / "streamlit.log", tmp / "runs") as url:
             chromium = browser.launch(p)
-            page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+            page = chromium.new_page(viewport={"width": 1400, "height": 2600})
             page.goto(f"{url}/predict", wait_until="domcontentloaded")
-            page.locator('[data-testid="stSidebar"]').get_by_text(builtin.DEMO_LABEL).first.wait_for(timeout=90_000)
+            browser.wait_for_model(page, builtin.DEMO_LABEL)
             browser.settle(page)
-            page.get_by_role("button", name="Try this one").first.click()
+            browser.try_example(page)
             browser.heatmap(page).wait_for(timeout=120_000)
             shots.append(_shot(page, out, "predict"))
             for name, data in (("not_a_lesion.jpg", non_skin_photo()), ("too_dark.jpg", unusable_photo())):
                 _upload(page, tmp, name, data)
                 shots.append(_shot(page, out, f"predict_{Path(name).stem}"))
-            page.get_by_role("button", name="Try this one").first.click()
+            browser.try_example(page)
             for name in ("crop", "dashboard", "train"):
                 browser.nav_link(page, name.capitalize()).click()
                 page.locator("h1", has_text=name.capitalize()).first.wait_for(timeout=60_000)

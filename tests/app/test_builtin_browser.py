@@ -51,9 +51,9 @@ def test_example_and_upload_on_a_fresh_install(tmp_path):
             page = chromium.new_page(viewport={"width": 1400, "height": 1800})
             page.goto(f"{url}/predict", wait_until="domcontentloaded")
             side = page.locator('[data-testid="stSidebar"]')
-            side.get_by_text(builtin.DEMO_LABEL).first.wait_for(timeout=90_000)
+            browser.wait_for_model(page, builtin.DEMO_LABEL)
             browser.settle(page)
-            page.get_by_role("button", name="Try this one").first.click()
+            browser.try_example(page)
             main = _result_shown(page)
             assert examples[0].path.name in main  # the example became the photo
             assert "Grad-CAM on the" in main
@@ -67,7 +67,7 @@ def test_example_and_upload_on_a_fresh_install(tmp_path):
             assert HEADLINE.search(main) and "Grad-CAM on the" in main
 
             # an example picked after an upload stays picked (the uploader still holds the old file)
-            page.get_by_role("button", name="Try this one").first.click()
+            browser.try_example(page)
             page.get_by_text(f"Photo {examples[0].path.name}").first.wait_for(timeout=60_000)
             assert examples[0].path.name in _result_shown(page)
         finally:
