@@ -202,8 +202,19 @@ class BundleMeta:
         for name, value in known.items():
             section = _section_type(hints[name])
             if section is not None and value is not None:
-                known[name] = section.from_dict(value, f"{where} {name}")
+                known[name] = _read_section(section, value, where, name)
         return cls(**known)
+
+
+def _read_section(section, value, where: str, name: str):
+    """One typed section; its own error type (e.g. core.context.ContextError) becomes a BundleError naming the file
+    and section, so a reader that skips unusable bundles (the app's model list) skips this one too."""
+    try:
+        return section.from_dict(value, f"{where} {name}")
+    except BundleError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise BundleError(f"{where}: section {name!r} unreadable ({type(e).__name__}: {e})") from e
 
 
 def _section_type(hint):

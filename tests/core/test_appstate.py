@@ -57,6 +57,19 @@ def test_list_bundles_and_describe(bundle_dir, tmp_path):
     assert appstate.list_bundles(tmp_path / "missing") == []
 
 
+def test_a_bundle_with_a_malformed_context_section_is_listed_with_its_error(bundle_dir, tmp_path):
+    from tests.conftest import hand_context_stage
+    bad = tmp_path / "bad_context" / "bundle"
+    bad.mkdir(parents=True)
+    for f in ("model.json", "model.safetensors"):
+        (bad / f).write_bytes((bundle_dir / "run_a" / "bundle" / f).read_bytes())
+    meta = json.loads((bad / "model.json").read_text())
+    meta["context"] = {**hand_context_stage(), "fields": ["age", "shoe_size"]}
+    (bad / "model.json").write_text(json.dumps(meta))
+    (entry,) = appstate.list_bundles(tmp_path)
+    assert entry.meta is None and "section 'context'" in entry.error and "shoe_size" in entry.error
+
+
 def _zip(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
