@@ -313,11 +313,7 @@ def _load_trust(meta: BundleMeta) -> dict:
                 raise BundleError(f"{meta.folder}: {META_FILE} describes a gate or similar cases but records no "
                                   f"{TRUST_FILE}")
             return parts
-        path = meta.folder / meta.trust_arrays.get("file", TRUST_FILE)
-        if not path.is_file():
-            raise BundleError(f"{meta.folder}: {META_FILE} records {path.name} but it is missing")
-        if file_sha256(path) != meta.trust_arrays.get("sha256"):
-            raise BundleError(f"{path}: SHA-256 differs from the one {META_FILE} records (replaced or corrupted)")
+        path = verify_trust(meta)
         from safetensors import safe_open
         with safe_open(str(path), framework="np") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
@@ -368,6 +364,18 @@ def verify_weights(meta: BundleMeta) -> None:
     if actual != meta.weights_sha256:
         raise BundleError(f"{weights}: SHA-256 {actual} but {META_FILE} records {meta.weights_sha256}; the "
                           f"weights were replaced or corrupted after the bundle was written")
+
+
+def verify_trust(meta: BundleMeta) -> Path | None:
+    """The trust-arrays file model.json records, checked (present, SHA-256 as recorded); None when it records none."""
+    if meta.trust_arrays is None:
+        return None
+    path = meta.folder / meta.trust_arrays.get("file", TRUST_FILE)
+    if not path.is_file():
+        raise BundleError(f"{meta.folder}: {META_FILE} records {path.name} but it is missing")
+    if file_sha256(path) != meta.trust_arrays.get("sha256"):
+        raise BundleError(f"{path}: SHA-256 differs from the one {META_FILE} records (replaced or corrupted)")
+    return path
 
 
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:

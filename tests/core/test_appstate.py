@@ -99,6 +99,29 @@ def test_extract_bundle_zip(bundle_dir, tmp_path):
         appstate.extract_bundle_zip(swapped, tmp_path / "x")
 
 
+def test_extract_bundle_zip_keeps_the_trust_parts(bundle_dir, tmp_path):
+    """A bundle trained now has trust.safetensors beside the weights: an upload of it must load whole."""
+    import numpy as np
+    import pandas as pd
+
+    from core.bundle import TRUST_FILE, load_bundle, save_bundle
+    from core.similar import build_index
+    plain = load_bundle(bundle_dir / "run_a" / "bundle")
+    rows = pd.DataFrame({"image": [f"/photos/{i}.jpg" for i in range(4)], "label": [0, 1, 0, 1],
+                         "split": ["train", "train", "val", "val"]})
+    index = build_index(rows, np.random.default_rng(0).normal(size=(4, 1280)))
+    src = save_bundle(plain.model, tmp_path / "trusted", threshold=plain.meta.threshold,
+                      provenance=plain.meta.provenance, similar=index)
+    files = {f"b/{p.name}": p.read_bytes() for p in src.iterdir()}
+    assert f"b/{TRUST_FILE}" in files
+    out = appstate.extract_bundle_zip(_zip(files), tmp_path / "x")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", TRUST_FILE]
+    assert len(load_bundle(out).similar.records) == 4
+    without = _zip({k: v for k, v in files.items() if not k.endswith(TRUST_FILE)})
+    with pytest.raises(BundleError, match=f"the zip has no {TRUST_FILE}, which its model.json records"):
+        appstate.extract_bundle_zip(without, tmp_path / "x")
+
+
 @pytest.mark.slow  # one Python process per module
 @pytest.mark.parametrize("module", ["core.appstate", "core.jobs", "core.reports", "core.photos", "core.cropbox"])
 def test_app_modules_never_import_streamlit(module):
