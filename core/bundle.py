@@ -397,6 +397,12 @@ _WRITTEN_BY_SAVE = {"backbone", "head", "preprocessing", "threshold", "provenanc
                     "folder", "calibration", "ood_gate", "similar_cases", "trust_arrays"}
 
 
+def other_sections(meta: BundleMeta) -> dict:
+    """The optional sections save_bundle does not write itself (e.g. the context stage): pass them on whenever a
+    bundle is saved again, or they are lost."""
+    return {f.name: getattr(meta, f.name) for f in fields(BundleMeta) if f.name not in _WRITTEN_BY_SAVE}
+
+
 def repack(bundle: Bundle, folder: str | Path, *, weights_dtype: torch.dtype | None = None,
            relative_images: bool = False) -> Path:
     """Save a loaded bundle again under the same description: weights optionally stored in another dtype (loading
@@ -408,6 +414,5 @@ def repack(bundle: Bundle, folder: str | Path, *, weights_dtype: torch.dtype | N
         model = copy.deepcopy(model).to(weights_dtype)
     similar = bundle.similar.relative_to(folder) if (bundle.similar is not None and relative_images) \
         else bundle.similar
-    sections = {f.name: getattr(bundle.meta, f.name) for f in fields(BundleMeta) if f.name not in _WRITTEN_BY_SAVE}
     return save_bundle(model, folder, threshold=bundle.meta.threshold, provenance=bundle.meta.provenance,
-                       gate=bundle.gate, calibration=bundle.calibration, similar=similar, **sections)
+                       gate=bundle.gate, calibration=bundle.calibration, similar=similar, **other_sections(bundle.meta))
