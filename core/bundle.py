@@ -39,6 +39,7 @@ from core.backbones import BackboneSpec
 from core.context import ContextModel
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
+from core.runfolder import BUNDLE
 from core.model import HeadConfig, LesionClassifier
 
 FORMAT = "skinscreen-model-bundle"
@@ -333,10 +334,10 @@ def _load_trust(meta: BundleMeta) -> dict:
 
 
 def bundle_folder(folder: str | Path) -> Path:
-    """A bundle folder, or a run folder whose bundle lives in bundle/."""
+    """A bundle folder, or a run folder whose bundle lives in bundle/ (core.runfolder owns that name)."""
     folder = Path(folder)
-    if (folder / "bundle").is_dir() and not (folder / META_FILE).exists():
-        return folder / "bundle"
+    if (folder / BUNDLE).is_dir() and not (folder / META_FILE).exists():
+        return folder / BUNDLE
     return folder
 
 

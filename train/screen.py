@@ -26,7 +26,7 @@ import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
 from core import builtin
-from core.bundle import BundleError, load_bundle
+from core.bundle import WEIGHTS_FILE, BundleError, load_bundle
 from core.device import dataloader_workers
 from core.images import SUPPORTED_FORMATS, ImageLoadError, load_image
 from core.inference import Predictor, model_view
@@ -189,7 +189,7 @@ def not_scored_report(table: pd.DataFrame, limit: int = LISTED_PER_REASON) -> st
 
 def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame, seconds: float) -> dict:
     bundle = predictor.bundle
-    weights = Path(bundle.path) / "model.safetensors" if bundle.path else None
+    weights = Path(bundle.path) / WEIGHTS_FILE if bundle.path else None
     reasons = table.loc[table["status"] != SCORED, "status"].value_counts().sort_index()
     failed = int(reasons.sum())
     return {"what": "P(malignant) per image from python -m train.screen; research use only",

@@ -167,3 +167,16 @@ def test_a_malformed_context_section_is_a_bundle_error_naming_file_and_section(b
     with pytest.raises(BundleError, match="section 'context'.*lacks 'fusion'"):
         BundleMeta.from_dict({**raw, "context": {k: v for k, v in stage.items() if k != "fusion"}})
     assert BundleMeta.from_dict({**raw, "context": stage}).context.fields == ("age", "site", "bleed", "grew")
+
+
+def test_bundle_file_names_are_spelled_only_in_core_bundle():
+    """One module owns the bundle's file names; everyone else uses its constants (a rename then reaches them all)."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    literal = re.compile(r"""["'](model\.json|model\.safetensors|trust\.safetensors)["']""")
+    found = [f"{p.relative_to(root)}:{n}: {line.strip()}"
+             for folder in ("core", "train", "ui", "pages") for p in sorted((root / folder).rglob("*.py"))
+             if p != root / "core" / "bundle.py"
+             for n, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert found == []
