@@ -42,7 +42,9 @@ def context_report(df: pd.DataFrame, image_probs, image_threshold: float, model:
            "unusable_answers": [{"image": str(df["image"].iloc[i]), "problems": why} for i, why in problems.items()]}
     for f in model.fields:
         out["withheld"][f] = report(fused(answers.assign(**{f: None})), t_fused)
-    out["withheld"]["all answers"] = report(fused(answers.assign(**{f: None for f in model.fields})), t_fused)
+    # with no answer at all, `fuse` (the app, screen) gives the photo-only result at the photo-only threshold: the
+    # row says what a user would get, not the fused model with every missing weight at the fused threshold
+    out["withheld"]["all answers"] = report(image_probs, image_threshold)
     out["per_image"] = pd.DataFrame({"image": df["image"].values, "label": y, "image_prob": image_probs,
                                      "context_prob": ctx, "fused_prob": out_probs(model, image_probs, answers),
                                      "image_logit": logit(image_probs)}).to_dict(orient="records")

@@ -185,7 +185,8 @@ class Predictor:
         b = self.bundle
         gate_result = b.gate.check(feats)[0] if b.gate is not None else None
         assessment = assess(prob, b.threshold, calibration=b.calibration, gate_result=gate_result, quality=quality)
-        similar = b.similar.query(feats, SIMILAR_K)[0] if b.similar is not None else []
+        # a refused photo gets no similar cases either: their labels beside it would read as a verdict
+        similar = b.similar.query(feats, SIMILAR_K)[0] if b.similar is not None and assessment.assessed else []
         return {"assessment": assessment, "similar": similar, "lacks": b.lacks(),
                 "reference": reference_population(b.calibration),
                 "threshold_calibrated": b.calibration.threshold(b.threshold) if b.calibration else None}
@@ -202,11 +203,14 @@ class Predictor:
         if self.dtype is not None and abs(prob - thr) <= PRECISION_TOLERANCE:
             prob = float(self.probs(x)[0])  # near the threshold the verdict must be fp32's, where it was chosen
         t2 = time.perf_counter()
+        trust = self._trust(prob, feats, quality)
+        assessed = trust["assessment"].assessed
         return Prediction(prob=prob, malignant=prob >= thr, threshold=thr, model_input=rgb,
                           cam=None if heat is None else heat[0], cam_method=cam_method, quality=quality,
                           model=self.summary,
                           timings_ms={"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3},
-                          fused=fuse(self.context, prob, thr, context), **self._trust(prob, feats, quality))
+                          # a photo the model cannot assess gets no result at all, fused with answers or not
+                          fused=fuse(self.context, prob, thr, context) if assessed else None, **trust)
 
     def predict_source(self, source, *, name=None, crop=None, cam_method="gradcam", context=None) -> Prediction:
         """From a path, bytes or an upload: decode only as much resolution as the model needs."""

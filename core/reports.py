@@ -43,6 +43,12 @@ def report_choices(root: str | Path | None = None) -> dict[str, Path]:
     return found
 
 
+def default_choice(labels) -> list[str]:
+    """What the dashboard shows first: up to three of the user's own reports, else the built-in demo's."""
+    own = [label for label in labels if not label.startswith("built-in demo: ")]
+    return (own or list(labels))[:3]
+
+
 def pca_roots(root: str | Path | None = None) -> list[Path]:
     """Where PCA outputs are looked for: root (runs) and the built-in demo's evidence."""
     return [Path(root) if root is not None else runs_dir(), builtin.DEMO_EVIDENCE]
@@ -117,7 +123,8 @@ def reliability_curves(report: dict) -> dict[str, list[dict]]:
 def example_predictions(report: dict, n: int = 4) -> dict[str, list[dict]]:
     """The most confident correct and incorrect predictions (rows of report['predictions'])."""
     thr = report.get("threshold", 0.5)
-    rows = [r for r in report.get("predictions") or [] if r.get("prob") is not None and "label" in r]
+    rows = [r for r in report.get("predictions") or [] if r.get("prob") is not None and "label" in r
+            and not ("pred" in r and r["pred"] is None)]  # photos not assessed have no prediction to show
     for r in rows:
         r.setdefault("pred", int(r["prob"] >= thr))
     margin = lambda r: abs(r["prob"] - thr)  # noqa: E731

@@ -175,6 +175,8 @@ def attach(report: dict, trust: dict) -> dict:
     per_image = trust.pop("per_image")
     for row, extra in zip(report.get("predictions", []), per_image):
         row.update(extra)
+        if extra["verdict"] == NOT_ASSESSED:
+            row["pred"] = None  # no verdict was given: it is neither a correct nor an incorrect prediction
     report["trust"] = trust
     return report
 

@@ -4,7 +4,7 @@
     python -m train.build_demo --run runs/NAME   # packages a run that already finished
 
 What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
-no probability on the run's validation and test photos by more than 0.01, else float32), evidence/ (the run's
+no probability on the run's validation photos by more than 0.01, else float32), evidence/ (the run's
 validation and test reports, and a PCA of the shared smartphone and ISIC sets), splits.csv (which image and
 patient was in which split, so evaluating the demo on them is flagged), and expected_predictions.json (the
 probabilities on assets/examples that tests/core/test_builtin.py checks).
@@ -75,14 +75,15 @@ def strip_paths(report: dict) -> dict:
 
 
 def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
-    """Max |P(fp16 weights) - P(fp32 weights)| over the run's validation and test photos, and their count."""
+    """Max |P(fp16 weights) - P(fp32 weights)| over the run's validation photos, and their count (a storage choice
+    is a model choice: the test photos play no part in it)."""
     import torch
 
     from core.bundle import load_bundle
     from core.evaluation import predict_probs
     from core.manifest import read_manifest
     df = pd.concat([read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]).drop_duplicates("image")
-    df = df[df["split"].isin(["val", "test"])].reset_index(drop=True)
+    df = df[df["split"] == "val"].reset_index(drop=True)
     full = load_bundle(bundle_dir)
     half = load_bundle(bundle_dir)
     with torch.no_grad():
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
     run = Path(args.run) if args.run else train_run(args.config)
     out = Path(args.out)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the demo is read by whoever runs the app
     try:
         storage = write_bundle(run, staging / "bundle")
         write_evidence(run, staging / "evidence", pca=not args.no_pca)
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"demo written to {out}: weights {storage['weights_dtype']} (max |dP| {storage['max_abs_prob_shift_fp16']:.4f}"
-          f" over {storage['photos_checked']} validation and test photos)")
+          f" over {storage['photos_checked']} validation photos)")
     return 0
 
 

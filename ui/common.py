@@ -246,6 +246,8 @@ def predict(photo: Photo, model_path: str, cam_method: str, context: dict | None
         pred = get_predictor(model_path).predict_source(photo.data, name=photo.name, crop=photo.crop,
                                                         cam_method=cam_method)
         st.session_state["_prediction"] = (key, pred)
+    if not pred.assessed:  # no result for a photo the model cannot assess, answers or not
+        return pred
     stage = get_predictor(model_path).context
     return dataclasses.replace(pred, fused=fuse(stage, pred.prob, pred.threshold, context))
 

@@ -118,15 +118,17 @@ with right:
             t = stage.threshold
             st.caption(f"Photo + answers threshold chosen on validation: sensitivity "
                        f"{t['val_sensitivity']['value']:.0%}, specificity {t['val_specificity']['value']:.0%} on "
-                       f"{t['n_val']} validation images.")
+                       f"{t['n_val']} validation images. The fusion was fitted on those same validation patients, "
+                       "so these two numbers are optimistic; the photo-only numbers below are not.")
         if fused.verdicts_differ:
-            alone = (f"calibrated probability {pred.prob_calibrated:.0%}" if pred.prob_calibrated is not None
-                     else f"score {fused.image_prob:.1%}")
-            st.warning(f"**The photo alone gives a different verdict:** {alone}, "
-                       f"{'flagged' if fused.image_malignant else 'not flagged'} at its own threshold "
-                       f"({fused.image_threshold:.3f}).")
+            said = "flagged" if fused.image_malignant else "not flagged"
+            alone = (f"calibrated probability {pred.prob_calibrated:.0%}, {said} at its own threshold "
+                     f"({pred.threshold_calibrated:.0%} calibrated)" if pred.prob_calibrated is not None
+                     else f"score {fused.image_prob:.1%}, {said} at its own threshold ({fused.image_threshold:.3f})")
+            st.warning(f"**The photo alone gives a different verdict:** {alone}.")
+        which = "the photo-only threshold" if fused.used else "the threshold"
         st.markdown(
-            f"**What the threshold means.** It was chosen on validation data ({d['threshold_rule']}). On "
+            f"**What {which} means.** It was chosen on validation data ({d['threshold_rule']}). On "
             f"{d['n_val'] or '?'} validation images "
             f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant) it flagged "
             f"{d['sensitivity']} of the malignant lesions (sensitivity) and cleared {d['specificity']} of the benign "
@@ -143,7 +145,7 @@ with right:
     if pred.timings_ms:
         st.caption("Timings: " + ", ".join(f"{k} {v:.0f} ms" for k, v in pred.timings_ms.items()))
 
-if pred.similar:
+if pred.similar and pred.assessed:  # beside a refused photo, "similar" labels would read as a verdict
     st.subheader("Most similar photos in the model's training and validation data")
     st.caption("What the model thinks this photo resembles, in its own feature space (cosine similarity; 1 = "
                "identical features). Labels are biopsy or clinical diagnoses from the training data.")

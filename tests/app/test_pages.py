@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import jobs
+from core import builtin, jobs
 from tests.app.conftest import APP, RUN_NAME, jpeg_bytes, lesion_photo
 
 TIMEOUT = 60
@@ -58,7 +58,7 @@ def test_navigation_is_the_apps_own_on_every_page(without_model):
         assert [link.proto.label for link in at.sidebar.get("page_link")] == ["Crop", "Predict", "Dashboard",
                                                                                "Train"]
         assert title in texts(at, "title")
-        assert any("No model loaded" in i.value for i in at.sidebar.info)  # the shell's model picker
+        assert at.sidebar.selectbox(key="model_label").value == builtin.DEMO_LABEL  # the shell's model picker
     for entry in Path(APP).parent.joinpath("pages").glob("*.py"):  # entries only: the page code lives in ui/
         assert "ui.shell import run" in entry.read_text() and len(entry.read_text().splitlines()) < 10, entry
 
@@ -311,7 +311,9 @@ def test_dashboard_from_saved_report(with_model):
     assert table.loc[0, "Model"] == f"{RUN_NAME}/val_report.json" and table.loc[0, "n"] == 8
     assert "[" in table.loc[0, "ROC-AUC"]  # value [lo, hi]
     charts = at.get("plotly_chart")
-    assert len(charts) == 3  # ROC, one confusion matrix, the PCA scatter
+    from core import reports
+    demo_pca = sum(len(r.tables) for r in reports.find_pca([builtin.DEMO_EVIDENCE]))  # the demo's, always offered
+    assert len(charts) == 3 + demo_pca  # ROC, one confusion matrix, the run's PCA scatter
     specs = [json.loads(c.proto.spec) for c in charts]
     assert any(t.get("type") == "heatmap" for s in specs for t in s["data"])
     assert any("AUC" in str(t.get("name")) for s in specs for t in s["data"])

@@ -32,3 +32,17 @@ def test_read_json_or_none(tmp_path):
     assert read_json_or_none(tmp_path / "bad.json") is None
     (tmp_path / "ok.json").write_text('{"k": [1]}')
     assert read_json_or_none(tmp_path / "ok.json") == {"k": [1]}
+
+
+def test_written_files_get_the_usual_permissions_not_owner_only(tmp_path):
+    import os
+    mask = os.umask(0o022)
+    try:
+        import importlib
+
+        import core.fileio as fileio
+        importlib.reload(fileio)
+        p = fileio.atomic_write_json(tmp_path / "x.json", {})
+        assert p.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

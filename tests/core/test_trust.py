@@ -108,6 +108,21 @@ def test_predictor_gives_verdicts_refusals_and_similar_cases(trusted):
         assert p.verdict == NOT_ASSESSED and p.assessment.refusal == "out_of_distribution"
         assert p.not_assessed_reason.startswith("This photo does not look like the photos this model was trained on")
     assert black.verdict == NOT_ASSESSED and black.assessment.refusal == "quality"
+    for p in (page, stripes, black):  # no result of any kind beside a refusal: no fused score, no similar cases
+        assert p.fused is None and p.similar == []
+
+
+def test_not_assessed_rows_are_neither_correct_nor_incorrect_examples():
+    from core.reports import example_predictions
+    from core.trust import attach
+    report = {"threshold": 0.5, "predictions": [{"image": "a", "label": 1, "prob": 0.9, "pred": 1},
+                                                {"image": "b", "label": 0, "prob": 0.99, "pred": 1}]}
+    per_image = [{"verdict": "flagged", "not_assessed_reason": None},
+                 {"verdict": NOT_ASSESSED, "not_assessed_reason": "out of distribution"}]
+    attach(report, {"per_image": per_image})
+    assert report["predictions"][1]["pred"] is None
+    shown = example_predictions(report)
+    assert [r["image"] for r in shown["correct"]] == ["a"] and shown["incorrect"] == []
 
 
 def test_screen_evaluate_app_and_onnx_agree_on_the_same_photos(trusted, tmp_path):
