@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core import builtin, metrics
-from core.bundle import BundleError, BundleMeta, bundle_folder, read_meta, verify_weights
+from core.bundle import (META_FILE, TRUST_FILE, WEIGHTS_FILE, BundleError, BundleMeta, bundle_folder, read_meta,
+                         verify_trust, verify_weights)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MAX_BUNDLE_UNZIPPED = 4 << 30     # a zip that expands beyond this is refused (zip bomb guard)
@@ -26,7 +27,7 @@ def runs_dir() -> Path:
 @dataclass(frozen=True)
 class BundleEntry:
     label: str                 # what the picker shows: the run name (or folder name of a bare bundle)
-    path: Path                 # the bundle folder (holds model.json + model.safetensors)
+    path: Path                 # the bundle folder (holds META_FILE + WEIGHTS_FILE)
     meta: BundleMeta | None = None
     error: str | None = None   # why it cannot be used (e.g. a format-version mismatch)
 
@@ -41,13 +42,13 @@ def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
         if not d.is_dir() or d.name.startswith("."):
             continue
         folder = bundle_folder(d)
-        if not (folder / "model.json").is_file():
+        if not (folder / META_FILE).is_file():
             continue
         try:
             entry = BundleEntry(d.name, folder, meta=read_meta(folder))
         except BundleError as e:
             entry = BundleEntry(d.name, folder, error=str(e))
-        found.append(((folder / "model.json").stat().st_mtime, entry))
+        found.append(((folder / META_FILE).stat().st_mtime, entry))
     found.sort(key=lambda t: (-t[0], t[1].label))
     return [e for _, e in found]
 
@@ -64,48 +65,56 @@ def model_entries(root: str | Path | None = None) -> list[BundleEntry]:
 
 
 def extract_bundle_zip(data: bytes, dest_root: str | Path | None = None) -> Path:
-    """Unpack an uploaded bundle zip (model.json + model.safetensors, at the top or in one folder) and check it.
+    """Unpack an uploaded bundle zip (model.json + model.safetensors, and trust.safetensors when the bundle has the
+    trust parts; at the top or in one folder) and check it.
 
-    Only those two files are extracted (never other members, never paths from the archive), into
+    Only those files are extracted (never other members, never paths from the archive), into
     dest_root/<content hash>/, so the same upload is unpacked once. Raises BundleError with the reason."""
+    required = (META_FILE, WEIGHTS_FILE)
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
-        raise BundleError("the upload is not a zip file (zip the bundle folder: model.json + "
-                          "model.safetensors)") from None
+        raise BundleError(f"the upload is not a zip file (zip the bundle folder: {META_FILE} + "
+                          f"{WEIGHTS_FILE})") from None
     with zf:
         members = {}
         for info in zf.infolist():
             name = Path(info.filename).name
-            if info.is_dir() or name not in ("model.json", "model.safetensors") or "__MACOSX" in info.filename:
+            if info.is_dir() or name not in (*required, TRUST_FILE) or "__MACOSX" in info.filename:
                 continue
             if name in members:
                 raise BundleError(f"the zip holds more than one {name}; upload one bundle at a time")
             members[name] = info
-        missing = [n for n in ("model.json", "model.safetensors") if n not in members]
+        missing = [n for n in required if n not in members]
         if missing:
-            raise BundleError(f"the zip has no {' or '.join(missing)} (a bundle is model.json + model.safetensors)")
+            raise BundleError(f"the zip has no {' or '.join(missing)} (a bundle is {META_FILE} + {WEIGHTS_FILE})")
         if len({str(Path(i.filename).parent) for i in members.values()}) != 1:
-            raise BundleError("model.json and model.safetensors must sit in the same folder of the zip")
+            raise BundleError(f"{', '.join(sorted(members))} must sit in the same folder of the zip")
         if sum(i.file_size for i in members.values()) > MAX_BUNDLE_UNZIPPED:
             raise BundleError("the zip expands to more than 4 GB; refusing to unpack it")
         digest = hashlib.sha256(data).hexdigest()[:16]
         base = Path(dest_root) if dest_root else Path(tempfile.gettempdir()) / "skinscreen_bundles"
         dest = base / digest
-        if not (dest / "model.json").is_file():
+        unpacked = lambda: all((dest / n).is_file() for n in members)  # noqa: E731 - META_FILE is written last
+        if not unpacked():
             tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=_mkdir(base)))
             try:
                 for name, info in members.items():
                     with zf.open(info) as src, open(tmp / name, "wb") as out:
                         shutil.copyfileobj(src, out, 1 << 20)
-                if dest.exists() and not (dest / "model.json").is_file():
-                    shutil.rmtree(dest)  # a half-written leftover
+                if dest.exists() and not unpacked():
+                    shutil.rmtree(dest)  # a half-written leftover, or one unpacked without the trust file
                 os.replace(tmp, dest)
             except (OSError, zipfile.BadZipFile, EOFError) as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if not (dest / "model.json").is_file():  # else another session unpacked it meanwhile
+                if not unpacked():  # else another session unpacked it meanwhile
                     raise BundleError(f"could not unpack the zip ({e})") from e
-    verify_weights(read_meta(dest))  # format, version and weights hash: the clear messages come from there
+    meta = read_meta(dest)
+    verify_weights(meta)  # format, version and weights hash: the clear messages come from there
+    if meta.trust_arrays is not None and TRUST_FILE not in members:
+        raise BundleError(f"the zip has no {TRUST_FILE}, which its {META_FILE} records (zip the whole bundle "
+                          f"folder)")
+    verify_trust(meta)
     return dest
 
 

@@ -53,7 +53,8 @@ def is_builtin(path: str | Path) -> bool:
 
 
 def demo_available() -> bool:
-    return (DEMO_BUNDLE / "model.json").is_file() and (DEMO_BUNDLE / "model.safetensors").is_file()
+    from core.bundle import META_FILE, WEIGHTS_FILE  # here, not at the top: this module stays light (no torch)
+    return (DEMO_BUNDLE / META_FILE).is_file() and (DEMO_BUNDLE / WEIGHTS_FILE).is_file()
 
 
 def examples(folder: str | Path = EXAMPLES_DIR) -> list[Example]:

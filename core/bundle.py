@@ -39,6 +39,7 @@ from core.backbones import BackboneSpec
 from core.context import ContextModel
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
+from core.runfolder import BUNDLE
 from core.model import HeadConfig, LesionClassifier
 
 FORMAT = "skinscreen-model-bundle"
@@ -202,8 +203,19 @@ class BundleMeta:
         for name, value in known.items():
             section = _section_type(hints[name])
             if section is not None and value is not None:
-                known[name] = section.from_dict(value, f"{where} {name}")
+                known[name] = _read_section(section, value, where, name)
         return cls(**known)
+
+
+def _read_section(section, value, where: str, name: str):
+    """One typed section; its own error type (e.g. core.context.ContextError) becomes a BundleError naming the file
+    and section, so a reader that skips unusable bundles (the app's model list) skips this one too."""
+    try:
+        return section.from_dict(value, f"{where} {name}")
+    except BundleError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise BundleError(f"{where}: section {name!r} unreadable ({type(e).__name__}: {e})") from e
 
 
 def _section_type(hint):
@@ -302,11 +314,7 @@ def _load_trust(meta: BundleMeta) -> dict:
                 raise BundleError(f"{meta.folder}: {META_FILE} describes a gate or similar cases but records no "
                                   f"{TRUST_FILE}")
             return parts
-        path = meta.folder / meta.trust_arrays.get("file", TRUST_FILE)
-        if not path.is_file():
-            raise BundleError(f"{meta.folder}: {META_FILE} records {path.name} but it is missing")
-        if file_sha256(path) != meta.trust_arrays.get("sha256"):
-            raise BundleError(f"{path}: SHA-256 differs from the one {META_FILE} records (replaced or corrupted)")
+        path = verify_trust(meta)
         from safetensors import safe_open
         with safe_open(str(path), framework="np") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
@@ -326,10 +334,10 @@ def _load_trust(meta: BundleMeta) -> dict:
 
 
 def bundle_folder(folder: str | Path) -> Path:
-    """A bundle folder, or a run folder whose bundle lives in bundle/."""
+    """A bundle folder, or a run folder whose bundle lives in bundle/ (core.runfolder owns that name)."""
     folder = Path(folder)
-    if (folder / "bundle").is_dir() and not (folder / META_FILE).exists():
-        return folder / "bundle"
+    if (folder / BUNDLE).is_dir() and not (folder / META_FILE).exists():
+        return folder / BUNDLE
     return folder
 
 
@@ -359,6 +367,18 @@ def verify_weights(meta: BundleMeta) -> None:
                           f"weights were replaced or corrupted after the bundle was written")
 
 
+def verify_trust(meta: BundleMeta) -> Path | None:
+    """The trust-arrays file model.json records, checked (present, SHA-256 as recorded); None when it records none."""
+    if meta.trust_arrays is None:
+        return None
+    path = meta.folder / meta.trust_arrays.get("file", TRUST_FILE)
+    if not path.is_file():
+        raise BundleError(f"{meta.folder}: {META_FILE} records {path.name} but it is missing")
+    if file_sha256(path) != meta.trust_arrays.get("sha256"):
+        raise BundleError(f"{path}: SHA-256 differs from the one {META_FILE} records (replaced or corrupted)")
+    return path
+
+
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the classifier from its description and load the checked weights (safetensors: no code runs)."""
     meta = read_meta(folder)
@@ -378,6 +398,12 @@ _WRITTEN_BY_SAVE = {"backbone", "head", "preprocessing", "threshold", "provenanc
                     "folder", "calibration", "ood_gate", "similar_cases", "trust_arrays"}
 
 
+def other_sections(meta: BundleMeta) -> dict:
+    """The optional sections save_bundle does not write itself (e.g. the context stage): pass them on whenever a
+    bundle is saved again, or they are lost."""
+    return {f.name: getattr(meta, f.name) for f in fields(BundleMeta) if f.name not in _WRITTEN_BY_SAVE}
+
+
 def repack(bundle: Bundle, folder: str | Path, *, weights_dtype: torch.dtype | None = None,
            relative_images: bool = False) -> Path:
     """Save a loaded bundle again under the same description: weights optionally stored in another dtype (loading
@@ -389,6 +415,5 @@ def repack(bundle: Bundle, folder: str | Path, *, weights_dtype: torch.dtype | N
         model = copy.deepcopy(model).to(weights_dtype)
     similar = bundle.similar.relative_to(folder) if (bundle.similar is not None and relative_images) \
         else bundle.similar
-    sections = {f.name: getattr(bundle.meta, f.name) for f in fields(BundleMeta) if f.name not in _WRITTEN_BY_SAVE}
     return save_bundle(model, folder, threshold=bundle.meta.threshold, provenance=bundle.meta.provenance,
-                       gate=bundle.gate, calibration=bundle.calibration, similar=similar, **sections)
+                       gate=bundle.gate, calibration=bundle.calibration, similar=similar, **other_sections(bundle.meta))

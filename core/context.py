@@ -165,11 +165,23 @@ def answers_of(row: Mapping, fields) -> dict:
     return out
 
 
-def context_frame(df: pd.DataFrame, fields) -> pd.DataFrame:
-    """The manifest's context columns in canonical form (None = not answered); absent columns are all None."""
+def context_frame(df: pd.DataFrame, fields, problems: dict | None = None) -> pd.DataFrame:
+    """The manifest's context columns in canonical form (None = not answered); absent columns are all None.
+
+    A bad answer (out of range, not a level) raises ContextError; with a `problems` dict it counts as unanswered
+    instead and problems[row position] lists why, so one bad answer does not stop a job over thousands of rows."""
     fields = check_fields(fields)
-    return pd.DataFrame({f: [normalise(f, v) for v in df[f]] if f in df else [None] * len(df) for f in fields},
-                        index=df.index)
+
+    def one(name, i, value):
+        if problems is None:
+            return normalise(name, value)
+        try:
+            return normalise(name, value)
+        except ContextError as e:
+            problems.setdefault(i, []).append(f"{e}; counted as not answered")
+            return None
+    return pd.DataFrame({f: [one(f, i, v) for i, v in enumerate(df[f])] if f in df else [None] * len(df)
+                         for f in fields}, index=df.index)
 
 
 def missing_counts(df: pd.DataFrame) -> dict[str, int]:

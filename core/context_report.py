@@ -18,7 +18,8 @@ def context_report(df: pd.DataFrame, image_probs, image_threshold: float, model:
     from core.evaluation import groups_of
     y = df["label"].to_numpy().astype(int)
     groups = groups_of(df)
-    answers = context_frame(df, model.fields)
+    problems = {}  # a bad answer counts as unanswered: the report names it instead of failing
+    answers = context_frame(df, model.fields, problems)
     image_probs = np.asarray(image_probs, float)
 
     def report(p, t):
@@ -37,7 +38,8 @@ def context_report(df: pd.DataFrame, image_probs, image_threshold: float, model:
            "n_rows_without_answers": int(answers.isna().all(axis=1).sum()),
            "weights_per_field": model.per_field_weights(), "fusion": model.fusion,
            "missing_rule": model.missing_rule, "excluded_fields": model.excluded,
-           "thresholds": {"image_only": image_threshold, "context_only": t_ctx, "fused": t_fused}}
+           "thresholds": {"image_only": image_threshold, "context_only": t_ctx, "fused": t_fused},
+           "unusable_answers": [{"image": str(df["image"].iloc[i]), "problems": why} for i, why in problems.items()]}
     for f in model.fields:
         out["withheld"][f] = report(fused(answers.assign(**{f: None})), t_fused)
     # with no answer at all, `fuse` (the app, screen) gives the photo-only result at the photo-only threshold: the

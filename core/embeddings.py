@@ -49,9 +49,9 @@ def model_identity(*, spec: BackboneSpec | None = None, weights: str = "none", s
                    bundle: str | Path | None = None) -> str | None:
     """A stable hash of the network's weights, or None when they are not reproducible (unseeded random)."""
     if bundle is not None:
-        from core.bundle import read_meta
+        from core.bundle import WEIGHTS_FILE, read_meta
         meta = read_meta(bundle)
-        blob = meta.folder / "model.safetensors"
+        blob = meta.folder / WEIGHTS_FILE
         return _digest({"bundle": file_sha256(blob), "backbone": meta.backbone["name"]})
     if spec is None:
         raise ValueError("model_identity needs a spec (with weights) or a bundle")

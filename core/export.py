@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from core.bundle import Bundle
+from core.bundle import WEIGHTS_FILE, Bundle
 from core.fileio import atomic_write_json
 from core.manifest import file_sha256
 
@@ -115,7 +115,7 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
     check = verify_onnx(onnx_path, wrapper, s, check_batch, tolerance)
     opset_used = _opset_of(onnx_path)
     meta = bundle.meta
-    weights = Path(bundle.path) / "model.safetensors" if bundle.path else None
+    weights = Path(bundle.path) / WEIGHTS_FILE if bundle.path else None
     sidecar = {
         "format": SIDECAR_FORMAT, "format_version": 1,
         "onnx_file": onnx_path.name, "onnx_sha256": file_sha256(onnx_path), "opset": opset_used,

@@ -58,7 +58,8 @@ def is_run_folder(path: str | Path) -> bool:
 
 
 def has_bundle(run: str | Path) -> bool:
-    return (Path(run) / BUNDLE / "model.json").is_file()
+    from core.bundle import META_FILE  # here, not at the top: core.bundle imports this module (BUNDLE)
+    return (Path(run) / BUNDLE / META_FILE).is_file()
 
 
 def has_checkpoint(run: str | Path) -> bool:

@@ -24,10 +24,10 @@ from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
 from core.device import dataloader_workers, fabric_precision, pick_device
 from core.evaluation import build_report
-from core.fileio import atomic_write
+from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
-from core.runfolder import RunFolder
+from core.runfolder import BUNDLE, TEST_REPORT, VAL_REPORT, RunFolder
 from core.splits import assign_splits, split_counts
 from core.trust import attach, features_and_logits, fit_trust, quality_of, summary_lines, trust_report
 from core.transforms import eval_transform, train_transform
@@ -99,6 +99,12 @@ class RunState:
     best_epoch: int = -1
     history: list = field(default_factory=list)
     stage_prov: list = field(default_factory=list)
+
+
+def _jsonable(report: dict):
+    """A report as plain JSON data (numpy numbers as numbers, anything else odd as text: _json_default), for
+    atomic_write_json, whose own default would refuse such odd values."""
+    return json.loads(json.dumps(report, default=_json_default))
 
 
 def _json_default(o):
@@ -383,10 +389,10 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
     threshold means the same thing wherever the model is evaluated."""
     fabric.barrier()
     if not fabric.is_global_zero:
-        return rf.out / "bundle"
+        return rf.out / BUNDLE
     from core.evaluation import predict_probs
     last = len(cfg.stages) - 1
-    df = read_manifest(rf.out / "splits" / f"{last}_{cfg.stages[last].name}.csv")
+    df = read_manifest(rf.split_path(last, cfg.stages[last].name))
     val_df = df[df["split"] == "val"].reset_index(drop=True)
     model = model.to(memory_format=torch.contiguous_format)
     probs = predict_probs(model, val_df, device=fabric.device, num_workers=0)
@@ -400,15 +406,15 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                           val_sensitivity=vm["recall"], val_specificity=vm["specificity"],
                           n_val=int(len(y)), n_val_malignant=int(y.sum()))
     provenance = _provenance(cfg, state, parent, vm, seconds)
-    context = fit_context_stage(rf, cfg, df, val_df, probs) if cfg.context else None
+    context = fit_context_stage(rf, cfg, df, val_df, probs, val_report) if cfg.context else None
     trust = fit_trust(model, df, device=fabric.device, seed=cfg.seed)  # gate, calibration, similar cases
     for note in trust.notes:
         rf.log(note)
-    bundle = save_bundle(model, rf.out / "bundle", threshold=threshold, provenance=provenance, context=context,
+    bundle = save_bundle(model, rf.out / BUNDLE, threshold=threshold, provenance=provenance, context=context,
                          gate=trust.gate, calibration=trust.calibration, similar=trust.similar)
     _log_trust(rf, trust)
     val_report["model"] = read_meta(bundle).summary()  # the same provenance block as every other report
-    (rf.out / "val_report.json").write_text(json.dumps(val_report, indent=1, default=_json_default))
+    atomic_write_json(rf.out / VAL_REPORT, _jsonable(val_report), indent=1)
     rf.log("validation (last stage, chosen model, threshold from validation):\n" +
            metrics.format_table([(f"{cfg.name} (val)", vm)]))
     rf.log(f"trained in {seconds / 60:.1f} min; bundle: {bundle}")
@@ -442,7 +448,7 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
     if stage is not None:
         from core.context_report import context_report, format_context_table
         report["context"] = context_report(test_df, probs, b.threshold, stage, n_boot=cfg.n_boot, seed=cfg.seed)
-    (rf.out / "test_report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    atomic_write_json(rf.out / TEST_REPORT, _jsonable(report), indent=1)
     rows = [(f"{cfg.name} (test)", report["metrics"])]
     if "accepted_metrics" in report["trust"]:
         rows.append((f"{cfg.name} (test, assessed only)", report["trust"]["accepted_metrics"]["metrics"]))
@@ -452,12 +458,22 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
                format_context_table(report["context"], f"{cfg.name} (test)"))
 
 
-def fit_context_stage(rf, cfg, df, val_df, val_probs):
-    """The optional context stage: answers of the training patients, fusion on the validation image logits."""
+def fit_context_stage(rf, cfg, df, val_df, val_probs, val_report: dict):
+    """The optional context stage: answers of the training patients, fusion on the validation image logits.
+
+    None when it cannot be fitted (no field with enough answers, a bad answer, one validation class): the run's
+    image model is still saved, without the stage, and the log and validation report say why."""
+    from core.context import ContextError
     from core.context_fit import fit_context
     t = cfg.threshold
-    stage = fit_context(df[df["split"] == "train"], val_df, val_probs, cfg.context.fields, rule=t.rule,
-                        target=t.target, n_boot=cfg.n_boot, seed=cfg.seed)
+    try:
+        stage = fit_context(df[df["split"] == "train"], val_df, val_probs, cfg.context.fields, rule=t.rule,
+                            target=t.target, n_boot=cfg.n_boot, seed=cfg.seed)
+    except ContextError as e:
+        note = f"context stage not fitted, the bundle has none (image model only): {e}"
+        rf.log(note)
+        val_report.setdefault("notes", []).append(note)
+        return None
     th = stage.threshold
     rf.log(f"context stage: fields {', '.join(stage.fields)}; missing answers: {stage.missing_rule}; fused "
            f"threshold {th['value']:.3f} (validation sensitivity {th['val_sensitivity']['value']:.2f}, "

@@ -50,6 +50,8 @@ def add_context(report: dict, df, probs, bundle, n_boot: int) -> str:
     if stage is None or not any(f in df.columns for f in stage.fields):
         return ""
     report["context"] = context_report(df, probs, bundle.threshold, stage, n_boot=n_boot)
+    for row in report["context"]["unusable_answers"]:
+        report.setdefault("notes", []).append(f"context answers of {row['image']}: {'; '.join(row['problems'])}")
     return format_context_table(report["context"], "")
 
 

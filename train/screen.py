@@ -26,7 +26,7 @@ import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
 from core import builtin
-from core.bundle import BundleError, load_bundle
+from core.bundle import WEIGHTS_FILE, BundleError, load_bundle
 from core.device import dataloader_workers
 from core.images import SUPPORTED_FORMATS, ImageLoadError, load_image
 from core.inference import Predictor, model_view
@@ -45,6 +45,8 @@ COLUMNS = {
                        "has no calibration map)",
     "raw_score": "the model's uncalibrated sigmoid output; threshold applies to it",
     "ood_score": "distance from the training photos in the model's feature space; > the gate's threshold = refused",
+    "context_note": "context answers that could not be used (out of range, not a known answer) and were counted as "
+                    "not answered",
 }
 
 
@@ -158,7 +160,8 @@ def add_context(out: pd.DataFrame, df: pd.DataFrame, predictor: Predictor) -> pd
     stage = predictor.context
     if stage is None or not any(f in df.columns for f in stage.fields):
         return out
-    answers = context_frame(df, stage.fields).to_dict("records")
+    problems = {}  # a bad answer counts as unanswered for its row, named in context_note; the run goes on
+    answers = context_frame(df, stage.fields, problems).to_dict("records")
     thr = predictor.bundle.threshold
     # a photo the model cannot assess gets no fused result either: the answers do not make the photo usable
     rows = [fuse(stage, p, thr, a) if not np.isnan(p) and v != NOT_ASSESSED else None
@@ -168,6 +171,7 @@ def add_context(out: pd.DataFrame, df: pd.DataFrame, predictor: Predictor) -> pd
                             FLAGGED if r.malignant else NOT_FLAGGED for r, v in zip(rows, out["verdict"])]
     out["fused_threshold"] = [r.threshold if r else np.nan for r in rows]
     out["inputs"] = [r.inputs if r else "" for r in rows]
+    out["context_note"] = ["; ".join(problems.get(i, [])) for i in range(len(out))]
     return out
 
 
@@ -185,7 +189,7 @@ def not_scored_report(table: pd.DataFrame, limit: int = LISTED_PER_REASON) -> st
 
 def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame, seconds: float) -> dict:
     bundle = predictor.bundle
-    weights = Path(bundle.path) / "model.safetensors" if bundle.path else None
+    weights = Path(bundle.path) / WEIGHTS_FILE if bundle.path else None
     reasons = table.loc[table["status"] != SCORED, "status"].value_counts().sort_index()
     failed = int(reasons.sum())
     return {"what": "P(malignant) per image from python -m train.screen; research use only",
@@ -251,6 +255,9 @@ def main(argv=None) -> int:
           f"{meta['n_failed']} not scored" + (f": {why}" if why else ""))
     for lack in bundle.lacks():
         print(f"note: this model has {lack}")
+    if "context_note" in table and (n := int((table["context_note"] != "").sum())):
+        print(f"note: {n} row(s) had context answers that could not be used; they were counted as not answered "
+              f"(context_note column)", file=sys.stderr)
     print(f"wrote {out} and {sidecar_path(out)}")
     return 0 if meta["n_predicted"] else 1
 

@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.bundle import BundleError, load_bundle, save_bundle
+from core.bundle import BundleError, load_bundle, other_sections, save_bundle
 from core.device import pick_device
 from core.manifest import ManifestError, read_manifest
+from core.runfolder import SPLITS
 from core.trust import fit_trust
 
 
@@ -27,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def last_split_file(run: Path) -> Path:
-    files = sorted((run / "splits").glob("*.csv"))
+    files = sorted((run / SPLITS).glob("*.csv"))
     if not files:
-        raise ManifestError(f"{run}: no splits/*.csv (not a run folder; the gate needs the run's own split)")
+        raise ManifestError(f"{run}: no {SPLITS}/*.csv (not a run folder; the gate needs the run's own split)")
     return files[-1]  # stages are numbered: the last stage's split, on which the threshold was chosen
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         print(f"note: {note}", file=sys.stderr)
     m = bundle.meta
     save_bundle(bundle.model, bundle.path, threshold=m.threshold, provenance=m.provenance, gate=trust.gate,
-                calibration=trust.calibration, similar=trust.similar)
+                calibration=trust.calibration, similar=trust.similar, **other_sections(m))  # e.g. the context stage
     if trust.gate:
         g = trust.gate
         print(f"gate: {g.method} (k={g.k}), threshold {g.threshold:.4g} = the {g.accept_quantile:.1%} quantile of "

@@ -18,7 +18,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import appstate, builtin, photos
-from core.bundle import BundleError, BundleMeta, read_meta
+from core.bundle import WEIGHTS_FILE, BundleError, BundleMeta, read_meta
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "heic", "heif"]
 DISCLAIMER = ("Research tool, not a diagnostic device. The score is a model output for research and "
@@ -227,7 +227,7 @@ def _predictor(path: str, mtime: float):
 
 
 def get_predictor(path: str):
-    return _predictor(str(path), (Path(path) / "model.safetensors").stat().st_mtime)
+    return _predictor(str(path), (Path(path) / WEIGHTS_FILE).stat().st_mtime)
 
 
 def predict(photo: Photo, model_path: str, cam_method: str, context: dict | None = None):

@@ -57,6 +57,19 @@ def test_list_bundles_and_describe(bundle_dir, tmp_path):
     assert appstate.list_bundles(tmp_path / "missing") == []
 
 
+def test_a_bundle_with_a_malformed_context_section_is_listed_with_its_error(bundle_dir, tmp_path):
+    from tests.conftest import hand_context_stage
+    bad = tmp_path / "bad_context" / "bundle"
+    bad.mkdir(parents=True)
+    for f in ("model.json", "model.safetensors"):
+        (bad / f).write_bytes((bundle_dir / "run_a" / "bundle" / f).read_bytes())
+    meta = json.loads((bad / "model.json").read_text())
+    meta["context"] = {**hand_context_stage(), "fields": ["age", "shoe_size"]}
+    (bad / "model.json").write_text(json.dumps(meta))
+    (entry,) = appstate.list_bundles(tmp_path)
+    assert entry.meta is None and "section 'context'" in entry.error and "shoe_size" in entry.error
+
+
 def _zip(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -84,6 +97,29 @@ def test_extract_bundle_zip(bundle_dir, tmp_path):
     swapped = _zip({"model.json": (src / "model.json").read_bytes(), "model.safetensors": b"0"})
     with pytest.raises(BundleError, match="SHA-256 .* but model.json records"):
         appstate.extract_bundle_zip(swapped, tmp_path / "x")
+
+
+def test_extract_bundle_zip_keeps_the_trust_parts(bundle_dir, tmp_path):
+    """A bundle trained now has trust.safetensors beside the weights: an upload of it must load whole."""
+    import numpy as np
+    import pandas as pd
+
+    from core.bundle import TRUST_FILE, load_bundle, save_bundle
+    from core.similar import build_index
+    plain = load_bundle(bundle_dir / "run_a" / "bundle")
+    rows = pd.DataFrame({"image": [f"/photos/{i}.jpg" for i in range(4)], "label": [0, 1, 0, 1],
+                         "split": ["train", "train", "val", "val"]})
+    index = build_index(rows, np.random.default_rng(0).normal(size=(4, 1280)))
+    src = save_bundle(plain.model, tmp_path / "trusted", threshold=plain.meta.threshold,
+                      provenance=plain.meta.provenance, similar=index)
+    files = {f"b/{p.name}": p.read_bytes() for p in src.iterdir()}
+    assert f"b/{TRUST_FILE}" in files
+    out = appstate.extract_bundle_zip(_zip(files), tmp_path / "x")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", TRUST_FILE]
+    assert len(load_bundle(out).similar.records) == 4
+    without = _zip({k: v for k, v in files.items() if not k.endswith(TRUST_FILE)})
+    with pytest.raises(BundleError, match=f"the zip has no {TRUST_FILE}, which its model.json records"):
+        appstate.extract_bundle_zip(without, tmp_path / "x")
 
 
 @pytest.mark.slow  # one Python process per module

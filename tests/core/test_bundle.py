@@ -153,3 +153,30 @@ def test_typed_parts_and_their_dict_form_save_the_same(tmp_path):
     save_bundle(model, tmp_path / "a", threshold=Threshold(**THRESHOLD), provenance=Provenance(run_name="t"))
     save_bundle(model, tmp_path / "b", threshold=THRESHOLD, provenance={"run_name": "t"})
     assert read_meta(tmp_path / "a") == read_meta(tmp_path / "b")
+
+
+def test_a_malformed_context_section_is_a_bundle_error_naming_file_and_section(bundle_dir):
+    """ContextModel raises its own ContextError; readers that skip unusable bundles catch only BundleError."""
+    from tests.conftest import hand_context_stage
+    folder, _ = bundle_dir
+    raw = json.loads((folder / "model.json").read_text())
+    stage = hand_context_stage()
+    (folder / "model.json").write_text(json.dumps({**raw, "context": {**stage, "fields": ["age", "shoe_size"]}}))
+    with pytest.raises(BundleError, match=r"model\.json: section 'context' unreadable .*shoe_size"):
+        read_meta(folder)
+    with pytest.raises(BundleError, match="section 'context'.*lacks 'fusion'"):
+        BundleMeta.from_dict({**raw, "context": {k: v for k, v in stage.items() if k != "fusion"}})
+    assert BundleMeta.from_dict({**raw, "context": stage}).context.fields == ("age", "site", "bleed", "grew")
+
+
+def test_bundle_file_names_are_spelled_only_in_core_bundle():
+    """One module owns the bundle's file names; everyone else uses its constants (a rename then reaches them all)."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    literal = re.compile(r"""["'](model\.json|model\.safetensors|trust\.safetensors)["']""")
+    found = [f"{p.relative_to(root)}:{n}: {line.strip()}"
+             for folder in ("core", "train", "ui", "pages") for p in sorted((root / folder).rglob("*.py"))
+             if p != root / "core" / "bundle.py"
+             for n, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert found == []

@@ -183,3 +183,14 @@ def test_screen_fields_keeps_fields_missing_at_random():
     a = pd.DataFrame({"bleed": np.where(rng.random(200) < 0.3, None, "yes")})
     kept, excluded = screen_fields(a, y)
     assert kept == ["bleed"] and not excluded
+
+
+def test_context_frame_can_count_a_bad_answer_as_unanswered_and_say_why():
+    df = pd.DataFrame({"age": [150, 40, "abc"], "bleed": ["True", "sometimes", None]}, index=[7, 8, 9])
+    with pytest.raises(ContextError, match="age: 150"):
+        context_frame(df, ["age", "bleed"])
+    problems = {}
+    frame = context_frame(df, ["age", "bleed"], problems)
+    assert frame["age"].isna().tolist() == [True, False, True] and frame["bleed"].fillna("-").tolist() == ["yes", "-", "-"]
+    assert sorted(problems) == [0, 1, 2]  # row positions, whatever the index
+    assert "outside 0-120" in problems[0][0] and "yes/no/unknown" in problems[1][0] and "not a number" in problems[2][0]

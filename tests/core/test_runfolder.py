@@ -113,3 +113,11 @@ def test_markers_launch_record_and_bundle(tmp_path):
     hidden.mkdir()
     (hidden / runfolder.STATUS).write_text("{}")
     assert not runfolder.is_run_folder(hidden)
+
+
+def test_the_trainer_names_run_folder_files_through_this_module():
+    """core.training writes bundle/, splits/ and the reports: by this module's names, never its own spelling."""
+    import re
+    from pathlib import Path
+    source = (Path(__file__).resolve().parents[2] / "core" / "training.py").read_text()
+    assert re.findall(r"""["'](bundle|splits|val_report\.json|test_report\.json)["']""", source) == []

@@ -181,3 +181,21 @@ def test_assess_order_quality_then_gate_then_threshold():
     assert assess(0.9, 0.5, gate_result=far).refusal == "out_of_distribution"
     assert assess(0.9, 0.5, gate_result=near, quality=[QualityWarning("blurry", "x")]).verdict == "flagged"
     assert assess(0.2, 0.5, gate_result=near).verdict == "not flagged"
+
+
+def test_train_trust_upgrade_keeps_the_context_stage(trusted, tmp_path):
+    """Upgrading a run (refitting the trust parts) rewrites its bundle: its other sections must survive."""
+    from core.context import ContextModel
+    from core.manifest import write_manifest
+    from core.runfolder import BUNDLE, split_path
+    from tests.conftest import hand_context_stage
+    from train.trust import main as trust_main
+    old = load_bundle(trusted["bundle"])
+    run = tmp_path / "run"
+    stage = ContextModel.from_dict(hand_context_stage())
+    save_bundle(old.model, run / BUNDLE, threshold=old.meta.threshold, provenance=old.meta.provenance, context=stage)
+    write_manifest(trusted["df"], split_path(run, 0, "finetune"), relative=False)
+    assert trust_main(["--run", str(run), "--device", "cpu"]) == 0
+    upgraded = load_bundle(run)
+    assert upgraded.meta.context == stage
+    assert upgraded.gate is not None and upgraded.lacks() == []

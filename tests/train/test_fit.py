@@ -286,3 +286,28 @@ def test_context_stage_is_fitted_on_the_runs_own_patients_and_reported(tmp_path,
     out = capsys.readouterr().out
     assert "context only" in out and "fused, bleed withheld" in out
     assert json.loads((tmp_path / "r.json").read_text())["context"]["fused"]["n"] == report["fused"]["n"]
+
+
+@pytest.mark.parametrize("age, why", [("", "no usable context field"), ("150", "context field age: 150")])
+def test_a_context_stage_that_cannot_be_fitted_leaves_the_bundle_without_it_and_says_why(tmp_path, age, why):
+    """Context asked for, but no answer is usable (all blank, or out of range): the trained run is kept, without
+    the stage, and train.log and the validation report say why."""
+    from core.context import context_of
+    from core.manifest import write_manifest
+    from tests.conftest import make_images
+    df = make_images(tmp_path / "images", n=40)
+    df["image"] = [str((tmp_path / "images" / p).resolve()) for p in df["image"]]
+    df["age"] = age
+    df["bleed"] = ""
+    manifest = write_manifest(df, tmp_path / "m.csv")
+    cfg = tiny_config(tmp_path, tmp_path, context={"fields": ["age", "bleed"]})
+    for stage in cfg["stages"]:
+        stage["data"] = [{"manifest": str(manifest)}]
+        stage["epochs"] = 1
+    bundle = training.fit(run_config_from_dict(cfg), tmp_path / "run")
+    assert context_of(load_bundle(bundle).meta) is None
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "context stage not fitted, the bundle has none (image model only)" in log and why in log
+    notes = json.loads((tmp_path / "run" / runfolder.VAL_REPORT).read_text())["notes"]
+    assert any("context stage not fitted" in n for n in notes)
+    assert runfolder.read_status(tmp_path / "run")["state"] == "finished"

@@ -251,3 +251,46 @@ def test_manifest_context_columns_give_fused_results(run_dir, photo_dir, tmp_pat
                                              for p, t in zip(out["fused_prob"], out["fused_threshold"])]
     side = json.loads(sidecar_path(tmp_path / "p.csv").read_text())
     assert side["context_stage"]["fields"] == ["age", "site", "bleed", "grew"]
+
+
+@pytest.fixture
+def context_run(run_dir, tmp_path):
+    from core.context import ContextModel
+    from tests.conftest import hand_context_stage
+    bundle = load_bundle(run_dir)
+    return save_bundle(bundle.model, tmp_path / "ctx" / "bundle", threshold=bundle.meta.threshold,
+                       provenance=bundle.meta.provenance, context=ContextModel.from_dict(hand_context_stage())).parent
+
+
+def _one_bad_answer(photo_dir, tmp_path):
+    """Three photos; the first one's age (150) is out of range, its bleeding answer is fine."""
+    manifest = tmp_path / "bad_answer.csv"
+    pd.DataFrame({"image": [str(photo_dir / f"p{i}.jpg") for i in range(3)], "label": [1, 0, 1],
+                  "patient_id": ["a", "b", "c"], "age": ["150", "70", None],
+                  "bleed": ["True", "False", None]}).to_csv(manifest, index=False)
+    return manifest
+
+
+def test_screen_counts_a_bad_context_answer_as_unanswered_and_names_it(context_run, photo_dir, tmp_path, capsys):
+    manifest = _one_bad_answer(photo_dir, tmp_path)
+    assert main(["--run", str(context_run), "--manifest", str(manifest), "--out", str(tmp_path / "p.csv"),
+                 "--workers", "0"]) == 0
+    out = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert out["status"].tolist() == ["scored"] * 3
+    assert out["inputs"].tolist() == ["photo + 1 answer", "photo + 2 answers", "photo only"]
+    assert "age: 150.0 is outside 0-120" in out["context_note"][0]
+    assert out["context_note"][1:].tolist() == ["", ""]
+    z = np.log(out["raw_score"][0] / (1 - out["raw_score"][0]))
+    assert out["fused_prob"][0] == pytest.approx(1 / (1 + np.exp(-(z + 2.0))), abs=1e-5)  # bleed yes only
+    assert "1 row(s) had context answers that could not be used" in capsys.readouterr().err
+
+
+def test_evaluate_counts_a_bad_context_answer_as_unanswered_and_notes_it(context_run, photo_dir, tmp_path):
+    from train.evaluate import main as evaluate_main
+    manifest = _one_bad_answer(photo_dir, tmp_path)
+    assert evaluate_main(["--run", str(context_run), "--manifest", str(manifest), "--out", str(tmp_path / "r.json"),
+                          "--n-boot", "10", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["context"]["answered"] == {"age": 1, "site": 0, "bleed": 2, "grew": 0}
+    assert [u["image"] for u in report["context"]["unusable_answers"]] == [str(photo_dir / "p0.jpg")]
+    assert any("p0.jpg" in n and "age: 150.0 is outside 0-120" in n for n in report["notes"])
