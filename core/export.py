@@ -204,6 +204,7 @@ def quality_refusal_limits() -> dict:
     from core import quality as q
     return {"mean_luma_below": q.REFUSE_DARK, "mean_luma_above": q.REFUSE_BRIGHT,
             "max_channel_std_below": q.REFUSE_CONTRAST, "short_side_below_px": q.REFUSE_SIDE,
+            "mean_colourfulness_below": q.REFUSE_CHROMA,
             "measured_on": f"the photo downscaled to a long side of {q.WORK_LONG_SIDE} px (core/quality.py)"}
 
 

@@ -42,17 +42,22 @@ MIN_SIDE = 224
 # - nearly uniform: largest channel std < 2.5 (JPEG noise on a flat colour is about 0.5-2);
 # - far too small: short side < 96 px (the model would see a > 2.3x interpolated enlargement, mostly invented
 #   pixels).
+# - no colour: mean colourfulness (max - min channel, per pixel) < 1.5, i.e. a black-and-white image. The 518 PAD
+#   photos have 4.6 at the least (1st percentile 10.2, median 44.6), the 361 ISIC images 8.4 at the least; a
+#   greyscale image has 0. Added after the gate accepted three greyscale scientific images (cells, a fundus crop,
+#   the moon) on the built-in demo: the limit itself comes from the real photos above, not from those images.
 REFUSE_DARK = 15.0
 REFUSE_BRIGHT = 245.0
 REFUSE_CONTRAST = 2.5
 REFUSE_SIDE = 96
+REFUSE_CHROMA = 1.5
 
 
 @dataclass(frozen=True)
 class QualityWarning:
     """One problem with a photo: a stable code for the app and a plain-English message for the clinician."""
     code: str  # "too_small" | "blurry" | "too_dark" | "too_bright" | "low_contrast" (warnings); refusals:
-    #            "far_too_small" | "far_too_dark" | "far_too_bright" | "nearly_uniform"
+    #            "far_too_small" | "far_too_dark" | "far_too_bright" | "nearly_uniform" | "no_colour"
     message: str
     refusal: bool = False  # True: the photo cannot be assessed at all (no verdict), not merely a caveat
 
@@ -110,6 +115,11 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
         out.append(QualityWarning(
             "low_contrast", f"The photo has very little contrast ({contrast:.1f} < {min_contrast:.0f}); "
                             "check that the lesion is in frame and the lens is clean."))
+    if refuse and not any(x.refusal for x in out) and (chroma := colourfulness(rgb)) < REFUSE_CHROMA:
+        out.append(QualityWarning(
+            "no_colour", f"The photo has no colour (colourfulness {chroma:.1f} < {REFUSE_CHROMA:g}: a black-and-white "
+                         "image): the model needs a colour photo of the skin. Retake it with the phone's normal "
+                         "camera, without a black-and-white filter.", True))
     score = laplacian_variance(luma)
     # A flat image has no edges at all; "low contrast" already explains it, so don't also blame focus.
     if score < blur_threshold and contrast >= min_contrast:
@@ -136,6 +146,12 @@ def laplacian_variance(gray: np.ndarray) -> float:
 def colour_contrast(rgb: Image.Image) -> float:
     """Largest per-channel standard deviation, so red-on-pink lesions count as contrast."""
     return float(max(ImageStat.Stat(rgb).stddev))  # from per-band histograms: exact, and 10x faster than numpy
+
+
+def colourfulness(rgb: Image.Image) -> float:
+    """Mean over pixels of (largest - smallest channel): 0 for a black-and-white image, tens for skin photos."""
+    a = np.asarray(rgb, dtype=np.int16)
+    return float((a.max(axis=2) - a.min(axis=2)).mean())
 
 
 def _working_copy(img: Image.Image) -> Image.Image:

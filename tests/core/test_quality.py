@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 
 from core.images import load_image
 from core.quality import (BLUR_THRESHOLD, REFUSE_SIDE, QualityWarning, colour_contrast, laplacian_variance,
-                          quality_warnings, refusals, sharpness)
+                          quality_warnings, refusals, sharpness, colourfulness)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -114,9 +114,12 @@ def test_sharpness_does_not_depend_on_resolution():
     assert native[1] > 3 * native[0]
 
 
-def test_accepts_non_rgb_modes():
-    assert quality_warnings(_textured().convert("L")) == []
+def test_accepts_non_rgb_modes_but_refuses_black_and_white():
     assert quality_warnings(_textured().convert("RGBA")) == []
+    assert quality_warnings(_textured().convert("CMYK")) == []
+    grey = quality_warnings(_textured().convert("L"))
+    assert [w.code for w in grey] == ["no_colour"] and grey[0].refusal
+    assert quality_warnings(_textured().convert("L"), refuse=False) == []  # a warning-only check says nothing
 
 
 def test_warning_is_frozen_value():
@@ -132,6 +135,8 @@ def test_real_photo_rates():
     if not files:
         pytest.skip(f"shared data not found under {SHARED}")
     sample = files[::4]  # 126 photos keeps the test to about a second
+    least_colourful = min(files, key=lambda p: colourfulness(load_image(p).convert("RGB")))
+    assert not refusals(quality_warnings(load_image(least_colourful)))  # the 518's palest photo is still colour
     counts: dict[str, int] = {}
     for path in sample:
         for w in quality_warnings(load_image(path)):
@@ -140,7 +145,7 @@ def test_real_photo_rates():
     assert rates.get("blurry", 0) <= 0.05, rates
     assert rates.get("too_small", 0) <= 0.05, rates
     for code in ("too_dark", "too_bright", "low_contrast", "far_too_small", "far_too_dark", "far_too_bright",
-                 "nearly_uniform"):
+                 "nearly_uniform", "no_colour"):
         assert rates.get(code, 0) == 0, rates
     for path in sample[:10]:
         img = load_image(path)
