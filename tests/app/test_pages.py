@@ -182,10 +182,11 @@ def test_trusted_model_calibrated_headline_similar_cases_and_refusal(with_truste
     assert "no out-of-distribution gate" not in texts(at, "info")
     # a page of text is refused by the gate: no verdict, no headline, the raw score behind an 'unreliable' expander
     from PIL import Image, ImageDraw
-    page = Image.new("RGB", (480, 360), (255, 255, 255))
+    # cream paper, blue ink: in colour, so it is the gate that refuses it, not the no-colour quality rule
+    page = Image.new("RGB", (480, 360), (250, 240, 215))
     d = ImageDraw.Draw(page)
     for y in range(5, 360, 14):
-        d.text((5, y), "The quick brown fox jumps over the lazy dog 0123456789 " * 2, fill=(0, 0, 0))
+        d.text((5, y), "The quick brown fox jumps over the lazy dog 0123456789 " * 2, fill=(20, 40, 150))
     at = _predict_page(with_trusted_model, jpeg_bytes(page), "page.jpg")
     assert not at.exception
     errors = "\n".join(e.value for e in at.main.error)

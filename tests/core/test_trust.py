@@ -25,10 +25,10 @@ THRESHOLD = 0.5
 
 def _junk(folder):
     """Far-away inputs: a screenshot-like page of text, and saturated stripes."""
-    page = Image.new("RGB", (200, 160), (255, 255, 255))
+    page = Image.new("RGB", (200, 160), (250, 240, 215))  # cream paper: colour, so the gate (not quality) refuses it
     d = ImageDraw.Draw(page)
     for y in range(5, 160, 12):
-        d.text((5, y), "lorem ipsum dolor sit amet 0123", fill=(0, 0, 0))
+        d.text((5, y), "lorem ipsum dolor sit amet 0123", fill=(20, 40, 150))
     page.save(folder / "page.png")
     stripes = np.zeros((160, 200, 3), np.uint8)
     stripes[:, ::8] = (0, 255, 0)
