@@ -101,6 +101,22 @@ class ContextConfig:
 
 
 @dataclass(frozen=True)
+class CVConfig:
+    """Cross-validation (core.cv): 0 = one train/validation split (split.val); K >= 2 = K patient-grouped folds of
+    the non-test patients, one fold run per fold, the K models averaged into one ensemble bundle."""
+    folds: int = 0
+
+    def __post_init__(self):
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"cv.folds must be 0 (one validation split) or at least 2, not {self.folds}: one fold "
+                              "would leave nothing to train on")
+
+    @property
+    def enabled(self) -> bool:
+        return self.folds >= 2
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     stages: tuple[StageConfig, ...]
@@ -124,6 +140,9 @@ class RunConfig:
     report_test: bool = False     # after selection, evaluate the chosen model once on the last stage's test split
     n_boot: int = 1000
     context: ContextConfig | None = None  # a context stage over the image logit + clinical answers (issue 14)
+    # K-fold cross-validation: split.val is then not used (each fold validates one fold run), and split.test may
+    # be 0 when the user has an outside test set (the out-of-fold metrics are then the only internal estimate)
+    cv: CVConfig = field(default_factory=CVConfig)
     data_help: str | None = None  # where the recipe's data comes from: said when a data path is missing
 
     def __post_init__(self):
@@ -134,7 +153,13 @@ class RunConfig:
                               f"not {self.select_metric!r}")
         if not self.stages:
             raise ConfigError("a run needs at least one stage")
-        if not 0 < self.split.val < 1 or not 0 <= self.split.test < 1 or self.split.val + self.split.test >= 1:
+        if self.cv.enabled:
+            if not 0 <= self.split.test < 1:
+                raise ConfigError("split: test must be >= 0 and < 1 (split.val is not used with cv)")
+            if self.context is not None:
+                raise ConfigError("a context section is not supported with cv yet: its answer weights and fusion "
+                                  "would need fitting on out-of-fold logits; remove context or cv")
+        elif not 0 < self.split.val < 1 or not 0 <= self.split.test < 1 or self.split.val + self.split.test >= 1:
             raise ConfigError("split: val must be > 0 (epochs and the threshold are chosen on it), test >= 0, "
                               "and val + test < 1")
         if self.report_test and self.split.test == 0:
@@ -246,7 +271,10 @@ def run_config_from_dict(raw: dict) -> RunConfig:
         s = dict(s)
         data = tuple(_build(DataSource, _under(data_root, d), f"stages[{i}].data") for d in (s.pop("data", None) or []))
         stages.append(_build(StageConfig, {**s, "data": data}, f"stages[{i}]"))
-    nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig, "context": ContextConfig}
+    if "cv" in raw and raw["cv"] is None:
+        raw.pop("cv")  # `cv:` with nothing under it: no cross-validation
+    nested = {"head": HeadConfig, "split": SplitConfig, "threshold": ThresholdConfig, "context": ContextConfig,
+              "cv": CVConfig}
     for key, cls in nested.items():
         if raw.get(key) is not None:
             raw[key] = _build(cls, raw[key], key)

@@ -185,6 +185,7 @@ class TrainRequest:
     manifest: str | None = None        # replaces every stage's data with this manifest
     domain: str | None = None          # the domain label for that manifest
     data_root: str | None = None       # folder the recipe's relative data paths live in
+    folds: int | None = None           # cross-validation folds (0: one validation split; >= 2: K folds)
     sets: tuple[str, ...] = field(default_factory=tuple)  # extra --set key=value overrides
 
 
@@ -200,7 +201,8 @@ def recipe_summary(path: str | Path) -> dict:
               for s in raw.get("stages") or []]
     return {"name": raw.get("name") or Path(path).stem, "backbone": raw.get("backbone", "convnext_tiny"),
             "weights": raw.get("weights", "imagenet"), "init_from": raw.get("init_from"),
-            "device": raw.get("device", "auto"), "data_root": raw.get("data_root"), "stages": stages}
+            "device": raw.get("device", "auto"), "data_root": raw.get("data_root"),
+            "folds": int((raw.get("cv") or {}).get("folds") or 0), "stages": stages}
 
 
 def training_command(req: TrainRequest, out: str | Path, python: str | None = None) -> list[str]:
@@ -219,6 +221,8 @@ def training_command(req: TrainRequest, out: str | Path, python: str | None = No
         cmd += ["--epochs", str(int(req.epochs))]
     if req.data_root:
         cmd += ["--data-root", str(req.data_root)]
+    if req.folds is not None:
+        cmd += ["--folds", str(int(req.folds))]
     n_stages = len(recipe_summary(req.recipe)["stages"])
     for i in range(n_stages):
         if req.lr:
@@ -249,6 +253,8 @@ def start_training(req: TrainRequest, root: str | Path | None = None, *, python:
         raise LaunchError(f"recipe not found: {req.recipe}")
     if req.device not in DEVICES:
         raise LaunchError(f"device must be one of {DEVICES}")
+    if req.folds is not None and (req.folds == 1 or req.folds < 0):
+        raise LaunchError(f"folds must be 0 (one validation split) or at least 2, not {req.folds}")
     out = root / req.name
     if out.exists() and any(out.iterdir()):
         raise LaunchError(f"{out} already exists; pick another run name (or resume that run)")
@@ -261,7 +267,7 @@ def resume_training(run: str | Path, root: str | Path | None = None, *, device: 
     """Continue a stopped or interrupted run from its checkpoint (`train.fit --resume`)."""
     run = Path(run)
     root = Path(root) if root is not None else run.parent
-    if not runfolder.has_checkpoint(run):
+    if not runfolder.holds_run(run):
         raise LaunchError(f"{run.name} has no checkpoint to resume from")
     cmd = [python or sys.executable, "-m", "train.fit", "--resume", "--out", str(run)]
     launch = runfolder.read_launch(run)
@@ -345,6 +351,20 @@ class RunInfo:
     error: str | None = None
     has_bundle: bool = False
     resumable: bool = False
+    cv: dict | None = None     # a cross-validation: {"folds": K, "fold": k being trained or None, "done": [...]}
+
+    def progress(self) -> str:
+        """'fold 3/5, stage finetune, epoch 4/8': where the run is, in words (empty when nothing is known)."""
+        parts = []
+        if self.cv and self.cv.get("fold") is not None:
+            parts.append(f"fold {self.cv['fold'] + 1}/{self.cv.get('folds')}")
+        elif self.cv:
+            parts.append(f"{len(self.cv.get('done') or [])}/{self.cv.get('folds')} folds done")
+        if self.stage_name is not None or self.stage is not None:
+            parts.append(f"stage {self.stage_name if self.stage_name is not None else self.stage}")
+        if self.epoch is not None and self.epochs:
+            parts.append(f"epoch {self.epoch + 1}/{self.epochs}")
+        return ", ".join(parts)
 
 
 def run_info(run: str | Path) -> RunInfo:
@@ -376,7 +396,8 @@ def run_info(run: str | Path) -> RunInfo:
                    stage_name=status.get("stage_name"), epoch=status.get("epoch"), epochs=status.get("epochs"),
                    updated=status.get("updated"), pid=alive_pid or status.get("pid") or launch.get("pid"),
                    alive=alive, error=error, has_bundle=runfolder.has_bundle(run),
-                   resumable=runfolder.has_checkpoint(run) and state in ("stopped", "interrupted", "failed"))
+                   resumable=runfolder.holds_run(run) and state in ("stopped", "interrupted", "failed"),
+                   cv=status.get("cv") if isinstance(status.get("cv"), dict) else None)
 
 
 def list_runs(root: str | Path | None = None) -> list[RunInfo]:
@@ -400,8 +421,12 @@ def runs_table(runs: list[RunInfo]) -> pd.DataFrame:
     for r in runs:
         m = runfolder.read_metrics(r.path)
         auc = m["val_roc_auc"].dropna() if "val_roc_auc" in m else pd.Series(dtype=float)
-        rows.append({"run": r.name, "state": r.state,
-                     "stage": r.stage_name if r.stage_name is not None else (r.stage if r.stage is not None else ""),
+        stage = r.stage_name if r.stage_name is not None else (r.stage if r.stage is not None else "")
+        if r.cv:
+            fold = r.cv.get("fold")
+            stage = (f"fold {fold + 1}/{r.cv.get('folds')}" if fold is not None else
+                     f"{len(r.cv.get('done') or [])}/{r.cv.get('folds')} folds") + (f": {stage}" if stage != "" else "")
+        rows.append({"run": r.name, "state": r.state, "stage": stage,
                      "epoch": f"{r.epoch + 1}/{r.epochs}" if r.epoch is not None and r.epochs else "",
                      "best val AUC": round(float(auc.max()), 3) if len(auc) else None,
                      "model": "yes" if r.has_bundle else "",

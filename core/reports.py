@@ -13,7 +13,7 @@ from core.appstate import runs_dir
 from core import metrics
 from core.fileio import read_json_or_none
 
-REPORT_NAMES = (runfolder.VAL_REPORT, runfolder.TEST_REPORT)
+REPORT_NAMES = (runfolder.VAL_REPORT, runfolder.TEST_REPORT, runfolder.CV_REPORT)
 
 
 def _walk(root: Path, max_depth: int):
@@ -82,6 +82,39 @@ def metrics_table(named: dict[str, dict]) -> pd.DataFrame:
         rows.append({"Model": name, **{x.display: x.format(m.get(x.key)) for x in metrics.METRICS},
                      "n": rep.get("n"), "threshold": rep.get("threshold")})
     return pd.DataFrame(rows)
+
+
+def cv_fold_table(report: dict) -> pd.DataFrame:
+    """A cross-validation report's per-fold rows (at the common out-of-fold threshold), their mean and standard
+    deviation, and the out-of-fold row with its 95% CIs; empty for any other report."""
+    cv = report.get("cv")
+    if not cv:
+        return pd.DataFrame()
+    shown = [m for m in metrics.METRICS if m.in_table]
+    fmt = lambda m, v: m.format({"value": v}) if v is not None else "n/a"  # noqa: E731
+    rows = [{"Fold": f"fold {f['fold']}", **{m.display: fmt(m, f["metrics"].get(m.key)) for m in shown},
+             "n": f.get("n"), "malignant": f.get("n_positive"), "best epochs": ", ".join(map(str, f.get("best_epochs") or []))}
+            for f in cv["per_fold"]]
+    for what in ("mean", "sd"):
+        rows.append({"Fold": "mean of folds" if what == "mean" else "SD of folds",
+                     **{m.display: fmt(m, (cv["summary"].get(m.key) or {}).get(what)) for m in shown}})
+    rows.append({"Fold": "out-of-fold (95% CI)", **{m.display: m.format(report["metrics"].get(m.key)) for m in shown},
+                 "n": report.get("n"), "malignant": report.get("n_positive")})
+    return pd.DataFrame(rows)
+
+
+def cv_roc_curves(report: dict) -> list[dict]:
+    """The ROC curves of a cross-validation report: one per fold, then the out-of-fold curve (name, fpr, tpr, auc,
+    oof); empty for any other report."""
+    cv = report.get("cv")
+    if not cv:
+        return []
+    curves = [{"name": f"fold {f['fold']}", "fpr": f["roc"]["fpr"], "tpr": f["roc"]["tpr"],
+               "auc": f["metrics"].get("roc_auc"), "oof": False} for f in cv["per_fold"] if f.get("roc")]
+    if report.get("roc"):
+        curves.append({"name": "out-of-fold", "fpr": report["roc"]["fpr"], "tpr": report["roc"]["tpr"],
+                       "auc": (report["metrics"].get("roc_auc") or {}).get("value"), "oof": True})
+    return curves
 
 
 def subgroup_tables(report: dict) -> dict[str, pd.DataFrame]:

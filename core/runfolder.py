@@ -14,6 +14,15 @@ a file name or format. A run folder holds:
   stop.request       a stop request (the app's Stop button, or any tool): the trainer stops at its next step
   launch.json, console.log     how the app started the process, and that process's stdout/stderr
 
+A cross-validated run (core.cv) holds, instead of the checkpoint, splits and val_report.json:
+
+  folds.csv                    the fold of every photo (-1: a test photo), written once: a resume reuses it
+  folds/fold_<k>/              fold k's own run folder (all of the above; its status and log lines are mirrored
+                               into the top folder's, and a stop request in the top folder stops it too)
+  oof_predictions.csv          every non-test photo's out-of-fold probability and logit
+  cv_report.json               per-fold and out-of-fold metrics (an evaluation report of the out-of-fold rows)
+  test_report.json, bundle/    the ensemble of the fold models, evaluated once on the test patients
+
 Every write is atomic (core.fileio), so a reader polling the folder never sees half a file.
 """
 from __future__ import annotations
@@ -41,6 +50,10 @@ BUNDLE = "bundle"
 STOP = "stop.request"
 LAUNCH = "launch.json"
 CONSOLE = "console.log"
+FOLDS = "folds.csv"
+FOLD_RUNS = "folds"
+OOF = "oof_predictions.csv"
+CV_REPORT = "cv_report.json"
 MARKERS = (STATUS, LAUNCH, CONFIG)  # a folder holding any of these is a run folder
 
 
@@ -64,6 +77,41 @@ def has_bundle(run: str | Path) -> bool:
 
 def has_checkpoint(run: str | Path) -> bool:
     return (Path(run) / CHECKPOINT).is_file()
+
+
+# ---------------------------------------------------------------- cross-validation
+def fold_path(run: str | Path, k: int) -> Path:
+    return Path(run) / FOLD_RUNS / f"fold_{k}"
+
+
+def is_cv_run(run: str | Path) -> bool:
+    return (Path(run) / FOLDS).is_file()
+
+
+def holds_run(run: str | Path) -> bool:
+    """Training started here and can be resumed: a checkpoint, or a cross-validation's fold assignment."""
+    return has_checkpoint(run) or is_cv_run(run)
+
+
+def write_folds(run: str | Path, df: pd.DataFrame) -> None:
+    """The fold assignment (image, label, group columns, split, fold), written once so a resume reuses it."""
+    keep = [c for c in ("image", "label", "patient_id", "lesion_id", "split", "fold") if c in df]
+    atomic_write(Path(run) / FOLDS, lambda tmp: df[keep].to_csv(tmp, index=False))
+
+
+def read_folds(run: str | Path) -> pd.DataFrame | None:
+    path = Path(run) / FOLDS
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"image": str, "patient_id": str, "lesion_id": str, "split": str})
+
+
+def write_oof(run: str | Path, df: pd.DataFrame) -> None:
+    atomic_write(Path(run) / OOF, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def read_oof(run: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(run) / OOF, dtype={"image": str, "patient_id": str})
 
 
 # ---------------------------------------------------------------- status
@@ -117,6 +165,16 @@ def read_metrics(run: str | Path) -> pd.DataFrame:
     if {"stage", "epoch"} <= set(df.columns):
         df["step"] = range(1, len(df) + 1)
     return df
+
+
+def read_fold_metrics(run: str | Path) -> pd.DataFrame:
+    """A cross-validation's fold runs' metrics.csv, one frame with a `fold` column (empty when there are none)."""
+    parts = []
+    for k in range(len(list((Path(run) / FOLD_RUNS).glob("fold_*")))):
+        m = read_metrics(fold_path(run, k))
+        if not m.empty:
+            parts.append(m.assign(fold=k))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 # ---------------------------------------------------------------- config
@@ -176,13 +234,20 @@ def write_launch(run: str | Path, record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- the trainer's view
+PROGRESS = ("stage", "stage_name", "epoch", "epochs")  # the status fields a fold run mirrors into its parent
+
+
 class RunFolder:
     """The trainer's handle on its run folder. Under DDP only the global-zero process writes (is_main); the others
-    only read (checkpoint) and look for stop requests."""
+    only read (checkpoint) and look for stop requests.
 
-    def __init__(self, out: str | Path, is_main: bool = True):
+    A fold run of a cross-validation has a `parent` (the top run folder): its log lines and its stage/epoch also go
+    there, tagged, so the app watching the top folder sees them; a stop request in either folder stops it."""
+
+    def __init__(self, out: str | Path, is_main: bool = True, parent: str | Path | None = None):
         self.out = Path(out)
         self.is_main = is_main
+        self.parent = Path(parent) if parent is not None else None
         if is_main:
             (self.out / SPLITS).mkdir(parents=True, exist_ok=True)
 
@@ -191,11 +256,18 @@ class RunFolder:
             return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
         append_log(self.out, line)
+        if self.parent is not None:
+            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{self.out.name}] {msg}"
+            append_log(self.parent, line)
         print(line, flush=True)
 
     def status(self, **fields) -> None:
-        if self.is_main:
-            update_status(self.out, **fields)
+        if not self.is_main:
+            return
+        update_status(self.out, **fields)
+        progress = {k: v for k, v in fields.items() if k in PROGRESS}
+        if self.parent is not None and progress:
+            update_status(self.parent, **progress)
 
     def write_config(self, text: str) -> None:
         if self.is_main:
@@ -223,7 +295,11 @@ class RunFolder:
         return split_path(self.out, stage, name)
 
     def stop_requested(self) -> bool:
-        return stop_requested(self.out)
+        return self.stop_folder() is not None
+
+    def stop_folder(self) -> Path | None:
+        """The folder holding a stop request for this run (its own, else its parent's), or None."""
+        return next((d for d in (self.out, self.parent) if d is not None and stop_requested(d)), None)
 
     def clear_stop(self, older_than: float | None = None) -> None:
         if self.is_main:

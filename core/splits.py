@@ -1,7 +1,8 @@
 """Seeded, stratified train/val/test splits grouped by patient, so no patient appears in two splits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -82,6 +83,65 @@ def assign_splits(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, str
     if by != "patient_id":
         how += " (rows without a patient id are grouped by lesion or image: one patient may appear in two splits)"
     return out, how
+
+
+TEST_FOLD = -1  # the `fold` of a held-out test row in assign_folds' output
+
+
+def assign_folds(df: pd.DataFrame, k: int, cfg: SplitConfig) -> tuple[pd.DataFrame, str]:
+    """Return a copy with `split` (test or train) and `fold` (0..k-1; TEST_FOLD for test rows), and how.
+
+    The test patients are held out exactly as assign_splits holds them out (same fraction, same seed: the same
+    patients as a single-split run of the same recipe; a complete split column in the rows is respected). The
+    other rows are cut into k folds by StratifiedGroupKFold: grouped like every split (core.splits.grouping),
+    stratified by label. cfg.val is not used: each fold is the validation set of one fold run."""
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, not {k}")
+    out, how = assign_splits(df, replace(cfg, val=0.0))
+    out.loc[out["split"] != "test", "split"] = "train"  # a given split column's val rows join the folds
+    by, groups = grouping(out)
+    rest = np.flatnonzero((out["split"] != "test").to_numpy())
+    y, g = out["label"].to_numpy()[rest], groups.to_numpy()[rest]
+    n_groups = len(set(g))
+    if n_groups < k:
+        raise ManifestError(f"only {n_groups} groups ({by}) outside the test split: too few for {k} folds")
+    fold = np.full(len(out), TEST_FOLD, dtype=int)
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed + 1)
+    for i, (_, held) in enumerate(cv.split(np.zeros(len(rest)), y, g)):
+        fold[rest[held]] = i
+    out["fold"] = fold
+    for i in range(k):
+        labels = set(y[fold[rest] == i])
+        if labels != {0, 1}:
+            missing = "malignant" if 1 not in labels else "benign"
+            raise ManifestError(f"fold {i} of {k} has no {missing} photos: use fewer folds (or more data)")
+    return out, f"{k} folds stratified by label, grouped by {by}, seed {cfg.seed + 1}; test: {how}"
+
+
+def fold_split(folds: pd.DataFrame, k: int) -> dict[str, str]:
+    """image -> split for fold run k: its fold is 'val', the other folds 'train', the test rows 'test'."""
+    f = folds["fold"].to_numpy()
+    split = np.where(f == TEST_FOLD, "test", np.where(f == k, "val", "train"))
+    return dict(zip(folds["image"], split))
+
+
+@dataclass(frozen=True)
+class FixedSplit:
+    """A split decided before the run (one cross-validation fold): image -> train/val/test, and how it was made."""
+    split_of: Mapping[str, str]
+    how: str
+
+    def apply(self, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+        """df with this split as its `split` column (every image must be covered), checked for leaks."""
+        split = df["image"].map(self.split_of)
+        if split.isna().any():
+            missing = df.loc[split.isna(), "image"]
+            raise ManifestError(f"{len(missing)} image(s) have no place in the given split (the data changed since "
+                                f"the folds were made?), e.g. {missing.iloc[0]}")
+        out = df.assign(split=split)
+        by, groups = grouping(out)
+        check_no_leak(out, groups, by)
+        return out, self.how
 
 
 def check_no_leak(df: pd.DataFrame, groups: pd.Series, by: str = "group") -> None:

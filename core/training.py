@@ -28,7 +28,7 @@ from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
 from core.runfolder import BUNDLE, TEST_REPORT, VAL_REPORT, RunFolder
-from core.splits import assign_splits, split_counts
+from core.splits import FixedSplit, assign_splits, split_counts
 from core.trust import attach, features_and_logits, fit_trust, quality_of, summary_lines, trust_report
 from core.transforms import eval_transform, train_transform
 
@@ -70,9 +70,8 @@ def check_source_exists(src: DataSource, data_help: str | None) -> None:
                               f"copy with --data-root DIR (or the Train page's data folder).")
 
 
-def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str]:
-    """Every stage's rows, split once for the whole run: a patient held out for validation or test in the
-    last stage was never trained on in an earlier stage either."""
+def stage_rows(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], pd.DataFrame]:
+    """Every stage's rows and sources, imported (a shared source once), and their union (each image once)."""
     loaded: dict[DataSource, tuple[pd.DataFrame, dict]] = {}  # stages often share a source: import it once
     stages = []
     for stage in cfg.stages:
@@ -83,7 +82,15 @@ def run_data(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str
         parts = [loaded[source] for source in stage.data]
         stages.append((pd.concat([p[0] for p in parts], ignore_index=True), [p[1] for p in parts]))
     union = pd.concat([df for df, _ in stages], ignore_index=True).drop_duplicates("image", ignore_index=True)
-    union, how = assign_splits(union, cfg.split)
+    return stages, union
+
+
+def run_data(cfg: RunConfig, split: FixedSplit | None = None) -> tuple[list[tuple[pd.DataFrame, list[dict]]], str]:
+    """Every stage's rows, split once for the whole run: a patient held out for validation or test in the
+    last stage was never trained on in an earlier stage either. `split` (a cross-validation fold) replaces the
+    split made here from cfg.split."""
+    stages, union = stage_rows(cfg)
+    union, how = split.apply(union) if split is not None else assign_splits(union, cfg.split)
     check_images(union)
     split_of = dict(zip(union["image"], union["split"]))
     return [(df.assign(split=df["image"].map(split_of)), sources) for df, sources in stages], how
@@ -312,8 +319,9 @@ def _watch_stop_requests(rf: RunFolder) -> None:
 def _stop_reason() -> str | None:
     if _STOP_SIGNALS:
         return f"signal {_STOP_SIGNALS[0]}"
-    if _STOP_RUN and _STOP_RUN[0].stop_requested():
-        return f"stop requested in the run folder ({_STOP_RUN[0].out.name})"
+    folder = _STOP_RUN[0].stop_folder() if _STOP_RUN else None
+    if folder is not None:
+        return f"stop requested in the run folder ({folder.name})"
     return None
 
 
@@ -333,13 +341,17 @@ def check_stop(fabric) -> None:
         raise Stopped(reason or "stop requested on another rank")
 
 
-def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
-    """Train every stage, choose the threshold on validation, write the bundle and the validation report."""
+def fit(cfg: RunConfig, out: str | Path, resume: bool = False, *, split: FixedSplit | None = None,
+        parent: str | Path | None = None) -> Path:
+    """Train every stage, choose the threshold on validation, write the bundle and the validation report.
+
+    A cross-validation (core.cv) runs each fold through here: `split` is the fold's split, `parent` the top run
+    folder (its stop requests stop this run too; log lines and progress are mirrored there)."""
     accelerator = pick_device(cfg.device).type
     fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                     precision=fabric_precision(cfg.precision, accelerator))
     fabric.launch()
-    rf = RunFolder(out, is_main=fabric.is_global_zero)  # after launch: only rank 0 writes the run's files
+    rf = RunFolder(out, is_main=fabric.is_global_zero, parent=parent)  # after launch: only rank 0 writes
     fabric.barrier()  # the folder exists before any rank reads from it
     fabric.seed_everything(cfg.seed)
     _install_stop_handler(distributed=fabric.world_size > 1)
@@ -348,8 +360,8 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
         rf.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_start = time.time()
     try:
-        data = run_data(cfg)
-        model, parent = initial_model(cfg, resuming=resume and rf.has_checkpoint())
+        data = run_data(cfg, split)
+        model, parent_meta = initial_model(cfg, resuming=resume and rf.has_checkpoint())
         if cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         if cfg.channels_last:
@@ -365,7 +377,7 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
             run_stage(fabric, rf, cfg, model, i, state, data, resume_blob=blob if i == state.stage else None)
             blob = None
             state.stage, state.epoch, state.best_score, state.best_epoch = i + 1, -1, [-np.inf, -np.inf], -1
-        bundle = finish(fabric, rf, cfg, model, state, parent, time.time() - t_start)
+        bundle = finish(fabric, rf, cfg, model, state, parent_meta, time.time() - t_start)
         if _stop_reason():
             rf.log("a stop was requested during the final report; the run finished first")
             rf.clear_stop()

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", dest="data_root", help="folder the recipe's relative data paths live in "
                                                            "(overrides the recipe's data_root)")
     p.add_argument("--epochs", type=int, help="override every stage's epochs")
+    p.add_argument("--folds", type=int, help="cross-validation: K >= 2 patient-grouped folds of the non-test "
+                                             "patients, one run per fold, their models saved as one ensemble "
+                                             "(overrides the recipe's cv.folds; 0 = one validation split)")
     p.add_argument("--devices", type=int, help="GPUs (or CPU processes) per node")
     p.add_argument("--num-nodes", type=int, dest="num_nodes")
     return p
@@ -49,6 +52,8 @@ def load_raw(args) -> dict:
     if args.epochs is not None:
         for s in raw.get("stages", []):
             s["epochs"] = args.epochs
+    if args.folds is not None:
+        raw["cv"] = {**(raw.get("cv") or {}), "folds": args.folds}
     for item in args.set:
         apply_override(raw, item)
     raw.setdefault("name", path.stem)
@@ -64,9 +69,16 @@ def main(argv=None) -> int:
     try:
         cfg = run_config_from_dict(load_raw(args))
         out = Path(args.out or Path("runs") / cfg.name)
-        if not args.resume and (out / runfolder.CHECKPOINT).exists():
+        if not args.resume and runfolder.holds_run(out):
             raise ConfigError(f"{out} already holds a run; use --resume to continue it or pick another --out")
-        bundle = fit(cfg, out, resume=args.resume)
+        if args.resume and runfolder.is_cv_run(out) != cfg.cv.enabled and runfolder.holds_run(out):
+            kind = "a cross-validation" if runfolder.is_cv_run(out) else "a single-split"
+            raise ConfigError(f"{out} holds {kind} run: resume it with its own config (without changing --folds)")
+        if cfg.cv.enabled:
+            from core.cv import fit_cv
+            bundle = fit_cv(cfg, out, resume=args.resume)
+        else:
+            bundle = fit(cfg, out, resume=args.resume)
     except (ConfigError, ManifestError, WeightsError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

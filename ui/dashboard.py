@@ -47,6 +47,26 @@ if loaded:
                                                                              "xanchor": "right", "x": 0.98})
     st.plotly_chart(roc, width="stretch", key="roc")
 
+    cv_reports = {label: rep for label, rep in loaded.items() if rep.get("cv")}
+    if cv_reports:
+        st.subheader("Cross-validation: per-fold and out-of-fold")
+    for n, (label, rep) in enumerate(cv_reports.items()):
+        st.markdown(f"**{label}**: {rep['cv']['folds']} folds; per-fold metrics at the out-of-fold threshold "
+                    f"{rep.get('threshold', 0):.3f}" + (" (no test split: the out-of-fold metrics are the only "
+                                                        "internal estimate)" if rep["cv"].get("internal_estimate_only")
+                                                        else ""))
+        st.dataframe(reports.cv_fold_table(rep), hide_index=True, width="stretch")
+        fig = go.Figure()
+        for c in reports.cv_roc_curves(rep):
+            name = f"{c['name']} (AUC {c['auc']:.3f})" if c["auc"] is not None else c["name"]
+            fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=name,
+                                     line={"width": 3, "color": "black"} if c["oof"] else {"width": 1}))
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
+                                 name="chance", hoverinfo="skip"))
+        fig.update_layout(xaxis_title="False positive rate (1 - specificity)", yaxis_title="True positive rate "
+                          "(sensitivity)", height=420, margin={"t": 20})
+        st.plotly_chart(fig, width="stretch", key=f"cv_roc_{n}")
+
     st.subheader("Calibration and refusals")
     trust = reports.trust_table(loaded)
     if trust.empty:

@@ -52,6 +52,11 @@ with st.expander("Start a new run", expanded=job is None):
         manifest = c1.text_input("Data: a manifest CSV replacing every stage's data (optional)", value="",
                                  key=f"tf_manifest_{k}")
         domain = c2.text_input("Domain label for that manifest (optional)", value="", key=f"tf_domain_{k}")
+        folds = c2.number_input("Cross-validation folds (0 = one validation split)", min_value=0, max_value=20,
+                                value=summary["folds"], key=f"tf_folds_{k}",
+                                help="K >= 2: the non-test patients are cut into K folds, one run per fold (each "
+                                     "validated on its own fold), and the K models become one ensemble; the "
+                                     "threshold is chosen on the out-of-fold predictions. K times the training time.")
         data_root = c1.text_input("Data folder the recipe's data paths live in", value=summary["data_root"] or "",
                                   key=f"tf_data_root_{k}", help="The recipe's data_root: change it when your copy "
                                   "of the recipe's datasets is elsewhere (e.g. a downloaded PAD-UFES-20).")
@@ -70,6 +75,7 @@ with st.expander("Start a new run", expanded=job is None):
                                     weights=weights.strip() if weights.strip() != str(summary["weights"]) else None,
                                     init_from=init_from, epochs=int(epochs) or None, lr=lr_value, device=device,
                                     manifest=manifest.strip() or None, domain=domain.strip() or None, sets=sets,
+                                    folds=int(folds) if int(folds) != summary["folds"] else None,
                                     data_root=data_root.strip() if data_root.strip() != (summary["data_root"] or "")
                                     else None)
             record = jobs.start_training(req, root)
@@ -120,13 +126,16 @@ def progress_panel() -> None:
     if was_alive is not None and was_alive != info.alive:
         # the job ended (refresh the model picker, stop polling) or was resumed (start polling)
         st.rerun(scope="app")
-    stage = f"stage {info.stage_name or info.stage}" if info.stage is not None else ""
-    epoch = f"epoch {info.epoch + 1}/{info.epochs}" if info.epoch is not None and info.epochs else ""
-    st.markdown(f"**{info.name}**: {info.state} {('· ' + stage) if stage else ''} {('· ' + epoch) if epoch else ''}")
+    where = info.progress()
+    st.markdown(f"**{info.name}**: {info.state}" + (f" · {where}" if where else ""))
     if info.error:
         st.error(info.error)
+    if info.cv:
+        done = len(info.cv.get("done") or [])
+        st.progress(min(1.0, done / max(1, info.cv.get("folds") or 1)),
+                    text=f"{done} of {info.cv.get('folds')} folds done")
     if info.alive and info.epoch is not None and info.epochs:
-        st.progress(min(1.0, (info.epoch) / info.epochs), text=f"{stage}, {epoch}")
+        st.progress(min(1.0, (info.epoch) / info.epochs), text=where)
     b1, b2, b3 = st.columns(3)
     if info.alive:
         b1.button("Stop (saves a checkpoint)", on_click=_stop, args=(run_path,), key="stop_btn")
@@ -137,16 +146,21 @@ def progress_panel() -> None:
         b1.button("Resume", on_click=_resume, args=(run_path,), key="resume_btn", disabled=job is not None)
     if st.session_state.get("train_msg"):
         b3.caption(st.session_state["train_msg"])
-    m = runfolder.read_metrics(run_path)
+    m = runfolder.read_fold_metrics(run_path) if info.cv else runfolder.read_metrics(run_path)
     if not m.empty:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation ROC-AUC"))
-        hover = m["stage_name"].astype(str) + " epoch " + m["epoch"].astype(str) if "stage_name" in m else None
-        for col, dash in (("train_loss", None), ("val_loss", "dot")):
-            if col in m:
-                fig.add_trace(go.Scatter(x=m["step"], y=m[col], name=col, line={"dash": dash}, text=hover),
-                              row=1, col=1)
-        if "val_roc_auc" in m:
-            fig.add_trace(go.Scatter(x=m["step"], y=m["val_roc_auc"], name="val ROC-AUC", text=hover), row=1, col=2)
+        # one set of lines per fold of a cross-validation (each validated on its own fold)
+        for fold, part in (m.groupby("fold") if "fold" in m else [(None, m)]):
+            tag = "" if fold is None else f"fold {fold} "
+            hover = (part["stage_name"].astype(str) + " epoch " + part["epoch"].astype(str)
+                     if "stage_name" in part else None)
+            for col, dash in (("train_loss", None), ("val_loss", "dot")):
+                if col in part:
+                    fig.add_trace(go.Scatter(x=part["step"], y=part[col], name=f"{tag}{col}", line={"dash": dash},
+                                             text=hover), row=1, col=1)
+            if "val_roc_auc" in part:
+                fig.add_trace(go.Scatter(x=part["step"], y=part["val_roc_auc"], name=f"{tag}val ROC-AUC",
+                                         text=hover), row=1, col=2)
         fig.update_xaxes(title_text="epoch (all stages)")
         fig.update_layout(height=320, margin={"t": 40, "b": 10})
         st.plotly_chart(fig, width="stretch", key="train_curves")

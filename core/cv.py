@@ -1,0 +1,288 @@
+"""Cross-validated training: K fold runs, out-of-fold predictions, the ensemble.
+
+The test patients are held out once (as a single-split run holds them out); the other patients are cut into K
+patient-grouped, label-stratified folds (core.splits.assign_folds, saved in the run folder so a resume reuses
+them). Fold k is an ordinary run (core.training.fit) in folds/fold_<k>: fold k validates it (best epoch per stage),
+the other folds train it. Every non-test photo is then scored once by the fold model that never trained on it
+(the out-of-fold predictions); the recipe's threshold rule and the calibration are fitted on those, and the K
+fold models are saved as one ensemble bundle (core.ensemble), evaluated once on the test patients.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from core import metrics, runfolder
+from core.bundle import Threshold, load_bundle, read_meta
+from core.config import ConfigError, CVConfig, RunConfig
+from core.evaluation import build_report, groups_of
+from core.fileio import atomic_write_json
+from core.manifest import ManifestError, read_manifest, write_manifest
+from core.runfolder import BUNDLE, CV_REPORT, RunFolder
+from core.splits import TEST_FOLD, FixedSplit, assign_folds, fold_split, grouping, split_counts
+
+OOF_COLUMNS = ("image", "label", "patient_id", "fold", "prob", "logit")
+
+
+def fold_config(cfg: RunConfig, k: int) -> RunConfig:
+    """Fold k's run: the recipe as one ordinary run on the fold's split, with its own seed and no test report.
+
+    split.val is only descriptive there (the fold decides the split): about the share one fold holds."""
+    val = round((1 - cfg.split.test) / cfg.cv.folds, 4)
+    return replace(cfg, name=f"{cfg.name}.fold_{k}", seed=cfg.seed + k, report_test=False, cv=CVConfig(),
+                   split=replace(cfg.split, val=val))
+
+
+def _is_main_process() -> bool:
+    """Rank 0 (or the only process). Read from the launcher's environment: the fold runs' Fabric does not exist yet
+    when the top folder is set up, and a DDP launch re-runs this whole command on every rank."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+
+
+def _distributed(cfg: RunConfig) -> bool:
+    return cfg.devices * cfg.num_nodes > 1
+
+
+# ---------------------------------------------------------------- folds
+def make_folds(cfg: RunConfig, rf: RunFolder) -> tuple[pd.DataFrame, list[pd.DataFrame], str]:
+    """The run's fold assignment (computed once, then read back: a resumed run keeps its folds), every stage's
+    rows with the ensemble's split (test, else train: every non-test photo trains some member), and how."""
+    from core.training import stage_rows
+    stages, union = stage_rows(cfg)
+    folds, how = assign_folds(union, cfg.cv.folds, cfg.split)
+    saved = runfolder.read_folds(rf.out)
+    if saved is not None:
+        if set(saved["image"]) != set(union["image"]):
+            raise ManifestError(f"{rf.out / runfolder.FOLDS} lists other images than the recipe's data now has: "
+                                "the data changed since this run started; start a new run")
+        if int(saved["fold"].max()) + 1 != cfg.cv.folds:
+            raise ConfigError(f"{rf.out} was split into {int(saved['fold'].max()) + 1} folds, not "
+                              f"{cfg.cv.folds}; resume it with its own config")
+        folds = folds.drop(columns=["split", "fold"]).merge(saved[["image", "split", "fold"]], on="image")
+        how += " (as assigned when the run started)"
+    elif rf.is_main:
+        runfolder.write_folds(rf.out, folds)
+    split_of = dict(zip(folds["image"], folds["split"]))
+    return folds, [df.assign(split=df["image"].map(split_of)) for df, _ in stages], how
+
+
+def _fold_done(fold_dir: Path) -> bool:
+    return runfolder.has_bundle(fold_dir) and runfolder.read_status(fold_dir).get("state") == "finished"
+
+
+# ---------------------------------------------------------------- the run
+def fit_cv(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train the K fold runs (skipping finished ones, resuming a stopped one), then the out-of-fold predictions,
+    threshold, calibration, reports and the ensemble bundle; returns the bundle folder."""
+    from core import training
+    if not cfg.cv.enabled:
+        raise ConfigError("fit_cv needs cv.folds >= 2")
+    out, k_folds = Path(out), cfg.cv.folds
+    rf = RunFolder(out, is_main=_is_main_process())
+    training._install_stop_handler(distributed=_distributed(cfg))
+    training._watch_stop_requests(rf)
+    if not resume:  # a resumed run keeps the config it started with
+        rf.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    done = [k for k in range(k_folds) if _fold_done(runfolder.fold_path(out, k))] if resume else []
+    progress = lambda fold: {"cv": {"folds": k_folds, "fold": fold, "done": list(done)}}  # noqa: E731
+    rf.status(state="running", started=time.time(), **progress(None))
+    try:
+        folds, stages, how = make_folds(cfg, rf)
+        if rf.is_main:
+            for i, (stage, df) in enumerate(zip(cfg.stages, stages)):
+                write_manifest(df, rf.split_path(i, stage.name), relative=False)
+        rf.log(f"cross-validation, {k_folds} folds: {how}; {_fold_counts(folds)}" +
+               (f"; folds already done: {', '.join(map(str, done))}" if done else ""))
+        for k in range(k_folds):
+            if k in done:
+                continue
+            if not _distributed(cfg):  # under DDP the fold run's own (collective) check_stop sees the request
+                _check_stop_between_folds()
+            fold_dir = runfolder.fold_path(out, k)
+            rf.status(**progress(k), stage=None, stage_name=None, epoch=None, epochs=None)
+            rf.log(f"fold {k + 1}/{k_folds}: {runfolder.FOLD_RUNS}/{fold_dir.name}" +
+                   (" (resuming)" if runfolder.has_checkpoint(fold_dir) else ""))
+            split = FixedSplit(fold_split(folds, k), f"cross-validation fold {k} of {k_folds} ({how})")
+            training.fit(fold_config(cfg, k), fold_dir, resume=runfolder.has_checkpoint(fold_dir), split=split,
+                         parent=out)
+            training._watch_stop_requests(rf)  # the fold run watched its own folder and this one; back to this one
+            done.append(k)
+            rf.status(**progress(None))
+        if not rf.is_main:
+            return out / BUNDLE
+        rf.status(**progress(None), stage=None, stage_name="out-of-fold predictions and ensemble", epoch=None,
+                  epochs=None)
+        bundle = finish_cv(rf, cfg, stages, how)
+        rf.status(state="finished", finished=time.time(), **progress(None))
+        return bundle
+    except (training.Stopped, KeyboardInterrupt) as e:
+        rf.log(f"stopped on request ({str(e) or type(e).__name__}); folds done: {len(done)} of {k_folds}; "
+               "resume with --resume")
+        rf.status(state="stopped", **progress(None))
+        rf.clear_stop()
+        raise
+    except Exception as e:
+        rf.log(f"failed: {type(e).__name__}: {e}")
+        rf.status(state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _check_stop_between_folds() -> None:
+    from core.training import Stopped, _stop_reason
+    reason = _stop_reason()
+    if reason:
+        raise Stopped(reason)
+
+
+def _fold_counts(folds: pd.DataFrame) -> str:
+    parts = []
+    for k, part in folds[folds["fold"] != TEST_FOLD].groupby("fold"):
+        parts.append(f"fold {k}: {len(part)} photos ({int(part['label'].sum())} malignant)")
+    test = folds[folds["fold"] == TEST_FOLD]
+    parts.append(f"test: {len(test)} photos ({int(test['label'].sum())} malignant)" if len(test) else "no test split")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- after the folds
+def out_of_fold(run: Path, cfg: RunConfig) -> tuple[pd.DataFrame, list]:
+    """Every fold model's fp32 logits on its own validation fold (the last stage's rows), in one frame, and the
+    loaded fold bundles in fold order."""
+    from core.trust import features_and_logits
+    last = len(cfg.stages) - 1
+    parts, members = [], []
+    for k in range(cfg.cv.folds):
+        fold_dir = runfolder.fold_path(run, k)
+        b = load_bundle(fold_dir / BUNDLE)
+        split = read_manifest(runfolder.split_path(fold_dir, last, cfg.stages[last].name))
+        val = split[split["split"] == "val"].reset_index(drop=True)
+        _, logits = features_and_logits(b.model, val)
+        parts.append(val.assign(fold=k, logit=logits, prob=1.0 / (1.0 + np.exp(-logits))))
+        members.append(b)
+    return pd.concat(parts, ignore_index=True), members
+
+
+def _check_coverage(oof: pd.DataFrame, last_stage: pd.DataFrame) -> None:
+    """Each non-test photo of the last stage exactly once (a fold mix-up would silently bias every number)."""
+    expected = set(last_stage.loc[last_stage["split"] != "test", "image"])
+    dup = oof["image"][oof["image"].duplicated()]
+    if len(dup) or set(oof["image"]) != expected:
+        raise RuntimeError(f"out-of-fold predictions cover {oof['image'].nunique()} of {len(expected)} non-test "
+                           f"photos ({len(dup)} twice): the fold runs' splits do not match {runfolder.FOLDS}")
+
+
+def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: str) -> Path:
+    """Out-of-fold predictions, threshold and calibration on them, the reports and the ensemble bundle."""
+    from core.calibration import CalibrationError, fit_calibration
+    from core.ensemble import save_ensemble
+    from core.training import _jsonable, _report_test
+    k_folds, t = cfg.cv.folds, cfg.threshold
+    last_stage = stages[-1]
+    oof, members = out_of_fold(rf.out, cfg)
+    _check_coverage(oof, last_stage)
+    order = {image: i for i, image in enumerate(last_stage["image"])}  # the data's own order, not fold order
+    oof = oof.sort_values("image", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    runfolder.write_oof(rf.out, oof.reindex(columns=list(OOF_COLUMNS)))
+    y, probs = oof["label"].to_numpy().astype(int), oof["prob"].to_numpy()
+    chosen = metrics.choose_threshold(y, probs, rule=t.rule, target=t.target)
+    report = build_report(oof, probs, chosen["threshold"], n_boot=cfg.n_boot, seed=cfg.seed, split="out-of-fold")
+    vm = report["metrics"]
+    threshold = Threshold(value=float(chosen["threshold"]), rule=t.rule, target=t.target,
+                          chosen_on=f"out-of-fold predictions ({k_folds} folds)", val_sensitivity=vm["recall"],
+                          val_specificity=vm["specificity"], n_val=int(len(y)), n_val_malignant=int(y.sum()))
+    try:
+        calibration = fit_calibration(oof["logit"].to_numpy(), y, groups=groups_of(oof), seed=cfg.seed)
+    except CalibrationError as e:
+        calibration = None
+        report["notes"].append(f"no calibration map: {e}")
+    report["notes"] += cv_notes(cfg)
+    per_fold = fold_reports(oof, members, threshold.value, rf.out)
+    report["cv"] = {"folds": k_folds, "how": how, "internal_estimate_only": cfg.split.test == 0,
+                    "threshold": threshold.to_dict(), "per_fold": per_fold, "summary": fold_summary(per_fold),
+                    "calibration": None if calibration is None else calibration.to_meta()}
+    member_info = [{"fold": f["fold"], "run": f["run"], "best_epochs": f["best_epochs"],
+                    "val_metrics": b.meta.provenance.validation_metrics} for f, b in zip(per_fold, members)]
+    seconds = sum(float(b.meta.provenance.train_seconds or 0) for b in members)
+    provenance = _provenance(cfg, members, per_fold, stages, how, vm, seconds)
+    similar = oof.drop(columns=["prob", "logit"]).assign(split="train")  # every one trained K-1 of the members
+    bundle = save_ensemble(members, rf.out / BUNDLE, threshold=threshold, provenance=provenance,
+                           calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed)
+    report["model"] = read_meta(bundle).summary()
+    atomic_write_json(rf.out / CV_REPORT, _jsonable(report), indent=1)
+    rf.log(f"cross-validation ({k_folds} folds; per fold at the out-of-fold threshold {threshold.value:.3f}):\n" +
+           cv_table(report, cfg.name) + "".join(f"\n  {n}" for n in cv_notes(cfg)))
+    if calibration is not None:
+        rf.log(f"calibration: {calibration.method} (slope {calibration.slope:.3f}, intercept "
+               f"{calibration.intercept:.3f}) on {calibration.n} out-of-fold photos; {calibration.chosen_by}")
+    rf.log(f"ensemble of {k_folds} fold models; bundle: {bundle}")
+    if cfg.report_test and (last_stage["split"] == "test").any():
+        _report_test(rf, cfg, bundle, last_stage)
+    return bundle
+
+
+def cv_notes(cfg: RunConfig) -> list[str]:
+    """What every cross-validation report says about its numbers."""
+    notes = [f"out-of-fold: every non-test photo scored once, by the one of the {cfg.cv.folds} fold models that "
+             "never trained on it; the threshold was chosen on these same predictions, so sensitivity and "
+             "specificity at it are not an independent estimate (ROC-AUC and PR-AUC do not depend on it)"]
+    if cfg.split.test == 0:
+        notes.append("no test split (split.test = 0): these out-of-fold metrics are the run's only internal "
+                     "estimate; evaluate the ensemble on an outside test set (python -m train.evaluate)")
+    return notes
+
+
+def fold_reports(oof: pd.DataFrame, members: list, threshold: float, run: Path) -> list[dict]:
+    """Per fold: its validation photos' metrics at the common out-of-fold threshold, ROC points, its own
+    best epochs and its own (validation-fold) threshold."""
+    out = []
+    for k, part in oof.groupby("fold", sort=True):
+        y, p = part["label"].to_numpy().astype(int), part["prob"].to_numpy()
+        rep = metrics.metric_report(y, p, threshold, n_boot=0)
+        meta = members[int(k)].meta
+        out.append({"fold": int(k), "run": f"{runfolder.FOLD_RUNS}/{runfolder.fold_path(run, int(k)).name}",
+                    "n": rep["n"], "n_positive": rep["n_positive"], "n_patients": int(grouping(part)[1].nunique()),
+                    "metrics": {key: m["value"] for key, m in rep["metrics"].items()},
+                    "roc": metrics.roc_points(y, p),
+                    "best_epochs": [s.get("best_epoch") for s in meta.provenance.stages or []],
+                    "own_threshold": meta.threshold.value})
+    return out
+
+
+def fold_summary(per_fold: list[dict]) -> dict:
+    """Mean and standard deviation (ddof 1) over folds of each metric; folds where it is undefined are left out."""
+    out = {}
+    for key in per_fold[0]["metrics"]:
+        values = np.array([f["metrics"][key] for f in per_fold if f["metrics"][key] is not None], dtype=float)
+        out[key] = {"mean": float(values.mean()) if len(values) else None,
+                    "sd": float(values.std(ddof=1)) if len(values) > 1 else None, "n_folds": int(len(values))}
+    return out
+
+
+def cv_table(report: dict, name: str) -> str:
+    """Per-fold rows, their mean and SD, and the out-of-fold row with its 95% CIs, in the paper's table layout."""
+    cv = report["cv"]
+    rows = [(f"fold {f['fold']} (n={f['n']})", {k: {"value": v} for k, v in f["metrics"].items()})
+            for f in cv["per_fold"]]
+    rows.append(("mean of folds", {k: {"value": s["mean"]} for k, s in cv["summary"].items()}))
+    rows.append(("SD of folds", {k: {"value": s["sd"]} for k, s in cv["summary"].items()}))
+    rows.append((f"{name} out-of-fold (n={report['n']})", report["metrics"]))
+    return metrics.format_table(rows)
+
+
+def _provenance(cfg, members, per_fold, stages_df, how, vm, seconds):
+    """The ensemble's provenance: the recipe, each stage's data and split (the folds), every fold's best epochs."""
+    from core.training import _provenance as run_provenance
+    first = members[0].meta.provenance
+    stages = []
+    for i, stage in enumerate(first.stages or []):
+        stages.append({**stage, "split": how, "split_counts": split_counts(stages_df[i]), "best_epoch": None,
+                       "best_epoch_per_fold": [f["best_epochs"][i] if i < len(f["best_epochs"]) else None
+                                               for f in per_fold], "recipe": asdict(cfg.stages[i])})
+    parent = read_meta(cfg.init_from) if cfg.init_from else None
+    return run_provenance(cfg, SimpleNamespace(stage_prov=stages), parent, vm, seconds)
