@@ -20,6 +20,10 @@ Trust sections (issue 10), each optional: `ood_gate` (core.ood: the out-of-distr
 and validation photos). Their arrays (the gate's descriptor, the float16 embeddings) live in `trust.safetensors`
 beside the weights (the similar-case records as JSON in its metadata), its SHA-256 in `trust_arrays`, checked
 like the weights. A bundle without them still loads; `Bundle.lacks()` says what it cannot do.
+
+Ensembles (issue 11): an `ensemble` section (EnsembleInfo) says the weights file holds K members of the one
+described architecture (keys `members.<k>.*`), loaded as a core.model.EnsembleClassifier; its gate is a
+core.ood.EnsembleGate (arrays `gate.<k>.*`). Tools that predate the section refuse such a bundle by its unknown key.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from core.context import ContextModel
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
 from core.runfolder import BUNDLE
-from core.model import HeadConfig, LesionClassifier
+from core.model import EnsembleClassifier, HeadConfig, LesionClassifier
 
 FORMAT = "skinscreen-model-bundle"
 FORMAT_VERSION = 2
@@ -127,6 +131,30 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class EnsembleInfo:
+    """An ensemble bundle's members (core.model.EnsembleClassifier): how many, how they are combined, and each
+    member's record (its fold, its run, its validation numbers, its own weights' hash)."""
+    members: int
+    combine: str = "mean_prob"
+    member_info: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "ensemble") -> "EnsembleInfo":
+        from core.model import COMBINE_RULES
+        known = _check_keys(cls, d, where)
+        n = known.get("members")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise BundleError(f"{where}: 'members' must be a positive whole number, found {n!r}")
+        if known.get("combine", "mean_prob") not in COMBINE_RULES:
+            raise BundleError(f"{where}: 'combine' must be one of {', '.join(COMBINE_RULES)}, found "
+                              f"{known.get('combine')!r}")
+        return cls(**known)
+
+
+@dataclass(frozen=True)
 class BundleMeta:
     """The content of model.json. `folder` (where it was read from) is not written."""
     backbone: dict                        # BackboneSpec.to_dict(): rebuilds the network
@@ -146,6 +174,7 @@ class BundleMeta:
     similar_cases: dict | None = None     # core.similar.SimilarIndex summary; embeddings + records in TRUST_FILE
     trust_arrays: dict | None = None      # {"file": TRUST_FILE, "sha256": ...}
     context: ContextModel | None = None   # the clinical-context stage (core.context): answers fused with the photo
+    ensemble: EnsembleInfo | None = None  # K members of one architecture in one weights file (core.model)
 
     @property
     def spec(self) -> BackboneSpec:
@@ -264,6 +293,9 @@ def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: Thres
     never loads. threshold/provenance may be given in their dict form (checked as a read would be);
     `sections` are BundleMeta's optional sections; gate/calibration/similar are the trust parts."""
     folder = Path(folder)
+    if isinstance(sections.get("ensemble"), dict):
+        sections["ensemble"] = EnsembleInfo.from_dict(sections["ensemble"])
+    _check_ensemble(model, sections.get("ensemble"))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).unlink(missing_ok=True)  # overwriting: no moment where old json meets new weights
     (folder / TRUST_FILE).unlink(missing_ok=True)  # and no stale trust arrays beside new weights
@@ -280,6 +312,15 @@ def save_bundle(model: LesionClassifier, folder: str | Path, *, threshold: Thres
                       weights_sha256=file_sha256(weights), **sections)
     atomic_write_json(folder / META_FILE, meta.to_dict())
     return folder
+
+
+def _check_ensemble(model, info) -> None:
+    """An ensemble model is saved with its ensemble section, a single model without one (else it would not load)."""
+    members = len(model.members) if isinstance(model, EnsembleClassifier) else None
+    described = (info.members if isinstance(info, EnsembleInfo) else info.get("members")) if info else None
+    if members != described:
+        raise BundleError(f"the model has {members or 'no'} ensemble members but the ensemble section describes "
+                          f"{described or 'none'}")
 
 
 def _trust_sections(folder: Path, gate, calibration, similar, raw_threshold: float) -> dict:
@@ -321,7 +362,7 @@ def _load_trust(meta: BundleMeta) -> dict:
             metadata = f.metadata() or {}
         if meta.ood_gate is not None:
             gate_arrays = {k.removeprefix("gate."): v for k, v in arrays.items() if k.startswith("gate.")}
-            parts["gate"] = ood.OODGate.from_meta(meta.ood_gate, gate_arrays)
+            parts["gate"] = ood.gate_from_meta(meta.ood_gate, gate_arrays)
         if meta.similar_cases is not None:
             records = json.loads(metadata.get("similar_records", "[]"))
             parts["similar"] = similar_mod.SimilarIndex.from_meta({"records": records}, arrays["similar.embeddings"],
@@ -379,12 +420,20 @@ def verify_trust(meta: BundleMeta) -> Path | None:
     return path
 
 
+def _empty_model(meta: BundleMeta) -> LesionClassifier | EnsembleClassifier:
+    """The described network with random weights (the checked weights are loaded next)."""
+    if meta.ensemble is None:
+        return LesionClassifier(meta.spec, meta.head_config, weights="none")
+    members = [LesionClassifier(meta.spec, meta.head_config, weights="none") for _ in range(meta.ensemble.members)]
+    return EnsembleClassifier(members, meta.ensemble.combine)
+
+
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the classifier from its description and load the checked weights (safetensors: no code runs)."""
     meta = read_meta(folder)
     verify_weights(meta)
     try:
-        model = LesionClassifier(meta.spec, meta.head_config, weights="none")
+        model = _empty_model(meta)
         model.load_state_dict(load_file(str(meta.folder / WEIGHTS_FILE)), strict=True)
     except (KeyError, TypeError, RuntimeError) as e:
         raise BundleError(f"{meta.folder}: weights do not match the described model ({str(e)[:300]})") from e

@@ -84,3 +84,97 @@ class LesionClassifier(nn.Module):
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
+
+
+COMBINE_RULES = ("mean_prob", "mean_logit")
+
+
+def combine_logits(member_logits: torch.Tensor, rule: str = "mean_prob") -> torch.Tensor:
+    """One logit (B, 1) from member logits (B, K): the logit of the members' mean probability, or their mean logit.
+
+    mean_prob is computed in log space (logsumexp of log-sigmoids), so a member at +-40 neither overflows nor
+    rounds the mean probability to exactly 0 or 1; with one member both rules return its logit unchanged."""
+    if rule == "mean_logit":
+        return member_logits.mean(dim=1, keepdim=True)
+    if rule != "mean_prob":
+        raise ValueError(f"combine rule must be one of {COMBINE_RULES}, not {rule!r}")
+    log_k = torch.log(torch.tensor(float(member_logits.shape[1]), dtype=member_logits.dtype,
+                                   device=member_logits.device))
+    log_p = torch.logsumexp(nn.functional.logsigmoid(member_logits), dim=1, keepdim=True) - log_k
+    log_q = torch.logsumexp(nn.functional.logsigmoid(-member_logits), dim=1, keepdim=True) - log_k
+    return log_p - log_q
+
+
+class EnsembleClassifier(nn.Module):
+    """K LesionClassifiers of one architecture (e.g. the K fold models of a cross-validated run) read as one model.
+
+    model(x) is the combined logit (B, 1); features(x) (and backbone(x)) the members' pooled features side by side
+    (B, K*D), and head(features) the combined logit from them, so code written for a LesionClassifier's
+    backbone -> head split (embeddings, trust, export) works unchanged. The members' own parts stay reachable
+    for what must be done per member (Grad-CAM, the out-of-distribution gate)."""
+
+    def __init__(self, members: list[LesionClassifier], combine: str = "mean_prob"):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        first = members[0]
+        for i, m in enumerate(members[1:], 1):
+            if m.spec.to_dict() != first.spec.to_dict() or m.head_cfg != first.head_cfg:
+                raise ValueError(f"ensemble member {i} is a {m.spec.name} ({m.head_cfg.kind} head), member 0 a "
+                                 f"{first.spec.name} ({first.head_cfg.kind} head): members must share one architecture")
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"combine rule must be one of {COMBINE_RULES}, not {combine!r}")
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+        self.spec, self.head_cfg = first.spec, first.head_cfg
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K): each member's logit."""
+        return torch.cat([m(x) for m in self.members], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_logits(self.member_logits(x), self.combine)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.features(x) for m in self.members], dim=1)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """x -> the members' pooled features side by side (B, K*D)."""
+        return _Split(self, "features")
+
+    @property
+    def head(self) -> nn.Module:
+        """(B, K*D) features -> the combined logit (B, 1)."""
+        return _Split(self, "logit_from_features")
+
+    def logit_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        parts = feats.chunk(len(self.members), dim=1)
+        return combine_logits(torch.cat([m.head(f) for m, f in zip(self.members, parts)], dim=1), self.combine)
+
+
+class _Split(nn.Module):
+    """A view of one half of an ensemble (its features, or its head on them), as a module.
+
+    The ensemble is held outside the module tree, so the view adds no second copy of the members' parameters to
+    a state dict (safetensors refuses shared tensors)."""
+
+    def __init__(self, ensemble: EnsembleClassifier, method: str):
+        super().__init__()
+        object.__setattr__(self, "_ensemble", ensemble)
+        self._method = method
+        self.training = ensemble.training  # callers save and restore a module's mode around eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self._ensemble, self._method)(x)
+
+    def train(self, mode: bool = True):
+        self._ensemble.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .float() act on the members
+        self._ensemble._apply(fn, recurse)
+        return self

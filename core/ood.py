@@ -109,6 +109,92 @@ class OODGate:
                    arrays={k: np.asarray(v) for k, v in arrays.items()})
 
 
+@dataclass(frozen=True)
+class EnsembleGate:
+    """The members' own gates for an ensemble, each scoring its member's part of the side-by-side features.
+
+    A member's ratio is its distance over its own threshold (> 1: that member refuses). The ensemble's score is
+    the lower median of the ratios, the ceil(K/2)-th smallest: the photo is refused when more than half of the
+    members refuse it. Each member's threshold was set on photos that member never trained on (its validation
+    fold), which no single gate over all the members could have."""
+    gates: tuple
+    method: str = "ensemble"
+    threshold: float = 1.0
+
+    @property
+    def dim(self) -> int:
+        return sum(g.dim for g in self.gates)
+
+    @property
+    def accept_quantile(self) -> float:
+        return min(g.accept_quantile for g in self.gates)
+
+    @property
+    def n_reference(self) -> int:
+        return sum(g.n_reference for g in self.gates)
+
+    @property
+    def n_validation(self) -> int:
+        return sum(g.n_validation for g in self.gates)
+
+    @property
+    def k(self):
+        return None
+
+    @property
+    def arrays(self) -> dict:
+        return {f"{i}.{name}": a for i, g in enumerate(self.gates) for name, a in g.arrays.items()}
+
+    def ratios(self, feats) -> np.ndarray:
+        """(N, K): each member's distance over its threshold."""
+        x = _check_features(feats, self.dim)
+        cuts = np.cumsum([0] + [g.dim for g in self.gates])
+        return np.stack([g.score(x[:, a:b]) / g.threshold for g, a, b in zip(self.gates, cuts[:-1], cuts[1:])], 1)
+
+    def score(self, feats) -> np.ndarray:
+        r = np.sort(self.ratios(feats), axis=1)
+        return r[:, (len(self.gates) - 1) // 2]
+
+    def accepts(self, feats) -> np.ndarray:
+        return self.score(feats) <= self.threshold
+
+    def check(self, feats) -> list[GateResult]:
+        out = []
+        for row in self.ratios(feats):
+            s = float(np.sort(row)[(len(row) - 1) // 2])
+            out.append(GateResult(s <= self.threshold, s, self.threshold,
+                                  None if s <= self.threshold else self.reason(s, int((row > 1).sum()))))
+        return out
+
+    def reason(self, score: float, refusing: int | None = None) -> str:
+        who = f"{refusing} of the {len(self.gates)}" if refusing is not None else "most of the"
+        return (f"{who} models find it unlike their training photos (median distance {score:.3g} times their "
+                f"limits; each limit is what {self.accept_quantile:.1%} of that model's validation photos fall within)")
+
+    def to_meta(self) -> dict:
+        return {"method": self.method, "threshold": self.threshold, "accept_quantile": self.accept_quantile,
+                "n_reference": self.n_reference, "n_validation": self.n_validation, "dim": self.dim,
+                "members": [g.to_meta() for g in self.gates],
+                "score": "lower median over members of distance / member threshold; refused when score > 1 "
+                         "(more than half of the members refuse)"}
+
+    @classmethod
+    def from_meta(cls, meta: dict, arrays: dict) -> EnsembleGate:
+        members = meta.get("members") or []
+        if not members:
+            raise GateError("ensemble gate description lists no members")
+        gates = []
+        for i, m in enumerate(members):
+            part = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
+            gates.append(OODGate.from_meta(m, part))
+        return cls(tuple(gates))
+
+
+def gate_from_meta(meta: dict, arrays: dict):
+    """An OODGate, or an EnsembleGate when the description says so."""
+    return (EnsembleGate if meta.get("method") == "ensemble" else OODGate).from_meta(meta, arrays)
+
+
 # -------------------------------------------------------------------- fitting
 def describe(train_feats, method: str = DEFAULT_METHOD, *, k: int = DEFAULT_K, seed: int = 0) -> dict:
     """The descriptor arrays of the training photos for `method`."""
