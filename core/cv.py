@@ -120,12 +120,15 @@ def fit_cv(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
         rf.status(**progress(None), stage=None, stage_name="out-of-fold predictions and ensemble", epoch=None,
                   epochs=None)
         bundle = finish_cv(rf, cfg, stages, how)
-        rf.status(state="finished", finished=time.time(), **progress(None))
+        if training._stop_reason():
+            rf.log("a stop was requested during the final reports; the run finished first")
+            rf.clear_stop()
+        rf.status(state="finished", finished=time.time(), stage_name=None, **progress(None))
         return bundle
     except (training.Stopped, KeyboardInterrupt) as e:
         rf.log(f"stopped on request ({str(e) or type(e).__name__}); folds done: {len(done)} of {k_folds}; "
                "resume with --resume")
-        rf.status(state="stopped", **progress(None))
+        rf.status(state="stopped")  # keeps the fold, stage and epoch it stopped in
         rf.clear_stop()
         raise
     except Exception as e:

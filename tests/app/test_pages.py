@@ -377,13 +377,37 @@ def test_train_form_builds_the_request(with_model, monkeypatch):
     at.number_input(key=f"tf_epochs_{k}").set_value(2)
     at.text_input(key=f"tf_lr_{k}").set_value("3e-4")
     at.text_input(key=f"tf_manifest_{k}").set_value("/data/m.csv")
+    assert at.number_input(key=f"tf_folds_{k}").value == 0  # the recipe's: one validation split
+    at.number_input(key=f"tf_folds_{k}").set_value(4)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception
     (req, root), = started
     assert root == with_model.runs and req.name == "my_run" and req.recipe.endswith("shared_demo.yaml")
     assert (req.backbone, req.device, req.epochs, req.lr, req.manifest) == ("resnet18", "cpu", 2, 3e-4, "/data/m.csv")
+    assert req.folds == 4
     assert req.weights is None and req.init_from is None and req.sets == ("init_from=null",)
     assert any("Started **my_run** on cpu" in s.value for s in at.main.success)
+
+
+def test_train_page_shows_a_cross_validations_fold_progress_and_each_folds_curves(with_model):
+    from core import runfolder
+    run = with_model.runs / "cv_run"
+    run.mkdir()
+    (run / runfolder.FOLDS).write_text("image,label,split,fold\n/a.png,0,train,0\n")
+    runfolder.update_status(run, state="stopped", cv={"folds": 5, "fold": 2, "done": [0, 1]}, stage=1,
+                            stage_name="finetune", epoch=3, epochs=8)
+    for k in range(3):
+        runfolder.write_metrics(runfolder.fold_path(run, k), [{"stage": 0, "stage_name": "head", "epoch": 0,
+                                                               "train_loss": 0.7, "val_loss": 0.6,
+                                                               "val_roc_auc": 0.7 + k / 20}])
+    at = app().switch_page("ui/train.py").run()
+    at.selectbox(key="train_watch").set_value("cv_run").run()
+    assert not at.exception
+    assert "**cv_run**: stopped · fold 3/5, stage finetune, epoch 4/8" in texts(at)
+    assert "2 of 5 folds done" in str(at.get("progress")[0].proto)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert {t["name"] for t in spec["data"]} >= {"fold 0 val ROC-AUC", "fold 1 val ROC-AUC", "fold 2 val ROC-AUC"}
+    assert any(b.label == "Resume" for b in at.button)  # resumable: the fold runs hold the checkpoints
 
 
 # ------------------------------------------------------------------ clinical context

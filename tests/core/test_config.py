@@ -174,3 +174,53 @@ def test_missing_data_names_the_download_not_a_traceback(tmp_path):
     msg = str(e.value)
     assert str(tmp_path / "nowhere" / "pad_ufes_20_subset" / "labels.csv") in msg
     assert "PAD-UFES-20" in msg and "Mendeley" in msg and "--data-root" in msg
+
+
+# ------------------------------------------------------------------ cross-validation
+def test_cv_folds_are_read_and_zero_means_one_validation_split():
+    assert run_config_from_dict(tiny_config("l.csv", "imgs")).cv.folds == 0
+    assert not run_config_from_dict(tiny_config("l.csv", "imgs", cv=None)).cv.enabled
+    cfg = run_config_from_dict(tiny_config("l.csv", "imgs", cv={"folds": "5"}))
+    assert cfg.cv.folds == 5 and cfg.cv.enabled
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.cv.folds = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("run, message", [
+    ({"cv": {"folds": 1}}, "cv.folds must be 0 .* or at least 2, not 1"),
+    ({"cv": {"folds": -2}}, "cv.folds must be 0"),
+    ({"cv": {"folds": 2.5}}, "cv.folds: expected a whole number"),
+    ({"cv": {"k": 5}}, "cv: unknown key"),
+    ({"cv": {"folds": 5}, "context": {"fields": ["age"]}}, "context section is not supported with cv yet"),
+    ({"cv": {"folds": 5}, "split": {"val": 0.15, "test": 0.0}, "report_test": True}, "report_test needs"),
+    ({"cv": {"folds": 5}, "split": {"val": 0.1, "test": 1.0}}, "test must be >= 0 and < 1"),
+])
+def test_cv_mistakes_are_named(run, message):
+    with pytest.raises(ConfigError, match=message):
+        run_config_from_dict(tiny_config("l.csv", "imgs", **run))
+
+
+def test_cv_does_not_use_split_val_and_allows_no_test_split():
+    """With folds, each fold validates one fold run: split.val may be anything (even 0), and split.test 0 is the
+    case of a user with an outside test set."""
+    cfg = run_config_from_dict(tiny_config("l.csv", "imgs", cv={"folds": 4}, split={"val": 0.0, "test": 0.0}))
+    assert cfg.split.test == 0 and cfg.cv.folds == 4
+
+
+def test_shared_demo_cv_is_shared_demo_with_five_folds_and_its_test_patients():
+    demo = run_config_from_dict(yaml.safe_load((CONFIGS / "shared_demo.yaml").read_text()))
+    cv = run_config_from_dict(yaml.safe_load((CONFIGS / "shared_demo_cv.yaml").read_text()))
+    assert cv.cv.folds == 5 and cv.report_test and cv.context is None
+    assert (cv.split.test, cv.split.seed) == (demo.split.test, demo.split.seed)  # the same test patients
+    same = lambda c: dataclasses.replace(c, name="x", cv=demo.cv)  # noqa: E731
+    assert same(cv) == same(demo)  # nothing else differs
+
+
+def test_folds_flag_reaches_the_config(tmp_path):
+    from train.fit import build_parser, load_raw
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config("l.csv", "imgs", cv={"folds": 5})))
+    raw = load_raw(build_parser().parse_args(["--config", str(recipe), "--folds", "3"]))
+    assert run_config_from_dict(raw).cv.folds == 3
+    raw = load_raw(build_parser().parse_args(["--config", str(recipe), "--folds", "0"]))
+    assert not run_config_from_dict(raw).cv.enabled

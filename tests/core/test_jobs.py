@@ -167,6 +167,37 @@ def test_training_command_overrides():
     assert "--device" not in jobs.training_command(TrainRequest(recipe=str(recipe), name="x"), "/o")
 
 
+def test_folds_reach_the_command_and_the_recipe_summary_and_one_fold_is_refused(tmp_path):
+    recipe = jobs.RECIPES_DIR / "shared_demo_cv.yaml"
+    assert jobs.recipe_summary(recipe)["folds"] == 5
+    assert jobs.recipe_summary(jobs.RECIPES_DIR / "shared_demo.yaml")["folds"] == 0
+    cmd = jobs.training_command(TrainRequest(recipe=str(recipe), name="x", folds=3), "/o", python="py")
+    assert cmd[cmd.index("--folds") + 1] == "3"
+    assert "--folds" not in jobs.training_command(TrainRequest(recipe=str(recipe), name="x"), "/o")
+    no_cv = jobs.training_command(TrainRequest(recipe=str(recipe), name="x", folds=0), "/o")
+    assert no_cv[no_cv.index("--folds") + 1] == "0"  # 0 turns a recipe's cross-validation off
+    with pytest.raises(jobs.LaunchError, match="folds must be 0 .* or at least 2, not 1"):
+        jobs.start_training(TrainRequest(recipe=str(recipe), name="one", folds=1), tmp_path / "runs")
+
+
+def test_a_cross_validation_run_shows_its_fold_and_resumes_without_a_top_checkpoint(tmp_path):
+    run = tmp_path / "cv"
+    run.mkdir()
+    (run / runfolder.FOLDS).write_text("image,label,split,fold\n/a.png,0,train,0\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": dead.pid, "updated": time.time(),
+                                                 "cv": {"folds": 5, "fold": 2, "done": [0, 1]},
+                                                 "stage": 1, "stage_name": "finetune", "epoch": 3, "epochs": 8}))
+    info = jobs.run_info(run)
+    assert info.state == "interrupted" and info.resumable  # the fold runs hold the checkpoints
+    assert info.progress() == "fold 3/5, stage finetune, epoch 4/8"
+    assert jobs.runs_table([info]).loc[0, "stage"] == "fold 3/5: finetune"
+    info.cv = {"folds": 5, "fold": None, "done": [0, 1, 2, 3, 4]}
+    info.stage = info.stage_name = info.epoch = None
+    assert info.progress() == "5/5 folds done"
+
+
 # ------------------------------------------------------------------ lock
 def test_lock_held_by_live_process_refuses_and_stale_lock_is_cleared(tmp_path):
     root = tmp_path / "runs"

@@ -121,3 +121,42 @@ def test_the_trainer_names_run_folder_files_through_this_module():
     from pathlib import Path
     source = (Path(__file__).resolve().parents[2] / "core" / "training.py").read_text()
     assert re.findall(r"""["'](bundle|splits|val_report\.json|test_report\.json)["']""", source) == []
+
+
+def test_a_fold_run_mirrors_its_log_and_progress_into_its_parent_and_obeys_the_parents_stop(tmp_path):
+    top = tmp_path / "cv"
+    fold = RunFolder(runfolder.fold_path(top, 2), parent=top)
+    assert fold.out == top / "folds" / "fold_2"
+    runfolder.update_status(top, state="running", cv={"folds": 5, "fold": 2, "done": [0, 1]})
+    fold.status(state="finished", stage=1, stage_name="finetune", epoch=3, epochs=8)
+    assert runfolder.read_status(fold.out)["state"] == "finished"
+    parent = runfolder.read_status(top)
+    assert parent["state"] == "running" and parent["cv"]["fold"] == 2  # the fold's own state stays its own
+    assert (parent["stage_name"], parent["epoch"], parent["epochs"]) == ("finetune", 3, 8)
+    fold.log("stage 1 epoch 3: done")
+    assert "stage 1 epoch 3: done" in runfolder.log_tail(fold.out)
+    assert "[fold_2] stage 1 epoch 3: done" in runfolder.log_tail(top)
+    assert fold.stop_folder() is None
+    runfolder.request_stop(top)
+    assert fold.stop_requested() and fold.stop_folder() == top
+    fold.clear_stop()  # the fold clears its own requests; the top one is the cross-validation's to clear
+    assert runfolder.stop_requested(top)
+
+
+def test_a_cross_validation_holds_a_resumable_run_without_a_checkpoint(tmp_path):
+    import pandas as pd
+    run = tmp_path / "cv"
+    run.mkdir()
+    assert not runfolder.holds_run(run) and not runfolder.is_cv_run(run)
+    folds = pd.DataFrame({"image": ["/a.png", "/b.png"], "label": [0, 1], "patient_id": ["007", "8"],
+                          "split": ["train", "test"], "fold": [0, -1], "extra": [1, 2]})
+    runfolder.write_folds(run, folds)
+    assert runfolder.holds_run(run) and runfolder.is_cv_run(run) and not runfolder.has_checkpoint(run)
+    back = runfolder.read_folds(run)
+    assert list(back.columns) == ["image", "label", "patient_id", "split", "fold"]
+    assert back["patient_id"].tolist() == ["007", "8"]  # ids stay text
+    assert runfolder.read_fold_metrics(run).empty
+    for k in (0, 1):
+        runfolder.write_metrics(runfolder.fold_path(run, k), [{"stage": 0, "epoch": e} for e in range(k + 1)])
+    m = runfolder.read_fold_metrics(run)
+    assert m["fold"].tolist() == [0, 1, 1] and m["step"].tolist() == [1, 1, 2]

@@ -105,3 +105,60 @@ def test_split_counts_report_images_malignant_and_patients():
     counts = split_counts(out)
     assert sum(c["images"] for c in counts.values()) == len(out)
     assert sum(c["patient_ids"] for c in counts.values()) == out["patient_id"].nunique()
+
+
+# ------------------------------------------------------------------ cross-validation folds
+@pytest.mark.parametrize("seed", [0, 3])
+def test_folds_never_share_a_patient_with_each_other_or_with_test(seed):
+    from core.splits import TEST_FOLD, assign_folds
+    df = _df(150, seed=seed)
+    out, how = assign_folds(df, 5, SplitConfig(0.15, 0.15, seed))
+    assert set(out["fold"]) == {TEST_FOLD, 0, 1, 2, 3, 4}
+    assert out.groupby("patient_id")["fold"].nunique().max() == 1  # one patient, one fold (or test)
+    assert (out["split"] == "test").eq(out["fold"] == TEST_FOLD).all()
+    assert "5 folds" in how and "patient_id" in how
+    rate = out.loc[out["fold"] != TEST_FOLD, "label"].mean()
+    for k, part in out[out["fold"] != TEST_FOLD].groupby("fold"):
+        assert abs(part["label"].mean() - rate) < 0.12, k  # stratified by label
+
+
+def test_fold_test_patients_are_those_of_a_single_split_run_with_the_same_settings():
+    from core.splits import TEST_FOLD, assign_folds
+    df = _df(150)
+    single, _ = assign_splits(df, SplitConfig(0.15, 0.15, 4))
+    folds, _ = assign_folds(df, 5, SplitConfig(0.3, 0.15, 4))  # val does not matter with folds
+    assert (single["split"] == "test").tolist() == (folds["fold"] == TEST_FOLD).tolist()
+
+
+def test_fold_split_gives_each_fold_run_its_fold_as_validation():
+    from core.splits import FixedSplit, assign_folds, fold_split
+    out, _ = assign_folds(_df(120), 3, SplitConfig(0.15, 0.0, 0))  # test 0: every row is in a fold
+    assert (out["fold"] >= 0).all()
+    vals = []
+    for k in range(3):
+        split = fold_split(out, k)
+        fixed, how = FixedSplit(split, "fold").apply(out.drop(columns=["split"]))
+        assert how == "fold" and set(fixed["split"]) == {"train", "val"}
+        vals += fixed.loc[fixed["split"] == "val", "image"].tolist()
+    assert sorted(vals) == sorted(out["image"])  # each photo validates exactly one fold run
+
+
+def test_a_fixed_split_missing_an_image_or_leaking_a_patient_is_refused():
+    from core.splits import FixedSplit
+    df = _df(30)
+    with pytest.raises(ManifestError, match="no place in the given split"):
+        FixedSplit({df["image"].iloc[0]: "train"}, "x").apply(df)
+    leaky = {img: ("val" if i % 2 else "train") for i, img in enumerate(df["image"])}
+    with pytest.raises(ManifestError, match="more than one split"):
+        FixedSplit(leaky, "x").apply(df[df["patient_id"].duplicated(keep=False)])
+
+
+def test_too_few_patients_or_a_one_class_fold_is_a_clear_error():
+    from core.splits import assign_folds
+    with pytest.raises(ManifestError, match="too few for 5 folds"):
+        assign_folds(_df(4), 5, SplitConfig(0.15, 0.0, 0))
+    df = _df(60)
+    df["label"] = 0
+    df.loc[df.index[:2], "label"] = 1  # two malignant photos cannot reach 3 folds
+    with pytest.raises(ManifestError, match="has no malignant photos: use fewer folds"):
+        assign_folds(df, 3, SplitConfig(0.15, 0.0, 0))

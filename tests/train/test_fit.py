@@ -311,3 +311,23 @@ def test_a_context_stage_that_cannot_be_fitted_leaves_the_bundle_without_it_and_
     notes = json.loads((tmp_path / "run" / runfolder.VAL_REPORT).read_text())["notes"]
     assert any("context stage not fitted" in n for n in notes)
     assert runfolder.read_status(tmp_path / "run")["state"] == "finished"
+
+
+def test_folds_on_the_command_line_train_a_cross_validation_that_resumes_only_as_one(finished_run, tmp_path, capsys):
+    """--folds K turns a recipe into K fold runs and one ensemble bundle; the folder then refuses a fresh start and
+    a resume that changes --folds, and a plain --resume (its own config) finishes again without retraining."""
+    out = tmp_path / "cv"
+    cfg = str(finished_run / "cfg.yaml")
+    assert fit_cli.main(["--config", cfg, "--out", str(out), "--folds", "2", "--epochs", "1"]) == 0
+    assert [len(load_bundle(out).model.members), runfolder.read_status(out)["cv"]["done"]] == [2, [0, 1]]
+    assert yaml.safe_load((out / "config.yaml").read_text())["cv"] == {"folds": 2}
+    assert fit_cli.main(["--config", cfg, "--out", str(out), "--folds", "2"]) == 2
+    assert "already holds a run; use --resume" in capsys.readouterr().err
+    assert fit_cli.main(["--resume", "--out", str(out), "--folds", "0"]) == 2
+    assert "holds a cross-validation run" in capsys.readouterr().err
+    assert fit_cli.main(["--resume", "--out", str(finished_run / "run"), "--folds", "3"]) == 2
+    assert "holds a single-split run" in capsys.readouterr().err
+    weights = file_sha256(out / "folds" / "fold_1" / "bundle" / "model.safetensors")
+    assert fit_cli.main(["--resume", "--out", str(out)]) == 0
+    assert "folds already done: 0, 1" in runfolder.log_tail(out, lines=400)
+    assert file_sha256(out / "folds" / "fold_1" / "bundle" / "model.safetensors") == weights

@@ -1,0 +1,248 @@
+"""Cross-validated training end to end on synthetic photos: the folds, the out-of-fold predictions, the threshold
+and reports made from them, the ensemble bundle, stop and resume in the middle of a fold, and fold progress."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from core import cv, jobs, metrics, reports, runfolder, training
+from core.bundle import load_bundle
+from core.config import run_config_from_dict
+from core.evaluation import predict_probs
+from core.manifest import read_manifest
+from core.splits import TEST_FOLD
+from tests.conftest import make_images, shared_path, tiny_config
+
+K = 3
+
+
+def _config(root, **run):
+    return run_config_from_dict(tiny_config(root / "labels.csv", root / "images", cv={"folds": K},
+                                            report_test=True, **run))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    make_images(root / "images").to_csv(root / "labels.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(data, one_thread):
+    """An uninterrupted 3-fold run with a test split and report_test."""
+    cv.fit_cv(_config(data), data / "runs" / "straight")
+    return data / "runs" / "straight"
+
+
+# ------------------------------------------------------------------ the run folder
+@pytest.mark.slow
+def test_cv_run_folder_has_the_folds_the_fold_runs_and_the_results(finished):
+    for name in ("config.yaml", "status.json", "train.log", runfolder.FOLDS, runfolder.OOF, runfolder.CV_REPORT,
+                 "test_report.json", "bundle/model.json", "splits/1_finetune.csv"):
+        assert (finished / name).is_file(), name
+    assert not (finished / runfolder.CHECKPOINT).exists() and not (finished / "val_report.json").exists()
+    for k in range(K):
+        fold = runfolder.fold_path(finished, k)
+        assert fold == finished / "folds" / f"fold_{k}"
+        assert runfolder.read_status(fold)["state"] == "finished" and runfolder.has_bundle(fold)
+        assert not (fold / "test_report.json").exists()  # only the ensemble sees the test patients, once
+        split = read_manifest(fold / "splits" / "1_finetune.csv")
+        folds = runfolder.read_folds(finished)
+        val = set(folds.loc[folds["fold"] == k, "image"])
+        assert set(split.loc[split["split"] == "val", "image"]) == val  # its own fold validates it
+        assert set(split.loc[split["split"] == "test", "image"]) == set(folds.loc[folds["fold"] == TEST_FOLD,
+                                                                                  "image"])
+    status = runfolder.read_status(finished)
+    assert status["state"] == "finished" and status["cv"] == {"folds": K, "fold": None, "done": [0, 1, 2]}
+    top = read_manifest(finished / "splits" / "1_finetune.csv")  # every non-test photo trained some member
+    assert set(top["split"]) == {"train", "test"}
+    log = runfolder.log_tail(finished, lines=400)
+    assert "[fold_2] stage 1 epoch 1" in log and "mean of folds" in log and "SD of folds" in log
+    assert "test (held-out patients)" in log
+
+
+@pytest.mark.slow
+def test_folds_never_share_a_patient_with_each_other_or_with_test(finished):
+    folds = runfolder.read_folds(finished)
+    assert set(folds["fold"]) == {TEST_FOLD, 0, 1, 2}
+    assert folds.groupby("patient_id")["fold"].nunique().max() == 1
+
+
+@pytest.mark.slow
+def test_out_of_fold_predictions_cover_each_non_test_photo_once_from_the_model_that_never_trained_on_it(finished):
+    oof = runfolder.read_oof(finished)
+    assert list(oof.columns) == list(cv.OOF_COLUMNS)
+    folds = runfolder.read_folds(finished)
+    non_test = folds[folds["fold"] != TEST_FOLD]
+    assert sorted(oof["image"]) == sorted(non_test["image"]) and not oof["image"].duplicated().any()
+    assert dict(zip(oof["image"], oof["fold"])) == dict(zip(non_test["image"], non_test["fold"]))
+    np.testing.assert_allclose(oof["prob"], 1 / (1 + np.exp(-oof["logit"])), rtol=1e-9)
+    for k in range(K):  # the fold model's own validation predictions (its val_report, fp32 predict_probs path)
+        val = json.loads((runfolder.fold_path(finished, k) / "val_report.json").read_text())["predictions"]
+        theirs = {r["image"]: r["prob"] for r in val}
+        mine = oof[oof["fold"] == k]
+        assert set(mine["image"]) == set(theirs)
+        np.testing.assert_allclose(mine["prob"], mine["image"].map(theirs), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_threshold_and_calibration_are_chosen_on_the_out_of_fold_predictions(finished):
+    oof = runfolder.read_oof(finished)
+    b = load_bundle(finished)
+    t = b.meta.threshold
+    expected = metrics.choose_threshold(oof["label"], oof["prob"], rule="sensitivity", target=0.9)["threshold"]
+    assert t.value == pytest.approx(expected)
+    assert t.chosen_on == f"out-of-fold predictions ({K} folds)"
+    assert (t.n_val, t.n_val_malignant) == (len(oof), int(oof["label"].sum()))
+    assert t.val_sensitivity["value"] >= 0.9 and t.val_sensitivity["ci95"] is not None
+    assert b.calibration is None or b.calibration.n == len(oof)
+
+
+@pytest.mark.slow
+def test_cv_report_has_per_fold_metrics_their_spread_and_out_of_fold_cis(finished):
+    rep = reports.load_report(finished / runfolder.CV_REPORT)  # an evaluation report of the out-of-fold rows
+    oof = runfolder.read_oof(finished)
+    assert rep["n"] == len(oof) and rep["split"] == "out-of-fold" and rep["roc"]
+    assert rep["metrics"]["roc_auc"]["ci95"] is not None and "patients" in rep["ci_method"]
+    assert any("out-of-fold" in n and "not an independent estimate" in n for n in rep["notes"])
+    c = rep["cv"]
+    assert c["folds"] == K and not c["internal_estimate_only"] and len(c["per_fold"]) == K
+    aucs = [f["metrics"]["roc_auc"] for f in c["per_fold"]]
+    assert c["summary"]["roc_auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert c["summary"]["roc_auc"]["sd"] == pytest.approx(np.std(aucs, ddof=1))
+    for f in c["per_fold"]:
+        part = oof[oof["fold"] == f["fold"]]
+        assert f["n"] == len(part) and f["run"] == f"folds/fold_{f['fold']}" and len(f["best_epochs"]) == 2
+        recall = metrics.point_metrics(part["label"], part["prob"], rep["threshold"])["recall"]
+        assert f["metrics"]["recall"] == pytest.approx(recall)  # at the common out-of-fold threshold
+    table = reports.cv_fold_table(rep)
+    assert table["Fold"].tolist() == ["fold 0", "fold 1", "fold 2", "mean of folds", "SD of folds",
+                                      "out-of-fold (95% CI)"]
+    curves = reports.cv_roc_curves(rep)
+    assert [c["name"] for c in curves] == ["fold 0", "fold 1", "fold 2", "out-of-fold"] and curves[-1]["oof"]
+    assert reports.cv_fold_table({"metrics": {}}).empty and reports.cv_roc_curves({"metrics": {}}) == []
+
+
+@pytest.mark.slow
+def test_the_ensemble_bundle_is_the_fold_models_and_is_tested_once(finished):
+    b = load_bundle(finished)
+    assert len(b.model.members) == K
+    for k, member in enumerate(b.model.members):
+        own = load_file(str(runfolder.fold_path(finished, k) / "bundle" / "model.safetensors"))
+        for name, tensor in member.state_dict().items():
+            assert np.array_equal(tensor.numpy(), own[name].numpy()), (k, name)
+    info = b.meta.ensemble.member_info
+    assert [m["fold"] for m in info] == [0, 1, 2] and info[0]["run"] == "folds/fold_0"
+    prov = b.meta.provenance
+    assert prov.run_name == "tiny" and "3 folds" in prov.stages[-1]["split"]
+    assert len(prov.stages[-1]["best_epoch_per_fold"]) == K
+    test = json.loads((finished / "test_report.json").read_text())
+    assert test["model"]["threshold"]["chosen_on"] == f"out-of-fold predictions ({K} folds)"
+    rows = pd.DataFrame(test["predictions"])
+    folds = runfolder.read_folds(finished)
+    assert set(rows["image"]) == set(folds.loc[folds["fold"] == TEST_FOLD, "image"])
+    probs = predict_probs(b.model, rows[["image", "label"]], num_workers=0)
+    np.testing.assert_allclose(probs, rows["prob"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_dashboard_shows_per_fold_and_out_of_fold_roc_curves(finished, monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from core import builtin
+    from tests.app.conftest import APP
+    monkeypatch.setenv("RUNS_DIR", str(finished.parent))
+    monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")
+    at = AppTest.from_file(APP, default_timeout=60).run().switch_page("ui/dashboard.py").run()
+    at.multiselect(key="dash_reports").set_value(["straight/cv_report.json"]).run()
+    assert not at.exception
+    assert "Cross-validation: per-fold and out-of-fold" in [s.value for s in at.subheader]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    names = [t.get("name", "") for s in specs for t in s["data"]]
+    assert sum(n.startswith("fold ") for n in names) == K and any(n.startswith("out-of-fold") for n in names)
+
+
+# ------------------------------------------------------------------ stop and resume
+@pytest.mark.slow
+def test_a_stop_in_the_middle_of_fold_3_resumes_to_the_uninterrupted_result(data, finished, monkeypatch,
+                                                                             one_thread):
+    """A stop request in the top run folder stops the fold being trained; --resume skips the finished folds,
+    continues fold 3 after its last finished epoch and ends with the same fold weights and out-of-fold
+    predictions as an uninterrupted run. Meanwhile status.json says which fold, stage and epoch is running."""
+    run = data / "runs" / "stopped"
+    cfg = _config(data)
+    real, seen = training.train_epoch, []
+
+    def watch_and_stop(*args, **kwargs):
+        seen.append((runfolder.read_status(run), jobs.run_info(run).progress()))
+        if len(seen) == 2 * 3 + 3:  # folds 1 and 2 done (3 epochs each); fold 3, stage 1, its epoch 1 starts
+            runfolder.request_stop(run, by="test")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", watch_and_stop)
+    with pytest.raises(training.Stopped, match=r"stop requested in the run folder \(stopped\)"):
+        cv.fit_cv(cfg, run)
+    status, progress = seen[-1]
+    assert status["cv"] == {"folds": K, "fold": 2, "done": [0, 1]}
+    assert (status["stage_name"], status["epoch"], status["epochs"]) == ("finetune", 1, 2)
+    assert progress == "fold 3/3, stage finetune, epoch 2/2"
+    assert seen[0][1] == "fold 1/3, stage head, epoch 1/1"
+    info = jobs.run_info(run)
+    assert info.state == "stopped" and info.resumable and info.cv["done"] == [0, 1]
+    assert "fold 3/3" in jobs.runs_table([info]).loc[0, "stage"]
+    assert not runfolder.stop_requested(run) and not runfolder.has_bundle(run)
+    assert runfolder.read_status(runfolder.fold_path(run, 2))["state"] == "stopped"
+    assert runfolder.read_metrics(runfolder.fold_path(run, 2))[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0]]
+
+    monkeypatch.setattr(training, "train_epoch", real)
+    cv.fit_cv(cfg, run, resume=True)
+    log = runfolder.log_tail(run, lines=400)
+    assert "folds already done: 0, 1" in log and "[fold_2] resuming: stage 1, after epoch 0" in log
+    for k in range(K):
+        a = load_file(str(runfolder.fold_path(run, k) / "bundle" / "model.safetensors"))
+        b = load_file(str(runfolder.fold_path(finished, k) / "bundle" / "model.safetensors"))
+        for name in a:
+            np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), atol=1e-6, err_msg=f"fold {k} {name}")
+    ours, straight = runfolder.read_oof(run), runfolder.read_oof(finished)
+    assert ours["image"].tolist() == straight["image"].tolist()
+    np.testing.assert_allclose(ours["prob"], straight["prob"], atol=1e-6)
+    assert load_bundle(run).threshold == pytest.approx(load_bundle(finished).threshold)
+    assert runfolder.read_status(run)["state"] == "finished"
+
+
+# ------------------------------------------------------------------ no test split
+@pytest.mark.slow
+def test_without_a_test_split_the_out_of_fold_metrics_are_said_to_be_the_only_internal_estimate(data, one_thread):
+    raw = tiny_config(data / "labels.csv", data / "images", cv={"folds": 2}, split={"val": 0.0, "test": 0.0})
+    for stage in raw["stages"]:
+        stage["epochs"] = 1
+    run = data / "runs" / "no_test"
+    cv.fit_cv(run_config_from_dict(raw), run)
+    rep = json.loads((run / runfolder.CV_REPORT).read_text())
+    assert rep["cv"]["internal_estimate_only"] and rep["n"] == 40  # every photo is out-of-fold once
+    assert any("only internal estimate" in n for n in rep["notes"])
+    assert "only internal estimate" in runfolder.log_tail(run, lines=100)
+    assert not (run / "test_report.json").exists()
+    assert (runfolder.read_folds(run)["fold"] != TEST_FOLD).all()
+
+
+# ------------------------------------------------------------------ the shared data
+def test_shared_demo_cv_holds_out_the_test_patients_of_shared_demo():
+    import yaml
+
+    from core.splits import assign_folds, assign_splits
+    from core.training import stage_rows
+    configs = Path(__file__).resolve().parents[2] / "train" / "configs"
+    data_root = str(shared_path("data"))
+    demo, cvc = (run_config_from_dict({**yaml.safe_load((configs / f"{name}.yaml").read_text()), "data_root": data_root})
+                 for name in ("shared_demo", "shared_demo_cv"))
+    _, union = stage_rows(demo)
+    single, _ = assign_splits(union, demo.split)
+    folds, _ = assign_folds(stage_rows(cvc)[1], cvc.cv.folds, cvc.split)
+    assert set(single.loc[single["split"] == "test", "image"]) == set(folds.loc[folds["fold"] == TEST_FOLD, "image"])
