@@ -40,7 +40,7 @@ def fold_config(cfg: RunConfig, k: int) -> RunConfig:
                    split=replace(cfg.split, val=val))
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Rank 0 (or the only process). Read from the launcher's environment: the fold runs' Fabric does not exist yet
     when the top folder is set up, and a DDP launch re-runs this whole command on every rank."""
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
@@ -85,7 +85,7 @@ def fit_cv(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
     if not cfg.cv.enabled:
         raise ConfigError("fit_cv needs cv.folds >= 2")
     out, k_folds = Path(out), cfg.cv.folds
-    rf = RunFolder(out, is_main=_is_main_process())
+    rf = RunFolder(out, is_main=is_main_process())
     training._install_stop_handler(distributed=_distributed(cfg))
     training._watch_stop_requests(rf)
     if not resume:  # a resumed run keeps the config it started with

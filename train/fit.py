@@ -69,7 +69,9 @@ def main(argv=None) -> int:
     try:
         cfg = run_config_from_dict(load_raw(args))
         out = Path(args.out or Path("runs") / cfg.name)
-        if not args.resume and runfolder.holds_run(out):
+        from core.cv import is_main_process
+        # (the ranks a DDP launch starts later find rank 0's files already there: only rank 0 checks)
+        if not args.resume and runfolder.holds_run(out) and is_main_process():
             raise ConfigError(f"{out} already holds a run; use --resume to continue it or pick another --out")
         if args.resume and runfolder.is_cv_run(out) != cfg.cv.enabled and runfolder.holds_run(out):
             kind = "a cross-validation" if runfolder.is_cv_run(out) else "a single-split"

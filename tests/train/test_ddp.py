@@ -200,3 +200,31 @@ def test_a_stop_stops_every_rank_at_the_same_step(tmp_path, how):
     expected = "stopped on request (stop requested" if how == "stop_file" else f"signal {int(signal.SIGTERM)}"
     assert expected in (out / "train.log").read_text()
     assert not runfolder.stop_requested(out)
+
+
+def test_a_cross_validation_under_ddp_trains_every_fold_and_rank_zero_writes_the_top_folder(tmp_path):
+    """--folds with --devices 2: every rank trains each fold run in turn (the ranks a DDP launch starts find rank
+    0's fold assignment already there and must not refuse it), and the top folder is written once."""
+    import yaml
+
+    from tests.conftest import make_images, tiny_config
+    make_images(tmp_path / "images", n=48).to_csv(tmp_path / "labels.csv", index=False)
+    raw = tiny_config(tmp_path / "labels.csv", tmp_path / "images", channels_last=False)
+    for stage in raw["stages"]:
+        stage["epochs"] = 1
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "train.fit", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                           "--devices", "2", "--folds", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run = tmp_path / "run"
+    assert len(load_bundle(run).model.members) == 2
+    oof = pd.read_csv(run / runfolder.OOF)
+    folds = runfolder.read_folds(run)
+    assert sorted(oof["image"]) == sorted(folds.loc[folds["fold"] >= 0, "image"])
+    log = (run / "train.log").read_text().splitlines()
+    assert sum(line.endswith("fold 2/2: folds/fold_1") for line in log) == 1  # one writer
+    assert sum("[fold_1] stage 1 epoch 0:" in line for line in log) == 1
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
