@@ -1,6 +1,7 @@
 """Ensemble bundles: K fold models saved as one model, and how much the members disagree about a photo."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def build_ensemble(members: list[Bundle], combine: str = DEFAULT_COMBINE) -> Ens
     nested = [b.path for b in members if isinstance(b.model, EnsembleClassifier)]
     if nested:
         raise BundleError(f"{nested[0]} is itself an ensemble; give its members instead")
+    seen, models = set(), []
+    for b in members:  # the same model given twice becomes two copies: one weights file cannot share tensors
+        models.append(copy.deepcopy(b.model) if id(b.model) in seen else b.model)
+        seen.add(id(b.model))
     try:
-        return EnsembleClassifier([b.model for b in members], combine)
+        return EnsembleClassifier(models, combine)
     except ValueError as e:
         raise BundleError(str(e)) from e
 
