@@ -147,9 +147,10 @@ class EmbeddingCache:
 
 
 def _feature_module(model: nn.Module) -> nn.Module:
-    """A LesionClassifier's pooled backbone (what its head sees); any other module is used as it is."""
-    from core.model import LesionClassifier
-    return model.backbone if isinstance(model, LesionClassifier) else model
+    """A classifier's pooled features (what its head sees; an ensemble's members' side by side); any other module
+    is used as it is."""
+    from core.model import EnsembleClassifier, LesionClassifier
+    return model.backbone if isinstance(model, (LesionClassifier, EnsembleClassifier)) else model
 
 
 @torch.no_grad()
