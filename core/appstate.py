@@ -151,4 +151,19 @@ def describe_model(meta: BundleMeta) -> dict:
         "n_val_malignant": thr.n_val_malignant,
         "val_auc": metrics.metric("roc_auc").format((prov.validation_metrics or {}).get("roc_auc")),
         "intended_use": meta.intended_use or "Research tool, not a diagnostic device.",
+        # an ensemble's threshold is chosen on out-of-fold predictions: every non-test photo, each scored by the
+        # one model that did not train on it
+        "val_images": "out-of-fold" if (thr.chosen_on or "").startswith("out-of-fold") else "validation",
+        "members": _members_line(meta),
     }
+
+
+def _members_line(meta: BundleMeta) -> str | None:
+    """One sentence on an ensemble's members; None for a single model."""
+    e = meta.ensemble
+    if e is None:
+        return None
+    folds = [m.get("fold") for m in e.member_info if isinstance(m, dict) and m.get("fold") is not None]
+    made = f" (the fold models of a {len(folds)}-fold cross-validation)" if len(folds) == e.members else ""
+    rule = {"mean_prob": "the mean of their probabilities", "mean_logit": "the mean of their logits"}[e.combine]
+    return f"{e.members} models{made}; its score is {rule}, its heat-map the mean of theirs"

@@ -147,7 +147,8 @@ class EmbeddingCache:
 
 
 def _feature_module(model: nn.Module) -> nn.Module:
-    """A LesionClassifier's (or an ensemble's) pooled backbone (what its head sees); any other module as it is."""
+    """A classifier's pooled features (what its head sees; an ensemble's members' side by side); any other module
+    is used as it is."""
     from core.model import EnsembleClassifier, LesionClassifier
     return model.backbone if isinstance(model, (LesionClassifier, EnsembleClassifier)) else model
 

@@ -1,6 +1,7 @@
 """Ensemble bundles: K fold models saved as one model, and how much the members disagree about a photo."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def build_ensemble(members: list[Bundle], combine: str = DEFAULT_COMBINE) -> Ens
     nested = [b.path for b in members if isinstance(b.model, EnsembleClassifier)]
     if nested:
         raise BundleError(f"{nested[0]} is itself an ensemble; give its members instead")
+    seen, models = set(), []
+    for b in members:  # the same model given twice becomes two copies: one weights file cannot share tensors
+        models.append(copy.deepcopy(b.model) if id(b.model) in seen else b.model)
+        seen.add(id(b.model))
     try:
-        return EnsembleClassifier([b.model for b in members], combine)
+        return EnsembleClassifier(models, combine)
     except ValueError as e:
         raise BundleError(str(e)) from e
 
@@ -87,3 +92,31 @@ def disagreement(member_probs, threshold: float) -> Disagreement | None:
     """None for a single model (nothing to disagree)."""
     probs = tuple(float(p) for p in np.ravel(member_probs))
     return Disagreement(probs, float(threshold)) if len(probs) > 1 else None
+
+
+def member_scores(model: EnsembleClassifier, feats: np.ndarray) -> np.ndarray:
+    """(N, K) each member's raw score from the ensemble's side-by-side features (no second pass over the photos)."""
+    import torch
+    parts = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)).chunk(len(model.members), dim=1)
+    with torch.no_grad():
+        return np.concatenate([torch.sigmoid(m.head(f)).numpy() for m, f in zip(model.members, parts)], axis=1)
+
+
+def members_report(df: pd.DataFrame, feats: np.ndarray, bundle: Bundle, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """For train.evaluate: each member's own metrics on these photos beside the ensemble's, and how often the
+    members fall on both sides of the threshold."""
+    from core import metrics
+    from core.evaluation import groups_of
+    scores = member_scores(bundle.model, feats)
+    y = df["label"].to_numpy().astype(int)
+    info = bundle.meta.ensemble.member_info if bundle.meta.ensemble else []
+    rows = []
+    for k in range(scores.shape[1]):
+        m = metrics.metric_report(y, scores[:, k], bundle.threshold, groups=groups_of(df), n_boot=n_boot, seed=seed)
+        rows.append({"member": k, **({"fold": info[k].get("fold")} if k < len(info) else {}),
+                     "metrics": m["metrics"]})
+    split = [disagreement(s, bundle.threshold).split for s in scores]
+    return {"members": rows, "split_fraction": float(np.mean(split)) if split else None,
+            "median_sd": float(np.median(np.std(scores, axis=1, ddof=1))) if len(scores) else None,
+            "what": "each member scored alone at the ensemble's threshold; split_fraction: share of photos some "
+                    "members flag and others do not"}

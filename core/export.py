@@ -33,24 +33,62 @@ class ExportError(RuntimeError):
     """The export failed, or the exported graph does not reproduce PyTorch's probabilities."""
 
 
+class _GateScore(nn.Module):
+    """One core.ood.OODGate's distance as graph operations (its reference arrays as constants)."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.method, self.k = gate.method, int(gate.k or 1)
+        for name, value in gate.arrays.items():
+            self.register_buffer(f"gate_{name}", torch.as_tensor(np.asarray(value, np.float32)))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.method == "knn":
+            xn = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sims = xn @ self.gate_reference.T
+            return 1.0 - torch.topk(sims, self.k, dim=1).values[:, -1:]
+        d = feats - self.gate_mean
+        proj = d @ self.gate_basis
+        inside = (proj ** 2 / self.gate_eigenvalues).sum(dim=1, keepdim=True)
+        outside = ((d ** 2).sum(dim=1, keepdim=True) - (proj ** 2).sum(dim=1, keepdim=True)).clamp_min(0)
+        return torch.sqrt(inside + outside / self.gate_isotropic)
+
+
+class _EnsembleGateScore(nn.Module):
+    """core.ood.EnsembleGate: each member's distance over its threshold, then the lower median over members."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.parts = nn.ModuleList(_GateScore(g) for g in gate.gates)
+        self.dims = [g.dim for g in gate.gates]
+        self.register_buffer("limits", torch.tensor([g.threshold for g in gate.gates], dtype=torch.float32))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(feats, self.dims, dim=1)
+        ratios = torch.cat([part(f) for part, f in zip(self.parts, chunks)], dim=1) / self.limits
+        return torch.sort(ratios, dim=1).values[:, (len(self.dims) - 1) // 2:(len(self.dims) - 1) // 2 + 1]
+
+
 class _ProbModel(nn.Module):
     """The classifier plus, when the bundle has them, its out-of-distribution score and calibrated probability
-    (the same maths as core.ood and core.calibration, so an outside user gets the app's numbers)."""
+    (the same maths as core.ood and core.calibration, so an outside user gets the app's numbers); an ensemble
+    also returns each member's raw score."""
 
     def __init__(self, model: nn.Module, gate=None, calibration=None):
         super().__init__()
+        from core.model import EnsembleClassifier
+        from core.ood import EnsembleGate
         self.model = model
-        self.gate_method = gate.method if gate is not None else None
-        self.k = int(gate.k or 1) if gate is not None else 1
-        for name, value in (gate.arrays.items() if gate is not None else ()):
-            self.register_buffer(f"gate_{name}", torch.as_tensor(np.asarray(value, np.float32)))
+        self.ensemble = isinstance(model, EnsembleClassifier)
+        self.gate = None if gate is None else (_EnsembleGateScore if isinstance(gate, EnsembleGate)
+                                               else _GateScore)(gate)
         self.calibrated = calibration is not None
         if calibration is not None:
             self.register_buffer("cal", torch.tensor([calibration.slope, calibration.intercept], dtype=torch.float32))
 
     def output_names(self) -> list[str]:
         return (["logit", "prob_malignant", "features"] + (["prob_calibrated"] if self.calibrated else [])
-                + (["ood_score"] if self.gate_method else []))
+                + (["ood_score"] if self.gate is not None else []) + (["member_probs"] if self.ensemble else []))
 
     def forward(self, image: torch.Tensor):
         feats = self.model.backbone(image)
@@ -58,16 +96,11 @@ class _ProbModel(nn.Module):
         out = [logit, torch.sigmoid(logit), feats]
         if self.calibrated:
             out.append(torch.sigmoid(self.cal[0] * logit + self.cal[1]))
-        if self.gate_method == "knn":
-            xn = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            sims = xn @ self.gate_reference.T
-            out.append((1.0 - torch.topk(sims, self.k, dim=1).values[:, -1:]))
-        elif self.gate_method == "mahalanobis":
-            d = feats - self.gate_mean
-            proj = d @ self.gate_basis
-            inside = (proj ** 2 / self.gate_eigenvalues).sum(dim=1, keepdim=True)
-            outside = ((d ** 2).sum(dim=1, keepdim=True) - (proj ** 2).sum(dim=1, keepdim=True)).clamp_min(0)
-            out.append(torch.sqrt(inside + outside / self.gate_isotropic))
+        if self.gate is not None:
+            out.append(self.gate(feats))
+        if self.ensemble:
+            parts = feats.chunk(len(self.model.members), dim=1)
+            out.append(torch.sigmoid(torch.cat([m.head(f) for m, f in zip(self.model.members, parts)], dim=1)))
         return tuple(out)
 
 
@@ -131,6 +164,8 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
         "threshold": meta.threshold.to_dict(), "labels": meta.labels, "intended_use": meta.intended_use,
         # The clinical-context stage is not in the graph: plain numbers applied to the graph's logit (formula inside).
         "context_stage": meta.context.to_dict() if meta.context else None,
+        # An ensemble is one graph: every member runs inside it and the outputs are already combined.
+        "ensemble": meta.ensemble.to_dict() if meta.ensemble else None,
         "provenance": {**meta.summary(), "bundle": str(bundle.path) if bundle.path else None,
                        # hashed here too: a version-1 bundle records none, and this names what was exported
                        "weights_sha256": file_sha256(weights) if weights and weights.is_file() else None,
@@ -168,6 +203,9 @@ def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tole
     if "prob_calibrated" in got:
         result["max_abs_prob_calibrated_diff"] = float(np.abs(got["prob_calibrated"] - ref["prob_calibrated"]).max())
         diff = max(diff, result["max_abs_prob_calibrated_diff"])
+    if "member_probs" in got:
+        result["max_abs_member_prob_diff"] = float(np.abs(got["member_probs"] - ref["member_probs"]).max())
+        diff = max(diff, result["max_abs_member_prob_diff"])
     if "ood_score" in got:  # relative: a Mahalanobis distance can be in the tens
         rel = np.abs(got["ood_score"] - ref["ood_score"]) / np.maximum(np.abs(ref["ood_score"]), 1.0)
         result["max_rel_ood_score_diff"] = float(rel.max())
@@ -189,7 +227,9 @@ def _output_docs(wrapper: _ProbModel) -> dict:
     docs = {"logit": "N x 1 malignancy logit", "prob_malignant": "N x 1 sigmoid(logit): the raw score (the threshold "
             "applies to it); not a calibrated probability", "features": "N x D pooled backbone features",
             "prob_calibrated": "N x 1 calibrated probability: sigmoid(slope * logit + intercept), see calibration",
-            "ood_score": "N x 1 distance from the training photos; refuse when > ood_gate.threshold"}
+            "ood_score": "N x 1 distance from the training photos; refuse when > ood_gate.threshold (an ensemble: the "
+                         "lower median over its models of distance / that model's limit, so the threshold is 1)",
+            "member_probs": "N x K each ensemble member's raw score; prob_malignant is their mean (ensemble.combine)"}
     return {k: docs[k] for k in wrapper.output_names()}
 
 

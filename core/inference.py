@@ -15,6 +15,10 @@ The fast path (``fast=True``, the default) is what the app and ``train.screen`` 
   A measured check at load time compares the reduced-precision and fp32 feature maps and probabilities and
   falls back to fp32 when they differ by more than ``FEATURE_TOLERANCE`` / ``PRECISION_TOLERANCE``
   (``Predictor.precision`` records the decision and the measured numbers).
+
+An ensemble bundle (core.model.EnsembleClassifier) runs each member through the same path: its probability is the
+members' combination, its heat-map the mean of the members' heat-maps, its features (gate, similar cases) the
+members' side by side, and ``Prediction.disagreement`` says how far apart the members' scores are.
 """
 from __future__ import annotations
 
@@ -31,9 +35,11 @@ from PIL import Image
 from core.bundle import Bundle
 from core.context import Fused, fuse
 from core.dataset import decode_limits
+from core.ensemble import Disagreement, disagreement
 from core.device import autocast, fast_dtype, pick_device
 from core.gradcam import cams, map_and_grads
 from core.images import load_image
+from core.model import EnsembleClassifier, combine_logits
 from core.quality import QualityWarning, quality_warnings
 from core.similar import SimilarCase
 from core.trust import FLAGGED, NOT_ASSESSED, NOT_FLAGGED, Assessment, assess, assess_batch, reference_population
@@ -68,6 +74,7 @@ class Prediction:
     lacks: list[str] = field(default_factory=list)            # what an older bundle cannot do (no gate, ...)
     reference: str | None = None     # the population the calibrated probability refers to
     threshold_calibrated: float | None = None
+    disagreement: Disagreement | None = None  # an ensemble's members' raw scores (None: one model)
 
     @property
     def verdict(self) -> str:
@@ -96,6 +103,9 @@ class Predictor:
         self.model = bundle.model.to(self.device).eval()
         if fast:
             self.model = self.model.to(memory_format=torch.channels_last)
+        ensemble = isinstance(self.model, EnsembleClassifier)
+        self.members = list(self.model.members) if ensemble else [self.model]
+        self.combine = self.model.combine if ensemble else "mean_logit"  # one member: its own logit either way
         self.pp = bundle.spec.preprocessing
         self.transform = eval_transform(self.pp)  # the reference pipeline (prepare_reference); fast path mirrors it
         self.summary = bundle.meta.summary()
@@ -104,8 +114,8 @@ class Predictor:
         self._lock = threading.Lock()
         self._mean = torch.tensor(self.pp.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(self.pp.std, dtype=torch.float32).view(1, 3, 1, 1)
-        # The module that computes feature maps: the fp32 model, or a reduced-precision copy of its backbone.
-        self._features = self.model
+        # Per member, the module that computes feature maps: the fp32 model, or a reduced-precision copy of its backbone.
+        self._features = list(self.members)
         self.dtype = None
         self.precision = {"dtype": "float32", "reason": "fast=False" if not fast else "no fast reduced precision "
                           "on this device", "max_abs_prob_diff": None}
@@ -120,19 +130,14 @@ class Predictor:
         """Use `dtype` only if it reproduces fp32's feature maps and probabilities on a fixed photo-like batch."""
         name = str(dtype).removeprefix("torch.")
         try:
-            reduced = reduced_precision_copy(self.model, dtype)
             x = check_inputs(self.pp, self.device)
-            with torch.no_grad():
-                f32 = self.model.feature_map(x).float()
-                with autocast(self.device, dtype):
-                    low = reduced.feature_map(x).float()
-                p32 = torch.sigmoid(self.model.logit_from_map(f32).float())
-                plow = torch.sigmoid(self.model.logit_from_map(low).float())
+            reduced, rel, diff = [], 0.0, 0.0
+            for member in self.members:  # every member must pass: one bad member would move the combined score
+                copy_, r, d = _reduced_and_errors(member, x, dtype, self.device)
+                reduced, rel, diff = reduced + [copy_], max(rel, r), max(diff, d)
         except (RuntimeError, TypeError) as e:  # a backend without this dtype's kernels or autocast (e.g. old MPS)
             self.precision.update(reason=f"{name} not usable on {self.device.type}: {e}")
             return
-        rel = float(((low - f32).flatten(1).norm(dim=1) / f32.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
-        diff = float((plow - p32).abs().max())
         measured = f"feature error {rel:.2%} (limit {FEATURE_TOLERANCE:.0%}), max |dP| {diff:.2g} (limit " \
                    f"{PRECISION_TOLERANCE:g}) on the load-time check"
         self.precision = {"dtype": name, "reason": measured, "max_abs_prob_diff": diff, "feature_rel_err": rel}
@@ -170,15 +175,22 @@ class Predictor:
 
     # ------------------------------------------------------------------ model
     def _forward(self, x: torch.Tensor, cam_method: str | None, size):
-        """Logits, heat-map (or None) and pooled features from one forward pass."""
+        """Member logits (B, K), heat-map (or None) and pooled features (B, K*D) from one forward pass per member."""
         if not cam_method:
-            logits, feats = self.outputs(x)
-            return logits, None, feats
+            return self._forward_no_cam(x)
+        logits, heats, feats = [], [], []
         with self._lock:
-            fmap, grads, logits = map_and_grads(self.model, x, self.dtype, features=self._features)
-            with torch.no_grad():
-                feats = self.model.backbone.forward_head(fmap, pre_logits=True).float()
-        return logits, cams(fmap, grads, size, cam_method), feats.cpu().numpy()
+            for member, features in zip(self.members, self._features):
+                fmap, grads, z = map_and_grads(member, x, self.dtype, features=features)
+                with torch.no_grad():
+                    feats.append(member.backbone.forward_head(fmap, pre_logits=True).float())
+                logits.append(z.float())
+                heats.append(cams(fmap, grads, size, cam_method))
+        return torch.cat(logits, 1), mean_cam(heats), torch.cat(feats, 1).cpu().numpy()
+
+    def _forward_no_cam(self, x: torch.Tensor):
+        member_logits, feats = self.member_outputs(x)
+        return member_logits, None, feats
 
     def _trust(self, prob: float, feats: np.ndarray, quality) -> dict:
         """The Prediction fields that say whether the photo may be assessed, and what it resembles."""
@@ -197,9 +209,10 @@ class Predictor:
         quality = quality_warnings(img)
         x, rgb = self.prepare(img)
         t1 = time.perf_counter()
-        logits, heat, feats = self._forward(x, cam_method, rgb.shape[:2])
-        prob = float(torch.sigmoid(logits.float()).item())
+        member_logits, heat, feats = self._forward(x, cam_method, rgb.shape[:2])
+        prob = float(torch.sigmoid(combine_logits(member_logits, self.combine)).item())
         thr = self.bundle.threshold
+        members = disagreement(torch.sigmoid(member_logits).cpu().numpy(), thr)
         if self.dtype is not None and abs(prob - thr) <= PRECISION_TOLERANCE:
             prob = float(self.probs(x)[0])  # near the threshold the verdict must be fp32's, where it was chosen
         t2 = time.perf_counter()
@@ -210,7 +223,8 @@ class Predictor:
                           model=self.summary,
                           timings_ms={"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3},
                           # a photo the model cannot assess gets no result at all, fused with answers or not
-                          fused=fuse(self.context, prob, thr, context) if assessed else None, **trust)
+                          fused=fuse(self.context, prob, thr, context) if assessed else None,
+                          disagreement=members, **trust)
 
     def predict_source(self, source, *, name=None, crop=None, cam_method="gradcam", context=None) -> Prediction:
         """From a path, bytes or an upload: decode only as much resolution as the model needs."""
@@ -226,19 +240,28 @@ class Predictor:
         return self.outputs(x)[0]
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Logits (B, 1) and pooled features (B, D) (what the head, the gate and similar cases see), fp32."""
+        """Logits (B, 1) and pooled features (B, K*D) (what the head, the gate and similar cases see), fp32."""
+        member_logits, feats = self.member_outputs(x)
+        return combine_logits(member_logits, self.combine), feats
+
+    def member_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Each member's logit (B, K) and the members' pooled features side by side (B, K*D), fp32."""
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        logits, feats = [], []
         with self._lock, torch.no_grad():
-            with autocast(self.device, self.dtype):
-                fmap = self._features.feature_map(x)
-            pooled = self.model.backbone.forward_head(fmap.float(), pre_logits=True)
-            return self.model.head(pooled).float(), pooled.float().cpu().numpy()
+            for member, features in zip(self.members, self._features):
+                with autocast(self.device, self.dtype):
+                    fmap = features.feature_map(x)
+                pooled = member.backbone.forward_head(fmap.float(), pre_logits=True).float()
+                logits.append(member.head(pooled).float())
+                feats.append(pooled)
+        return torch.cat(logits, 1), torch.cat(feats, 1).cpu().numpy()
 
     def assess_batch(self, x: torch.Tensor, quality_lists=None) -> list[Assessment]:
         """Verdicts (flagged / not flagged / not assessed with a reason) for a normalised batch (train.screen)."""
-        p, feats = self.probs_and_features(x)
+        p, feats, member_p = self._scores(x)
         return assess_batch(p, self.bundle.threshold, calibration=self.bundle.calibration, gate=self.bundle.gate,
-                            feats=feats, quality_lists=quality_lists)
+                            feats=feats, quality_lists=quality_lists, member_probs=member_p)
 
     def probs(self, x: torch.Tensor) -> np.ndarray:
         """P(malignant) (raw score) per image of a normalised batch; images near the threshold re-scored in fp32."""
@@ -246,14 +269,19 @@ class Predictor:
 
     def probs_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores (near-threshold ones re-scored in fp32) and pooled features from one forward pass."""
-        logits, feats = self.outputs(x)
-        p = torch.sigmoid(logits).squeeze(1).cpu().numpy().astype(np.float64)
+        return self._scores(x)[:2]
+
+    def _scores(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """probs_and_features plus each member's raw score (B, K)."""
+        member_logits, feats = self.member_outputs(x)
+        member_p = torch.sigmoid(member_logits).cpu().numpy().astype(np.float64)
+        p = torch.sigmoid(combine_logits(member_logits, self.combine)).squeeze(1).cpu().numpy().astype(np.float64)
         near = np.flatnonzero(np.abs(p - self.bundle.threshold) <= PRECISION_TOLERANCE)
         if self.dtype is not None and len(near):
             with self._lock, torch.no_grad():
                 exact = torch.sigmoid(self.model(x[near].to(self.device)).float()).squeeze(1)
             p[near] = exact.cpu().numpy()
-        return p, feats
+        return p, feats, member_p
 
 
 def model_view(img: Image.Image, pp) -> np.ndarray:
@@ -273,6 +301,29 @@ def model_view(img: Image.Image, pp) -> np.ndarray:
         img, (w, h) = canvas, canvas.size
     left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
     return np.array(img.crop((left, top, left + s, top + s)))  # a writable copy (torch wants one)
+
+
+def _reduced_and_errors(member: nn.Module, x: torch.Tensor, dtype, device) -> tuple[nn.Module, float, float]:
+    """A member's reduced-precision copy, its largest relative feature-map error and its largest probability change."""
+    reduced = reduced_precision_copy(member, dtype)
+    with torch.no_grad():
+        f32 = member.feature_map(x).float()
+        with autocast(device, dtype):
+            low = reduced.feature_map(x).float()
+        p32 = torch.sigmoid(member.logit_from_map(f32).float())
+        plow = torch.sigmoid(member.logit_from_map(low).float())
+    rel = float(((low - f32).flatten(1).norm(dim=1) / f32.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
+    return reduced, rel, float((plow - p32).abs().max())
+
+
+def mean_cam(heats: list[np.ndarray]) -> np.ndarray:
+    """The members' heat-maps (each (B, H, W) in [0, 1]) averaged and rescaled to [0, 1]; one member's unchanged."""
+    if len(heats) == 1:
+        return heats[0]
+    cam = np.mean(heats, axis=0)
+    lo = cam.min(axis=(1, 2), keepdims=True)
+    hi = cam.max(axis=(1, 2), keepdims=True)
+    return (cam - lo) / (hi - lo + 1e-7)
 
 
 def reduced_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -43,6 +43,7 @@ class Assessment:
     refusal: str | None = None        # "quality" | "out_of_distribution" | None
     reason: str | None = None         # plain language, for the app and the CSV
     quality_codes: tuple[str, ...] = field(default=())
+    members: object = None            # an ensemble's core.ensemble.Disagreement (None: one model)
 
     @property
     def assessed(self) -> bool:
@@ -107,13 +108,18 @@ def assess(raw_prob: float, threshold: float, *, calibration: cal.Calibration | 
 
 
 def assess_batch(raw_probs, threshold: float, *, calibration=None, gate=None, feats=None,
-                 quality_lists=None) -> list[Assessment]:
-    """assess() for a batch; the gate is applied to `feats` when both are given."""
+                 quality_lists=None, member_probs=None) -> list[Assessment]:
+    """assess() for a batch; the gate is applied to `feats` when both are given; `member_probs` (N, K): an
+    ensemble's members' raw scores, recorded as each photo's disagreement."""
+    from dataclasses import replace
+
+    from core.ensemble import disagreement
     raw = np.asarray(raw_probs, dtype=np.float64)
     results = gate.check(feats) if gate is not None and feats is not None else [None] * len(raw)
     quality_lists = quality_lists if quality_lists is not None else [()] * len(raw)
-    return [assess(float(p), threshold, calibration=calibration, gate_result=g, quality=q)
-            for p, g, q in zip(raw, results, quality_lists)]
+    members = [None] * len(raw) if member_probs is None else [disagreement(m, threshold) for m in member_probs]
+    return [replace(assess(float(p), threshold, calibration=calibration, gate_result=g, quality=q), members=d)
+            for p, g, q, d in zip(raw, results, quality_lists, members)]
 
 
 def reference_population(calibration: cal.Calibration | None) -> str | None:

@@ -81,6 +81,9 @@ def main(argv=None) -> int:
                    f"for new patients")
         report.setdefault("notes", []).append(warning)
         print(f"warning: {warning}", file=sys.stderr)
+    if bundle.meta.ensemble is not None:
+        from core.ensemble import members_report
+        report["ensemble"] = members_report(df, feats, bundle, n_boot=args.n_boot)
     context_table = add_context(report, df, probs, bundle, args.n_boot)
     default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
     out = Path(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
@@ -93,6 +96,11 @@ def main(argv=None) -> int:
     print(metrics.format_table(rows))
     for line in summary_lines(report["trust"]):
         print(line)
+    if "ensemble" in report:
+        e = report["ensemble"]
+        print(metrics.format_table([(f"member {r['member']}" + (f" (fold {r['fold']})" if r.get("fold") is not None
+                                     else ""), r["metrics"]) for r in e["members"]]))
+        print(f"members disagree (some flag, some not) on {e['split_fraction']:.1%} of these photos")
     if context_table:
         print(context_table)
     for note in report.get("notes", []):

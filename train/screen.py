@@ -45,6 +45,8 @@ COLUMNS = {
                        "has no calibration map)",
     "raw_score": "the model's uncalibrated sigmoid output; threshold applies to it",
     "ood_score": "distance from the training photos in the model's feature space; > the gate's threshold = refused",
+    "members_flagging": "ensemble only: how many of its models flag the photo on their own (raw score >= threshold)",
+    "members_sd": "ensemble only: standard deviation of its models' raw scores (how much they disagree)",
     "context_note": "context answers that could not be used (out of range, not a known answer) and were counted as "
                     "not answered",
 }
@@ -119,6 +121,7 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
                         collate_fn=collate)
     probs, calibrated, ood_scores = (np.full(len(df), np.nan) for _ in range(3))
     quality, verdicts, reasons = ([""] * len(df) for _ in range(3))
+    flagging, spread = np.full(len(df), np.nan), np.full(len(df), np.nan)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), unit="img", desc="screening", file=sys.stderr, disable=None if progress else True)
     for items in loader:
@@ -134,6 +137,8 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
                     a.reason or ""
                 calibrated[i] = np.nan if a.prob_calibrated is None else a.prob_calibrated
                 ood_scores[i] = np.nan if a.ood_score is None else a.ood_score
+                if a.members is not None:
+                    flagging[i], spread[i] = a.members.n_flagging, a.members.sd
         bar.update(len(items))
     bar.close()
     b = predictor.bundle
@@ -145,6 +150,9 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
     out["threshold"] = b.threshold
     out["threshold_calibrated"] = b.calibration.threshold(b.threshold) if b.calibration else np.nan
     out["ood_score"] = np.round(ood_scores, 6)
+    if len(predictor.members) > 1:
+        out["members_flagging"] = pd.array(np.where(np.isnan(flagging), None, flagging), dtype="Int64")
+        out["members_sd"] = np.round(spread, 6)
     out["quality"] = quality
     out["error"] = errors
     out["model_run"] = predictor.summary.get("run")
@@ -198,6 +206,7 @@ def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame
             "weights_sha256_short": bundle.meta.short_hash,
             "preprocessing": bundle.meta.preprocessing, "threshold": bundle.meta.threshold.to_dict(),
             "context_stage": bundle.meta.context.to_dict() if bundle.meta.context else None,
+            "ensemble": bundle.meta.ensemble.to_dict() if bundle.meta.ensemble else None,
             "inputs": inputs, "n_images": int(len(table)), "n_predicted": int(len(table) - failed),
             "n_failed": failed, "not_scored": {str(k): int(v) for k, v in reasons.items()},
             "n_flagged": int((table["verdict"] == FLAGGED).sum()),

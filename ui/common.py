@@ -122,10 +122,12 @@ def provenance_box(meta: BundleMeta, where=None) -> None:
     box = (where or st).container(border=True)
     box.markdown(f"**Model:** {d['run']} · backbone `{d['backbone']}` · initial weights: {d['weights']} · "
                  f"weights SHA-256 `{d['weights_hash']}`")
+    if d["members"]:
+        box.markdown(f"**Ensemble:** {d['members']}.")
     box.markdown("**Training data:**\n" + "\n".join(f"- {line}" for line in d["training_data"]))
     box.markdown(f"**Split sizes:** {d['splits']}")
     thr = f"{d['threshold']:.3f}" if isinstance(d["threshold"], (int, float)) else "?"
-    box.markdown(f"**Threshold {thr}** ({d['threshold_rule']}). On {d['n_val'] or '?'} validation images "
+    box.markdown(f"**Threshold {thr}** ({d['threshold_rule']}). On {d['n_val'] or '?'} {d['val_images']} images "
                  f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant): "
                  f"sensitivity {d['sensitivity']}, specificity {d['specificity']}; "
                  f"validation ROC-AUC {d['val_auc']}.")

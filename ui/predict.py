@@ -114,6 +114,9 @@ with right:
             st.error(f"**Flagged**: at or above {thr_text}.")
         else:
             st.success(f"**Not flagged**: below {thr_text}.")
+        if pred.disagreement is not None:  # an ensemble: how far apart its models are is part of the answer
+            (st.warning if pred.disagreement.split else st.caption)(
+                pred.disagreement.sentence() + (" Treat this photo as uncertain." if pred.disagreement.split else ""))
         if fused.used:
             t = stage.threshold
             st.caption(f"Photo + answers threshold chosen on validation: sensitivity "
@@ -128,8 +131,8 @@ with right:
             st.warning(f"**The photo alone gives a different verdict:** {alone}.")
         which = "the photo-only threshold" if fused.used else "the threshold"
         st.markdown(
-            f"**What {which} means.** It was chosen on validation data ({d['threshold_rule']}). On "
-            f"{d['n_val'] or '?'} validation images "
+            f"**What {which} means.** It was chosen on {d['val_images']} data ({d['threshold_rule']}). On "
+            f"{d['n_val'] or '?'} {d['val_images']} images "
             f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant) it flagged "
             f"{d['sensitivity']} of the malignant lesions (sensitivity) and cleared {d['specificity']} of the benign "
             "ones (specificity). So a lesion that is not flagged can still be malignant, and many flagged lesions "

@@ -177,3 +177,34 @@ def with_trusted_model(app_env, trusted_runs, monkeypatch) -> AppEnv:
 def without_model(app_env, monkeypatch) -> AppEnv:
     monkeypatch.setenv("RUNS_DIR", str(app_env.empty_runs))
     return app_env
+
+
+@pytest.fixture(scope="session")
+def ensemble_runs(app_env, tmp_path_factory) -> Path:
+    """A RUNS_DIR whose one bundle is a 2-member ensemble (random weights, two seeds), its threshold chosen on
+    out-of-fold predictions as a cross-validated run chooses it."""
+    import torch
+
+    from core.backbones import get_spec
+    from core.bundle import Threshold, load_bundle, save_bundle
+    from core.ensemble import save_ensemble
+    from core.model import HeadConfig, LesionClassifier
+    from tests.conftest import spread_logits
+    base = tmp_path_factory.mktemp("ensemble")
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = LesionClassifier(get_spec("mobilenetv2_100"), HeadConfig(), weights="none").eval()
+        spread_logits(model, std=3.0)
+        members.append(load_bundle(save_bundle(model, base / f"m{seed}", threshold=THRESHOLD)))
+    threshold = Threshold(**{**THRESHOLD, "chosen_on": "out-of-fold predictions (2 folds)"})
+    save_ensemble(members, base / "runs" / "cv_run" / "bundle", threshold=threshold,
+                  provenance={**_provenance(), "run_name": "cv_run"},
+                  member_info=[{"fold": 0}, {"fold": 1}])
+    return base / "runs"
+
+
+@pytest.fixture
+def with_ensemble(app_env, ensemble_runs, monkeypatch) -> AppEnv:
+    monkeypatch.setenv("RUNS_DIR", str(ensemble_runs))
+    return app_env

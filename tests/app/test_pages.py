@@ -464,3 +464,15 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     assert sorted(p for p in (tmp_path / "runs").rglob("*")) == before
     at.button[[b.label for b in at.button].index("Clear the answers")].click().run()
     assert "Inputs used: photo only" in texts(at) and at.selectbox(key="ctx_bleed").value == "not answered"
+
+
+def test_an_ensemble_shows_its_members_and_how_far_apart_they_are(with_ensemble):
+    at = _predict_page(with_ensemble)
+    assert not at.exception, at.exception
+    shown = everything(at)
+    assert "Ensemble:** 2 models (the fold models of a 2-fold cross-validation)" in shown
+    assert "the mean of their probabilities" in shown
+    assert "The 2 models agree" in shown or "The 2 models disagree" in shown  # beside the verdict
+    assert "raw scores" in shown and "SD" in shown
+    assert "out-of-fold images" in shown and "It was chosen on out-of-fold data" in shown
+    assert "validation images" not in shown.replace("out-of-fold images", "")

@@ -161,3 +161,23 @@ def test_disagreement_says_when_members_fall_on_both_sides():
     agree = disagreement([0.6, 0.7, 0.9], 0.4)
     assert not agree.split and "all flag it" in agree.sentence()
     assert disagreement([0.3], 0.4) is None
+
+
+def test_similar_cases_and_features_use_every_member(tmp_path):
+    from core.trust import features_and_logits
+    from tests.conftest import make_images
+    df = make_images(tmp_path / "img", n=8)
+    df["image"] = [str(tmp_path / "img" / i) for i in df["image"]]
+    models = _members(2)
+    save_ensemble(_saved(tmp_path, models), tmp_path / "ens", threshold=Threshold(0.5), provenance={},
+                  similar_df=df)
+    b = load_bundle(tmp_path / "ens")
+    feats, logits = features_and_logits(b.model, df)
+    assert feats.shape == (8, 2 * models[0].backbone.num_features)
+    member_logits = [features_and_logits(m, df)[1] for m in models]
+    expected = np.log(np.mean([1 / (1 + np.exp(-z)) for z in member_logits], 0))
+    expected -= np.log1p(-np.exp(expected))
+    assert np.allclose(logits, expected, atol=1e-4)
+    hits = b.similar.query(feats[:1], 1)[0]
+    assert hits[0].image.endswith(df["image"].iloc[0].split("/")[-1])  # a photo is its own nearest case
+    assert b.model.training is False and not b.model.members[0].training

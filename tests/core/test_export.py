@@ -96,3 +96,37 @@ def test_batch_of_one_example_is_refused(exported, tmp_path):
 def test_missing_run_is_a_clean_error(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "none"), "--onnx", str(tmp_path / "m.onnx")]) == 2
     assert "no model.json" in capsys.readouterr().err
+
+
+def test_an_ensemble_exports_as_one_graph_with_its_members_gate(exported, tmp_path):
+    from core import ood
+    from core.bundle import Threshold
+    from core.ensemble import save_ensemble
+    from core.trust import features_and_logits
+    first = exported["bundle"]
+    torch.manual_seed(3)
+    second = copy.deepcopy(first.model)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    dim = first.model.backbone.num_features
+    gates = [ood.fit_gate(rng.normal(0, 1, (40, dim)), rng.normal(0, 1, (20, dim))) for _ in range(2)]
+    for i, m in enumerate((first.model, second)):
+        save_bundle(m, tmp_path / f"m{i}", threshold={"value": 0.37, "rule": "fixed"}, gate=gates[i])
+    members = [load_bundle(tmp_path / f"m{i}") for i in range(2)]
+    save_ensemble(members, tmp_path / "ens", threshold=Threshold(0.37, rule="fixed"), provenance={"run_name": "cv"})
+    ens = load_bundle(tmp_path / "ens")
+    onnx_path = tmp_path / "ens.onnx"
+    sidecar = export_onnx(ens, onnx_path)
+    assert sidecar["verification"]["passed"] and sidecar["ensemble"]["members"] == 2
+    assert "member_probs" in sidecar["outputs"]
+    x = example_inputs(SIZE, 3, seed=5)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    prob, feats, ood_score, member_probs = sess.run(["prob_malignant", "features", "ood_score", "member_probs"],
+                                                   {"image": x.numpy()})
+    with torch.no_grad():
+        singles = np.concatenate([torch.sigmoid(m.model(x)).numpy() for m in members], axis=1)
+    assert np.allclose(member_probs, singles, atol=1e-4)
+    assert np.allclose(prob[:, 0], singles.mean(1), atol=1e-4)
+    assert np.allclose(ood_score[:, 0], ens.gate.score(feats.astype(np.float64)), rtol=1e-3)  # the app's gate

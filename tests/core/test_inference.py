@@ -155,13 +155,13 @@ def test_reduced_precision_is_accepted_or_rejected_by_the_measured_check(bundle_
     assert 0 < ok.precision["max_abs_prob_diff"] < 0.1 and 0 < ok.precision["feature_rel_err"] < 0.5  # measured
     # the reduced copy is private: the bundle's own model stays fp32
     assert all(t.dtype == torch.float32 for t in bundle.model.state_dict().values() if t.is_floating_point())
-    assert any(t.dtype == torch.bfloat16 for t in ok._features.state_dict().values())
+    assert any(t.dtype == torch.bfloat16 for t in ok._features[0].state_dict().values())
 
     monkeypatch.setattr(inf, "PRECISION_TOLERANCE", -1.0)  # nothing passes: must fall back to fp32
     strict = Predictor(load_bundle(bundle_dir), device="cpu")
     assert strict.dtype is None and strict.precision["dtype"] == "float32"
     assert "rejected" in strict.precision["reason"]
-    assert strict._features is strict.model
+    assert strict._features == [strict.model]
     data = photo_bytes(seed=6)
     fp32 = Predictor(load_bundle(bundle_dir), device="cpu", fast=False).predict_source(data).prob
     assert strict.predict_source(data).prob == pytest.approx(fp32, abs=1e-5)
@@ -272,3 +272,57 @@ def test_batch_scoring_also_rescores_near_the_threshold(tmp_path, bf16_anywhere)
     got = fast.probs(x)
     assert got[1] == pytest.approx(reference[1], abs=1e-5)
     assert np.abs(got - reference).max() <= inf.PRECISION_TOLERANCE
+
+
+# ---------------------------------------------------------------- ensembles
+@pytest.fixture(scope="module")
+def ensemble_dirs(tmp_path_factory):
+    """Two single-model bundles of different weights and the ensemble bundle made of them."""
+    from core.bundle import Threshold
+    from core.ensemble import save_ensemble
+    root = tmp_path_factory.mktemp("ensemble")
+    singles = [save_bundle(small_model(seed=s), root / f"m{s}", threshold={"value": 0.4, "rule": "fixed"},
+                           provenance={"run_name": f"fold {s}"}) for s in (0, 1)]
+    ens = save_ensemble([load_bundle(f) for f in singles], root / "ens", threshold=Threshold(0.4, rule="fixed"),
+                        provenance={"run_name": "cv"})
+    return singles, ens
+
+
+def test_ensemble_prediction_combines_the_members(ensemble_dirs):
+    singles, ens = ensemble_dirs
+    data = photo_bytes(seed=11)
+    parts = [Predictor(load_bundle(f), device="cpu").predict_source(data) for f in singles]
+    p = Predictor(load_bundle(ens), device="cpu")
+    pred = p.predict_source(data)
+    assert pred.prob == pytest.approx(np.mean([q.prob for q in parts]), abs=1e-5)  # mean of probabilities
+    assert pred.disagreement.probs == pytest.approx([q.prob for q in parts], abs=1e-5)
+    mean = inf.mean_cam([q.cam[None] for q in parts])[0]
+    assert pred.cam.shape == parts[0].cam.shape and np.allclose(pred.cam, mean, atol=1e-4)
+    assert not np.allclose(pred.cam, parts[0].cam, atol=1e-3)  # the members' maps differ: the mean is neither
+    x = p.to_input(np.stack([pred.model_input]))
+    batch = p.assess_batch(x)[0]
+    assert batch.raw_prob == pytest.approx(pred.prob, abs=1e-5)
+    assert batch.members.probs == pytest.approx(pred.disagreement.probs, abs=1e-5)
+
+
+def test_ensemble_of_identical_members_predicts_like_the_single_model(tmp_path, bundle_dir):
+    from core.bundle import Threshold
+    from core.ensemble import save_ensemble
+    save_ensemble([load_bundle(bundle_dir)] * 3, tmp_path / "ens", threshold=Threshold(0.4, rule="fixed"),
+                  provenance={})
+    data = photo_bytes(seed=12)
+    one = Predictor(load_bundle(bundle_dir), device="cpu").predict_source(data)
+    three = Predictor(load_bundle(tmp_path / "ens"), device="cpu").predict_source(data)
+    assert three.prob == pytest.approx(one.prob, abs=1e-5)
+    assert np.allclose(three.cam, one.cam, atol=1e-4)
+    assert three.disagreement.sd == pytest.approx(0.0, abs=1e-6) and not three.disagreement.split
+    assert one.disagreement is None
+
+
+def test_reduced_precision_is_checked_for_every_member(ensemble_dirs, monkeypatch):
+    monkeypatch.setattr(inf, "fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(inf, "PRECISION_TOLERANCE", 1.0)
+    monkeypatch.setattr(inf, "FEATURE_TOLERANCE", 1.0)
+    p = Predictor(load_bundle(ensemble_dirs[1]), device="cpu")
+    assert p.dtype == torch.bfloat16 and len(p._features) == 2
+    assert all(any(t.dtype == torch.bfloat16 for t in f.state_dict().values()) for f in p._features)

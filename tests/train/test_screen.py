@@ -294,3 +294,28 @@ def test_evaluate_counts_a_bad_context_answer_as_unanswered_and_notes_it(context
     assert report["context"]["answered"] == {"age": 1, "site": 0, "bleed": 2, "grew": 0}
     assert [u["image"] for u in report["context"]["unusable_answers"]] == [str(photo_dir / "p0.jpg")]
     assert any("p0.jpg" in n and "age: 150.0 is outside 0-120" in n for n in report["notes"])
+
+
+def test_an_ensemble_bundle_screens_with_its_members_agreement(run_dir, photo_dir, tmp_path):
+    from core.bundle import Threshold
+    from core.ensemble import save_ensemble
+    torch.manual_seed(1)
+    other = LesionClassifier(load_bundle(run_dir).spec, HeadConfig()).eval()
+    spread_logits(other)
+    save_bundle(other, tmp_path / "other", threshold={"value": THRESHOLD, "rule": "fixed"})
+    members = [load_bundle(run_dir), load_bundle(tmp_path / "other")]
+    save_ensemble(members, tmp_path / "ens", threshold=Threshold(THRESHOLD, rule="fixed"), provenance={"run_name": "cv"})
+    out = tmp_path / "ens.csv"
+    assert main(["--run", str(tmp_path / "ens"), "--images", str(photo_dir), "--out", str(out), "--workers", "0",
+                 "--device", "cpu"]) == 0
+    df = pd.read_csv(out)
+    scored = df[df["status"] == "scored"].reset_index(drop=True)
+    singles = [Predictor(b, device="cpu") for b in members]
+    for _, row in scored.iterrows():
+        member_p = [p.predict_source(row["image"], cam_method=None).prob for p in singles]
+        assert row["raw_score"] == pytest.approx(np.mean(member_p), abs=1e-4)
+        assert row["members_flagging"] == sum(q >= THRESHOLD for q in member_p)
+        assert row["members_sd"] == pytest.approx(np.std(member_p, ddof=1), abs=1e-4)
+    assert df.loc[df["status"] != "scored", "members_flagging"].isna().all()
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["ensemble"]["members"] == 2 and "members_sd" in meta["columns"]

@@ -1,0 +1,54 @@
+"""Tests for `python -m train.evaluate` on an ensemble bundle: the ensemble's metrics plus each member's own."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from core.backbones import get_spec
+from core.bundle import Threshold, load_bundle, save_bundle
+from core.ensemble import save_ensemble
+from core.evaluation import predict_probs
+from core.manifest import write_manifest
+from core.model import HeadConfig, LesionClassifier
+from tests.conftest import make_images, spread_logits
+from train.evaluate import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_an_ensemble_report_has_its_members_metrics(tmp_path, capsys):
+    spec = get_spec("mobilenetv2_100")
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=64))
+    members = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        model = LesionClassifier(spec, HeadConfig()).eval()
+        spread_logits(model, std=3.0)
+        members.append(load_bundle(save_bundle(model, tmp_path / f"m{seed}", threshold={"value": 0.5})))
+    save_ensemble(members, tmp_path / "ens", threshold=Threshold(0.5, rule="fixed"), provenance={"run_name": "cv"},
+                  member_info=[{"fold": k} for k in range(3)])
+    df = make_images(tmp_path / "img", n=16)
+    df["image"] = [str(tmp_path / "img" / i) for i in df["image"]]
+    manifest = write_manifest(df, tmp_path / "m.csv")
+    out = tmp_path / "report.json"
+    assert main(["--run", str(tmp_path / "ens"), "--manifest", str(manifest), "--out", str(out), "--n-boot", "50",
+                 "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    ens = report["ensemble"]
+    assert [m["fold"] for m in ens["members"]] == [0, 1, 2]
+    y = df["label"].to_numpy()
+    from sklearn.metrics import roc_auc_score
+    for m, b in zip(ens["members"], members):  # each member's AUC is its own model's, scored alone
+        alone = predict_probs(b.model, df, num_workers=0)
+        assert m["metrics"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(y, alone), abs=1e-6)
+    singles = np.stack([predict_probs(b.model, df, num_workers=0) for b in members], 1)
+    probs = pd.DataFrame(report["predictions"])["prob"].to_numpy()
+    assert np.allclose(probs, singles.mean(1), atol=1e-5)  # the ensemble's score is the members' mean
+    split = ((singles >= 0.5).any(1) & ~(singles >= 0.5).all(1)).mean()
+    assert ens["split_fraction"] == pytest.approx(split)
+    assert "members disagree" in capsys.readouterr().out
