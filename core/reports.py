@@ -91,10 +91,10 @@ def cv_fold_table(report: dict) -> pd.DataFrame:
     if not cv:
         return pd.DataFrame()
     shown = [m for m in metrics.METRICS if m.in_table]
-    fmt = lambda m, v: m.format({"value": v}) if v is not None else "n/a"  # noqa: E731
+    fmt = lambda m, v: m.format({"value": v})  # noqa: E731 - a point value (no CI), "n/a" when undefined
     rows = [{"Fold": f"fold {f['fold']}", **{m.display: fmt(m, f["metrics"].get(m.key)) for m in shown},
-             "n": f.get("n"), "malignant": f.get("n_positive"), "best epochs": ", ".join(map(str, f.get("best_epochs") or []))}
-            for f in cv["per_fold"]]
+             "n": f.get("n"), "malignant": f.get("n_positive"),
+             "best epochs": ", ".join(map(str, f.get("best_epochs") or []))} for f in cv["per_fold"]]
     for what in ("mean", "sd"):
         rows.append({"Fold": "mean of folds" if what == "mean" else "SD of folds",
                      **{m.display: fmt(m, (cv["summary"].get(m.key) or {}).get(what)) for m in shown}})

@@ -240,8 +240,8 @@ def test_shared_demo_cv_holds_out_the_test_patients_of_shared_demo():
     from core.training import stage_rows
     configs = Path(__file__).resolve().parents[2] / "train" / "configs"
     data_root = str(shared_path("data"))
-    demo, cvc = (run_config_from_dict({**yaml.safe_load((configs / f"{name}.yaml").read_text()), "data_root": data_root})
-                 for name in ("shared_demo", "shared_demo_cv"))
+    demo, cvc = (run_config_from_dict({**yaml.safe_load((configs / f"{name}.yaml").read_text()),
+                                       "data_root": data_root}) for name in ("shared_demo", "shared_demo_cv"))
     _, union = stage_rows(demo)
     single, _ = assign_splits(union, demo.split)
     folds, _ = assign_folds(stage_rows(cvc)[1], cvc.cv.folds, cvc.split)
