@@ -32,6 +32,7 @@ from core.bundle import Bundle
 from core.context import Fused, fuse
 from core.dataset import decode_limits
 from core.device import autocast, fast_dtype, pick_device
+from core.engine import choose_engine, record as engine_record
 from core.gradcam import cams, map_and_grads
 from core.images import load_image
 from core.quality import QualityWarning, quality_warnings
@@ -89,7 +90,7 @@ class Prediction:
 class Predictor:
     """Holds one loaded model; thread-safe (the app shares it across sessions)."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", fast: bool = True):
+    def __init__(self, bundle: Bundle, device: str = "auto", fast: bool = True, engine: str | None = None):
         self.bundle = bundle
         self.device = pick_device(device)
         self.fast = fast
@@ -109,10 +110,16 @@ class Predictor:
         self.dtype = None
         self.precision = {"dtype": "float32", "reason": "fast=False" if not fast else "no fast reduced precision "
                           "on this device", "max_abs_prob_diff": None}
+        self.engine = engine_record("pytorch", "fast=False") if not fast else None
         if fast:
             dtype = fast_dtype(self.device)
             if dtype is not None:
                 self._choose_precision(dtype)
+            # engine (core/engine.py): PyTorch as above, or ONNX Runtime (fp32) when measured faster and as exact
+            self._features, self.engine = choose_engine(self.model, self.pp, self.device, self._features, self.dtype,
+                                                        engine=engine)
+            if self.engine["engine"] != "pytorch":
+                self.dtype = None  # the graph computes fp32: no autocast, nothing to re-score near the threshold
             self.warmup()
 
     # ------------------------------------------------------------------ precision
