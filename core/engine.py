@@ -347,9 +347,12 @@ def batch_features(module: nn.Module, pp, n_batches: int, device, *, engine: str
     return out
 
 
-def describe(rec: dict | None) -> str:
-    """One line for people: which engine computes the features, and why."""
+def describe(rec: dict | None, precision: dict | None = None) -> str:
+    """One line for people: which engine and precision compute the features, and why (Predictor.engine/.precision)."""
     if not rec:
-        return "engine: PyTorch"
-    name = {"onnxruntime": "ONNX Runtime (fp32)", "pytorch": f"PyTorch {rec.get('pytorch_precision', '')}".strip()}
-    return f"engine: {name.get(rec['engine'], rec['engine'])} ({rec['reason']})"
+        return ""
+    if rec["engine"] == "onnxruntime":
+        name = "ONNX Runtime (float32)"
+    else:
+        name = f"PyTorch {(precision or {}).get('dtype') or rec.get('pytorch_precision') or ''}".strip()
+    return f"Engine: {name}; {rec['reason']}."

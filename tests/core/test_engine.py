@@ -85,6 +85,7 @@ def test_pytorch_override_and_non_cpu_devices_build_no_graph(bundle_dir, monkeyp
     assert Predictor(load_bundle(bundle_dir), device="cpu", fast=False).engine["engine"] == "pytorch"
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_environment_variable_selects_onnxruntime(bundle_dir, graph, monkeypatch):
     monkeypatch.setenv(eng.ENV, "onnxruntime")
     p = Predictor(load_bundle(bundle_dir), device="cpu")
@@ -101,6 +102,7 @@ def test_import_failure_falls_back_to_pytorch(bundle_dir, monkeypatch):
     assert 0 <= p.predict_source(photo(0)).prob <= 1
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 @pytest.mark.parametrize("pytorch_s, ort_s, expected", [(0.010, 0.0095, "pytorch"),   # 5% faster: not enough
                                                         (0.010, 0.012, "pytorch"),    # slower
                                                         (0.010, 0.005, "onnxruntime")])
@@ -115,6 +117,7 @@ def test_auto_choice_follows_the_measured_latency(bundle_dir, graph, pytorch_s, 
     assert rec["feature_rel_err"] is not None and rec["max_abs_prob_diff"] is not None
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_outside_the_probability_tolerance_falls_back(bundle_dir, graph, monkeypatch):
     monkeypatch.setattr(inf, "PRECISION_TOLERANCE", -1.0)  # no |dP| passes, however small
     p = Predictor(load_bundle(bundle_dir), device="cpu", engine="onnxruntime")  # an override never skips accuracy
@@ -122,6 +125,7 @@ def test_outside_the_probability_tolerance_falls_back(bundle_dir, graph, monkeyp
     assert not isinstance(p._features, eng.OrtFeatures)
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_perturbed_onnxruntime_output_is_not_used(bundle_dir, graph, monkeypatch):
     exports = []
     monkeypatch.setattr(eng, "export_graph", lambda bb, size, path: exports.append(path))  # the file stays valid
@@ -133,6 +137,7 @@ def test_perturbed_onnxruntime_output_is_not_used(bundle_dir, graph, monkeypatch
     assert not isinstance(p._features, eng.OrtFeatures)
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_second_load_reuses_the_cached_graph(bundle_dir, graph, monkeypatch):
     def no_export(*a, **k):
         raise AssertionError("the cached graph should have been used")
@@ -141,6 +146,7 @@ def test_second_load_reuses_the_cached_graph(bundle_dir, graph, monkeypatch):
     assert p.engine["engine"] == "onnxruntime" and p.engine["graph"] == "disk cache"
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_corrupted_cache_file_is_rebuilt(bundle_dir, graph, monkeypatch):
     good = graph.read_bytes()
     graph.write_bytes(good[: len(good) // 3])  # e.g. a disk that filled up during an earlier write
@@ -170,6 +176,7 @@ def photo(seed: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_both_engines_agree_on_real_pad_photos(bundle_dir, graph, monkeypatch):
     folder = shared_path("data", "pad_ufes_20_subset", "images")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:4]
@@ -191,6 +198,7 @@ def test_both_engines_agree_on_real_pad_photos(bundle_dir, graph, monkeypatch):
     np.testing.assert_allclose(ort_p.probs(x), torch_p.probs(x), atol=1e-4)
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_onnxruntime_replaces_the_bf16_path_and_its_autocast(bundle_dir, graph, monkeypatch):
     """On a CPU where bf16 passed the precision check, choosing ONNX Runtime must drop autocast (dtype None)."""
     monkeypatch.setattr(inf, "fast_dtype", lambda device: torch.bfloat16)
@@ -212,6 +220,7 @@ def manifest(tmp_path_factory):
     return df.assign(image=[str(folder / name) for name in df["image"]])
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 def test_embeddings_agree_across_engines(bundle_dir, graph, manifest):
     model = load_bundle(bundle_dir).model
     pp = model.spec.preprocessing
@@ -223,6 +232,7 @@ def test_embeddings_agree_across_engines(bundle_dir, graph, manifest):
     np.testing.assert_allclose(with_ort, with_torch, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # the module's graph export takes seconds (then cached)
 @pytest.mark.parametrize("torch_s, ort_s, expected", [(1.0, 0.5, "onnxruntime"), (1.0, 0.95, "pytorch")])
 def test_batch_job_keeps_the_engine_faster_on_its_own_batches(bundle_dir, graph, torch_s, ort_s, expected):
     model = load_bundle(bundle_dir).model

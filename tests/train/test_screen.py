@@ -294,3 +294,20 @@ def test_evaluate_counts_a_bad_context_answer_as_unanswered_and_notes_it(context
     assert report["context"]["answered"] == {"age": 1, "site": 0, "bleed": 2, "grew": 0}
     assert [u["image"] for u in report["context"]["unusable_answers"]] == [str(photo_dir / "p0.jpg")]
     assert any("p0.jpg" in n and "age: 150.0 is outside 0-120" in n for n in report["notes"])
+
+
+@pytest.mark.slow  # exports the model's ONNX graph
+def test_screening_through_onnxruntime_gives_pytorchs_scores_and_says_so(run_dir, photo_dir, tmp_path, monkeypatch):
+    """SKINSCREEN_ENGINE=onnxruntime: the batches go through the ONNX graph, the scores are fp32 PyTorch's, and the
+    provenance names the engine next to the precision."""
+    monkeypatch.setenv("SKINSCREEN_FP32", "1")  # compare with fp32 PyTorch also on CPUs that would use bf16
+    args = ["--run", str(run_dir), "--images", str(photo_dir), "--batch-size", "3", "--workers", "1", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "torch.csv")]) == 0
+    monkeypatch.setenv("SKINSCREEN_ENGINE", "onnxruntime")
+    assert main(args + ["--out", str(tmp_path / "ort.csv")]) == 0
+    a, b = pd.read_csv(tmp_path / "torch.csv"), pd.read_csv(tmp_path / "ort.csv")
+    assert (a["status"] == b["status"]).all() and (a["verdict"].fillna("") == b["verdict"].fillna("")).all()
+    np.testing.assert_allclose(b["raw_score"], a["raw_score"], atol=1e-4)
+    meta = json.loads(sidecar_path(tmp_path / "ort.csv").read_text())
+    assert meta["engine"]["engine"] == "onnxruntime" and meta["engine"]["max_abs_prob_diff"] < 1e-4
+    assert json.loads(sidecar_path(tmp_path / "torch.csv").read_text())["engine"]["engine"] == "pytorch"
