@@ -18,9 +18,9 @@ def machine_line(m: dict) -> str:
 
 
 def engines(d: dict) -> str:
-    """The per-engine table (predict_latency.py with --engines): each ratio is against the naive path of the same run."""
-    rows = ["| backbone | naive ms | fast: pytorch ms (precision) | onnxruntime ms | auto ms (chose) | ratio naive / auto | "
-            "max \\|dP\\| vs fp32: pytorch / onnxruntime | CAM r min: pytorch / onnxruntime | batch ms per image: "
+    """The per-engine table (predict_latency.py --engines): each ratio is against the naive path of the same run."""
+    rows = ["| backbone | naive ms | fast: pytorch ms (precision) | onnxruntime ms | auto ms (chose) | "
+            "ratio naive / auto | max \\|dP\\| vs fp32: pytorch / onnxruntime | CAM r min: pytorch / onnxruntime | batch ms per image: "
             "screen pytorch / onnxruntime, embed pytorch / onnxruntime | load s: pytorch / onnxruntime / auto |",
             "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
     for name, r in d.items():

@@ -4,8 +4,8 @@ ONNX Runtime computes only the backbone's last feature map (``model.feature_map(
 batch); pooling, the head and the Grad-CAM gradient stay in PyTorch, so ``OrtFeatures`` drops in wherever the
 Predictor uses its feature module (``core.gradcam.map_and_grads(features=...)``). The graph is exported once per
 backbone and input size and cached in the per-user cache (``core.userdirs``), keyed by the SHA-256 of the
-backbone's weights, its architecture and the onnxruntime/torch versions; a cached graph is checked against fp32 PyTorch every time it is
-loaded and rebuilt when it cannot be read or does not reproduce the features.
+backbone's weights, its architecture and the onnxruntime/torch versions; a cached graph is checked against fp32
+PyTorch every time it is loaded and rebuilt when it cannot be read or does not reproduce the features.
 
 Which engine runs is decided per model (``choose_engine``), on CPU devices only: the current PyTorch feature path
 (fp32, or the bf16 copy the precision check kept) and ONNX Runtime are timed on a single photo-like input, and ONNX
