@@ -76,11 +76,30 @@ def machine_info() -> dict:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "note": "shared machine: other engineers' tests ran at the same time; numbers are medians"}
     try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    try:
         flags = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split()
-        info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+        info["isa"] = [f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                                   "amx_tile") if f in flags]
     except (OSError, AttributeError):
-        pass
+        flags = None
+    info["isa_class"] = isa_class(flags)
     return info
+
+
+def isa_class(flags: list[str] | None) -> str:
+    """The machine class results are comparable within: 'amx-bf16', 'avx512-bf16', 'avx512', 'avx2', 'arm' or
+    'unknown' (no /proc/cpuinfo flags, e.g. macOS: name it by hand)."""
+    if flags is None:
+        return "arm" if platform.machine().lower() in ("arm64", "aarch64") else "unknown"
+    for cls, need in (("amx-bf16", "amx_bf16"), ("avx512-bf16", "avx512_bf16"), ("avx512", "avx512f"),
+                      ("avx2", "avx2")):
+        if need in flags:
+            return cls
+    return "arm" if "asimd" in flags else "older-x86"
 
 
 def phone_jpeg(size=(4000, 3000), quality: int = 92, seed: int = 0) -> bytes:

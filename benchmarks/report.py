@@ -10,12 +10,42 @@ from pathlib import Path
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']}, {m['cores']} cores ({', '.join(m.get('isa', []))}), torch {m['torch']}, "
+    cls = f"class {m['isa_class']}: " if m.get("isa_class") else ""
+    ort = f", onnxruntime {m['onnxruntime']}" if m.get("onnxruntime") else ""
+    return (f"{m['cpu']}, {m['cores']} cores ({cls}{', '.join(m.get('isa', []))}), torch {m['torch']}{ort}, "
             f"{m['torch_threads']} thread(s), bf16 native: {m['cpu_bf16']}, load average "
             f"{m['load_avg_1min_at_start']} -> {m.get('load_avg_1min_at_end', '?')}, {m['date']}")
 
 
+def engines(d: dict) -> str:
+    """The per-engine table (predict_latency.py --engines): each ratio is against the naive path of the same run."""
+    rows = ["| backbone | naive ms | fast: pytorch ms (precision) | onnxruntime ms | auto ms (chose) | "
+            "ratio naive / auto | max \\|dP\\| vs fp32: pytorch / onnxruntime | CAM r min: pytorch / onnxruntime | batch ms per image: "
+            "screen pytorch / onnxruntime, embed pytorch / onnxruntime | load s: pytorch / onnxruntime / auto |",
+            "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
+    for name, r in d.items():
+        if name in ("machine", "settings") or not isinstance(r, dict) or "engines" not in r:
+            continue
+        e, b = r["engines"], (r.get("batch") or {}).get("ms_per_image", {})
+        ms = {k: f"{x['fast_ms']:.0f}" for k, x in e.items()}
+        dp = {k: f"{x['accuracy']['max_abs_prob_diff']:.4f}" for k, x in e.items()}
+        cam = {k: f"{x['accuracy']['cam_corr_min']:.4f}" for k, x in e.items()}
+        load = {k: f"{x['predictor_init_s']:.1f}" for k, x in e.items()}
+        pt = f"{ms.get('pytorch', '-')} ({e['pytorch']['precision']['dtype']})" if "pytorch" in e else "-"
+        auto = f"{ms['auto']} ({e['auto']['engine']['engine']})" if "auto" in e else "-"
+        batch = [f"{b[k]:.1f}" if k in b else "-" for k in ("screen_pytorch", "screen_onnxruntime", "embed_pytorch",
+                                                             "embed_onnxruntime")]
+        rows.append(f"| {name} | {r['naive_ms']:.0f} | {pt} | {ms.get('onnxruntime', '-')} | {auto} | "
+                    f"**{r['ratio']:.2f}x** | {dp.get('pytorch', '-')} / {dp.get('onnxruntime', '-')} | "
+                    f"{cam.get('pytorch', '-')} / {cam.get('onnxruntime', '-')} | {batch[0]} / {batch[1]}, "
+                    f"{batch[2]} / {batch[3]} | "
+                    + " / ".join(load.get(k, "-") for k in ("pytorch", "onnxruntime", "auto")) + " |")
+    return "\n".join(rows)
+
+
 def latency(d: dict) -> str:
+    if any(isinstance(r, dict) and "engines" in r for k, r in d.items() if k not in ("machine", "settings")):
+        return engines(d) + "\n\n" + breakdown(d)
     rows = ["| backbone | weights | naive ms | fast ms | ratio | max \\|dP\\| vs fp32 | max \\|dP\\| vs naive | "
             "CAM r (mean / min) | fast precision (feature error) | bf16 if forced: \\|dP\\|, CAM r min |",
             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
@@ -29,14 +59,23 @@ def latency(d: dict) -> str:
         rows.append(f"| {name} | {r['weights']} | {r['naive_ms']:.0f} | {r['fast_ms']:.0f} | **{r['ratio']:.2f}x** | "
                     f"{r['max_abs_prob_diff']:.4f} | {r['max_abs_prob_diff_vs_naive']:.4f} | "
                     f"{r['cam_corr']:.4f} / {r['cam_corr_min']:.4f} | {fp['dtype']}{err} | {f} |")
-    rows.append("")
-    rows.append("| backbone | naive: decode / transform / forward / GradCAM ms | fast: decode / preprocess+quality / "
-                "model+CAM ms |")
+    return "\n".join(rows) + "\n\n" + breakdown(d)
+
+
+def breakdown(d: dict) -> str:
+    rows = ["| backbone | naive: decode / transform / forward / GradCAM ms | fast: decode / preprocess+quality / "
+            "model+CAM ms |"]
     rows.append("|---|---|---|")
     for name, r in d.items():
         if name in ("machine", "settings"):
             continue
         n, f = r["naive_breakdown_ms"], r["fast_breakdown_ms"]
+        if "engines" in r:  # one line per engine
+            for e, x in r["engines"].items():
+                g = x["fast_breakdown_ms"]
+                rows.append(f"| {name} ({e}) | {n['decode']:.0f} / {n['transform']:.0f} / {n['forward']:.0f} / "
+                            f"{n['gradcam']:.0f} | {g['decode']:.0f} / {g['preprocess']:.0f} / {g['model']:.0f} |")
+            continue
         rows.append(f"| {name} | {n['decode']:.0f} / {n['transform']:.0f} / {n['forward']:.0f} / {n['gradcam']:.0f} | "
                     f"{f['decode']:.0f} / {f['preprocess']:.0f} / {f['model']:.0f} |")
     return "\n".join(rows)

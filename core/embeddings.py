@@ -155,24 +155,32 @@ def _feature_module(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _forward(module: nn.Module, df: pd.DataFrame, pp: Preprocessing, device, batch_size: int,
-             num_workers: int) -> np.ndarray:
+             num_workers: int, engine: str | None = None, report: dict | None = None) -> np.ndarray:
+    from core.engine import batch_features
     ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to, interpolation=pp.interpolation)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # PyTorch or ONNX Runtime, whichever is faster on this job's first batches; both fp32 on purpose: cached
+    # vectors must not depend on the device's reduced precision.
+    features = batch_features(module, pp, len(loader), device, engine=engine)
     out = None
     for x, _, idx in loader:
-        # fp32 on purpose: cached vectors must not depend on the device's reduced precision.
-        feats = module(x.to(device)).float().cpu().numpy()
+        feats = features(x.to(device)).float().cpu().numpy()
         if out is None:
             out = np.empty((len(ds), feats.shape[1]), dtype=np.float32)
         out[idx.numpy()] = feats
+    if report is not None:
+        report["engine"] = features.record
     return out
 
 
 def embed(model: nn.Module, df: pd.DataFrame, preprocessing: Preprocessing, cache: EmbeddingCache | None = None,
-          *, identity: str | None = None, device="cpu", batch_size: int = 32, num_workers: int = 0) -> np.ndarray:
+          *, identity: str | None = None, device="cpu", batch_size: int = 32, num_workers: int = 0,
+          engine: str | None = None, report: dict | None = None) -> np.ndarray:
     """Pooled features (N, D) float32 for every row of df, in row order; only cache misses run the network.
 
-    Without a cache or an identity (unreproducible weights) every row is computed.
+    Without a cache or an identity (unreproducible weights) every row is computed. `engine`: 'auto' (default:
+    $SKINSCREEN_ENGINE, else auto), 'pytorch' or 'onnxruntime' (core.engine.batch_features); `report`, a dict,
+    receives the engine decision under 'engine' when anything was computed.
     """
     module = _feature_module(model)
     use_cache = cache is not None and identity is not None
@@ -189,7 +197,7 @@ def embed(model: nn.Module, df: pd.DataFrame, preprocessing: Preprocessing, cach
         module.eval().to(device)
         try:
             fresh = _forward(module, rows.iloc[missing], preprocessing, torch.device(device), batch_size,
-                             num_workers)
+                             num_workers, engine, report)
         finally:
             module.train(was_training)
         for j, i in enumerate(missing):

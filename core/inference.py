@@ -37,6 +37,7 @@ from core.context import Fused, fuse
 from core.dataset import decode_limits
 from core.ensemble import Disagreement, disagreement
 from core.device import autocast, fast_dtype, pick_device
+from core.engine import choose_engine, record as engine_record
 from core.gradcam import cams, map_and_grads
 from core.images import load_image
 from core.model import EnsembleClassifier, combine_logits
@@ -96,7 +97,7 @@ class Prediction:
 class Predictor:
     """Holds one loaded model; thread-safe (the app shares it across sessions)."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", fast: bool = True):
+    def __init__(self, bundle: Bundle, device: str = "auto", fast: bool = True, engine: str | None = None):
         self.bundle = bundle
         self.device = pick_device(device)
         self.fast = fast
@@ -119,11 +120,33 @@ class Predictor:
         self.dtype = None
         self.precision = {"dtype": "float32", "reason": "fast=False" if not fast else "no fast reduced precision "
                           "on this device", "max_abs_prob_diff": None}
+        self.engine = engine_record("pytorch", "fast=False") if not fast else None
         if fast:
             dtype = fast_dtype(self.device)
             if dtype is not None:
                 self._choose_precision(dtype)
+            # engine (core/engine.py): PyTorch as above, or ONNX Runtime (fp32) when measured faster and as exact
+            self._choose_engine(engine)
             self.warmup()
+
+    def _choose_engine(self, engine: str | None) -> None:
+        """The first member's measurement decides; every other member must then pass the accuracy check too (one
+        engine for all: ONNX Runtime runs fp32, so the members cannot mix it with an autocast path)."""
+        first, record = choose_engine(self.members[0], self.pp, self.device, self._features[0], self.dtype,
+                                      engine=engine)
+        if record["engine"] == "pytorch":
+            self.engine = record
+            return
+        rest = [choose_engine(m, self.pp, self.device, f, self.dtype, engine="onnxruntime")
+                for m, f in zip(self.members[1:], self._features[1:])]
+        failed = [i + 1 for i, (_, r) in enumerate(rest) if r["engine"] == "pytorch"]
+        if failed:
+            self.engine = {**record, "engine": "pytorch", "reason": f"ONNX Runtime chosen for member 0 ({record['reason']}) "
+                           f"but member(s) {failed} failed its accuracy check: PyTorch for all"}
+            return
+        self._features = [first] + [f for f, _ in rest]
+        self.engine = record if not rest else {**record, "members": len(self.members)}
+        self.dtype = None  # the graph computes fp32: no autocast, nothing to re-score near the threshold
 
     # ------------------------------------------------------------------ precision
     def _choose_precision(self, dtype: torch.dtype) -> None:

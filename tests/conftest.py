@@ -55,6 +55,21 @@ def private_user_cache(tmp_path_factory):
         os.environ["SKINSCREEN_CACHE"] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pytorch_engine_by_default():
+    """Every Predictor in the tests runs PyTorch unless a test asks for another engine: the automatic choice
+    depends on timings (results would depend on the machine's load) and exports an ONNX graph per model
+    (seconds each). tests/core/test_engine.py exercises the choice and ONNX Runtime explicitly."""
+    import os
+    before = os.environ.get("SKINSCREEN_ENGINE")
+    os.environ["SKINSCREEN_ENGINE"] = "pytorch"
+    yield
+    if before is None:
+        os.environ.pop("SKINSCREEN_ENGINE", None)
+    else:
+        os.environ["SKINSCREEN_ENGINE"] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy shared CPU an OpenMP team spins at every barrier."""

@@ -72,9 +72,12 @@ def embed_rows(args, embedder, df) -> tuple:
     folder = cache_folder(args)
     cache = EmbeddingCache(folder) if folder else None
     t = time.perf_counter()
+    report = {}
     X = embed(embedder.module, df, embedder.preprocessing, cache, identity=embedder.identity,
               device=pick_device(args.device), batch_size=args.batch_size,
-              num_workers=dataloader_workers() if args.workers is None else args.workers)
+              num_workers=dataloader_workers() if args.workers is None else args.workers, report=report)
+    # which engine computed the new vectors (PyTorch or ONNX Runtime, core.engine): summary.json's "model" entry
+    embedder.description["engine"] = report.get("engine")
     hits = cache.hits if cache else 0
     return X, time.perf_counter() - t, hits, len(df) - hits, None if folder is None else str(folder)
 

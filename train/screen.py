@@ -213,7 +213,8 @@ def provenance(predictor: Predictor, run: str, inputs: dict, table: pd.DataFrame
             "n_not_assessed": int((table["verdict"] == NOT_ASSESSED).sum()),
             "lacks": bundle.lacks(), "ood_gate": bundle.meta.ood_gate, "calibration": bundle.meta.calibration,
             "columns": COLUMNS,
-            "precision": predictor.precision, "device": str(predictor.device),
+            "precision": predictor.precision, "engine": predictor.engine,
+            "device": str(predictor.device),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 1)}
 
 

@@ -232,6 +232,13 @@ def get_predictor(path: str):
     return _predictor(str(path), (Path(path) / WEIGHTS_FILE).stat().st_mtime)
 
 
+def engine_note(path: str) -> str:
+    """Which inference engine and precision the loaded model runs on, and the load-time measurement behind it."""
+    from core.engine import describe
+    p = get_predictor(path)
+    return describe(getattr(p, "engine", None), getattr(p, "precision", None))
+
+
 def predict(photo: Photo, model_path: str, cam_method: str, context: dict | None = None):
     """The prediction for the current photo, crop, model and heat-map method, fused with the clinical answers;
     the model reruns only when the photo, crop, model or method changes (not for the opacity slider or an

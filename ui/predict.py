@@ -146,7 +146,8 @@ with right:
         st.info(f"This model has {lack}.", icon=":material/info:")
     common.provenance_box(meta)
     if pred.timings_ms:
-        st.caption("Timings: " + ", ".join(f"{k} {v:.0f} ms" for k, v in pred.timings_ms.items()))
+        st.caption("Timings: " + ", ".join(f"{k} {v:.0f} ms" for k, v in pred.timings_ms.items()) + ". "
+                   + common.engine_note(st.session_state["model_path"]))
 
 if pred.similar and pred.assessed:  # beside a refused photo, "similar" labels would read as a verdict
     st.subheader("Most similar photos in the model's training and validation data")

@@ -131,6 +131,9 @@ def test_predict_with_injected_photo(with_model):
     assert any("Grad-CAM" in c for im in images for c in im.captions)
     assert "Model:** demo_run" in md  # the provenance box sits next to the probability
     assert any("not a diagnostic device" in c.value for c in at.main.caption)
+    # the inference engine the tests pin (SKINSCREEN_ENGINE=pytorch, tests/conftest.py) and why, beside the timings
+    assert any("Timings:" in c.value and "Engine: PyTorch" in c.value and "asked for" in c.value
+               for c in at.main.caption)
     # Grad-CAM++ and the opacity slider re-render without errors
     at.radio(key="cam_method").set_value("Grad-CAM++").run()
     at.slider(key="cam_opacity").set_value(0.8).run()

@@ -319,3 +319,20 @@ def test_an_ensemble_bundle_screens_with_its_members_agreement(run_dir, photo_di
     assert df.loc[df["status"] != "scored", "members_flagging"].isna().all()
     meta = json.loads(sidecar_path(out).read_text())
     assert meta["ensemble"]["members"] == 2 and "members_sd" in meta["columns"]
+
+
+@pytest.mark.slow  # exports the model's ONNX graph
+def test_screening_through_onnxruntime_gives_pytorchs_scores_and_says_so(run_dir, photo_dir, tmp_path, monkeypatch):
+    """SKINSCREEN_ENGINE=onnxruntime: the batches go through the ONNX graph, the scores are fp32 PyTorch's, and the
+    provenance names the engine next to the precision."""
+    monkeypatch.setenv("SKINSCREEN_FP32", "1")  # compare with fp32 PyTorch also on CPUs that would use bf16
+    args = ["--run", str(run_dir), "--images", str(photo_dir), "--batch-size", "3", "--workers", "1", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "torch.csv")]) == 0
+    monkeypatch.setenv("SKINSCREEN_ENGINE", "onnxruntime")
+    assert main(args + ["--out", str(tmp_path / "ort.csv")]) == 0
+    a, b = pd.read_csv(tmp_path / "torch.csv"), pd.read_csv(tmp_path / "ort.csv")
+    assert (a["status"] == b["status"]).all() and (a["verdict"].fillna("") == b["verdict"].fillna("")).all()
+    np.testing.assert_allclose(b["raw_score"], a["raw_score"], atol=1e-4)
+    meta = json.loads(sidecar_path(tmp_path / "ort.csv").read_text())
+    assert meta["engine"]["engine"] == "onnxruntime" and meta["engine"]["max_abs_prob_diff"] < 1e-4
+    assert json.loads(sidecar_path(tmp_path / "torch.csv").read_text())["engine"]["engine"] == "pytorch"
