@@ -2,6 +2,7 @@
 
     python benchmarks/predict_latency.py --json benchmarks/results/predict_latency_<cpu>.json
     python benchmarks/predict_latency.py --backbones convnext_tiny --repeats 9 --threads 2
+    python benchmarks/predict_latency.py --device cuda --json benchmarks/results/predict_latency_<gpu>.json
 
 NAIVE: full decode of a 12 MP phone JPEG, torchvision eval transform on the full image, fp32 model (NCHW),
 a no-grad forward for the probability, then pytorch-grad-cam's GradCAM (forward + backward).
@@ -56,7 +57,7 @@ def naive_predict(model, tf, data) -> tuple[float, np.ndarray, dict]:
     t0 = time.perf_counter()
     img = load_image(data)  # full resolution
     t1 = time.perf_counter()
-    x = tf(img).unsqueeze(0)
+    x = tf(img).unsqueeze(0).to(next(model.parameters()).device)
     t2 = time.perf_counter()
     with torch.no_grad():
         prob = float(torch.sigmoid(model(x)).item())
@@ -94,14 +95,14 @@ def accuracy(predictor, naive_model, tf, photos, with_naive: bool) -> dict:
     return out
 
 
-def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int) -> dict:
+def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int, device: str = "cpu") -> dict:
     model = random_model(name)
     pp = model.spec.preprocessing
     tf = eval_transform(pp)
     calibrate_head(model, [tf(load_image(p)).unsqueeze(0) for p in photos])
-    naive_model = copy.deepcopy(model).eval()  # fp32, default (NCHW) memory format
+    naive_model = copy.deepcopy(model).to(device).eval()  # fp32, default (NCHW) memory format
     t0 = time.perf_counter()
-    predictor = Predictor(make_bundle(model), device="cpu", fast=True)
+    predictor = Predictor(make_bundle(model), device=device, fast=True)
     init_s = time.perf_counter() - t0
 
     # ---- latency, interleaved
@@ -127,7 +128,7 @@ def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int) ->
         saved = inf.FEATURE_TOLERANCE, inf.PRECISION_TOLERANCE
         inf.FEATURE_TOLERANCE = inf.PRECISION_TOLERANCE = float("inf")
         try:
-            forced = Predictor(make_bundle(copy.deepcopy(naive_model)), device="cpu", fast=True)
+            forced = Predictor(make_bundle(copy.deepcopy(naive_model)), device=device, fast=True)
         finally:
             inf.FEATURE_TOLERANCE, inf.PRECISION_TOLERANCE = saved
         forced_t = []
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--photos", type=int, default=6, help="real photos per data set for the accuracy checks")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = idle cores by load average")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or mps: where both paths run the model")
     args = p.parse_args(argv)
     backbones = args.backbones or list(DEFAULT_BACKBONES) + (
         ["mobilenetv2_100_tflite"] if TFLITE_WEIGHTS.is_file() else [])
@@ -172,6 +174,7 @@ def main(argv=None) -> int:
     jpeg = phone_jpeg()
     photos = real_photos(args.photos)
     out = {"machine": info, "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads,
+                                         "device": args.device,
                                          "phone_jpeg": "synthetic 4000x3000, quality 92",
                                          "phone_jpeg_bytes": len(jpeg), "photos": [str(p.name) for p in photos]}}
     print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | threads {threads} | "
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     print(hdr)
     print("-" * len(hdr))
     for name in backbones:
-        r = bench_backbone(name, jpeg, photos, args.repeats, args.warmup)
+        r = bench_backbone(name, jpeg, photos, args.repeats, args.warmup, args.device)
         out[name] = r
         fp = r["fast_precision"]
         err = f" ({fp['feature_rel_err']:.2%})" if fp.get("feature_rel_err") is not None else ""
