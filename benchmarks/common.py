@@ -23,7 +23,7 @@ from core.bundle import Bundle, BundleMeta, Provenance, Threshold  # noqa: E402
 from core.device import cpu_has_bf16  # noqa: E402
 from core.model import HeadConfig, LesionClassifier  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("SKINSCREEN_SHARED") or ROOT.parent / "shared")  # gpu_check.py passes where it found it
 REAL_PHOTOS = {"isic2017": SHARED / "data" / "isic2017_dermoscopic_subset" / "images",
                "pad_ufes_20": SHARED / "data" / "pad_ufes_20_subset" / "images"}
 TFLITE_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_imagenet.safetensors"

@@ -2,6 +2,7 @@
 
     python benchmarks/predict_latency.py --json benchmarks/results/predict_latency_<cpu>.json
     python benchmarks/predict_latency.py --backbones convnext_tiny mobilenetv2_100 --repeats 9 --threads 2
+    python benchmarks/predict_latency.py --device cuda --json benchmarks/results/predict_latency_<gpu>.json
 
 NAIVE: full decode of a 12 MP phone JPEG, torchvision eval transform on the full image, fp32 model (NCHW),
 a no-grad forward for the probability, then pytorch-grad-cam's GradCAM (forward + backward).
@@ -64,7 +65,7 @@ def naive_predict(model, tf, data) -> tuple[float, np.ndarray, dict]:
     t0 = time.perf_counter()
     img = load_image(data)  # full resolution
     t1 = time.perf_counter()
-    x = tf(img).unsqueeze(0)
+    x = tf(img).unsqueeze(0).to(next(model.parameters()).device)
     t2 = time.perf_counter()
     with torch.no_grad():
         prob = float(torch.sigmoid(model(x)).item())
@@ -117,16 +118,17 @@ def batch_ms(predictors: dict, model, batch: int, reps: int = 2) -> dict:
     return {"batch": batch, "ms": ms, "ms_per_image": {k: round(v / batch, 2) for k, v in ms.items()}}
 
 
-def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int, engines, batch: int) -> dict:
+def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int, engines, batch: int,
+                   device: str = "cpu") -> dict:
     model = random_model(name)
     pp = model.spec.preprocessing
     tf = eval_transform(pp)
     calibrate_head(model, [tf(load_image(p)).unsqueeze(0) for p in photos])
-    naive_model = copy.deepcopy(model).eval()  # fp32, default (NCHW) memory format
+    naive_model = copy.deepcopy(model).to(device).eval()  # fp32, default (NCHW) memory format
     predictors, init_s = {}, {}
     for e in engines:
         t0 = time.perf_counter()
-        predictors[e] = Predictor(make_bundle(copy.deepcopy(model)), device="cpu", fast=True, engine=e)
+        predictors[e] = Predictor(make_bundle(copy.deepcopy(model)), device=device, fast=True, engine=e)
         init_s[e] = round(time.perf_counter() - t0, 2)
 
     # ---- latency, interleaved: naive, then each engine, in every repeat
@@ -171,7 +173,7 @@ def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int, en
         saved = inf.FEATURE_TOLERANCE, inf.PRECISION_TOLERANCE
         inf.FEATURE_TOLERANCE = inf.PRECISION_TOLERANCE = float("inf")
         try:
-            forced = Predictor(make_bundle(copy.deepcopy(naive_model)), device="cpu", fast=True, engine="pytorch")
+            forced = Predictor(make_bundle(copy.deepcopy(naive_model)), device=device, fast=True, engine="pytorch")
         finally:
             inf.FEATURE_TOLERANCE, inf.PRECISION_TOLERANCE = saved
         forced_t = []
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES,
                    help="inference engines of the fast path (default: all three)")
     p.add_argument("--batch", type=int, default=32, help="batch size of the screening/embedding timing; 0 = skip")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or mps: where both paths run the model")
     args = p.parse_args(argv)
     backbones = args.backbones or list(DEFAULT_BACKBONES) + (
         ["mobilenetv2_100_tflite"] if TFLITE_WEIGHTS.is_file() else [])
@@ -222,6 +225,7 @@ def main(argv=None) -> int:
     photos = real_photos(args.photos)
     out = {"machine": info, "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads,
                                          "engines": args.engines, "batch": args.batch,
+                                         "device": args.device,
                                          "phone_jpeg": "synthetic 4000x3000, quality 92",
                                          "phone_jpeg_bytes": len(jpeg), "photos": [str(p.name) for p in photos]}}
     print(f"{info['cpu']} | {info['cores']} cores | {info.get('isa_class')} | torch {info['torch']} | threads "
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
     print(hdr)
     print("-" * len(hdr))
     for name in backbones:
-        r = bench_backbone(name, jpeg, photos, args.repeats, args.warmup, args.engines, args.batch)
+        r = bench_backbone(name, jpeg, photos, args.repeats, args.warmup, args.engines, args.batch, args.device)
         out[name] = r
         fp = r["fast_precision"]
         err = f" ({fp['feature_rel_err']:.2%})" if fp.get("feature_rel_err") is not None else ""

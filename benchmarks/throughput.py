@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --json benchmarks/results/throughput_<cpu>.json
     python benchmarks/throughput.py --backbones convnext_tiny resnet50 --batch-size 32 --iters 5
+    python benchmarks/throughput.py --device cuda --batch-size 64 --json benchmarks/results/throughput_<gpu>.json
 
 - matmul rate: 2048x2048 matmuls in fp32 and bf16 (GFLOP/s), the most this machine's BLAS does;
 - FLOPs per image from torch.utils.flop_counter.FlopCounterMode (forward; and forward+backward for each stage);
@@ -30,21 +31,29 @@ from core.inference import Predictor
 DEFAULT = ("convnext_tiny", "resnet18", "mobilenetv2_100")
 
 
-def timed(fn, iters: int, warmup: int = 1) -> float:
+def sync(device: str = "cpu") -> None:
+    """Wait for queued GPU work, so a timer measures the work and not its launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, iters: int, warmup: int = 1, device: str = "cpu") -> float:
     """Median seconds per call after warm-up."""
     for _ in range(warmup):
         fn()
+    sync(device)
     ts = []
     for _ in range(iters):
         t = time.perf_counter()
         fn()
+        sync(device)
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, iters: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n ** 3 / timed(lambda: a @ b, iters, warmup=2) / 1e9
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, iters: int = 5, device: str = "cpu") -> float:
+    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, iters, warmup=2, device=device) / 1e9
 
 
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
@@ -77,14 +86,14 @@ def flops(model, x: torch.Tensor, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-def train_step_fn(model, batch: int, size: int, dtype):
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch) > 0.5).float()
+def train_step_fn(model, batch: int, size: int, dtype, device: str = "cpu"):
+    x = torch.randn(batch, 3, size, size).to(device).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch) > 0.5).float().to(device)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x).squeeze(1)
         loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -93,7 +102,7 @@ def train_step_fn(model, batch: int, size: int, dtype):
     return step
 
 
-def bench(name: str, batch: int, iters: int, rates: dict) -> dict:
+def bench(name: str, batch: int, iters: int, rates: dict, device: str = "cpu") -> dict:
     model = random_model(name)
     size = model.spec.preprocessing.input_size
     x1 = torch.randn(1, 3, size, size)
@@ -110,22 +119,24 @@ def bench(name: str, batch: int, iters: int, rates: dict) -> dict:
         "train_unfrozen": round(f_full / 1e9, 3)}}
     # screening (the fast path's batched forward) and the four training set-ups, timed round-robin so that a
     # change of load on the shared machine hits every measurement alike
-    predictor = Predictor(make_bundle(random_model(name)), device="cpu", fast=True)
-    xb = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    predictor = Predictor(make_bundle(random_model(name)), device=device, fast=True)
+    xb = torch.randn(batch, 3, size, size).to(device).contiguous(memory_format=torch.channels_last)
     calls = {"screening": (lambda: predictor.logits(xb), f_fwd, predictor.dtype)}
     for stage, frozen, f in (("frozen_backbone", True, f_frozen), ("unfrozen", False, f_full)):
         for label, dtype in (("fp32", None), ("bf16_autocast", torch.bfloat16)):
-            m = random_model(name).to(memory_format=torch.channels_last)
+            m = random_model(name).to(device, memory_format=torch.channels_last)
             m.freeze_backbone(frozen)
             m.train()
-            calls[f"{stage}_{label}"] = (train_step_fn(m, batch, size, dtype), f, dtype)
+            calls[f"{stage}_{label}"] = (train_step_fn(m, batch, size, dtype, device), f, dtype)
     times = {k: [] for k in calls}
     for fn, _, _ in calls.values():
         fn()  # warm-up
+    sync(device)
     for _ in range(iters):
         for k, (fn, _, _) in calls.items():
             t = time.perf_counter()
             fn()
+            sync(device)
             times[k].append(time.perf_counter() - t)
     out["training"] = {}
     for k, (_, f, dtype) in calls.items():
@@ -147,25 +158,29 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = idle cores by load average")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models and matmuls run")
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
     info = machine_info()
-    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    n = 8192 if args.device.startswith("cuda") else 2048  # a GPU reaches its matmul rate only on large matrices
+    rates = {"fp32": matmul_gflops(torch.float32, n, device=args.device),
+             "bf16": matmul_gflops(torch.bfloat16, n, device=args.device)}
     jpeg = phone_jpeg()
     decode_s = timed(lambda: load_image(jpeg, **decode_limits(256)), 5)  # as the fast path decodes it
-    out = {"machine": info, "settings": {"threads": threads, "batch_size": args.batch_size, "iters": args.iters},
-           "matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
+    out = {"machine": info, "settings": {"threads": threads, "batch_size": args.batch_size, "iters": args.iters,
+                                         "device": args.device},
+           "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}, "matmul_n": n,
            "decode_12mp_jpeg_per_s_per_core": round(1 / decode_s, 1)}
     print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | threads {threads} | "
           f"load {info['load_avg_1min_at_start']}")
-    print(f"matmul 2048^2: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s; "
+    print(f"matmul {n}^2: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s; "
           f"12 MP JPEG draft decode: {1 / decode_s:.1f}/s per core")
     hdr = (f"{'backbone':18} {'GF/img':>7} {'screen/s':>9} {'ideal':>7} {'eff':>6} | "
            f"{'frozen fp32':>11} {'frozen bf16':>11} {'full fp32':>9} {'full bf16':>9} {'ideal full bf16':>15}")
     print(hdr)
     print("-" * len(hdr))
     for name in args.backbones:
-        r = bench(name, args.batch_size, args.iters, rates)
+        r = bench(name, args.batch_size, args.iters, rates, args.device)
         out[name] = r
         tr, sc = r["training"], r["screening"]
         print(f"{name:18} {r['gflops_per_image']['forward']:7.2f} {sc['images_per_s']:9.1f} "

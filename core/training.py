@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from core import metrics
 from core.backbones import get_spec
-from core.cache import DecodeCache
+from core.cache import DecodeCache, MemoryCache
 from core.bundle import BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
 from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
@@ -230,7 +230,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
         if scheduler:
             scheduler.load_state_dict(resume_blob["scheduler"])
     workers = cfg.num_workers if cfg.num_workers is not None else dataloader_workers(cfg.devices)
-    cache = DecodeCache(cfg.decode_cache) if cfg.decode_cache else None
+    cache = MemoryCache(DecodeCache(cfg.decode_cache) if cfg.decode_cache else None)  # decode once per stage
     stage_seed = int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0])
     (train_dl, val_dl), _, val_df = _loaders(fabric, df, stage, model.spec.preprocessing, workers, cache,
                                              stage_seed)

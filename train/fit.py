@@ -8,8 +8,14 @@ from pathlib import Path
 
 import yaml
 
-from core import runfolder
-from core.config import ConfigError, apply_override, run_config_from_dict
+# Before torch is imported (libgomp reads it once): OpenMP threads that finish a parallel region early sleep instead
+# of spinning. On a CPU shared with other work a spinning thread burns the core its partner needs, and a fine-tune
+# epoch runs far slower (benchmarks/README.md, "Training throughput on a CPU"). Results are unchanged: the work is
+# split the same way. An OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from core import runfolder  # noqa: E402
+from core.config import ConfigError, apply_override, run_config_from_dict  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
