@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     threads = set_threads(args.threads)
     out = {"machine": machine_info(), "threads": threads, "members": args.members, "results": []}
     photo = phone_jpeg()
-    print(f"{'backbone':18} {'K':>2} {'precision':>9} {'ms/photo':>9} {'x single':>8}  stacked vs sequential")
+    print(f"{'backbone':18} {'K':>2} {'precision':>9} {'engine':>11} {'ms/photo':>9} {'x single':>8}  stacked vs sequential")
     for name in args.backbones:
         preds = {k: Predictor(ensemble_bundle(name, k), device="cpu", fast=True) for k in (1, args.members)}
         times = {k: [] for k in preds}
@@ -94,13 +94,14 @@ def main(argv=None) -> int:
         single = median_ms(times[1][1:])
         for k, p in preds.items():
             ms = median_ms(times[k][1:])
-            row = {"backbone": name, "members": k, "precision": p.precision["dtype"], "ms_per_photo": ms,
+            row = {"backbone": name, "members": k, "precision": p.precision["dtype"], "engine": p.engine["engine"],
+                   "ms_per_photo": ms,
                    "ratio_to_single": round(ms / single, 2), "samples_ms": [round(t * 1e3, 1) for t in times[k][1:]]}
             if k > 1:
                 row["stacked_vs_sequential"] = stack
             out["results"].append(row)
             extra = "" if k == 1 else ", ".join(f"{a} {b}" for a, b in stack.items())
-            print(f"{name:18} {k:>2} {row['precision']:>9} {ms:>9.1f} {row['ratio_to_single']:>8.2f}  {extra}")
+            print(f"{name:18} {k:>2} {row['precision']:>9} {row['engine']:>11} {ms:>9.1f} {row['ratio_to_single']:>8.2f}  {extra}")
     return finish(out, args.json)
 
 
