@@ -130,7 +130,7 @@ def provenance_box(meta: BundleMeta, where=None) -> None:
     box.markdown(f"**Threshold {thr}** ({d['threshold_rule']}). On {d['n_val'] or '?'} {d['val_images']} images "
                  f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant): "
                  f"sensitivity {d['sensitivity']}, specificity {d['specificity']}; "
-                 f"validation ROC-AUC {d['val_auc']}.")
+                 f"{d['val_images']} ROC-AUC {d['val_auc']}.")
     box.caption(f"Intended use: {d['intended_use']}")
 
 

@@ -478,4 +478,5 @@ def test_an_ensemble_shows_its_members_and_how_far_apart_they_are(with_ensemble)
     assert "The 2 models agree" in shown or "The 2 models disagree" in shown  # beside the verdict
     assert "raw scores" in shown and "SD" in shown
     assert "out-of-fold images" in shown and "It was chosen on out-of-fold data" in shown
+    assert "out-of-fold ROC-AUC" in shown and "validation ROC-AUC" not in shown  # the provenance card's AUC too
     assert "validation images" not in shown.replace("out-of-fold images", "")
