@@ -131,3 +131,18 @@ def hand_context_stage() -> dict:
                         "grew": cat("grew", yes=1.0, no=-0.5)},
             "fusion": {"intercept": 0.0, "image": 1.0, "context": 1.0}, "missing_rule": "masked_level",
             "threshold": thr, "context_threshold": {**thr, "chosen_on": "validation split (context output)"}}
+
+
+def small_model(name: str = "mobilenetv2_100", seed: int = 0, size: int = 64):
+    """A random-weight classifier at `size` px whose logits are spread like a trained model's (spread_logits)."""
+    import torch
+    from dataclasses import replace
+
+    from core.backbones import get_spec
+    from core.model import HeadConfig, LesionClassifier
+    torch.manual_seed(seed)
+    spec = get_spec(name)
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=size))
+    model = LesionClassifier(spec, HeadConfig()).eval()
+    spread_logits(model)
+    return model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,25 +11,16 @@ import torch
 
 import core.engine as eng
 import core.inference as inf
-from core.backbones import get_spec
 from core.bundle import load_bundle, save_bundle
 from core.embeddings import embed
 from core.images import load_image
 from core.inference import Predictor
-from core.model import HeadConfig, LesionClassifier
-from tests.conftest import make_images, shared_path, spread_logits
+from tests.conftest import make_images, shared_path, small_model
 
 SIZE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small_model(seed=0) -> LesionClassifier:
-    torch.manual_seed(seed)
-    spec = get_spec("mobilenetv2_100")
-    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=SIZE))
-    model = LesionClassifier(spec, HeadConfig()).eval()
-    spread_logits(model)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from core.gradcam import reference_cam
 from core.images import load_image
 from core.inference import Prediction, Predictor
 from core.model import HeadConfig, LesionClassifier
-from tests.conftest import spread_logits
+from tests.conftest import small_model, spread_logits
 
 SIZE = 64
 
@@ -26,13 +26,6 @@ SIZE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small_model(name="mobilenetv2_100", seed=0) -> LesionClassifier:
-    torch.manual_seed(seed)
-    spec = get_spec(name)
-    spec = replace(spec, preprocessing=replace(spec.preprocessing, input_size=SIZE))
-    model = LesionClassifier(spec, HeadConfig()).eval()
-    spread_logits(model)
-    return model
 
 
 
