@@ -152,19 +152,16 @@ class EnsembleGate:
         return np.stack([g.score(x[:, a:b]) / g.threshold for g, a, b in zip(self.gates, cuts[:-1], cuts[1:])], 1)
 
     def score(self, feats) -> np.ndarray:
-        r = np.sort(self.ratios(feats), axis=1)
-        return r[:, (len(self.gates) - 1) // 2]
+        return _lower_median(self.ratios(feats))
 
     def accepts(self, feats) -> np.ndarray:
         return self.score(feats) <= self.threshold
 
     def check(self, feats) -> list[GateResult]:
-        out = []
-        for row in self.ratios(feats):
-            s = float(np.sort(row)[(len(row) - 1) // 2])
-            out.append(GateResult(s <= self.threshold, s, self.threshold,
-                                  None if s <= self.threshold else self.reason(s, int((row > 1).sum()))))
-        return out
+        ratios = self.ratios(feats)
+        return [GateResult(bool(s <= self.threshold), float(s), self.threshold,
+                           None if s <= self.threshold else self.reason(float(s), int((row > 1).sum())))
+                for s, row in zip(_lower_median(ratios), ratios)]
 
     def reason(self, score: float, refusing: int | None = None) -> str:
         who = f"{refusing} of the {len(self.gates)}" if refusing is not None else "most of the"
@@ -188,6 +185,11 @@ class EnsembleGate:
             part = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
             gates.append(OODGate.from_meta(m, part))
         return cls(tuple(gates))
+
+
+def _lower_median(ratios: np.ndarray) -> np.ndarray:
+    """Per row, the ceil(K/2)-th smallest of K ratios: above 1 exactly when more than half of them are."""
+    return np.sort(ratios, axis=1)[:, (ratios.shape[1] - 1) // 2]
 
 
 def gate_from_meta(meta: dict, arrays: dict):
