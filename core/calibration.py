@@ -29,13 +29,15 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class Calibration:
-    """p = sigmoid(slope * logit + intercept), fitted on `n` validation photos (`prevalence` of them malignant)."""
+    """p = sigmoid(slope * logit + intercept), fitted on `n` photos (`prevalence` of them malignant): a run's
+    validation photos, or a cross-validated run's out-of-fold predictions (`fitted_on` says which)."""
     method: str
     slope: float
     intercept: float
     n: int
     prevalence: float
     chosen_by: str = ""
+    fitted_on: str = "validation"  # the word the app puts before "photos": "validation" or "out-of-fold"
 
     def apply_logit(self, logits) -> np.ndarray:
         return _sigmoid(self.slope * np.asarray(logits, dtype=np.float64) + self.intercept)
@@ -50,14 +52,15 @@ class Calibration:
 
     def to_meta(self) -> dict:
         return {"method": self.method, "slope": self.slope, "intercept": self.intercept, "n": self.n,
-                "prevalence": self.prevalence, "chosen_by": self.chosen_by,
+                "prevalence": self.prevalence, "chosen_by": self.chosen_by, "fitted_on": self.fitted_on,
                 "formula": "p_calibrated = 1 / (1 + exp(-(slope * logit + intercept))), logit = log(p / (1 - p))"}
 
     @classmethod
     def from_meta(cls, meta: dict) -> Calibration:
         try:
             return cls(str(meta["method"]), float(meta["slope"]), float(meta["intercept"]), int(meta["n"]),
-                       float(meta["prevalence"]), str(meta.get("chosen_by", "")))
+                       float(meta["prevalence"]), str(meta.get("chosen_by", "")),
+                       str(meta.get("fitted_on", "validation")))  # bundles before the key: always validation
         except (KeyError, TypeError, ValueError) as e:
             raise CalibrationError(f"calibration description incomplete or malformed: {e}") from e
 
@@ -66,14 +69,16 @@ def fit_calibration(logits, y, method: str = "auto", groups=None, folds: int = 5
     """Fit the map on validation logits and labels. "auto" picks platt or temperature by grouped CV Brier."""
     z, y = _inputs(logits, y)
     if method == "auto":
-        oof = {m: _out_of_fold(z, y, m, groups, folds, seed) for m in METHODS}
+        g = np.arange(len(y)) if groups is None else _group_codes(groups, len(y))[0]
+        n_splits = _n_splits(y, g, folds)
+        oof = {m: _out_of_fold(z, y, m, g, n_splits, seed) for m in METHODS}
         briers = {m: brier(y, p) for m, p in oof.items() if p is not None}
         if not briers:
-            chosen, why = "temperature", "too few photos of each class for cross-validation; temperature has one " \
-                                         "parameter"
+            chosen, why = "temperature", "too few photos or patients of each class for cross-validation; " \
+                                         "temperature has one parameter"
         else:
             chosen = min(briers, key=lambda m: (briers[m], m != "temperature"))  # tie: the simpler map
-            why = (f"{folds}-fold patient-grouped cross-validation on validation: out-of-fold Brier "
+            why = (f"{n_splits}-fold patient-grouped cross-validation on these photos: out-of-fold Brier "
                    + ", ".join(f"{m} {b:.4f}" for m, b in sorted(briers.items())))
         return _fit(z, y, chosen, why)
     if method not in METHODS:
@@ -100,10 +105,13 @@ def _fit_params(z: np.ndarray, y: np.ndarray, method: str) -> tuple[float, float
     return a, b
 
 
-def _out_of_fold(z, y, method, groups, folds, seed) -> np.ndarray | None:
+def _n_splits(y: np.ndarray, g: np.ndarray, folds: int) -> int:
+    """Each class must reach every fold, and a fold holds whole patients: no more folds than either allows."""
+    return min(folds, int(y.sum()), int(len(y) - y.sum()), len(np.unique(g)))
+
+
+def _out_of_fold(z, y, method, g, n_splits, seed) -> np.ndarray | None:
     from sklearn.model_selection import StratifiedGroupKFold
-    g = np.arange(len(y)) if groups is None else _group_codes(groups, len(y))[0]
-    n_splits = min(folds, int(y.sum()), int(len(y) - y.sum()))
     if n_splits < 2:
         return None
     out = np.empty(len(y))

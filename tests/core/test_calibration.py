@@ -91,3 +91,20 @@ def test_auto_says_why():
     z, y = _overconfident(200, seed=0)
     c = cal.fit_calibration(z, y, method="auto", groups=np.arange(200) // 2)
     assert c.method in cal.METHODS and "out-of-fold Brier" in c.chosen_by
+
+
+def test_fewer_patients_than_folds_falls_back_to_a_map_instead_of_failing():
+    # 3 patients with both classes: grouped CV cannot make 5 folds; "auto" must still give a map and say why
+    z, y = _overconfident(60, seed=1)
+    c = cal.fit_calibration(z, y, method="auto", groups=np.arange(60) % 3)
+    assert c.method in cal.METHODS and c.n == 60
+    assert c.chosen_by.startswith("3-fold patient-grouped") and "out-of-fold Brier" in c.chosen_by
+
+
+def test_the_population_a_map_was_fitted_on_round_trips_and_defaults_to_validation():
+    c = cal.fit_calibration(*_overconfident(100, seed=2), method="platt")
+    assert c.fitted_on == "validation"
+    oof = cal.Calibration(**{**c.__dict__, "fitted_on": "out-of-fold"})
+    assert cal.Calibration.from_meta(oof.to_meta()) == oof
+    old = {k: v for k, v in c.to_meta().items() if k != "fitted_on"}  # a bundle written before the key
+    assert cal.Calibration.from_meta(old).fitted_on == "validation"
