@@ -81,3 +81,43 @@ def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
     else:
         hits = [used[i] for i in df["image"] if i in used]
     return {"train": hits.count("train"), "val": hits.count("val")}
+
+
+def scored_rows(source) -> pd.DataFrame:
+    """The (image, label, patient_id, prob) rows a comparison reads: a cross-validated run folder's out-of-fold
+    predictions, or an evaluation report's per-photo rows (a run's test_report.json, a train.evaluate report)."""
+    from pathlib import Path
+
+    from core.reports import load_report
+    path = Path(source)
+    if path.is_dir():
+        if not (path / runfolder.OOF).is_file():
+            raise FileNotFoundError(f"{path} has no {runfolder.OOF} (not a cross-validated run); give a report "
+                                    "JSON instead, e.g. its test_report.json")
+        rows = runfolder.read_oof(path)
+    else:
+        rows = pd.DataFrame(load_report(path).get("predictions") or [])
+    missing = [c for c in ("image", "label", "prob") if c not in rows]
+    if missing or rows.empty:
+        raise ValueError(f"{path}: no per-photo predictions (missing {', '.join(missing) or 'rows'})")
+    return rows
+
+
+def compare_scores(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Two models' scores on the same photos, matched by image: their ROC-AUC and PR-AUC and b minus a, with a
+    paired patient-bootstrap interval. Refuses photo sets or labels that differ (a comparison on other photos
+    would measure the photos, not the models)."""
+    only_a, only_b = set(a["image"]) - set(b["image"]), set(b["image"]) - set(a["image"])
+    if only_a or only_b or a["image"].duplicated().any() or b["image"].duplicated().any():
+        example = sorted(only_a or only_b)[:3]
+        raise ValueError(f"the two score sets are not the same photos ({len(a)} and {len(b)} rows; {len(only_a)} "
+                         f"only in the first, {len(only_b)} only in the second{', e.g. ' if example else ''}"
+                         f"{', '.join(example)}); compare runs scored on the same photos")
+    both = a.merge(b[["image", "label", "prob"]], on="image", suffixes=("_a", "_b"))
+    differ = both["label_a"].astype(int) != both["label_b"].astype(int)
+    if differ.any():
+        raise ValueError(f"{int(differ.sum())} photos have different labels in the two score sets, e.g. "
+                         f"{both.loc[differ, 'image'].iloc[0]}")
+    out = metrics.paired_auc_difference(both["label_a"].astype(int), both["prob_a"], both["prob_b"],
+                                        groups=groups_of(both), n_boot=n_boot, seed=seed)
+    return out

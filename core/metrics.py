@@ -276,9 +276,14 @@ def _bootstrap_samples(
     y: np.ndarray, p: np.ndarray, threshold: float, codes: np.ndarray, n_groups: int, n_boot: int, seed
 ) -> dict[str, np.ndarray]:
     """Metric values for n_boot resamples of the groups (items are groups of one if ungrouped)."""
+    parts = [_weighted_metrics(y, p, threshold, w) for w in _resample_weights(codes, n_groups, n_boot, seed)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in _keys()}
+
+
+def _resample_weights(codes: np.ndarray, n_groups: int, n_boot: int, seed):
+    """Chunks of (m, n) item weights, n_boot rows in all: how often each item appears in a resample of the groups."""
     rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, _MAX_CHUNK_ELEMENTS // max(len(y), n_groups)))
-    parts = []
+    chunk = max(1, min(n_boot, _MAX_CHUNK_ELEMENTS // max(len(codes), n_groups)))
     for start in range(0, n_boot, chunk):
         m = min(chunk, n_boot - start)
         draws = rng.integers(0, n_groups, size=(m, n_groups))
@@ -286,8 +291,30 @@ def _bootstrap_samples(
         flat = (draws + np.arange(m)[:, None] * n_groups).ravel()
         counts = np.bincount(flat, minlength=m * n_groups).reshape(m, n_groups)
         # Every item inherits its group's count, so a patient's images move together.
-        parts.append(_weighted_metrics(y, p, threshold, counts[:, codes].astype(np.float64)))
-    return {name: np.concatenate([part[name] for part in parts]) for name in _keys()}
+        yield counts[:, codes].astype(np.float64)
+
+
+def paired_auc_difference(y_true, prob_a, prob_b, groups=None, n_boot: int = 1000, seed=0) -> dict:
+    """ROC-AUC and PR-AUC of two models' scores on the same photos, and b minus a with a paired 95% bootstrap
+    interval: each resample draws the same patients for both models, so what the photos share cancels out.
+    Threshold metrics are left out (each model has its own threshold). One-class input is a ValueError."""
+    y, pa = _validate(y_true, prob_a)
+    _, pb = _validate(y_true, prob_b)
+    if y.min() == y.max():
+        raise ValueError("a paired AUC difference needs both classes among the photos")
+    n_boot = _check_n_boot(n_boot)
+    codes, n_groups = (np.arange(len(y)), len(y)) if groups is None else _group_codes(groups, len(y))[:2]
+    ones = np.ones((1, len(y)))
+    point = {name: _weighted_aucs(y, p, ones) for name, p in (("a", pa), ("b", pb))}
+    diffs = [np.stack(_weighted_aucs(y, pb, w)) - np.stack(_weighted_aucs(y, pa, w))
+             for w in _resample_weights(codes, n_groups, n_boot, seed)]
+    diffs = np.concatenate(diffs, axis=1)  # (2, n_boot): roc_auc, pr_auc
+    out = {"n": len(y), "n_positive": int(y.sum()), "n_groups": int(n_groups),
+           "ci_method": _ci_method(n_boot, len(y), None if groups is None else n_groups, seed)}
+    for i, key in enumerate(("roc_auc", "pr_auc")):
+        a, b = float(point["a"][i][0]), float(point["b"][i][0])
+        out[key] = {"a": a, "b": b, "difference": {"value": b - a, "ci95": _percentile_interval(diffs[i], 0.95)}}
+    return out
 
 
 def _percentile_interval(samples: np.ndarray, level: float) -> list[float] | None:
@@ -533,22 +560,23 @@ class ThresholdRule:
     choose_threshold and the app's description read it."""
     name: str
     choose: Callable          # (y, p, target) -> (threshold, target, sensitivity, specificity)
-    describe: Callable        # target -> the sentence the app shows next to the threshold
+    describe: Callable        # (target, on) -> the sentence the app shows next to the threshold
     default_target: float | None = None
 
 
 THRESHOLD_RULES: dict[str, ThresholdRule] = {r.name: r for r in (
     ThresholdRule("sensitivity", _by_sensitivity, default_target=0.90,
-                  describe=lambda t: f"highest threshold reaching {t or 0:.0%} validation sensitivity"),
-    ThresholdRule("youden", _by_youden, describe=lambda t: "maximises Youden's J on validation"),
-    ThresholdRule("fixed", _fixed, default_target=0.5, describe=lambda t: "fixed value"),
+                  describe=lambda t, on: f"highest threshold reaching {t or 0:.0%} {on} sensitivity"),
+    ThresholdRule("youden", _by_youden, describe=lambda t, on: f"maximises Youden's J on {on} predictions"),
+    ThresholdRule("fixed", _fixed, default_target=0.5, describe=lambda t, on: "fixed value"),
 )}
 
 
-def describe_rule(rule: str | None, target: float | None = None) -> str:
-    """The app's text for a stored threshold rule; a rule this registry does not know is shown as written."""
+def describe_rule(rule: str | None, target: float | None = None, on: str = "validation") -> str:
+    """The app's text for a stored threshold rule, chosen on `on` predictions ("validation", "out-of-fold"); a rule
+    this registry does not know is shown as written."""
     known = THRESHOLD_RULES.get(rule) if rule else None
-    return known.describe(target) if known else (rule or "?")
+    return known.describe(target, on) if known else (rule or "?")
 
 
 def _threshold_result(threshold, rule, target, sensitivity, specificity) -> dict:

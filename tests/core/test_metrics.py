@@ -562,7 +562,9 @@ def test_threshold_rules_registry_drives_defaults_validation_and_text():
     with pytest.raises(ConfigError, match="threshold.rule must be one of sensitivity, youden, fixed"):
         ThresholdConfig("vibes")
     assert M.describe_rule("sensitivity", 0.95) == "highest threshold reaching 95% validation sensitivity"
-    assert M.describe_rule("youden") == "maximises Youden's J on validation"
+    assert M.describe_rule("youden") == "maximises Youden's J on validation predictions"
+    assert M.describe_rule("sensitivity", 0.9, on="out-of-fold") == \
+        "highest threshold reaching 90% out-of-fold sensitivity"
     assert M.describe_rule("majority vote") == "majority vote" and M.describe_rule(None) == "?"
 
 
@@ -572,3 +574,28 @@ def test_one_spelling_of_an_estimate():
     assert M.format_estimate(float("nan")) == "n/a" and M.format_estimate(None, missing="?") == "?"
     assert M.format_percent({"value": 0.9, "ci95": [0.8, 0.97]}) == "90% (95% CI 80%–97%)"
     assert M.format_percent(None) == "not recorded"
+
+
+# --------------------------------------------------------------------------- paired comparison
+def test_paired_auc_difference_is_b_minus_a_and_its_interval_is_narrower_than_unpaired():
+    rng = np.random.default_rng(0)
+    n = 300
+    y = (rng.random(n) < 0.4).astype(int)
+    shared = rng.normal(0, 1, n)  # what both models see in a photo: cancels in the paired difference
+    a = 1 / (1 + np.exp(-(1.0 * y + shared + rng.normal(0, 0.3, n))))
+    b = 1 / (1 + np.exp(-(1.3 * y + shared + rng.normal(0, 0.3, n))))
+    groups = np.arange(n) // 2
+    d = M.paired_auc_difference(y, a, b, groups=groups, n_boot=500, seed=0)
+    for key in ("roc_auc", "pr_auc"):
+        assert d[key]["a"] == pytest.approx(M.point_metrics(y, a, 0.5)[key])
+        assert d[key]["b"] == pytest.approx(M.point_metrics(y, b, 0.5)[key])
+        assert d[key]["difference"]["value"] == pytest.approx(d[key]["b"] - d[key]["a"])
+    lo, hi = d["roc_auc"]["difference"]["ci95"]
+    assert 0 < lo < d["roc_auc"]["difference"]["value"] < hi  # b is better, and the pairing can tell
+    width_a = np.subtract(*M.bootstrap_ci(y, a, 0.5, groups=groups, n_boot=500)["roc_auc"][::-1])
+    assert hi - lo < width_a  # pairing removes the photos' shared difficulty
+    assert d["n_groups"] == 150 and "150 patients" in d["ci_method"]
+    same = M.paired_auc_difference(y, a, a, n_boot=50)
+    assert same["roc_auc"]["difference"] == {"value": 0.0, "ci95": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="both classes"):
+        M.paired_auc_difference([1, 1, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
