@@ -144,7 +144,7 @@ def describe_model(meta: BundleMeta) -> dict:
         "training_data": data_lines or ["not recorded"],
         "splits": split_text,
         "threshold": thr.value,
-        "threshold_rule": metrics.describe_rule(thr.rule, thr.target),
+        "threshold_rule": metrics.describe_rule(thr.rule, thr.target, on=thr.population),
         "sensitivity": metrics.format_percent(thr.val_sensitivity),
         "specificity": metrics.format_percent(thr.val_specificity),
         "n_val": thr.n_val,
@@ -153,7 +153,7 @@ def describe_model(meta: BundleMeta) -> dict:
         "intended_use": meta.intended_use or "Research tool, not a diagnostic device.",
         # an ensemble's threshold is chosen on out-of-fold predictions: every non-test photo, each scored by the
         # one model that did not train on it
-        "val_images": "out-of-fold" if (thr.chosen_on or "").startswith("out-of-fold") else "validation",
+        "val_images": thr.population,
         "members": _members_line(meta),
     }
 

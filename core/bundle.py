@@ -74,7 +74,8 @@ def _check_keys(cls, d, where: str, extra_ok: bool = False) -> dict:
 
 @dataclass(frozen=True)
 class Threshold:
-    """The decision threshold on P(malignant) and how it was chosen (always on validation data)."""
+    """The decision threshold on P(malignant) and how it was chosen (on validation data, or on a cross-validated
+    run's out-of-fold predictions: `population` says which)."""
     value: float
     rule: str | None = None              # a rule name from core.metrics' threshold-rule registry
     target: float | None = None          # the rule's target (e.g. the sensitivity to reach)
@@ -86,6 +87,11 @@ class Threshold:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def population(self) -> str:
+        """The photos it was chosen on, in one word for the app: "out-of-fold" or "validation"."""
+        return "out-of-fold" if (self.chosen_on or "").startswith("out-of-fold") else "validation"
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "threshold") -> "Threshold":

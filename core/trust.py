@@ -126,7 +126,7 @@ def reference_population(calibration: cal.Calibration | None) -> str | None:
     """The sentence that says what a calibrated probability is relative to."""
     if calibration is None:
         return None
-    return (f"among photos like the {calibration.n} validation photos, where {calibration.prevalence:.0%} were "
+    return (f"among photos like the {calibration.n} {calibration.fitted_on} photos, where {calibration.prevalence:.0%} were "
             f"malignant")
 
 

@@ -187,6 +187,7 @@ def ensemble_runs(app_env, tmp_path_factory) -> Path:
 
     from core.backbones import get_spec
     from core.bundle import Threshold, load_bundle, save_bundle
+    from core.calibration import Calibration
     from core.ensemble import save_ensemble
     from core.model import HeadConfig, LesionClassifier
     from tests.conftest import spread_logits
@@ -198,7 +199,8 @@ def ensemble_runs(app_env, tmp_path_factory) -> Path:
         spread_logits(model, std=3.0)
         members.append(load_bundle(save_bundle(model, base / f"m{seed}", threshold=THRESHOLD)))
     threshold = Threshold(**{**THRESHOLD, "chosen_on": "out-of-fold predictions (2 folds)"})
-    save_ensemble(members, base / "runs" / "cv_run" / "bundle", threshold=threshold,
+    calibration = Calibration("platt", 1.2, -0.3, 40, 0.4, "given", fitted_on="out-of-fold")
+    save_ensemble(members, base / "runs" / "cv_run" / "bundle", threshold=threshold, calibration=calibration,
                   provenance={**_provenance(), "run_name": "cv_run"},
                   member_info=[{"fold": 0}, {"fold": 1}])
     return base / "runs"

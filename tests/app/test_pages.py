@@ -480,3 +480,6 @@ def test_an_ensemble_shows_its_members_and_how_far_apart_they_are(with_ensemble)
     assert "out-of-fold images" in shown and "It was chosen on out-of-fold data" in shown
     assert "out-of-fold ROC-AUC" in shown and "validation ROC-AUC" not in shown  # the provenance card's AUC too
     assert "validation images" not in shown.replace("out-of-fold images", "")
+    # the threshold rule and the calibrated probability's population say out-of-fold too
+    assert "reaching 90% out-of-fold sensitivity" in shown and "validation sensitivity" not in shown
+    assert "among photos like the 40 out-of-fold photos" in shown.lower() and "validation photos" not in shown
