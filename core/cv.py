@@ -200,14 +200,17 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
                           chosen_on=f"out-of-fold predictions ({k_folds} folds)", val_sensitivity=vm["recall"],
                           val_specificity=vm["specificity"], n_val=int(len(y)), n_val_malignant=int(y.sum()))
     try:
-        calibration = fit_calibration(oof["logit"].to_numpy(), y, groups=groups_of(oof), seed=cfg.seed)
+        calibration = replace(fit_calibration(oof["logit"].to_numpy(), y, groups=groups_of(oof), seed=cfg.seed),
+                              fitted_on="out-of-fold")
     except CalibrationError as e:
         calibration = None
         report["notes"].append(f"no calibration map: {e}")
     report["notes"] += cv_notes(cfg)
     per_fold = fold_reports(oof, members, threshold.value, rf.out)
+    transfer = threshold_transfer(oof, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed)
     report["cv"] = {"folds": k_folds, "how": how, "internal_estimate_only": cfg.split.test == 0,
-                    "threshold": threshold.to_dict(), "per_fold": per_fold, "summary": fold_summary(per_fold),
+                    "threshold": threshold.to_dict(), "threshold_transfer": transfer,
+                    "per_fold": per_fold, "summary": fold_summary(per_fold),
                     "calibration": None if calibration is None else calibration.to_meta()}
     member_info = [{"fold": f["fold"], "run": f["run"], "best_epochs": f["best_epochs"],
                     "val_metrics": b.meta.provenance.validation_metrics} for f, b in zip(per_fold, members)]
@@ -220,6 +223,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     atomic_write_json(rf.out / CV_REPORT, _jsonable(report), indent=1)
     rf.log(f"cross-validation ({k_folds} folds; per fold at the out-of-fold threshold {threshold.value:.3f}):\n" +
            cv_table(report, cfg.name) + "".join(f"\n  {n}" for n in cv_notes(cfg)))
+    rf.log(transfer_line(transfer))
     if calibration is not None:
         rf.log(f"calibration: {calibration.method} (slope {calibration.slope:.3f}, intercept "
                f"{calibration.intercept:.3f}) on {calibration.n} out-of-fold photos; {calibration.chosen_by}")
@@ -233,11 +237,57 @@ def cv_notes(cfg: RunConfig) -> list[str]:
     """What every cross-validation report says about its numbers."""
     notes = [f"out-of-fold: every non-test photo scored once, by the one of the {cfg.cv.folds} fold models that "
              "never trained on it; the threshold was chosen on these same predictions, so sensitivity and "
-             "specificity at it are not an independent estimate (ROC-AUC and PR-AUC do not depend on it)"]
+             "specificity at it are not an independent estimate (cv.threshold_transfer is: each fold judged at "
+             "the threshold chosen on the other folds)",
+             "each fold model's best epoch was chosen by its own fold's validation metric, so the out-of-fold "
+             "ROC-AUC and PR-AUC lean slightly optimistic; the test split is the independent estimate"]
     if cfg.split.test == 0:
         notes.append("no test split (split.test = 0): these out-of-fold metrics are the run's only internal "
                      "estimate; evaluate the ensemble on an outside test set (python -m train.evaluate)")
     return notes
+
+
+def threshold_transfer(oof: pd.DataFrame, rule: str, target: float | None, *, n_boot: int = 1000,
+                       seed: int = 0) -> dict | None:
+    """The threshold rule tried on new patients without touching the test split: each fold's photos are judged at
+    the threshold the rule picks on the other folds' out-of-fold predictions (cross-fitting). Pooled, every photo
+    meets a threshold chosen without it: an honest estimate of the rule's sensitivity and specificity on new
+    patients, with patient-bootstrap CIs; per fold, their spread. None when some fold's complement lacks a class."""
+    oof = oof.reset_index(drop=True)
+    flagged, rows = np.zeros(len(oof), dtype=bool), []
+    for k, part in oof.groupby("fold", sort=True):
+        rest = oof[oof["fold"] != k]
+        if rest["label"].nunique() < 2:
+            return None
+        t = metrics.choose_threshold(rest["label"].to_numpy(), rest["prob"].to_numpy(), rule=rule,
+                                     target=target)["threshold"]
+        flagged[part.index] = part["prob"].to_numpy() >= t
+        point = metrics.point_metrics(part["label"].to_numpy(), part["prob"].to_numpy(), t)
+        rows.append({"fold": int(k), "threshold": float(t), "n": int(len(part)),
+                     "n_positive": int(part["label"].sum()), "sensitivity": point["recall"],
+                     "specificity": point["specificity"]})
+    # The decisions come from K thresholds, so score them as 0/1 at 0.5: sensitivity and specificity (and their
+    # patient-bootstrap intervals) are those of the decisions; the report's AUCs would be meaningless and are dropped.
+    pooled = metrics.metric_report(oof["label"].to_numpy().astype(int), flagged.astype(float), 0.5,
+                                   groups=groups_of(oof), n_boot=n_boot, seed=seed)["metrics"]
+    return {"rule": rule, "target": target, "per_fold": rows, "sensitivity": pooled["recall"],
+            "specificity": pooled["specificity"],
+            "how": "each fold judged at the threshold the rule chose on the other folds' out-of-fold predictions"}
+
+
+def transfer_line(transfer: dict | None) -> str:
+    """One log line: the threshold rule's cross-fitted sensitivity and specificity, pooled and per fold."""
+    if transfer is None:
+        return "threshold on new patients: not estimated (some fold's complement has one class only)"
+    span = lambda key: "-".join(f"{v:.2f}" for v in _range([r[key] for r in transfer["per_fold"]]))  # noqa: E731
+    return (f"threshold rule on new patients ({transfer['how']}): sensitivity "
+            f"{metrics.format_estimate(transfer['sensitivity'], '.3f')} (per fold {span('sensitivity')}), "
+            f"specificity {metrics.format_estimate(transfer['specificity'], '.3f')} (per fold {span('specificity')})")
+
+
+def _range(values: list) -> list[float]:
+    present = [v for v in values if v is not None]
+    return [min(present), max(present)] if present else []
 
 
 def fold_reports(oof: pd.DataFrame, members: list, threshold: float, run: Path) -> list[dict]:

@@ -103,6 +103,16 @@ def cv_fold_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cv_transfer_text(report: dict) -> str | None:
+    """The sentence on the threshold rule's cross-fitted sensitivity on new patients; None for other reports and
+    for cross-validation reports written before it was measured."""
+    cv = report.get("cv")
+    if not cv or "threshold_transfer" not in cv:
+        return None
+    from core.cv import transfer_line  # the writer of the section spells it (cv imports torch: only when needed)
+    return transfer_line(cv["threshold_transfer"])
+
+
 def cv_roc_curves(report: dict) -> list[dict]:
     """The ROC curves of a cross-validation report: one per fold, then the out-of-fold curve (name, fpr, tpr, auc,
     oof); empty for any other report."""

@@ -56,6 +56,9 @@ if loaded:
                                                         "internal estimate)" if rep["cv"].get("internal_estimate_only")
                                                         else ""))
         st.dataframe(reports.cv_fold_table(rep), hide_index=True, width="stretch")
+        transfer = reports.cv_transfer_text(rep)
+        if transfer:
+            st.caption(transfer[0].upper() + transfer[1:] + ".")
         fig = go.Figure()
         for c in reports.cv_roc_curves(rep):
             name = f"{c['name']} (AUC {c['auc']:.3f})" if c["auc"] is not None else c["name"]

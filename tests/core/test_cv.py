@@ -101,7 +101,7 @@ def test_threshold_and_calibration_are_chosen_on_the_out_of_fold_predictions(fin
     assert t.chosen_on == f"out-of-fold predictions ({K} folds)"
     assert (t.n_val, t.n_val_malignant) == (len(oof), int(oof["label"].sum()))
     assert t.val_sensitivity["value"] >= 0.9 and t.val_sensitivity["ci95"] is not None
-    assert b.calibration is None or b.calibration.n == len(oof)
+    assert b.calibration is None or (b.calibration.n == len(oof) and b.calibration.fitted_on == "out-of-fold")
 
 
 @pytest.mark.slow
@@ -111,7 +111,15 @@ def test_cv_report_has_per_fold_metrics_their_spread_and_out_of_fold_cis(finishe
     assert rep["n"] == len(oof) and rep["split"] == "out-of-fold" and rep["roc"]
     assert rep["metrics"]["roc_auc"]["ci95"] is not None and "patients" in rep["ci_method"]
     assert any("out-of-fold" in n and "not an independent estimate" in n for n in rep["notes"])
+    assert any("best epoch" in n and "optimistic" in n for n in rep["notes"])
     c = rep["cv"]
+    transfer = c["threshold_transfer"]  # each fold judged at the threshold the other folds chose
+    assert [r["fold"] for r in transfer["per_fold"]] == list(range(K))
+    for r in transfer["per_fold"]:
+        rest = oof[oof["fold"] != r["fold"]]
+        assert r["threshold"] == pytest.approx(metrics.choose_threshold(rest["label"], rest["prob"],
+                                                                        rule="sensitivity", target=0.9)["threshold"])
+    assert reports.cv_transfer_text(rep) in runfolder.log_tail(finished, lines=400)
     assert c["folds"] == K and not c["internal_estimate_only"] and len(c["per_fold"]) == K
     aucs = [f["metrics"]["roc_auc"] for f in c["per_fold"]]
     assert c["summary"]["roc_auc"]["mean"] == pytest.approx(np.mean(aucs))
@@ -166,6 +174,7 @@ def test_the_dashboard_shows_per_fold_and_out_of_fold_roc_curves(finished, monke
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     names = [t.get("name", "") for s in specs for t in s["data"]]
     assert sum(n.startswith("fold ") for n in names) == K and any(n.startswith("out-of-fold") for n in names)
+    assert any(c.value.startswith("Threshold rule on new patients") for c in at.caption)
 
 
 # ------------------------------------------------------------------ stop and resume
@@ -246,3 +255,48 @@ def test_shared_demo_cv_holds_out_the_test_patients_of_shared_demo():
     single, _ = assign_splits(union, demo.split)
     folds, _ = assign_folds(stage_rows(cvc)[1], cvc.cv.folds, cvc.split)
     assert set(single.loc[single["split"] == "test", "image"]) == set(folds.loc[folds["fold"] == TEST_FOLD, "image"])
+
+
+# ------------------------------------------------------------------ the threshold rule on new patients (pure)
+def _oof(scores_by_fold: dict[int, tuple[list, list]]) -> pd.DataFrame:
+    rows = [{"image": f"f{k}_{i}", "label": lab, "patient_id": f"p{k}_{i // 2}", "fold": k, "prob": p}
+            for k, (probs, labels) in scores_by_fold.items() for i, (p, lab) in enumerate(zip(probs, labels))]
+    return pd.DataFrame(rows)
+
+
+def test_threshold_transfer_judges_each_fold_at_the_threshold_the_other_folds_chose():
+    rng = np.random.default_rng(0)
+    labels = [1] * 40 + [0] * 60
+    scores = {k: (np.clip(np.r_[rng.normal(0.7, 0.15, 40), rng.normal(0.3, 0.15, 60)], 0, 1), labels)
+              for k in range(3)}
+    low = scores[0][0].copy()
+    low[:40] -= 0.25  # fold 0's model scores its malignant photos lower: a threshold from the others misses more
+    scores[0] = (np.clip(low, 0, 1), labels)
+    oof = _oof(scores)
+    t = cv.threshold_transfer(oof, "sensitivity", 0.9, n_boot=200, seed=0)
+    fold0 = t["per_fold"][0]
+    own = metrics.choose_threshold(labels, scores[0][0], rule="sensitivity", target=0.9)
+    assert own["achieved"]["sensitivity"] >= 0.9 > fold0["sensitivity"]  # in-sample it would look fine
+    rest = oof[oof["fold"] != 0]
+    expected = metrics.choose_threshold(rest["label"], rest["prob"], rule="sensitivity", target=0.9)["threshold"]
+    assert fold0["threshold"] == pytest.approx(expected)
+    assert fold0["sensitivity"] == pytest.approx(np.mean(scores[0][0][:40] >= expected))
+    flagged = sum(int(np.sum(scores[r["fold"]][0][:40] >= r["threshold"])) for r in t["per_fold"])
+    assert t["sensitivity"]["value"] == pytest.approx(flagged / 120)  # pooled over the three folds' decisions
+    lo, hi = t["sensitivity"]["ci95"]
+    assert lo <= t["sensitivity"]["value"] <= hi and t["specificity"]["ci95"] is not None
+    line = cv.transfer_line(t)
+    assert f"{t['sensitivity']['value']:.3f}" in line and "per fold" in line
+
+
+def test_threshold_transfer_edge_cases_one_class_complement_and_a_fold_without_malignant_photos():
+    one_class = _oof({0: ([0.2, 0.8], [0, 1]), 1: ([0.1, 0.3], [0, 0]), 2: ([0.4, 0.2], [0, 0])})
+    assert cv.threshold_transfer(one_class, "sensitivity", 0.9, n_boot=0) is None  # folds 1+2 hold no malignant
+    assert "not estimated" in cv.transfer_line(None)
+    no_pos = _oof({0: ([0.2, 0.9, 0.7], [0, 1, 1]), 1: ([0.1, 0.8, 0.6], [0, 1, 1]), 2: ([0.3, 0.4], [0, 0])})
+    t = cv.threshold_transfer(no_pos, "sensitivity", 0.9, n_boot=0)
+    assert t["per_fold"][2]["sensitivity"] is None and t["per_fold"][2]["specificity"] is not None
+    # fold 0 at 0.6 (folds 1+2's lowest malignant score) catches 0.9 and 0.7; fold 1 at 0.7 misses its 0.6
+    assert [r["threshold"] for r in t["per_fold"][:2]] == pytest.approx([0.6, 0.7])
+    assert t["sensitivity"]["value"] == pytest.approx(3 / 4)
+    assert reports.cv_transfer_text({"cv": {"folds": 3}}) is None  # a report from before the measurement
