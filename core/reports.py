@@ -84,6 +84,23 @@ def metrics_table(named: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_comparison(label_a: str, a: dict, label_b: str, b: dict, *, n_boot: int = 1000) -> str:
+    """One sentence for two reports: their ROC-AUC difference with a paired patient-bootstrap CI when they score
+    the same photos, else why no paired comparison can be made."""
+    from core.evaluation import compare_scores  # imports torch: only when two reports are compared
+    rows = [pd.DataFrame(r.get("predictions") or []) for r in (a, b)]
+    if any(df.empty or not {"image", "label", "prob"} <= set(df.columns) for df in rows):
+        return "No paired comparison: a report has no per-photo predictions."
+    try:
+        result = compare_scores(*rows, n_boot=n_boot)
+    except ValueError as e:
+        return f"No paired comparison: {e}."
+    d = result["roc_auc"]["difference"]
+    return (f"Paired on the same {result['n']} photos ({result['n_groups']} patients): ROC-AUC of **{label_b}** "
+            f"minus **{label_a}** = {metrics.format_estimate(d, '+.3f', '+.3f')} (95% CI, patient bootstrap: "
+            f"both reports resampled together; an interval that includes 0 means no demonstrated difference).")
+
+
 def cv_fold_table(report: dict) -> pd.DataFrame:
     """A cross-validation report's per-fold rows (at the common out-of-fold threshold), their mean and standard
     deviation, and the out-of-fold row with its 95% CIs; empty for any other report."""

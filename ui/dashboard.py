@@ -32,6 +32,8 @@ if loaded:
         notes = rep.get("notes") or []
         if rep.get("ci_method") or notes:
             st.caption(f"**{label}**: {rep.get('ci_method', '')}" + "".join(f"; {n}" for n in notes))
+    if len(loaded) == 2:  # two models: did one beat the other on these photos, or did the photos differ?
+        st.markdown(reports.paired_comparison(*[x for item in loaded.items() for x in item]))
 
     st.subheader("ROC curves")
     roc = go.Figure()

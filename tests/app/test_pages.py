@@ -327,6 +327,11 @@ def test_dashboard_from_saved_report(with_model):
     images = at.main.get("image")
     assert len(images) >= 2  # thumbnails of correct and incorrect examples
     assert "Most confident incorrect predictions" in texts(at)
+    assert "Paired on the same" not in texts(at) and "No paired comparison" not in texts(at)  # one report
+    others = [o for o in at.multiselect(key="dash_reports").options if o != f"{RUN_NAME}/val_report.json"]
+    at.multiselect(key="dash_reports").set_value([f"{RUN_NAME}/val_report.json", others[0]]).run()
+    assert not at.exception  # the demo's evidence report scores other photos: said, not compared
+    assert "No paired comparison: the two score sets are not the same photos" in texts(at)
 
 
 def test_dashboard_without_reports(without_model, monkeypatch, tmp_path):

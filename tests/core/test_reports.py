@@ -38,6 +38,21 @@ def test_reports_tables_and_examples(tmp_path):
         reports.load_report(tmp_path / "c/report_other.json")
 
 
+def test_paired_comparison_of_two_reports_on_the_same_photos_or_why_not():
+    labels = [1, 0] * 20
+    rng = np.random.default_rng(0)
+    weak = _report(np.clip(0.5 + 0.1 * (np.array(labels) - 0.5) + rng.normal(0, 0.2, 40), 0, 1), labels)
+    strong = _report(np.clip(0.5 + 0.8 * (np.array(labels) - 0.5) + rng.normal(0, 0.1, 40), 0, 1), labels)
+    text = reports.paired_comparison("old", weak, "new", strong, n_boot=200)
+    diff = strong["metrics"]["roc_auc"]["value"] - weak["metrics"]["roc_auc"]["value"]
+    assert text.startswith("Paired on the same 40 photos") and f"= {diff:+.3f} [" in text
+    assert "**new** minus **old**" in text
+    fewer = {**strong, "predictions": strong["predictions"][:30]}
+    assert reports.paired_comparison("old", weak, "new", fewer).startswith("No paired comparison: the two score "
+                                                                           "sets are not the same photos")
+    assert "no per-photo predictions" in reports.paired_comparison("old", weak, "new", {"metrics": {}})
+
+
 def test_find_pca(tmp_path):
     d = tmp_path / "pca"
     d.mkdir()
