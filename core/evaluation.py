@@ -94,12 +94,16 @@ def scored_rows(source) -> pd.DataFrame:
         if not (path / runfolder.OOF).is_file():
             raise FileNotFoundError(f"{path} has no {runfolder.OOF} (not a cross-validated run); give a report "
                                     "JSON instead, e.g. its test_report.json")
-        rows = runfolder.read_oof(path)
-    else:
-        rows = pd.DataFrame(load_report(path).get("predictions") or [])
+        return runfolder.read_oof(path)
+    return prediction_rows(load_report(path), str(path))
+
+
+def prediction_rows(report: dict, where: str = "the report") -> pd.DataFrame:
+    """An evaluation report's per-photo rows (image, label, prob, ...); a ValueError when it has none."""
+    rows = pd.DataFrame(report.get("predictions") or [])
     missing = [c for c in ("image", "label", "prob") if c not in rows]
     if missing or rows.empty:
-        raise ValueError(f"{path}: no per-photo predictions (missing {', '.join(missing) or 'rows'})")
+        raise ValueError(f"{where}: no per-photo predictions (missing {', '.join(missing) or 'rows'})")
     return rows
 
 
@@ -118,6 +122,5 @@ def compare_scores(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed
     if differ.any():
         raise ValueError(f"{int(differ.sum())} photos have different labels in the two score sets, e.g. "
                          f"{both.loc[differ, 'image'].iloc[0]}")
-    out = metrics.paired_auc_difference(both["label_a"].astype(int), both["prob_a"], both["prob_b"],
-                                        groups=groups_of(both), n_boot=n_boot, seed=seed)
-    return out
+    return metrics.paired_auc_difference(both["label_a"].astype(int), both["prob_a"], both["prob_b"],
+                                         groups=groups_of(both), n_boot=n_boot, seed=seed)

@@ -87,12 +87,9 @@ def metrics_table(named: dict[str, dict]) -> pd.DataFrame:
 def paired_comparison(label_a: str, a: dict, label_b: str, b: dict, *, n_boot: int = 1000) -> str:
     """One sentence for two reports: their ROC-AUC difference with a paired patient-bootstrap CI when they score
     the same photos, else why no paired comparison can be made."""
-    from core.evaluation import compare_scores  # imports torch: only when two reports are compared
-    rows = [pd.DataFrame(r.get("predictions") or []) for r in (a, b)]
-    if any(df.empty or not {"image", "label", "prob"} <= set(df.columns) for df in rows):
-        return "No paired comparison: a report has no per-photo predictions."
+    from core.evaluation import compare_scores, prediction_rows  # imports torch: only when two reports are compared
     try:
-        result = compare_scores(*rows, n_boot=n_boot)
+        result = compare_scores(prediction_rows(a, label_a), prediction_rows(b, label_b), n_boot=n_boot)
     except ValueError as e:
         return f"No paired comparison: {e}."
     d = result["roc_auc"]["difference"]

@@ -1,5 +1,5 @@
-"""Dashboard: saved evaluation reports (no recomputation): metrics with 95% CIs in the paper's table layout,
-confusion matrices, ROC curves, subgroups, PCA plots and example predictions."""
+"""Dashboard: saved evaluation reports (no model is run): metrics with 95% CIs in the paper's table layout, a
+paired comparison of two reports, confusion matrices, ROC curves, subgroups, PCA plots and example predictions."""
 from pathlib import Path
 
 import plotly.express as px

@@ -50,7 +50,8 @@ def test_paired_comparison_of_two_reports_on_the_same_photos_or_why_not():
     fewer = {**strong, "predictions": strong["predictions"][:30]}
     assert reports.paired_comparison("old", weak, "new", fewer).startswith("No paired comparison: the two score "
                                                                            "sets are not the same photos")
-    assert "no per-photo predictions" in reports.paired_comparison("old", weak, "new", {"metrics": {}})
+    assert reports.paired_comparison("old", weak, "new", {"metrics": {}}) == \
+        "No paired comparison: new: no per-photo predictions (missing image, label, prob)."
 
 
 def test_find_pca(tmp_path):
