@@ -53,6 +53,9 @@ class Metric:
     # (tn, fp, fn, tp) weighted-count arrays -> values, NaN where undefined; None: rank-based (the two AUCs,
     # computed together by _weighted_aucs)
     from_counts: Callable | None = None
+    # (y, pred) -> the items a proportion metric is a share of (recall: the malignant photos); None: not a plain
+    # proportion. At 0 or 1 such a metric gets a Wilson interval (see _boundary_intervals).
+    among: Callable | None = None
     higher_is_better: bool = True
     selectable: bool = True    # may choose the best epoch on validation (config select_metric)
     in_table: bool = True      # a column of the paper's Table 1/2 layout (format_table); reports show all
@@ -64,10 +67,13 @@ class Metric:
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("accuracy", "Accuracy", lambda tn, fp, fn, tp: (tp + tn) / (tn + fp + fn + tp)),
-    Metric("precision", "Precision", lambda tn, fp, fn, tp: tp / (tp + fp), selectable=False),
-    Metric("recall", "Recall", lambda tn, fp, fn, tp: tp / (tp + fn)),
-    Metric("specificity", "Specificity", lambda tn, fp, fn, tp: tn / (tn + fp), selectable=False),
+    Metric("accuracy", "Accuracy", lambda tn, fp, fn, tp: (tp + tn) / (tn + fp + fn + tp),
+           among=lambda y, pred: np.ones(len(y), dtype=bool)),
+    Metric("precision", "Precision", lambda tn, fp, fn, tp: tp / (tp + fp), selectable=False,
+           among=lambda y, pred: pred == 1),
+    Metric("recall", "Recall", lambda tn, fp, fn, tp: tp / (tp + fn), among=lambda y, pred: y == 1),
+    Metric("specificity", "Specificity", lambda tn, fp, fn, tp: tn / (tn + fp), selectable=False,
+           among=lambda y, pred: y == 0),
     Metric("f1", "F1", lambda tn, fp, fn, tp: 2 * tp / (2 * tp + fp + fn)),
     Metric("roc_auc", "ROC-AUC"),
     Metric("pr_auc", "PR-AUC", in_table=False),  # not in the paper's tables
@@ -317,6 +323,29 @@ def paired_auc_difference(y_true, prob_a, prob_b, groups=None, n_boot: int = 100
     return out
 
 
+def _boundary_intervals(y: np.ndarray, p: np.ndarray, threshold: float, codes: np.ndarray, values: dict,
+                        cis: dict, level: float = 0.95) -> dict:
+    """Proportions observed at exactly 0 or 1 (28 of 28 malignant photos caught) get the Wilson score interval
+    instead: every bootstrap resample repeats such a proportion, so the percentile interval collapses to the point
+    and would claim certainty. Its n is the number of patients among the items (fewer than photos when a patient
+    has several), which keeps it conservative under clustering."""
+    pred = (p >= threshold).astype(np.int8)
+    z2 = _z(level) ** 2
+    out = dict(cis)
+    for m in METRICS:
+        value = values.get(m.key)
+        if m.among is None or value not in (0.0, 1.0) or cis.get(m.key) is None:
+            continue
+        n = len(np.unique(codes[m.among(y, pred)]))
+        out[m.key] = [n / (n + z2), 1.0] if value == 1.0 else [0.0, z2 / (n + z2)]
+    return out
+
+
+def _z(level: float) -> float:
+    from scipy.stats import norm
+    return float(norm.ppf((1 + level) / 2))
+
+
 def _percentile_interval(samples: np.ndarray, level: float) -> list[float] | None:
     valid = samples[~np.isnan(samples)]
     if valid.size == 0 or valid.size < MIN_VALID_FRACTION * samples.size:
@@ -382,7 +411,8 @@ def bootstrap_ci(
     else:
         codes, n_groups, _ = _group_codes(groups, len(y))
     samples = _bootstrap_samples(y, p, t, codes, n_groups, n_boot, seed)
-    return {name: _percentile_interval(samples[name], level) for name in _keys()}
+    cis = {name: _percentile_interval(samples[name], level) for name in _keys()}
+    return _boundary_intervals(y, p, t, codes, point_metrics(y, p, t), cis, level)
 
 
 def metric_report(y_true, prob, threshold, groups=None, n_boot: int = 1000, seed=0) -> dict:
@@ -404,7 +434,8 @@ def metric_report(y_true, prob, threshold, groups=None, n_boot: int = 1000, seed
     cis = dict.fromkeys(_keys())
     if n_boot:
         samples = _bootstrap_samples(y, p, t, codes, n_groups or len(y), n_boot, seed)
-        cis = {name: _percentile_interval(samples[name], 0.95) for name in _keys()}
+        cis = _boundary_intervals(y, p, t, codes, values,
+                                  {name: _percentile_interval(samples[name], 0.95) for name in _keys()})
 
     n_positive = int(y.sum())
     return {
@@ -430,7 +461,9 @@ def _ci_method(n_boot: int, n: int, n_groups: int | None, seed) -> str:
     )
     return (
         f"95% percentile bootstrap, {n_boot} resamples of {unit}, seed {seed}; "
-        f"resamples where a metric is undefined are skipped for that metric"
+        f"resamples where a metric is undefined are skipped for that metric; a proportion of exactly 0 or 1 "
+        f"gets the Wilson score interval over its {'patients' if n_groups is not None else 'images'} instead "
+        f"(every resample would repeat it)"
     )
 
 
@@ -597,6 +630,10 @@ def format_estimate(entry, value_format: str = ".3f", ci_format: str = ".2f", mi
         return missing
     text = format(value, value_format)
     if ci and None not in ci:
+        if ci[0] == ci[1] == value and value in (0, 1):
+            # a report written before _boundary_intervals: its bootstrap repeated the value every time, which is
+            # no 95% interval; say so rather than print a certainty nobody measured
+            return text + " [CI n/a]"
         text += f" [{format(ci[0], ci_format)}, {format(ci[1], ci_format)}]"
     return text
 
@@ -608,7 +645,8 @@ def format_percent(entry, missing: str = "not recorded") -> str:
         return missing
     text = f"{value:.0%}"
     if ci and None not in ci:
-        text += f" (95% CI {ci[0]:.0%}–{ci[1]:.0%})"
+        collapsed = ci[0] == ci[1] == value and value in (0, 1)  # see format_estimate
+        text += " (95% CI not available)" if collapsed else f" (95% CI {ci[0]:.0%}–{ci[1]:.0%})"
     return text
 
 

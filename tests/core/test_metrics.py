@@ -571,6 +571,10 @@ def test_threshold_rules_registry_drives_defaults_validation_and_text():
 def test_one_spelling_of_an_estimate():
     assert M.format_estimate({"value": 0.8123, "ci95": [0.7412, 0.8687]}) == "0.812 [0.74, 0.87]"
     assert M.format_estimate({"value": 0.9, "ci95": [None, 0.95]}) == "0.900"
+    # an old report's collapsed bootstrap at 1 is not shown as a certainty; a real interval touching 1 is
+    assert M.format_estimate({"value": 1.0, "ci95": [1.0, 1.0]}) == "1.000 [CI n/a]"
+    assert M.format_estimate({"value": 1.0, "ci95": [0.88, 1.0]}) == "1.000 [0.88, 1.00]"
+    assert M.format_percent({"value": 1.0, "ci95": [1.0, 1.0]}) == "100% (95% CI not available)"
     assert M.format_estimate(float("nan")) == "n/a" and M.format_estimate(None, missing="?") == "?"
     assert M.format_percent({"value": 0.9, "ci95": [0.8, 0.97]}) == "90% (95% CI 80%–97%)"
     assert M.format_percent(None) == "not recorded"
@@ -599,3 +603,21 @@ def test_paired_auc_difference_is_b_minus_a_and_its_interval_is_narrower_than_un
     assert same["roc_auc"]["difference"] == {"value": 0.0, "ci95": [0.0, 0.0]}
     with pytest.raises(ValueError, match="both classes"):
         M.paired_auc_difference([1, 1, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+
+
+def test_a_proportion_of_exactly_1_or_0_gets_a_wilson_interval_over_patients_not_a_collapsed_bootstrap():
+    # 28 malignant photos from 20 patients, all caught; 46 benign, 20 of them flagged
+    y = np.array([1] * 28 + [0] * 46)
+    p = np.r_[np.full(28, 0.9), np.full(20, 0.7), np.full(26, 0.1)]
+    groups = [f"m{i % 20}" for i in range(28)] + [f"b{i}" for i in range(46)]
+    rep = M.metric_report(y, p, 0.5, groups=groups, n_boot=300, seed=0)
+    lo, hi = rep["metrics"]["recall"]["ci95"]
+    assert rep["metrics"]["recall"]["value"] == 1.0 and hi == 1.0
+    assert lo == pytest.approx(20 / (20 + 1.959964 ** 2), abs=1e-6)  # Wilson, n = 20 patients: about 0.84
+    assert lo < 0.9  # the bootstrap alone would have said [1.00, 1.00]
+    spec_lo, spec_hi = rep["metrics"]["specificity"]["ci95"]  # 26/46: an ordinary bootstrap interval
+    assert spec_lo < 26 / 46 < spec_hi < 1
+    assert "Wilson score interval over its patients" in rep["ci_method"]
+    # without patient ids every image counts; a proportion of 0 gets the mirror interval
+    none_caught = M.bootstrap_ci(y, 1 - p, 0.5, n_boot=100)
+    assert none_caught["recall"] == pytest.approx([0.0, 1.959964 ** 2 / (28 + 1.959964 ** 2)], abs=1e-6)
