@@ -110,7 +110,8 @@ def batch_ms(predictors: dict, model, batch: int, reps: int = 2) -> dict:
     fns = {f"screen_{e}": p.outputs for e, p in predictors.items() if e != "auto"}
     backbone = copy.deepcopy(model.backbone).eval()
     fns["embed_pytorch"] = lambda t: backbone(t.contiguous())
-    ort = next((p._features for p in predictors.values() if isinstance(p._features, engine_mod.OrtFeatures)), None)
+    # a Predictor holds one feature engine per ensemble member (one here); the ONNX Runtime one, if any was built
+    ort = next((f for p in predictors.values() for f in p._features if isinstance(f, engine_mod.OrtFeatures)), None)
     if ort is not None:
         fns["embed_onnxruntime"] = ort.pooled
     with torch.no_grad():
