@@ -111,8 +111,13 @@ def compare_scores(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed
     """Two models' scores on the same photos, matched by image: their ROC-AUC and PR-AUC and b minus a, with a
     paired patient-bootstrap interval. Refuses photo sets or labels that differ (a comparison on other photos
     would measure the photos, not the models)."""
+    for name, rows in (("first", a), ("second", b)):
+        twice = rows["image"][rows["image"].duplicated()]
+        if len(twice):
+            raise ValueError(f"the {name} score set lists {len(twice)} photos more than once, e.g. {twice.iloc[0]}; "
+                             "each photo must be scored once")
     only_a, only_b = set(a["image"]) - set(b["image"]), set(b["image"]) - set(a["image"])
-    if only_a or only_b or a["image"].duplicated().any() or b["image"].duplicated().any():
+    if only_a or only_b:
         example = sorted(only_a or only_b)[:3]
         raise ValueError(f"the two score sets are not the same photos ({len(a)} and {len(b)} rows; {len(only_a)} "
                          f"only in the first, {len(only_b)} only in the second{', e.g. ' if example else ''}"

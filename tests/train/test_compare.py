@@ -48,6 +48,9 @@ def test_compare_refuses_other_photos_other_labels_and_sources_without_predictio
     run, report, y, weak, strong = two_sources
     with pytest.raises(ValueError, match="not the same photos .*1 only in the first"):
         compare_scores(_rows(weak, y), _rows(strong, y).iloc[1:])
+    doubled = pd.concat([_rows(strong, y), _rows(strong, y).iloc[:1]], ignore_index=True)
+    with pytest.raises(ValueError, match="second score set lists 1 photos more than once, e.g. im0.png"):
+        compare_scores(_rows(weak, y), doubled)
     flipped = _rows(strong, y)
     flipped.loc[3, "label"] = 1 - flipped.loc[3, "label"]
     with pytest.raises(ValueError, match="1 photos have different labels in the two score sets, e.g. im3.png"):
