@@ -152,7 +152,7 @@ def describe_model(meta: BundleMeta) -> dict:
         "val_auc": metrics.metric("roc_auc").format((prov.validation_metrics or {}).get("roc_auc")),
         "intended_use": meta.intended_use or "Research tool, not a diagnostic device.",
         # an ensemble's threshold is chosen on out-of-fold predictions: every non-test photo, each scored by the
-        # one model that did not train on it
+        # one model (or, nested, the ensemble of pair models) that did not train on it
         "val_images": thr.population,
         "members": _members_line(meta),
     }

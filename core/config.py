@@ -103,13 +103,23 @@ class ContextConfig:
 @dataclass(frozen=True)
 class CVConfig:
     """Cross-validation (core.cv): 0 = one train/validation split (split.val); K >= 2 = K patient-grouped folds of
-    the non-test patients, one fold run per fold, the K models averaged into one ensemble bundle."""
+    the non-test patients, one fold run per fold, the K models averaged into one ensemble bundle.
+
+    nested: also train one model per pair of folds (K(K-1)/2 more runs, core.nested), so that every non-test photo
+    is scored by a (K-1)-model ensemble that never trained on it; the ensemble's threshold and calibration are then
+    fitted on those ensemble scores instead of the single fold models' out-of-fold scores."""
     folds: int = 0
+    nested: bool = False
 
     def __post_init__(self):
         if self.folds == 1 or self.folds < 0:
             raise ConfigError(f"cv.folds must be 0 (one validation split) or at least 2, not {self.folds}: one fold "
                               "would leave nothing to train on")
+        if not isinstance(self.nested, bool):
+            raise ConfigError(f"cv.nested must be true or false, not {self.nested!r}")
+        if self.nested and self.folds < 3:
+            raise ConfigError(f"cv.nested needs at least 3 folds, not {self.folds}: a pair model leaves out two folds "
+                              "and trains on the rest")
 
     @property
     def enabled(self) -> bool:

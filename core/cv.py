@@ -5,7 +5,9 @@ patient-grouped, label-stratified folds (core.splits.assign_folds, saved in the 
 them). Fold k is an ordinary run (core.training.fit) in folds/fold_<k>: fold k validates it (best epoch per stage),
 the other folds train it. Every non-test photo is then scored once by the fold model that never trained on it
 (the out-of-fold predictions); the recipe's threshold rule and the calibration are fitted on those, and the K
-fold models are saved as one ensemble bundle (core.ensemble), evaluated once on the test patients.
+fold models are saved as one ensemble bundle (core.ensemble), evaluated once on the test patients. With cv.nested,
+pair runs in nested/pair_<k>_<j> follow the fold runs (core.nested), and the ensemble's threshold and calibration
+are fitted on their ensemble scores instead.
 """
 from __future__ import annotations
 
@@ -19,14 +21,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from core import metrics, runfolder
+from core import metrics, nested, runfolder
 from core.bundle import Threshold, load_bundle, read_meta
 from core.config import ConfigError, CVConfig, RunConfig
 from core.evaluation import build_report, groups_of
 from core.fileio import atomic_write_json
 from core.manifest import ManifestError, read_manifest, write_manifest
 from core.runfolder import BUNDLE, CV_REPORT, RunFolder
-from core.splits import TEST_FOLD, FixedSplit, assign_folds, fold_split, grouping, split_counts
+from core.splits import TEST_FOLD, FixedSplit, assign_folds, fold_split, grouping, pair_split, split_counts
 
 OOF_COLUMNS = ("image", "label", "patient_id", "fold", "prob", "logit")
 
@@ -88,33 +90,52 @@ def fit_cv(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
     rf = RunFolder(out, is_main=is_main_process())
     training._install_stop_handler(distributed=_distributed(cfg))
     training._watch_stop_requests(rf)
-    if not resume:  # a resumed run keeps the config it started with
+    stored_nested = bool((runfolder.read_config(out).get("cv") or {}).get("nested")) if resume else False
+    if not resume or cfg.cv.nested != stored_nested:  # a resumed run keeps its config, unless nested was switched
         rf.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     done = [k for k in range(k_folds) if _fold_done(runfolder.fold_path(out, k))] if resume else []
-    progress = lambda fold: {"cv": {"folds": k_folds, "fold": fold, "done": list(done)}}  # noqa: E731
-    rf.status(state="running", started=time.time(), **progress(None))
+    all_pairs = nested.pairs(k_folds) if cfg.cv.nested else []
+    pairs_done = [p for p in all_pairs if _fold_done(runfolder.pair_path(out, *p))] if resume else []
+
+    def progress(fold=None, pair=None) -> dict:
+        state = {"folds": k_folds, "fold": fold, "done": list(done)}
+        if cfg.cv.nested:
+            state.update(pairs=len(all_pairs), pair=None if pair is None else list(pair),
+                         pairs_done=[list(p) for p in pairs_done])
+        return {"cv": state}
+
+    rf.status(state="running", started=time.time(), **progress())
     try:
         folds, stages, how = make_folds(cfg, rf)
         if rf.is_main:
             for i, (stage, df) in enumerate(zip(cfg.stages, stages)):
                 write_manifest(df, rf.split_path(i, stage.name), relative=False)
+        if resume and cfg.cv.nested != stored_nested:
+            rf.log(f"resumed with cv.nested {'on' if cfg.cv.nested else 'off'} (it was "
+                   f"{'on' if stored_nested else 'off'}): config.yaml updated; the finished folds are kept, and the "
+                   "threshold, calibration, reports and bundle are made again")
         rf.log(f"cross-validation, {k_folds} folds: {how}; {_fold_counts(folds)}" +
-               (f"; folds already done: {', '.join(map(str, done))}" if done else ""))
+               (f"; folds already done: {', '.join(map(str, done))}" if done else "") +
+               (f"; nested: {len(all_pairs)} pair runs, {len(pairs_done)} already done" if all_pairs else ""))
         for k in range(k_folds):
             if k in done:
                 continue
-            if not _distributed(cfg):  # under DDP the fold run's own (collective) check_stop sees the request
-                _check_stop_between_folds()
-            fold_dir = runfolder.fold_path(out, k)
-            rf.status(**progress(k), stage=None, stage_name=None, epoch=None, epochs=None)
-            rf.log(f"fold {k + 1}/{k_folds}: {runfolder.FOLD_RUNS}/{fold_dir.name}" +
-                   (" (resuming)" if runfolder.has_checkpoint(fold_dir) else ""))
+            rf.status(**progress(fold=k), stage=None, stage_name=None, epoch=None, epochs=None)
             split = FixedSplit(fold_split(folds, k), f"cross-validation fold {k} of {k_folds} ({how})")
-            training.fit(fold_config(cfg, k), fold_dir, resume=runfolder.has_checkpoint(fold_dir), split=split,
-                         parent=out)
-            training._watch_stop_requests(rf)  # the fold run watched its own folder and this one; back to this one
+            _train_member(rf, cfg, fold_config(cfg, k), runfolder.fold_path(out, k), split,
+                          f"fold {k + 1}/{k_folds}")
             done.append(k)
-            rf.status(**progress(None))
+            rf.status(**progress())
+        for n, (k, j) in enumerate(all_pairs):
+            if (k, j) in pairs_done:
+                continue
+            rf.status(**progress(pair=(k, j)), stage=None, stage_name=None, epoch=None, epochs=None)
+            split = FixedSplit(pair_split(folds, k, j), f"nested cross-validation: folds {k} and {j} of {k_folds} "
+                                                        f"left out ({how})")
+            _train_member(rf, cfg, nested.pair_config(cfg, k, j), runfolder.pair_path(out, k, j), split,
+                          f"pair {n + 1}/{len(all_pairs)} (folds {k} and {j} left out)")
+            pairs_done.append((k, j))
+            rf.status(**progress())
         if not rf.is_main:
             return out / BUNDLE
         rf.status(**progress(None), stage=None, stage_name="out-of-fold predictions and ensemble", epoch=None,
@@ -135,6 +156,16 @@ def fit_cv(cfg: RunConfig, out: str | Path, resume: bool = False) -> Path:
         rf.log(f"failed: {type(e).__name__}: {e}")
         rf.status(state="failed", error=f"{type(e).__name__}: {e}")
         raise
+
+
+def _train_member(rf: RunFolder, cfg: RunConfig, member: RunConfig, run: Path, split: FixedSplit, label: str) -> None:
+    """Train (or resume) one fold or pair run in its own folder, logged and stoppable through the top one."""
+    from core import training
+    if not _distributed(cfg):  # under DDP the member run's own (collective) check_stop sees the request
+        _check_stop_between_folds()
+    rf.log(f"{label}: {run.relative_to(rf.out)}" + (" (resuming)" if runfolder.has_checkpoint(run) else ""))
+    training.fit(member, run, resume=runfolder.has_checkpoint(run), split=split, parent=rf.out)
+    training._watch_stop_requests(rf)  # the member run watched its own folder and this one; back to this one
 
 
 def _check_stop_between_folds() -> None:
@@ -199,19 +230,25 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     threshold = Threshold(value=float(chosen["threshold"]), rule=t.rule, target=t.target,
                           chosen_on=f"out-of-fold predictions ({k_folds} folds)", val_sensitivity=vm["recall"],
                           val_specificity=vm["specificity"], n_val=int(len(y)), n_val_malignant=int(y.sum()))
+    member_threshold, nested_section, fit_on = threshold, None, (oof, "out-of-fold")
+    if cfg.cv.nested:  # the ensemble's threshold and calibration come from ensemble-like scores instead
+        nested_df, threshold, nested_section = nested_threshold(rf.out, cfg, order)
+        fit_on = (nested_df, "nested out-of-fold")
     try:
-        calibration = replace(fit_calibration(oof["logit"].to_numpy(), y, groups=groups_of(oof), seed=cfg.seed),
-                              fitted_on="out-of-fold")
+        calibration = replace(fit_calibration(fit_on[0]["logit"].to_numpy(), fit_on[0]["label"].to_numpy().astype(int),
+                                              groups=groups_of(fit_on[0]), seed=cfg.seed), fitted_on=fit_on[1])
     except CalibrationError as e:
         calibration = None
         report["notes"].append(f"no calibration map: {e}")
     report["notes"] += cv_notes(cfg)
-    per_fold = fold_reports(oof, members, threshold.value, rf.out)
+    per_fold = fold_reports(oof, members, member_threshold.value, rf.out)
     transfer = threshold_transfer(oof, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed)
     report["cv"] = {"folds": k_folds, "how": how, "internal_estimate_only": cfg.split.test == 0,
                     "threshold": threshold.to_dict(), "threshold_transfer": transfer,
                     "per_fold": per_fold, "summary": fold_summary(per_fold),
                     "calibration": None if calibration is None else calibration.to_meta()}
+    if nested_section is not None:
+        report["cv"].update(member_threshold=member_threshold.to_dict(), nested=nested_section)
     member_info = [{"fold": f["fold"], "run": f["run"], "best_epochs": f["best_epochs"],
                     "val_metrics": b.meta.provenance.validation_metrics} for f, b in zip(per_fold, members)]
     seconds = sum(float(b.meta.provenance.train_seconds or 0) for b in members)
@@ -221,16 +258,54 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
                            calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed)
     report["model"] = read_meta(bundle).summary()
     atomic_write_json(rf.out / CV_REPORT, _jsonable(report), indent=1)
-    rf.log(f"cross-validation ({k_folds} folds; per fold at the out-of-fold threshold {threshold.value:.3f}):\n" +
-           cv_table(report, cfg.name) + "".join(f"\n  {n}" for n in cv_notes(cfg)))
+    rf.log(f"cross-validation ({k_folds} folds; per fold at the out-of-fold threshold {member_threshold.value:.3f}):\n"
+           + cv_table(report, cfg.name) + "".join(f"\n  {n}" for n in cv_notes(cfg)))
     rf.log(transfer_line(transfer))
+    if nested_section is not None:
+        rf.log(nested_line(nested_section))
     if calibration is not None:
         rf.log(f"calibration: {calibration.method} (slope {calibration.slope:.3f}, intercept "
-               f"{calibration.intercept:.3f}) on {calibration.n} out-of-fold photos; {calibration.chosen_by}")
+               f"{calibration.intercept:.3f}) on {calibration.n} {calibration.fitted_on} photos; {calibration.chosen_by}")
     rf.log(f"ensemble of {k_folds} fold models; bundle: {bundle}")
     if cfg.report_test and (last_stage["split"] == "test").any():
         _report_test(rf, cfg, bundle, last_stage)
     return bundle
+
+
+def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFrame, Threshold, dict]:
+    """The nested out-of-fold scores (written to the run folder), the ensemble's threshold chosen on them by the
+    recipe's rule, and the report's `nested` section: their ROC-AUC and PR-AUC with patient-bootstrap CIs, the
+    sensitivity and specificity at that threshold, and the rule's cross-fitted transfer to new patients."""
+    from core.ensemble import DEFAULT_COMBINE
+    k_folds, t = cfg.cv.folds, cfg.threshold
+    df = nested.nested_oof(nested.pair_scores(run, cfg), runfolder.read_folds(run), DEFAULT_COMBINE)
+    df = df.sort_values("image", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    runfolder.write_nested_oof(run, df)
+    y, p = df["label"].to_numpy().astype(int), df["prob"].to_numpy()
+    chosen = metrics.choose_threshold(y, p, rule=t.rule, target=t.target)
+    vm = metrics.metric_report(y, p, chosen["threshold"], groups=groups_of(df), n_boot=cfg.n_boot,
+                               seed=cfg.seed)["metrics"]
+    threshold = Threshold(value=float(chosen["threshold"]), rule=t.rule, target=t.target,
+                          chosen_on=nested.how(k_folds), val_sensitivity=vm["recall"],
+                          val_specificity=vm["specificity"], n_val=int(len(y)), n_val_malignant=int(y.sum()))
+    section = {"how": nested.how(k_folds), "pairs": len(nested.pairs(k_folds)), "members_per_photo": k_folds - 1,
+               "combine": DEFAULT_COMBINE, "n": int(len(y)), "n_positive": int(y.sum()),
+               "metrics": {key: vm[key] for key in ("roc_auc", "pr_auc", "recall", "specificity")},
+               "roc": metrics.roc_points(y, p),
+               "threshold": threshold.to_dict(),
+               "threshold_transfer": threshold_transfer(df, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed)}
+    return df, threshold, section
+
+
+def nested_line(section: dict) -> str:
+    """One log line: the nested ensemble scores, the ensemble threshold chosen on them and its transfer."""
+    m, est = section["metrics"], metrics.format_estimate
+    transfer = transfer_line(section["threshold_transfer"]).replace("threshold rule on new patients",
+                                                                    "ensemble threshold on new patients")
+    return (f"nested out-of-fold ({section['members_per_photo']}-model ensembles, {section['pairs']} pair models, "
+            f"{section['n']} photos): ROC-AUC {est(m['roc_auc'])}, PR-AUC {est(m['pr_auc'])}; the ensemble's "
+            f"threshold {section['threshold']['value']:.3f} chosen here: sensitivity {est(m['recall'])}, "
+            f"specificity {est(m['specificity'])}\n{transfer}")
 
 
 def cv_notes(cfg: RunConfig) -> list[str]:
@@ -241,6 +316,10 @@ def cv_notes(cfg: RunConfig) -> list[str]:
              "the threshold chosen on the other folds)",
              "each fold model's best epoch was chosen by its own fold's validation metric, so the out-of-fold "
              "ROC-AUC and PR-AUC lean slightly optimistic; the test split is the independent estimate"]
+    if cfg.cv.nested:
+        notes.append("nested: the ensemble's threshold and calibration were fitted on nested out-of-fold scores (each "
+                     f"photo scored by the {cfg.cv.folds - 1} pair models that never trained on it, combined as the "
+                     "ensemble combines), not on the single models' out-of-fold scores above; see cv.nested")
     if cfg.split.test == 0:
         notes.append("no test split (split.test = 0): these out-of-fold metrics are the run's only internal "
                      "estimate; evaluate the ensemble on an outside test set (python -m train.evaluate)")

@@ -127,9 +127,19 @@ def cv_transfer_text(report: dict) -> str | None:
     return transfer_line(cv["threshold_transfer"])
 
 
+def cv_nested_text(report: dict) -> str | None:
+    """The nested cross-validation's sentences (ensemble scores, the ensemble's threshold, its transfer to new
+    patients); None for a report without a nested section."""
+    nested = (report.get("cv") or {}).get("nested")
+    if not nested:
+        return None
+    from core.cv import nested_line
+    return nested_line(nested)
+
+
 def cv_roc_curves(report: dict) -> list[dict]:
     """The ROC curves of a cross-validation report: one per fold, then the out-of-fold curve (name, fpr, tpr, auc,
-    oof); empty for any other report."""
+    oof), then with nested cross-validation the nested (ensemble) out-of-fold curve; empty for any other report."""
     cv = report.get("cv")
     if not cv:
         return []
@@ -138,6 +148,11 @@ def cv_roc_curves(report: dict) -> list[dict]:
     if report.get("roc"):
         curves.append({"name": "out-of-fold", "fpr": report["roc"]["fpr"], "tpr": report["roc"]["tpr"],
                        "auc": (report["metrics"].get("roc_auc") or {}).get("value"), "oof": True})
+    nested = cv.get("nested") or {}
+    if nested.get("roc"):
+        curves.append({"name": f"nested out-of-fold ({nested['members_per_photo']}-model ensembles)",
+                       "fpr": nested["roc"]["fpr"], "tpr": nested["roc"]["tpr"],
+                       "auc": (nested["metrics"].get("roc_auc") or {}).get("value"), "oof": True})
     return curves
 
 

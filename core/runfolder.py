@@ -35,6 +35,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 
 from core.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json_or_none, to_jsonable
 
@@ -53,6 +54,8 @@ CONSOLE = "console.log"
 FOLDS = "folds.csv"
 FOLD_RUNS = "folds"
 OOF = "oof_predictions.csv"
+PAIR_RUNS = "nested"                     # a nested cross-validation's pair runs (core.nested)
+NESTED_OOF = "nested_oof_predictions.csv"
 CV_REPORT = "cv_report.json"
 MARKERS = (STATUS, LAUNCH, CONFIG)  # a folder holding any of these is a run folder
 
@@ -84,6 +87,11 @@ def fold_path(run: str | Path, k: int) -> Path:
     return Path(run) / FOLD_RUNS / f"fold_{k}"
 
 
+def pair_path(run: str | Path, k: int, j: int) -> Path:
+    """The run of the model that leaves out folds k and j (k < j) of a nested cross-validation."""
+    return Path(run) / PAIR_RUNS / f"pair_{k}_{j}"
+
+
 def is_cv_run(run: str | Path) -> bool:
     return (Path(run) / FOLDS).is_file()
 
@@ -112,6 +120,15 @@ def write_oof(run: str | Path, df: pd.DataFrame) -> None:
 
 def read_oof(run: str | Path) -> pd.DataFrame:
     return pd.read_csv(Path(run) / OOF, dtype={"image": str, "patient_id": str})
+
+
+def write_nested_oof(run: str | Path, df: pd.DataFrame) -> None:
+    atomic_write(Path(run) / NESTED_OOF, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def read_nested_oof(run: str | Path) -> pd.DataFrame | None:
+    path = Path(run) / NESTED_OOF
+    return pd.read_csv(path, dtype={"image": str, "patient_id": str}) if path.is_file() else None
 
 
 # ---------------------------------------------------------------- status
@@ -180,6 +197,15 @@ def read_fold_metrics(run: str | Path) -> pd.DataFrame:
 # ---------------------------------------------------------------- config
 def write_config(run: str | Path, text: str) -> None:
     atomic_write_text(Path(run) / CONFIG, text)
+
+
+def read_config(run: str | Path) -> dict:
+    """config.yaml as a dict ({} when there is none or it is unreadable)."""
+    try:
+        raw = yaml.safe_load((Path(run) / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 # ---------------------------------------------------------------- checkpoint

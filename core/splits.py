@@ -125,6 +125,14 @@ def fold_split(folds: pd.DataFrame, k: int) -> dict[str, str]:
     return dict(zip(folds["image"], split))
 
 
+def pair_split(folds: pd.DataFrame, k: int, j: int) -> dict[str, str]:
+    """image -> split for the nested cross-validation's pair run (k, j): folds k and j are 'val', the others
+    'train', the test rows 'test'."""
+    f = folds["fold"].to_numpy()
+    split = np.where(f == TEST_FOLD, "test", np.where((f == k) | (f == j), "val", "train"))
+    return dict(zip(folds["image"], split))
+
+
 @dataclass(frozen=True)
 class FixedSplit:
     """A split decided before the run (one cross-validation fold): image -> train/val/test, and how it was made."""

@@ -320,7 +320,7 @@ def test_folds_on_the_command_line_train_a_cross_validation_that_resumes_only_as
     cfg = str(finished_run / "cfg.yaml")
     assert fit_cli.main(["--config", cfg, "--out", str(out), "--folds", "2", "--epochs", "1"]) == 0
     assert [len(load_bundle(out).model.members), runfolder.read_status(out)["cv"]["done"]] == [2, [0, 1]]
-    assert yaml.safe_load((out / "config.yaml").read_text())["cv"] == {"folds": 2}
+    assert yaml.safe_load((out / "config.yaml").read_text())["cv"] == {"folds": 2, "nested": False}
     assert fit_cli.main(["--config", cfg, "--out", str(out), "--folds", "2"]) == 2
     assert "already holds a run; use --resume" in capsys.readouterr().err
     assert fit_cli.main(["--resume", "--out", str(out), "--folds", "0"]) == 2
