@@ -186,6 +186,7 @@ class TrainRequest:
     domain: str | None = None          # the domain label for that manifest
     data_root: str | None = None       # folder the recipe's relative data paths live in
     folds: int | None = None           # cross-validation folds (0: one validation split; >= 2: K folds)
+    nested: bool | None = None         # nested cross-validation: the ensemble's threshold on ensemble scores
     sets: tuple[str, ...] = field(default_factory=tuple)  # extra --set key=value overrides
 
 
@@ -202,7 +203,8 @@ def recipe_summary(path: str | Path) -> dict:
     return {"name": raw.get("name") or Path(path).stem, "backbone": raw.get("backbone", "convnext_tiny"),
             "weights": raw.get("weights", "imagenet"), "init_from": raw.get("init_from"),
             "device": raw.get("device", "auto"), "data_root": raw.get("data_root"),
-            "folds": int((raw.get("cv") or {}).get("folds") or 0), "stages": stages}
+            "folds": int((raw.get("cv") or {}).get("folds") or 0),
+            "nested": bool((raw.get("cv") or {}).get("nested") or False), "stages": stages}
 
 
 def training_command(req: TrainRequest, out: str | Path, python: str | None = None) -> list[str]:
@@ -223,6 +225,8 @@ def training_command(req: TrainRequest, out: str | Path, python: str | None = No
         cmd += ["--data-root", str(req.data_root)]
     if req.folds is not None:
         cmd += ["--folds", str(int(req.folds))]
+    if req.nested is not None:
+        cmd += ["--nested" if req.nested else "--no-nested"]
     n_stages = len(recipe_summary(req.recipe)["stages"])
     for i in range(n_stages):
         if req.lr:
@@ -255,6 +259,10 @@ def start_training(req: TrainRequest, root: str | Path | None = None, *, python:
         raise LaunchError(f"device must be one of {DEVICES}")
     if req.folds is not None and (req.folds == 1 or req.folds < 0):
         raise LaunchError(f"folds must be 0 (one validation split) or at least 2, not {req.folds}")
+    if req.nested:
+        folds = req.folds if req.folds is not None else recipe_summary(req.recipe)["folds"]
+        if folds < 3:
+            raise LaunchError(f"nested cross-validation needs at least 3 folds, not {folds}")
     out = root / req.name
     if out.exists() and any(out.iterdir()):
         raise LaunchError(f"{out} already exists; pick another run name (or resume that run)")
@@ -351,15 +359,33 @@ class RunInfo:
     error: str | None = None
     has_bundle: bool = False
     resumable: bool = False
-    cv: dict | None = None     # a cross-validation: {"folds": K, "fold": k being trained or None, "done": [...]}
+    cv: dict | None = None     # a cross-validation: {"folds": K, "fold": k being trained or None, "done": [...]},
+    #                            and with nested: "pairs": P, "pair": [k, j] being trained or None, "pairs_done"
+
+    def cv_progress(self) -> tuple[float, str] | None:
+        """A cross-validation's share of member runs done (fold runs, then pair runs) and it in words; None for a
+        single-split run."""
+        if not self.cv:
+            return None
+        folds, pairs = int(self.cv.get("folds") or 0), int(self.cv.get("pairs") or 0)
+        done, pairs_done = len(self.cv.get("done") or []), len(self.cv.get("pairs_done") or [])
+        text = f"{done} of {folds} folds" + (f" and {pairs_done} of {pairs} pair runs" if pairs else "") + " done"
+        return min(1.0, (done + pairs_done) / max(1, folds + pairs)), text
 
     def progress(self) -> str:
         """'fold 3/5, stage finetune, epoch 4/8': where the run is, in words (empty when nothing is known)."""
         parts = []
-        if self.cv and self.cv.get("fold") is not None:
-            parts.append(f"fold {self.cv['fold'] + 1}/{self.cv.get('folds')}")
-        elif self.cv:
-            parts.append(f"{len(self.cv.get('done') or [])}/{self.cv.get('folds')} folds done")
+        cv = self.cv or {}
+        if cv.get("fold") is not None:
+            parts.append(f"fold {cv['fold'] + 1}/{cv.get('folds')}")
+        elif cv.get("pair") is not None:
+            k, j = cv["pair"]
+            parts.append(f"pair run {len(cv.get('pairs_done') or []) + 1}/{cv.get('pairs')} (folds {k} and {j} "
+                         "left out)")
+        elif cv:
+            parts.append(f"{len(cv.get('done') or [])}/{cv.get('folds')} folds done" +
+                         (f", {len(cv.get('pairs_done') or [])}/{cv['pairs']} pair runs done" if cv.get("pairs")
+                          else ""))
         if self.stage_name is not None or self.stage is not None:
             parts.append(f"stage {self.stage_name if self.stage_name is not None else self.stage}")
         if self.epoch is not None and self.epochs:

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="cross-validation: K >= 2 patient-grouped folds of the non-test "
                                              "patients, one run per fold, their models saved as one ensemble "
                                              "(overrides the recipe's cv.folds; 0 = one validation split)")
+    p.add_argument("--nested", action=argparse.BooleanOptionalAction, default=None,
+                   help="nested cross-validation (needs >= 3 folds): one more run per pair of folds, so the "
+                        "ensemble's threshold and calibration are fitted on scores of ensembles that never trained "
+                        "on the photo (overrides the recipe's cv.nested)")
     p.add_argument("--devices", type=int, help="GPUs (or CPU processes) per node")
     p.add_argument("--num-nodes", type=int, dest="num_nodes")
     return p
@@ -60,6 +64,8 @@ def load_raw(args) -> dict:
             s["epochs"] = args.epochs
     if args.folds is not None:
         raw["cv"] = {**(raw.get("cv") or {}), "folds": args.folds}
+    if args.nested is not None:
+        raw["cv"] = {**(raw.get("cv") or {}), "nested": args.nested}
     for item in args.set:
         apply_override(raw, item)
     raw.setdefault("name", path.stem)

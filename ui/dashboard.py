@@ -9,6 +9,13 @@ import streamlit as st
 from core import appstate, reports
 from ui import common
 
+
+def _cv_line(curve: dict) -> dict:
+    """Fold curves thin, the out-of-fold curve thick black, the nested (ensemble) out-of-fold curve thick dashed."""
+    if not curve["oof"]:
+        return {"width": 1}
+    return {"width": 3, "color": "black"} | ({"dash": "dash"} if curve["name"].startswith("nested") else {})
+
 st.title("Dashboard")
 root = appstate.runs_dir()
 labels = reports.report_choices(root)
@@ -61,11 +68,14 @@ if loaded:
         transfer = reports.cv_transfer_text(rep)
         if transfer:
             st.caption(transfer[0].upper() + transfer[1:] + ".")
+        nested = reports.cv_nested_text(rep)
+        if nested:
+            st.caption(nested[0].upper() + nested[1:].replace("\n", ". ") + ".")
         fig = go.Figure()
         for c in reports.cv_roc_curves(rep):
             name = f"{c['name']} (AUC {c['auc']:.3f})" if c["auc"] is not None else c["name"]
             fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=name,
-                                     line={"width": 3, "color": "black"} if c["oof"] else {"width": 1}))
+                                     line=_cv_line(c)))
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
                                  name="chance", hoverinfo="skip"))
         fig.update_layout(xaxis_title="False positive rate (1 - specificity)", yaxis_title="True positive rate "

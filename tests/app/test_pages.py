@@ -387,12 +387,14 @@ def test_train_form_builds_the_request(with_model, monkeypatch):
     at.text_input(key=f"tf_manifest_{k}").set_value("/data/m.csv")
     assert at.number_input(key=f"tf_folds_{k}").value == 0  # the recipe's: one validation split
     at.number_input(key=f"tf_folds_{k}").set_value(4)
+    assert at.checkbox(key=f"tf_nested_{k}").value is False  # the recipe's: no nested cross-validation
+    at.checkbox(key=f"tf_nested_{k}").check()
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception
     (req, root), = started
     assert root == with_model.runs and req.name == "my_run" and req.recipe.endswith("shared_demo.yaml")
     assert (req.backbone, req.device, req.epochs, req.lr, req.manifest) == ("resnet18", "cpu", 2, 3e-4, "/data/m.csv")
-    assert req.folds == 4
+    assert req.folds == 4 and req.nested is True
     assert req.weights is None and req.init_from is None and req.sets == ("init_from=null",)
     assert any("Started **my_run** on cpu" in s.value for s in at.main.success)
 
