@@ -230,13 +230,13 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     threshold = Threshold(value=float(chosen["threshold"]), rule=t.rule, target=t.target,
                           chosen_on=f"out-of-fold predictions ({k_folds} folds)", val_sensitivity=vm["recall"],
                           val_specificity=vm["specificity"], n_val=int(len(y)), n_val_malignant=int(y.sum()))
-    member_threshold, nested_section, fit_on = threshold, None, (oof, "out-of-fold")
+    member_threshold, nested_section, fit_df, fitted_on = threshold, None, oof, "out-of-fold"
     if cfg.cv.nested:  # the ensemble's threshold and calibration come from ensemble-like scores instead
-        nested_df, threshold, nested_section = nested_threshold(rf.out, cfg, order)
-        fit_on = (nested_df, "nested out-of-fold")
+        fit_df, threshold, nested_section = nested_threshold(rf.out, cfg, order)
+        fitted_on = "nested out-of-fold"
     try:
-        calibration = replace(fit_calibration(fit_on[0]["logit"].to_numpy(), fit_on[0]["label"].to_numpy().astype(int),
-                                              groups=groups_of(fit_on[0]), seed=cfg.seed), fitted_on=fit_on[1])
+        calibration = replace(fit_calibration(fit_df["logit"].to_numpy(), fit_df["label"].to_numpy().astype(int),
+                                              groups=groups_of(fit_df), seed=cfg.seed), fitted_on=fitted_on)
     except CalibrationError as e:
         calibration = None
         report["notes"].append(f"no calibration map: {e}")
@@ -252,6 +252,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     member_info = [{"fold": f["fold"], "run": f["run"], "best_epochs": f["best_epochs"],
                     "val_metrics": b.meta.provenance.validation_metrics} for f, b in zip(per_fold, members)]
     seconds = sum(float(b.meta.provenance.train_seconds or 0) for b in members)
+    seconds += (nested_section or {}).get("train_seconds", 0.0)  # the pair runs are part of making this bundle
     provenance = _provenance(cfg, members, per_fold, stages, how, vm, seconds)
     similar = oof.drop(columns=["prob", "logit"]).assign(split="train")  # every one trained K-1 of the members
     bundle = save_ensemble(members, rf.out / BUNDLE, threshold=threshold, provenance=provenance,
@@ -293,7 +294,9 @@ def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFra
                "metrics": {key: vm[key] for key in ("roc_auc", "pr_auc", "recall", "specificity")},
                "roc": metrics.roc_points(y, p),
                "threshold": threshold.to_dict(),
-               "threshold_transfer": threshold_transfer(df, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed)}
+               "threshold_transfer": threshold_transfer(df, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed),
+               "train_seconds": sum(float(read_meta(runfolder.pair_path(run, *p) / BUNDLE).provenance.train_seconds
+                                          or 0) for p in nested.pairs(k_folds))}
     return df, threshold, section
 
 

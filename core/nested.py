@@ -1,13 +1,14 @@
 """Nested cross-validation: the pair runs and the ensemble scores an ensemble's threshold is chosen on.
 
-A K-fold ensemble averages K models, and averaging moves scores: a threshold chosen on the single fold models'
-out-of-fold scores does not hit its target sensitivity when the ensemble applies it (on the shared demo it caught
-every malignant test photo, not 90%, at the cost of specificity). An honest ensemble-like score for a photo needs
-several models that never trained on it. With `cv.nested`, one more model is trained for each pair of folds
-(k, j), leaving both out (trained on the other K-2 folds, validated on k and j); the K-1 pair models that leave
-out fold k score its photos, and their combined score (the ensemble's own combine rule) is that photo's nested
-out-of-fold score. K(K-1)/2 more runs, each on (K-2)/K of the non-test photos: a 4-model ensemble of smaller
-models stands in for the 5-model ensemble, so its scores are close to, not equal to, the bundle's.
+A K-fold ensemble averages K models, and averaging can move scores: a threshold chosen on the single fold models'
+out-of-fold scores is not the ensemble's own, and the test split is too small to tell (README, "Nested
+cross-validation"). An honest ensemble-like score for a photo needs several models that never trained on it.
+
+With `cv.nested`, one more model is trained for each pair of folds (k, j), leaving both out (trained on the other
+K-2 folds, validated on k and j); the K-1 pair models that leave out fold k score its photos, and their combined
+score (the ensemble's own combine rule) is that photo's nested out-of-fold score. K(K-1)/2 more runs, each on
+(K-2)/K of the non-test photos: K-1 models trained on less data stand in for the K-model ensemble, so these scores
+are close to, not equal to, the bundle's.
 """
 from __future__ import annotations
 

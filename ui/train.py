@@ -63,7 +63,7 @@ with st.expander("Start a new run", expanded=job is None):
                                   "(K-2)/K of the patients), so that every photo is scored by an ensemble that never "
                                   "trained on it; the ensemble's threshold and calibration are chosen on those scores. "
                                   "A single model's out-of-fold threshold, applied to the averaged ensemble, misses "
-                                  "its target sensitivity. About 2x the training time at K = 5.")
+                                  "its target sensitivity. About 2.4 times the training time at K = 5.")
         data_root = c1.text_input("Data folder the recipe's data paths live in", value=summary["data_root"] or "",
                                   key=f"tf_data_root_{k}", help="The recipe's data_root: change it when your copy "
                                   "of the recipe's datasets is elsewhere (e.g. a downloaded PAD-UFES-20).")

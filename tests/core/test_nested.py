@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from core import cv, jobs, metrics, nested, reports, runfolder, training
-from core.bundle import load_bundle
+from core.bundle import load_bundle, read_meta
 from core.config import ConfigError, run_config_from_dict
 from core.manifest import read_manifest
 from core.splits import TEST_FOLD, pair_split
@@ -182,6 +182,11 @@ def test_the_ensemble_threshold_and_calibration_are_fitted_on_the_nested_scores(
         assert r["threshold"] == pytest.approx(metrics.choose_threshold(rest["label"], rest["prob"],
                                                                         rule="sensitivity", target=0.9)["threshold"])
     assert any(note.startswith("nested:") for note in rep["notes"])
+    spent = {kind: sum(read_meta(path(finished, *args) / "bundle").provenance.train_seconds for args in runs)
+             for kind, path, runs in (("folds", runfolder.fold_path, [(k,) for k in range(K)]),
+                                      ("pairs", runfolder.pair_path, nested.pairs(K)))}
+    assert n["train_seconds"] == pytest.approx(spent["pairs"]) and spent["pairs"] > 0
+    assert b.meta.provenance.train_seconds == pytest.approx(spent["folds"] + spent["pairs"])  # pairs count too
     text = reports.cv_nested_text(rep)
     assert text.splitlines()[0] in runfolder.log_tail(finished, lines=500)
     assert "ensemble threshold on new patients" in text and reports.cv_nested_text({"cv": {"folds": 3}}) is None
@@ -226,3 +231,22 @@ def test_a_finished_cross_validation_resumed_with_nested_stopped_in_a_pair_run_e
     assert load_bundle(run).threshold == pytest.approx(load_bundle(finished).threshold)
     shutil.rmtree(run)
 
+
+
+@pytest.mark.slow
+def test_the_dashboard_shows_the_nested_scores_caption_and_their_roc_curve(finished, monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from core import builtin
+    from tests.app.conftest import APP
+    monkeypatch.setenv("RUNS_DIR", str(finished.parent))
+    monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")
+    at = AppTest.from_file(APP, default_timeout=60).run().switch_page("ui/dashboard.py").run()
+    at.multiselect(key="dash_reports").set_value(["straight/cv_report.json"]).run()
+    assert not at.exception
+    assert any(c.value.startswith("Nested out-of-fold (2-model ensembles, 3 pair models") and
+               "Ensemble threshold on new patients" not in c.value and "ensemble threshold on new patients" in c.value
+               for c in at.caption)
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    nested_traces = [t for s in specs for t in s["data"] if t.get("name", "").startswith("nested out-of-fold")]
+    assert len(nested_traces) == 1 and nested_traces[0]["line"]["dash"] == "dash"
