@@ -70,7 +70,7 @@ if loaded:
             st.caption(transfer[0].upper() + transfer[1:] + ".")
         nested = reports.cv_nested_text(rep)
         if nested:
-            st.caption(nested[0].upper() + nested[1:].replace("\n", ". ") + ".")
+            st.caption(". ".join(line[0].upper() + line[1:] for line in nested.splitlines()) + ".")
         fig = go.Figure()
         for c in reports.cv_roc_curves(rep):
             name = f"{c['name']} (AUC {c['auc']:.3f})" if c["auc"] is not None else c["name"]

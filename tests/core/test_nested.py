@@ -245,8 +245,7 @@ def test_the_dashboard_shows_the_nested_scores_caption_and_their_roc_curve(finis
     at.multiselect(key="dash_reports").set_value(["straight/cv_report.json"]).run()
     assert not at.exception
     assert any(c.value.startswith("Nested out-of-fold (2-model ensembles, 3 pair models") and
-               "Ensemble threshold on new patients" not in c.value and "ensemble threshold on new patients" in c.value
-               for c in at.caption)
+               ". Ensemble threshold on new patients" in c.value for c in at.caption)
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     nested_traces = [t for s in specs for t in s["data"] if t.get("name", "").startswith("nested out-of-fold")]
     assert len(nested_traces) == 1 and nested_traces[0]["line"]["dash"] == "dash"
