@@ -41,6 +41,12 @@ def make_images(folder: Path, n: int = 40, seed: int = 0, size=(96, 80), images_
     return pd.DataFrame(rows)
 
 
+def synthetic_set(root: Path) -> Path:
+    """root with make_images' 40 photos in images/ and their labels.csv; returns root."""
+    make_images(root / "images").to_csv(root / "labels.csv", index=False)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_cache(tmp_path_factory):
     """Commands cache embeddings in a per-user folder by default: point it at a temporary one, so no test (nor a

@@ -18,6 +18,20 @@ APP = str(ROOT / "app.py")
 RUN_NAME = "demo_run"
 
 
+def dashboard_with(report: str, runs: Path, monkeypatch, no_evidence: Path):
+    """The app's Dashboard over the run folders in `runs` (no built-in evidence) with one report chosen, e.g.
+    'straight/cv_report.json'; returns the AppTest, run, with the page's charts' specs parsed."""
+    from streamlit.testing.v1 import AppTest
+
+    from core import builtin
+    monkeypatch.setenv("RUNS_DIR", str(runs))
+    monkeypatch.setattr(builtin, "DEMO_EVIDENCE", no_evidence)
+    at = AppTest.from_file(APP, default_timeout=60).run().switch_page("ui/dashboard.py").run()
+    at.multiselect(key="dash_reports").set_value([report]).run()
+    at.chart_specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return at
+
+
 def lesion_photo(seed: int = 0, size=(480, 360), malignant: bool = False) -> Image.Image:
     """A synthetic 'lesion on skin': skin-tone background with texture and an irregular brown blob."""
     rng = np.random.default_rng(seed)

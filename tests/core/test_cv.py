@@ -16,7 +16,7 @@ from core.config import run_config_from_dict
 from core.evaluation import predict_probs
 from core.manifest import read_manifest
 from core.splits import TEST_FOLD
-from tests.conftest import make_images, shared_path, tiny_config
+from tests.conftest import shared_path, synthetic_set, tiny_config
 
 K = 3
 
@@ -28,9 +28,7 @@ def _config(root, **run):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cv")
-    make_images(root / "images").to_csv(root / "labels.csv", index=False)
-    return root
+    return synthetic_set(tmp_path_factory.mktemp("cv"))
 
 
 @pytest.fixture(scope="module")
@@ -161,18 +159,11 @@ def test_the_ensemble_bundle_is_the_fold_models_and_is_tested_once(finished):
 
 @pytest.mark.slow
 def test_the_dashboard_shows_per_fold_and_out_of_fold_roc_curves(finished, monkeypatch, tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    from core import builtin
-    from tests.app.conftest import APP
-    monkeypatch.setenv("RUNS_DIR", str(finished.parent))
-    monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")
-    at = AppTest.from_file(APP, default_timeout=60).run().switch_page("ui/dashboard.py").run()
-    at.multiselect(key="dash_reports").set_value(["straight/cv_report.json"]).run()
+    from tests.app.conftest import dashboard_with
+    at = dashboard_with("straight/cv_report.json", finished.parent, monkeypatch, tmp_path / "no_evidence")
     assert not at.exception
     assert "Cross-validation: per-fold and out-of-fold" in [s.value for s in at.subheader]
-    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    names = [t.get("name", "") for s in specs for t in s["data"]]
+    names = [t.get("name", "") for s in at.chart_specs for t in s["data"]]
     assert sum(n.startswith("fold ") for n in names) == K and any(n.startswith("out-of-fold") for n in names)
     assert any(c.value.startswith("Threshold rule on new patients") for c in at.caption)
 

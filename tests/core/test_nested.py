@@ -15,7 +15,7 @@ from core.bundle import load_bundle, read_meta
 from core.config import ConfigError, run_config_from_dict
 from core.manifest import read_manifest
 from core.splits import TEST_FOLD, pair_split
-from tests.conftest import make_images, tiny_config
+from tests.conftest import synthetic_set, tiny_config
 
 K = 3
 
@@ -27,9 +27,7 @@ def _config(root, nested_on=True):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nested")
-    make_images(root / "images").to_csv(root / "labels.csv", index=False)
-    return root
+    return synthetic_set(tmp_path_factory.mktemp("nested"))
 
 
 @pytest.fixture(scope="module")
@@ -235,17 +233,10 @@ def test_a_finished_cross_validation_resumed_with_nested_stopped_in_a_pair_run_e
 
 @pytest.mark.slow
 def test_the_dashboard_shows_the_nested_scores_caption_and_their_roc_curve(finished, monkeypatch, tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    from core import builtin
-    from tests.app.conftest import APP
-    monkeypatch.setenv("RUNS_DIR", str(finished.parent))
-    monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")
-    at = AppTest.from_file(APP, default_timeout=60).run().switch_page("ui/dashboard.py").run()
-    at.multiselect(key="dash_reports").set_value(["straight/cv_report.json"]).run()
+    from tests.app.conftest import dashboard_with
+    at = dashboard_with("straight/cv_report.json", finished.parent, monkeypatch, tmp_path / "no_evidence")
     assert not at.exception
     assert any(c.value.startswith("Nested out-of-fold (2-model ensembles, 3 pair models") and
                ". Ensemble threshold on new patients" in c.value for c in at.caption)
-    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    nested_traces = [t for s in specs for t in s["data"] if t.get("name", "").startswith("nested out-of-fold")]
+    nested_traces = [t for s in at.chart_specs for t in s["data"] if t.get("name", "").startswith("nested out-of-fold")]
     assert len(nested_traces) == 1 and nested_traces[0]["line"]["dash"] == "dash"
