@@ -348,8 +348,8 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, *, split: FixedSp
     A cross-validation (core.cv) runs each fold through here: `split` is the fold's split, `parent` the top run
     folder (its stop requests stop this run too; log lines and progress are mirrored there)."""
     accelerator = pick_device(cfg.device).type
-    fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                    precision=fabric_precision(cfg.precision, accelerator))
+    precision = fabric_precision(cfg.precision, accelerator)
+    fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, precision=precision)
     fabric.launch()
     rf = RunFolder(out, is_main=fabric.is_global_zero, parent=parent)  # after launch: only rank 0 writes
     fabric.barrier()  # the folder exists before any rank reads from it
@@ -358,6 +358,9 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, *, split: FixedSp
     _watch_stop_requests(rf)
     if not resume:  # a resumed run keeps the config it started with
         rf.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # what 'auto' resolved to: timings (and the last digits of results) differ between bf16 and fp32 machines
+    rf.log(f"device {accelerator} x {fabric.world_size}, precision {precision}" +
+           (" (auto)" if cfg.precision == "auto" else ""))
     t_start = time.time()
     try:
         data = run_data(cfg, split)

@@ -45,6 +45,8 @@ def test_run_folder_has_everything_it_promises(finished_run):
     history = pd.read_csv(run / "metrics.csv")
     assert history[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0], [1, 1]]
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    from core.device import fabric_precision  # 'auto' is logged as what it resolved to on this CPU
+    assert f"device cpu x 1, precision {fabric_precision('auto', 'cpu')} (auto)" in (run / "train.log").read_text()
 
 
 def test_bundle_reloads_to_identical_probabilities(finished_run):
