@@ -383,9 +383,7 @@ class RunInfo:
             parts.append(f"pair run {len(cv.get('pairs_done') or []) + 1}/{cv.get('pairs')} (folds {k} and {j} "
                          "left out)")
         elif cv:
-            parts.append(f"{len(cv.get('done') or [])}/{cv.get('folds')} folds done" +
-                         (f", {len(cv.get('pairs_done') or [])}/{cv['pairs']} pair runs done" if cv.get("pairs")
-                          else ""))
+            parts.append(self.cv_progress()[1])
         if self.stage_name is not None or self.stage is not None:
             parts.append(f"stage {self.stage_name if self.stage_name is not None else self.stage}")
         if self.epoch is not None and self.epochs:

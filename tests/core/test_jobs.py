@@ -195,7 +195,7 @@ def test_a_cross_validation_run_shows_its_fold_and_resumes_without_a_top_checkpo
     assert jobs.runs_table([info]).loc[0, "stage"] == "fold 3/5: finetune"
     info.cv = {"folds": 5, "fold": None, "done": [0, 1, 2, 3, 4]}
     info.stage = info.stage_name = info.epoch = None
-    assert info.progress() == "5/5 folds done"
+    assert info.progress() == "5 of 5 folds done"
 
 
 # ------------------------------------------------------------------ lock

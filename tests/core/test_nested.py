@@ -114,7 +114,7 @@ def test_progress_names_the_pair_run_and_counts_the_pair_runs_done():
     idle = jobs.RunInfo(name="r", path=None, state="stopped",
                         cv={"folds": 3, "fold": None, "done": [0, 1, 2], "pairs": 3, "pair": None,
                             "pairs_done": [[0, 1]]})
-    assert idle.progress() == "3/3 folds done, 1/3 pair runs done"
+    assert idle.progress() == "3 of 3 folds and 1 of 3 pair runs done"
     assert idle.cv_progress() == (pytest.approx(4 / 6), "3 of 3 folds and 1 of 3 pair runs done")
     single_cv = jobs.RunInfo(name="r", path=None, state="stopped", cv={"folds": 5, "fold": None, "done": [0, 1]})
     assert single_cv.cv_progress() == (pytest.approx(2 / 5), "2 of 5 folds done")
