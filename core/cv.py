@@ -279,7 +279,8 @@ def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFra
     sensitivity and specificity at that threshold, and the rule's cross-fitted transfer to new patients."""
     from core.ensemble import DEFAULT_COMBINE
     k_folds, t = cfg.cv.folds, cfg.threshold
-    df = nested.nested_oof(nested.pair_scores(run, cfg), runfolder.read_folds(run), DEFAULT_COMBINE)
+    scores, seconds = nested.pair_scores(run, cfg)
+    df = nested.nested_oof(scores, runfolder.read_folds(run), DEFAULT_COMBINE)
     df = df.sort_values("image", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
     runfolder.write_nested_oof(run, df)
     y, p = df["label"].to_numpy().astype(int), df["prob"].to_numpy()
@@ -295,8 +296,7 @@ def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFra
                "roc": metrics.roc_points(y, p),
                "threshold": threshold.to_dict(),
                "threshold_transfer": threshold_transfer(df, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed),
-               "train_seconds": sum(float(read_meta(runfolder.pair_path(run, *p) / BUNDLE).provenance.train_seconds
-                                          or 0) for p in nested.pairs(k_folds))}
+               "train_seconds": seconds}
     return df, threshold, section
 
 

@@ -44,20 +44,21 @@ def pair_config(cfg: RunConfig, k: int, j: int) -> RunConfig:
                    cv=CVConfig(), split=replace(cfg.split, val=val))
 
 
-def pair_scores(run: Path, cfg: RunConfig) -> pd.DataFrame:
+def pair_scores(run: Path, cfg: RunConfig) -> tuple[pd.DataFrame, float]:
     """Every pair model's fp32 logit on each photo it left out (the last stage's validation rows): one row per
-    (photo, pair), with columns image, label, patient_id, pair, logit."""
+    (photo, pair), with columns image, label, patient_id, pair, logit; and the pair runs' training seconds."""
     from core.trust import features_and_logits
     last = len(cfg.stages) - 1
-    parts = []
+    parts, seconds = [], 0.0
     for k, j in pairs(cfg.cv.folds):
         pair_dir = runfolder.pair_path(run, k, j)
-        model = load_bundle(pair_dir / BUNDLE).model
+        bundle = load_bundle(pair_dir / BUNDLE)
+        seconds += float(bundle.meta.provenance.train_seconds or 0)
         split = read_manifest(runfolder.split_path(pair_dir, last, cfg.stages[last].name))
         val = split[split["split"] == "val"].reset_index(drop=True)
-        _, logits = features_and_logits(model, val)
+        _, logits = features_and_logits(bundle.model, val)
         parts.append(val.assign(pair=f"{k}_{j}", logit=logits))
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(parts, ignore_index=True), seconds
 
 
 def nested_oof(scores: pd.DataFrame, folds: pd.DataFrame, combine: str) -> pd.DataFrame:
