@@ -155,7 +155,23 @@ def describe_model(meta: BundleMeta) -> dict:
         # one model (or, nested, the ensemble of pair models) that did not train on it
         "val_images": thr.population,
         "members": _members_line(meta),
+        "trained_on": _trained_on_line(prov.trained_on),
     }
+
+
+def _trained_on_line(records: list | None) -> str:
+    """The machines a model trained on, in words: bf16 and fp32 training give different models from one recipe."""
+    if not records:
+        return "not recorded (a bundle written before this record)"
+    parts = []
+    for r in records:
+        where = r.get("gpu") or f"{str(r.get('device', '?')).upper()} ({r.get('cpu_capability', '?')}" + \
+            (", native bf16)" if r.get("cpu_native_bf16") else ")")
+        setting = f", setting {r['precision_setting']}" if r.get("precision_setting") == "auto" else ""
+        procs = f" x {r['processes']}" if r.get("processes", 1) > 1 else ""
+        parts.append(f"{where}{procs}, {r.get('precision', '?')} training{setting}")
+    more = " (a resumed run, or folds trained on different machines)" if len(parts) > 1 else ""
+    return "; ".join(parts) + more
 
 
 def _members_line(meta: BundleMeta) -> str | None:

@@ -117,6 +117,7 @@ class Provenance:
     parent_weights_sha256: str | None = None
     train_seconds: float | None = None
     created: str | None = None
+    trained_on: list | None = None       # core.device.hardware_record per machine (a resumed run may have moved)
     versions: dict | None = None
     extra: dict = field(default_factory=dict)  # keys this tool does not know, kept as read
 
@@ -202,7 +203,7 @@ class BundleMeta:
         return {"run": p.run_name, "backbone": self.backbone.get("name"), "weights": p.weights,
                 "weights_sha256": self.weights_sha256, "training_data": p.data, "split_counts": p.split_counts,
                 "threshold": self.threshold.to_dict(), "validation_metrics": p.validation_metrics,
-                "intended_use": self.intended_use}
+                "trained_on": p.trained_on, "intended_use": self.intended_use}
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION}

@@ -253,7 +253,9 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
                     "val_metrics": b.meta.provenance.validation_metrics} for f, b in zip(per_fold, members)]
     seconds = sum(float(b.meta.provenance.train_seconds or 0) for b in members)
     seconds += (nested_section or {}).get("train_seconds", 0.0)  # the pair runs are part of making this bundle
-    provenance = _provenance(cfg, members, per_fold, stages, how, vm, seconds)
+    hardware = machines([b.meta.provenance.trained_on for b in members] +
+                        [(nested_section or {}).get("trained_on")])  # the pair runs made the threshold
+    provenance = _provenance(cfg, members, per_fold, stages, how, vm, seconds, hardware)
     similar = oof.drop(columns=["prob", "logit"]).assign(split="train")  # every one trained K-1 of the members
     bundle = save_ensemble(members, rf.out / BUNDLE, threshold=threshold, provenance=provenance,
                            calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed)
@@ -279,7 +281,7 @@ def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFra
     sensitivity and specificity at that threshold, and the rule's cross-fitted transfer to new patients."""
     from core.ensemble import DEFAULT_COMBINE
     k_folds, t = cfg.cv.folds, cfg.threshold
-    scores, seconds = nested.pair_scores(run, cfg)
+    scores, pair_provenance = nested.pair_scores(run, cfg)
     df = nested.nested_oof(scores, runfolder.read_folds(run), DEFAULT_COMBINE)
     df = df.sort_values("image", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
     runfolder.write_nested_oof(run, df)
@@ -296,7 +298,8 @@ def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFra
                "roc": metrics.roc_points(y, p),
                "threshold": threshold.to_dict(),
                "threshold_transfer": threshold_transfer(df, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed),
-               "train_seconds": seconds}
+               "train_seconds": sum(float(p.train_seconds or 0) for p in pair_provenance),
+               "trained_on": machines([p.trained_on for p in pair_provenance])}
     return df, threshold, section
 
 
@@ -410,7 +413,16 @@ def cv_table(report: dict, name: str) -> str:
     return metrics.format_table(rows)
 
 
-def _provenance(cfg, members, per_fold, stages_df, how, vm, seconds):
+def machines(records: list) -> list:
+    """The distinct machines (core.device.hardware_record) in several runs' `trained_on` lists (None: not
+    recorded, a bundle older than the record), in first-seen order."""
+    out = []
+    for run in records:
+        out += [h for h in run or [] if h not in out]
+    return out
+
+
+def _provenance(cfg, members, per_fold, stages_df, how, vm, seconds, hardware):
     """The ensemble's provenance: the recipe, each stage's data and split (the folds), every fold's best epochs."""
     from core.training import _provenance as run_provenance
     first = members[0].meta.provenance
@@ -420,4 +432,4 @@ def _provenance(cfg, members, per_fold, stages_df, how, vm, seconds):
                        "best_epoch_per_fold": [f["best_epochs"][i] if i < len(f["best_epochs"]) else None
                                                for f in per_fold], "recipe": asdict(cfg.stages[i])})
     parent = read_meta(cfg.init_from) if cfg.init_from else None
-    return run_provenance(cfg, SimpleNamespace(stage_prov=stages), parent, vm, seconds)
+    return run_provenance(cfg, SimpleNamespace(stage_prov=stages, hardware=hardware), parent, vm, seconds)

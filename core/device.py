@@ -67,6 +67,17 @@ def fabric_precision(preference: str, accelerator: str) -> str:
     return "32-true"
 
 
+def hardware_record(accelerator: str, precision: str, setting: str, processes: int = 1) -> dict:
+    """What a training run ran on, for its bundle's provenance: device, processes, the precision it trained in
+    (and the recipe's setting, e.g. 'auto'), and the CPU's vector capability and native-bf16 support. bf16 and
+    fp32 training give different models from the same recipe and seed, so a result is traced to its machine class."""
+    record = {"device": accelerator, "processes": int(processes), "precision": precision, "precision_setting": setting,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_bf16()}
+    if accelerator in ("cuda", "gpu") and torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name()
+    return record
+
+
 def dataloader_workers(processes: int = 1) -> int:
     """DataLoader workers per process: the machine's cores shared by its processes, one core each kept for
     the process itself, at most 8 (decoding beyond that rarely pays)."""

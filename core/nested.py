@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from core import runfolder
-from core.bundle import load_bundle
+from core.bundle import Provenance, load_bundle
 from core.config import CVConfig, RunConfig
 from core.manifest import read_manifest
 from core.model import combine_logits
@@ -44,21 +44,22 @@ def pair_config(cfg: RunConfig, k: int, j: int) -> RunConfig:
                    cv=CVConfig(), split=replace(cfg.split, val=val))
 
 
-def pair_scores(run: Path, cfg: RunConfig) -> tuple[pd.DataFrame, float]:
+def pair_scores(run: Path, cfg: RunConfig) -> tuple[pd.DataFrame, list[Provenance]]:
     """Every pair model's fp32 logit on each photo it left out (the last stage's validation rows): one row per
-    (photo, pair), with columns image, label, patient_id, pair, logit; and the pair runs' training seconds."""
+    (photo, pair), with columns image, label, patient_id, pair, logit; and the pair models' provenance (their
+    training time and machines are part of making the ensemble's threshold)."""
     from core.trust import features_and_logits
     last = len(cfg.stages) - 1
-    parts, seconds = [], 0.0
+    parts, provenances = [], []
     for k, j in pairs(cfg.cv.folds):
         pair_dir = runfolder.pair_path(run, k, j)
         bundle = load_bundle(pair_dir / BUNDLE)
-        seconds += float(bundle.meta.provenance.train_seconds or 0)
+        provenances.append(bundle.meta.provenance)
         split = read_manifest(runfolder.split_path(pair_dir, last, cfg.stages[last].name))
         val = split[split["split"] == "val"].reset_index(drop=True)
         _, logits = features_and_logits(bundle.model, val)
         parts.append(val.assign(pair=f"{k}_{j}", logit=logits))
-    return pd.concat(parts, ignore_index=True), seconds
+    return pd.concat(parts, ignore_index=True), provenances
 
 
 def nested_oof(scores: pd.DataFrame, folds: pd.DataFrame, combine: str) -> pd.DataFrame:

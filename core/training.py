@@ -22,7 +22,7 @@ from core.cache import DecodeCache, MemoryCache
 from core.bundle import BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
 from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
-from core.device import dataloader_workers, fabric_precision, pick_device
+from core.device import dataloader_workers, fabric_precision, hardware_record, pick_device
 from core.evaluation import build_report
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
@@ -106,6 +106,7 @@ class RunState:
     best_epoch: int = -1
     history: list = field(default_factory=list)
     stage_prov: list = field(default_factory=list)
+    hardware: list = field(default_factory=list)  # core.device.hardware_record of each machine the run trained on
 
 
 def _jsonable(report: dict):
@@ -374,6 +375,9 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, *, split: FixedSp
             state = RunState(**blob["state"])
             model.load_state_dict(blob["model"])
             rf.log(f"resuming: stage {state.stage}, after epoch {state.epoch}")
+        here = hardware_record(accelerator, precision, cfg.precision, fabric.world_size)
+        if not state.hardware or state.hardware[-1] != here:  # a run resumed on another machine records both
+            state.hardware.append(here)
         rf.status(state="running", started=t_start)
         check_stop(fabric)  # a request during data import and set-up
         for i in range(state.stage, len(cfg.stages)):
@@ -507,5 +511,5 @@ def _provenance(cfg, state, parent: BundleMeta | None, val_metrics, seconds) -> 
         split_counts=state.stage_prov[-1]["split_counts"], seed=cfg.seed, recipe=cfg.to_dict(),
         validation_metrics=val_metrics, parent=parent.provenance if parent else None,
         parent_weights_sha256=parent.weights_sha256 if parent else None, train_seconds=round(seconds, 1),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), trained_on=list(state.hardware),
         versions={"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__})

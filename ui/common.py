@@ -122,6 +122,7 @@ def provenance_box(meta: BundleMeta, where=None) -> None:
     box = (where or st).container(border=True)
     box.markdown(f"**Model:** {d['run']} · backbone `{d['backbone']}` · initial weights: {d['weights']} · "
                  f"weights SHA-256 `{d['weights_hash']}`")
+    box.caption(f"Trained on: {d['trained_on']}")
     if d["members"]:
         box.markdown(f"**Ensemble:** {d['members']}.")
     box.markdown("**Training data:**\n" + "\n".join(f"- {line}" for line in d["training_data"]))

@@ -54,6 +54,7 @@ def test_list_bundles_and_describe(bundle_dir, tmp_path):
     assert d["sensitivity"] == "90% (95% CI 80%–97%)" and d["specificity"].startswith("55%")
     assert d["n_val"] == 30 and "midas.csv" in d["training_data"][0] and "train 70" in d["splits"]
     assert "not a diagnostic device" in d["intended_use"]
+    assert d["trained_on"] == "not recorded (a bundle written before this record)"
     assert appstate.list_bundles(tmp_path / "missing") == []
 
 
@@ -127,3 +128,20 @@ def test_extract_bundle_zip_keeps_the_trust_parts(bundle_dir, tmp_path):
 def test_app_modules_never_import_streamlit(module):
     code = f"import sys, {module}; sys.exit('streamlit' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=appstate.PROJECT_ROOT).returncode == 0
+
+
+def test_describe_model_names_each_machine_and_precision_the_model_trained_with(bundle_dir):
+    from dataclasses import replace
+    from core.bundle import read_meta
+    meta = read_meta(bundle_dir / "run_a")
+    bf16 = {"device": "cpu", "processes": 1, "precision": "bf16-mixed", "precision_setting": "auto",
+            "cpu_capability": "AVX512", "cpu_native_bf16": True}
+    fp32 = {**bf16, "precision": "32-true", "cpu_capability": "AVX2", "cpu_native_bf16": False}
+    gpu = {**bf16, "device": "cuda", "processes": 2, "precision_setting": "bf16-mixed", "gpu": "NVIDIA H200"}
+    text = appstate.describe_model(replace(meta, provenance=replace(meta.provenance, trained_on=[bf16])))["trained_on"]
+    assert text == "CPU (AVX512, native bf16), bf16-mixed training, setting auto"
+    text = appstate.describe_model(replace(meta, provenance=replace(meta.provenance,
+                                                                    trained_on=[bf16, fp32, gpu])))["trained_on"]
+    assert text == ("CPU (AVX512, native bf16), bf16-mixed training, setting auto; CPU (AVX2), 32-true training, "
+                    "setting auto; NVIDIA H200 x 2, bf16-mixed training (a resumed run, or folds trained on "
+                    "different machines)")

@@ -148,6 +148,10 @@ def test_the_ensemble_bundle_is_the_fold_models_and_is_tested_once(finished):
     prov = b.meta.provenance
     assert prov.run_name == "tiny" and "3 folds" in prov.stages[-1]["split"]
     assert len(prov.stages[-1]["best_epoch_per_fold"]) == K
+    member_machines = [m.meta.provenance.trained_on for m in map(load_bundle, (runfolder.fold_path(finished, k)
+                                                                              for k in range(K)))]
+    assert member_machines[0] and all(m == member_machines[0] for m in member_machines)
+    assert prov.trained_on == member_machines[0]  # one machine trained every fold: recorded once
     test = json.loads((finished / "test_report.json").read_text())
     assert test["model"]["threshold"]["chosen_on"] == f"out-of-fold predictions ({K} folds)"
     rows = pd.DataFrame(test["predictions"])
@@ -291,3 +295,10 @@ def test_threshold_transfer_edge_cases_one_class_complement_and_a_fold_without_m
     assert [r["threshold"] for r in t["per_fold"][:2]] == pytest.approx([0.6, 0.7])
     assert t["sensitivity"]["value"] == pytest.approx(3 / 4)
     assert reports.cv_transfer_text({"cv": {"folds": 3}}) is None  # a report from before the measurement
+
+
+def test_machines_lists_each_distinct_training_machine_once_in_first_seen_order():
+    bf16 = {"device": "cpu", "precision": "bf16-mixed", "cpu_capability": "AVX512", "cpu_native_bf16": True}
+    fp32 = {**bf16, "precision": "32-true", "cpu_capability": "AVX2", "cpu_native_bf16": False}
+    assert cv.machines([[bf16], None, [bf16, fp32], [fp32]]) == [bf16, fp32]
+    assert cv.machines([None, None]) == []  # members older than the record: nothing claimed

@@ -71,6 +71,12 @@ def test_threshold_and_provenance_are_stored(finished_run):
     assert [s["recipe"]["freeze_backbone"] for s in prov.stages] == [True, False]
     assert prov.validation_metrics["roc_auc"].keys() == {"value", "ci95"}
     assert meta.format_version == 2 and len(meta.weights_sha256) == 64
+    from core.device import fabric_precision  # the machine it trained on, with 'auto' resolved
+    (machine,) = prov.trained_on
+    assert machine["device"] == "cpu" and machine["processes"] == 1 and machine["precision_setting"] == "auto"
+    assert machine["precision"] == fabric_precision("auto", "cpu") != "auto"
+    assert machine["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256")
+    assert meta.summary()["trained_on"] == prov.trained_on  # carried by every report and prediction
 
 
 def test_run_folder_can_move_without_breaking_its_splits(finished_run, tmp_path):
@@ -168,7 +174,13 @@ def test_stopped_run_resumes_from_its_last_epoch(image_set, tmp_path, monkeypatc
     runfolder.request_stop(run)  # a request older than the resuming process (e.g. left by a killed run) ...
     old = time.time() - 3600
     os.utime(run / runfolder.STOP, (old, old))
+    here = training.hardware_record
+    other = {**here("cpu", "32-true", "auto"), "cpu_capability": "AVX2", "cpu_native_bf16": False}
+    monkeypatch.setattr(training, "hardware_record", lambda *a, **k: other)  # resumed on another machine
     training.fit(cfg, run, resume=True)  # ... is dropped, not acted on
+    monkeypatch.setattr(training, "hardware_record", here)
+    first, second = load_bundle(run).meta.provenance.trained_on  # both machines, in order
+    assert first == here("cpu", first["precision"], "auto") and second == other
     history = pd.read_csv(run / "metrics.csv")
     assert history[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0], [1, 1]]
     assert load_bundle(run).threshold is not None
