@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from core.metrics import _group_codes, _percentile_interval
+from core.metrics import group_codes, percentile_interval, resample_weights
+from core.scores import logit, sigmoid
 
 METHODS = ("platt", "temperature")
 N_BINS = 10
-_EPS = 1e-7
 
 
 class CalibrationError(ValueError):
@@ -40,11 +40,11 @@ class Calibration:
     fitted_on: str = "validation"  # the word the app puts before "photos": "validation" or "out-of-fold"
 
     def apply_logit(self, logits) -> np.ndarray:
-        return _sigmoid(self.slope * np.asarray(logits, dtype=np.float64) + self.intercept)
+        return sigmoid(self.slope * np.asarray(logits, dtype=np.float64) + self.intercept)
 
     def apply(self, probs) -> np.ndarray:
         """Calibrated probability from the raw sigmoid output."""
-        return self.apply_logit(_logit(np.asarray(probs, dtype=np.float64)))
+        return self.apply_logit(logit(probs))
 
     def threshold(self, raw_threshold: float) -> float:
         """The raw decision threshold expressed on the calibrated scale (same verdicts)."""
@@ -69,7 +69,7 @@ def fit_calibration(logits, y, method: str = "auto", groups=None, folds: int = 5
     """Fit the map on validation logits and labels. "auto" picks platt or temperature by grouped CV Brier."""
     z, y = _inputs(logits, y)
     if method == "auto":
-        g = np.arange(len(y)) if groups is None else _group_codes(groups, len(y))[0]
+        g = np.arange(len(y)) if groups is None else group_codes(groups, len(y))[0]
         n_splits = _n_splits(y, g, folds)
         oof = {m: _out_of_fold(z, y, m, g, n_splits, seed) for m in METHODS}
         briers = {m: brier(y, p) for m, p in oof.items() if p is not None}
@@ -119,7 +119,7 @@ def _out_of_fold(z, y, method, g, n_splits, seed) -> np.ndarray | None:
         if y[tr].min() == y[tr].max():
             return None
         a, b = _fit_params(z[tr], y[tr], method)
-        out[te] = _sigmoid(a * z[te] + b)
+        out[te] = sigmoid(a * z[te] + b)
     return out
 
 
@@ -156,23 +156,16 @@ def calibration_report(y, p, groups=None, n_boot: int = 1000, seed: int = 0, n_b
     out = {"brier": {"value": brier(y, p), "ci95": None}, "ece": {"value": ece(y, p, n_bins), "ci95": None},
            "reliability": reliability(y, p, n_bins), "n": int(len(y)), "n_bins": n_bins}
     if n_boot:
-        codes, n_groups = (np.arange(len(y)), len(y)) if groups is None else _group_codes(groups, len(y))[:2]
-        w = resample_weights(codes, n_groups, n_boot, seed)
-        total = w.sum(axis=1)
-        out["brier"]["ci95"] = _percentile_interval((w * (p - y) ** 2).sum(axis=1) / total, 0.95)
-        out["ece"]["ci95"] = _percentile_interval(_weighted_ece(y, p, w, n_bins), 0.95)
+        codes, n_groups = (np.arange(len(y)), len(y)) if groups is None else group_codes(groups, len(y))[:2]
+        briers, eces = [], []
+        for w in resample_weights(codes, n_groups, n_boot, seed):  # core.metrics' resamples, in chunks
+            briers.append((w * (p - y) ** 2).sum(axis=1) / w.sum(axis=1))
+            eces.append(_weighted_ece(y, p, w, n_bins))
+        out["brier"]["ci95"] = percentile_interval(np.concatenate(briers), 0.95)
+        out["ece"]["ci95"] = percentile_interval(np.concatenate(eces), 0.95)
         unit = "patients" if groups is not None else "images"
         out["ci_method"] = f"95% percentile bootstrap, {n_boot} resamples of {n_groups} {unit}, seed {seed}"
     return out
-
-
-def resample_weights(codes: np.ndarray, n_groups: int, n_boot: int, seed) -> np.ndarray:
-    """(n_boot, N) counts: how often each item's group was drawn in each resample (core.metrics' scheme)."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
-    flat = (draws + np.arange(n_boot)[:, None] * n_groups).ravel()
-    counts = np.bincount(flat, minlength=n_boot * n_groups).reshape(n_boot, n_groups)
-    return counts[:, codes].astype(np.float64)
 
 
 def _weighted_ece(y, p, w, n_bins) -> np.ndarray:
@@ -199,11 +192,3 @@ def _inputs(logits, y):
         raise CalibrationError("calibration needs 0/1 labels with both classes present")
     return z, y
 
-
-def _sigmoid(s):
-    return 1.0 / (1.0 + np.exp(-s))
-
-
-def _logit(p):
-    p = np.clip(p, _EPS, 1 - _EPS)
-    return np.log(p) - np.log1p(-p)

@@ -21,6 +21,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from core.scores import logit, sigmoid
+
 YES_NO = ("yes", "no", "unknown")   # "unknown": the patient was asked and does not know (PAD-UFES-20's UNK)
 SEXES = ("female", "male")
 SITES = ("head_neck", "torso_front", "torso_back", "torso_side", "upper_limb", "lower_limb", "palms_soles",
@@ -248,7 +250,7 @@ class ContextModel:
 
     def fused_logit(self, image_prob: float, answers: Mapping) -> float:
         f = self.fusion
-        return f["intercept"] + f["image"] * logit(image_prob) + f["context"] * self.context_logit(answers)
+        return f["intercept"] + f["image"] * image_logit(image_prob) + f["context"] * self.context_logit(answers)
 
     def per_field_weights(self) -> dict:
         """Each field's weight in the fused logit (context weight x fusion weight): what each answer adds."""
@@ -313,15 +315,10 @@ def fused_probs(model: ContextModel, image_probs, answers: pd.DataFrame, image_t
             np.array([len(r.used) for r in out]))
 
 
-def logit(p) -> float | np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    out = np.log(p / (1 - p))
-    return float(out) if np.ndim(out) == 0 else out
-
-
-def sigmoid(z) -> float | np.ndarray:
-    out = 1.0 / (1.0 + np.exp(-np.asarray(z, float)))
-    return float(out) if np.ndim(out) == 0 else out
+def image_logit(p) -> float | np.ndarray:
+    """The image probability on the logit scale, as the fusion reads it (clipped at 1e-6: the clip every stored
+    context stage was fitted with; a different clip would move the fused score of very confident photos)."""
+    return logit(p, eps=1e-6)
 
 
 def _z(x, mean, std) -> float:

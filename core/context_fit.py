@@ -22,7 +22,8 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import GroupKFold
 
 from core import metrics
-from core.context import FIELDS, ContextError, ContextModel, check_fields, context_frame, logit, sigmoid
+from core.context import FIELDS, ContextError, ContextModel, check_fields, context_frame, image_logit
+from core.scores import sigmoid
 
 MISSING_RULES = ("masked_level", "expected")
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
@@ -43,7 +44,7 @@ def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, f
     _check_disjoint(train_df, val_df)
     a_tr, y_tr, g_tr = context_frame(train_df, fields), _y(train_df), _groups(train_df)
     a_val, y_val, g_val = context_frame(val_df, fields), _y(val_df), _groups(val_df)
-    z_img = logit(np.asarray(val_image_probs, float))
+    z_img = image_logit(np.asarray(val_image_probs, float))
     if len(z_img) != len(val_df):
         raise ContextError(f"{len(z_img)} image probabilities for {len(val_df)} validation rows")
     kept, excluded = screen_fields(a_tr, y_tr)

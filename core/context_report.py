@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from core import metrics
-from core.context import ContextModel, context_frame, logit, sigmoid
+from core.context import ContextModel, context_frame, image_logit
+from core.scores import sigmoid
 
 
 def context_report(df: pd.DataFrame, image_probs, image_threshold: float, model: ContextModel, *, n_boot=1000,
@@ -47,7 +48,7 @@ def context_report(df: pd.DataFrame, image_probs, image_threshold: float, model:
     out["withheld"]["all answers"] = report(image_probs, image_threshold)
     out["per_image"] = pd.DataFrame({"image": df["image"].values, "label": y, "image_prob": image_probs,
                                      "context_prob": ctx, "fused_prob": out_probs(model, image_probs, answers),
-                                     "image_logit": logit(image_probs)}).to_dict(orient="records")
+                                     "image_logit": image_logit(image_probs)}).to_dict(orient="records")
     return out
 
 

@@ -28,6 +28,7 @@ from core.evaluation import build_report, groups_of
 from core.fileio import atomic_write_json
 from core.manifest import ManifestError, read_manifest, write_manifest
 from core.runfolder import BUNDLE, CV_REPORT, RunFolder
+from core.scores import sigmoid
 from core.splits import TEST_FOLD, FixedSplit, assign_folds, fold_split, grouping, pair_split, split_counts
 
 OOF_COLUMNS = ("image", "label", "patient_id", "fold", "prob", "logit")
@@ -197,7 +198,7 @@ def out_of_fold(run: Path, cfg: RunConfig) -> tuple[pd.DataFrame, list]:
         split = read_manifest(runfolder.split_path(fold_dir, last, cfg.stages[last].name))
         val = split[split["split"] == "val"].reset_index(drop=True)
         _, logits = features_and_logits(b.model, val)
-        parts.append(val.assign(fold=k, logit=logits, prob=1.0 / (1.0 + np.exp(-logits))))
+        parts.append(val.assign(fold=k, logit=logits, prob=sigmoid(logits)))
         members.append(b)
     return pd.concat(parts, ignore_index=True), members
 

@@ -188,7 +188,7 @@ def _is_missing(value) -> bool:
         return True
 
 
-def _group_codes(groups, n: int) -> tuple[np.ndarray, int, int]:
+def group_codes(groups, n: int) -> tuple[np.ndarray, int, int]:
     """Map group labels to 0..G-1; each missing label becomes a group of its own.
 
     Returns (codes, number of groups, number of missing labels).
@@ -282,11 +282,11 @@ def _bootstrap_samples(
     y: np.ndarray, p: np.ndarray, threshold: float, codes: np.ndarray, n_groups: int, n_boot: int, seed
 ) -> dict[str, np.ndarray]:
     """Metric values for n_boot resamples of the groups (items are groups of one if ungrouped)."""
-    parts = [_weighted_metrics(y, p, threshold, w) for w in _resample_weights(codes, n_groups, n_boot, seed)]
+    parts = [_weighted_metrics(y, p, threshold, w) for w in resample_weights(codes, n_groups, n_boot, seed)]
     return {name: np.concatenate([part[name] for part in parts]) for name in _keys()}
 
 
-def _resample_weights(codes: np.ndarray, n_groups: int, n_boot: int, seed):
+def resample_weights(codes: np.ndarray, n_groups: int, n_boot: int, seed):
     """Chunks of (m, n) item weights, n_boot rows in all: how often each item appears in a resample of the groups."""
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, _MAX_CHUNK_ELEMENTS // max(len(codes), n_groups)))
@@ -309,17 +309,17 @@ def paired_auc_difference(y_true, prob_a, prob_b, groups=None, n_boot: int = 100
     if y.min() == y.max():
         raise ValueError("a paired AUC difference needs both classes among the photos")
     n_boot = _check_n_boot(n_boot)
-    codes, n_groups = (np.arange(len(y)), len(y)) if groups is None else _group_codes(groups, len(y))[:2]
+    codes, n_groups = (np.arange(len(y)), len(y)) if groups is None else group_codes(groups, len(y))[:2]
     ones = np.ones((1, len(y)))
     point = {name: _weighted_aucs(y, p, ones) for name, p in (("a", pa), ("b", pb))}
     diffs = [np.stack(_weighted_aucs(y, pb, w)) - np.stack(_weighted_aucs(y, pa, w))
-             for w in _resample_weights(codes, n_groups, n_boot, seed)]
+             for w in resample_weights(codes, n_groups, n_boot, seed)]
     diffs = np.concatenate(diffs, axis=1)  # (2, n_boot): roc_auc, pr_auc
     out = {"n": len(y), "n_positive": int(y.sum()), "n_groups": int(n_groups),
            "ci_method": _ci_method(n_boot, len(y), None if groups is None else n_groups, seed)}
     for i, key in enumerate(("roc_auc", "pr_auc")):
         a, b = float(point["a"][i][0]), float(point["b"][i][0])
-        out[key] = {"a": a, "b": b, "difference": {"value": b - a, "ci95": _percentile_interval(diffs[i], 0.95)}}
+        out[key] = {"a": a, "b": b, "difference": {"value": b - a, "ci95": percentile_interval(diffs[i], 0.95)}}
     return out
 
 
@@ -346,7 +346,9 @@ def _z(level: float) -> float:
     return float(norm.ppf((1 + level) / 2))
 
 
-def _percentile_interval(samples: np.ndarray, level: float) -> list[float] | None:
+def percentile_interval(samples: np.ndarray, level: float) -> list[float] | None:
+    """The central `level` percentile interval of bootstrap samples, undefined (NaN) resamples skipped; None when
+    fewer than MIN_VALID_FRACTION of them are defined."""
     valid = samples[~np.isnan(samples)]
     if valid.size == 0 or valid.size < MIN_VALID_FRACTION * samples.size:
         return None
@@ -409,9 +411,9 @@ def bootstrap_ci(
     if groups is None:
         codes, n_groups = np.arange(len(y)), len(y)
     else:
-        codes, n_groups, _ = _group_codes(groups, len(y))
+        codes, n_groups, _ = group_codes(groups, len(y))
     samples = _bootstrap_samples(y, p, t, codes, n_groups, n_boot, seed)
-    cis = {name: _percentile_interval(samples[name], level) for name in _keys()}
+    cis = {name: percentile_interval(samples[name], level) for name in _keys()}
     return _boundary_intervals(y, p, t, codes, point_metrics(y, p, t), cis, level)
 
 
@@ -430,12 +432,12 @@ def metric_report(y_true, prob, threshold, groups=None, n_boot: int = 1000, seed
     if groups is None:
         codes, n_groups = np.arange(len(y)), None
     else:
-        codes, n_groups, n_missing = _group_codes(groups, len(y))
+        codes, n_groups, n_missing = group_codes(groups, len(y))
     cis = dict.fromkeys(_keys())
     if n_boot:
         samples = _bootstrap_samples(y, p, t, codes, n_groups or len(y), n_boot, seed)
         cis = _boundary_intervals(y, p, t, codes, values,
-                                  {name: _percentile_interval(samples[name], 0.95) for name in _keys()})
+                                  {name: percentile_interval(samples[name], 0.95) for name in _keys()})
 
     n_positive = int(y.sum())
     return {
@@ -509,7 +511,7 @@ def subgroup_reports(
         )
     group_list = None
     if groups is not None:
-        _group_codes(groups, len(y))  # validates length and hashability up front
+        group_codes(groups, len(y))  # validates length and hashability up front
         group_list = list(groups)
     if isinstance(min_n, bool) or not isinstance(min_n, (int, np.integer)) or min_n < 1:
         raise ValueError(f"min_n must be an integer >= 1, got {min_n!r}")

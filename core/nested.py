@@ -16,7 +16,6 @@ from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -26,6 +25,7 @@ from core.config import CVConfig, RunConfig
 from core.manifest import read_manifest
 from core.model import combine_logits
 from core.runfolder import BUNDLE
+from core.scores import sigmoid
 
 NESTED_COLUMNS = ("image", "label", "patient_id", "fold", "prob", "logit", "members")
 
@@ -81,7 +81,7 @@ def nested_oof(scores: pd.DataFrame, folds: pd.DataFrame, combine: str) -> pd.Da
                                      combine)[0, 0])
         first = part.iloc[0]
         rows.append({"image": image, "label": int(first["label"]), "patient_id": first.get("patient_id"),
-                     "fold": f, "prob": 1.0 / (1.0 + np.exp(-logit)), "logit": logit, "members": len(part)})
+                     "fold": f, "prob": sigmoid(logit), "logit": logit, "members": len(part)})
     out = pd.DataFrame(rows, columns=list(NESTED_COLUMNS))
     non_test = set(folds.loc[folds["split"] != "test", "image"])
     if set(out["image"]) != non_test:

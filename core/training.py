@@ -22,6 +22,7 @@ from core.cache import DecodeCache, MemoryCache
 from core.bundle import BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
 from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.dataset import ManifestDataset, check_images
+from core.scores import sigmoid
 from core.device import dataloader_workers, fabric_precision, hardware_record, pick_device
 from core.evaluation import build_report
 from core.fileio import atomic_write, atomic_write_json
@@ -458,7 +459,7 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
     b = load_bundle(bundle_path)
     test_df = df[df["split"] == "test"].reset_index(drop=True)
     feats, logits = features_and_logits(b.model, test_df)
-    probs = 1.0 / (1.0 + np.exp(-logits))
+    probs = sigmoid(logits)
     report = build_report(test_df, probs, b.threshold, n_boot=cfg.n_boot, seed=cfg.seed,
                           model_meta=b.meta, split="test")
     attach(report, trust_report(test_df, logits, feats, b, quality_lists=quality_of(test_df, b.spec.preprocessing),

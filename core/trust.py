@@ -16,6 +16,7 @@ import torch
 
 from core import calibration as cal
 from core import ood
+from core.scores import sigmoid
 from core.similar import SimilarIndex, build_index
 
 FLAGGED, NOT_FLAGGED, NOT_ASSESSED = "flagged", "not flagged", "not assessed"
@@ -136,7 +137,7 @@ def trust_report(df: pd.DataFrame, logits: np.ndarray, feats: np.ndarray, bundle
     """For train.evaluate: how many photos the gate (and quality) refused, metrics on the accepted photos beside
     metrics on all, and Brier/ECE before and after calibration with patient-bootstrap intervals."""
     from core.evaluation import build_report, groups_of
-    raw = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    raw = sigmoid(logits)
     assessments = assess_batch(raw, bundle.threshold, calibration=bundle.calibration, gate=bundle.gate,
                                feats=feats, quality_lists=quality_lists)
     refused = np.array([not a.assessed for a in assessments])

@@ -6,14 +6,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from core import metrics
 from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.device import pick_device
 from core.evaluation import build_report, seen_by_model
 from core.manifest import ManifestError, read_manifest
+from core.scores import sigmoid
 from core.trust import attach, features_and_logits, quality_of, summary_lines, trust_report
 
 
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
         return 2
     device = pick_device(args.device)
     feats, logits = features_and_logits(bundle.model, df, device=device)  # one pass: score and gate features
-    probs = 1.0 / (1.0 + np.exp(-logits))
+    probs = sigmoid(logits)
     report = build_report(df, probs, bundle.threshold, n_boot=args.n_boot, model_meta=bundle.meta, split=split)
     attach(report, trust_report(df, logits, feats, bundle, quality_lists=quality_of(df, bundle.spec.preprocessing),
                                 n_boot=args.n_boot))

@@ -315,9 +315,9 @@ def test_ci_is_none_when_too_few_resamples_define_the_metric(monkeypatch):
 
 def test_percentile_interval_threshold_is_half_of_resamples():
     exactly_half = np.array([np.nan] * 5 + [0.2, 0.4, 0.6, 0.8, 1.0])
-    assert M._percentile_interval(exactly_half, 0.95) is not None
-    assert M._percentile_interval(np.r_[np.nan, exactly_half], 0.95) is None
-    assert M._percentile_interval(np.full(4, np.nan), 0.95) is None
+    assert M.percentile_interval(exactly_half, 0.95) is not None
+    assert M.percentile_interval(np.r_[np.nan, exactly_half], 0.95) is None
+    assert M.percentile_interval(np.full(4, np.nan), 0.95) is None
 
 
 def test_one_class_gives_no_auc_interval():
