@@ -87,7 +87,16 @@ def machine_info() -> dict:
     except (OSError, AttributeError):
         flags = None
     info["isa_class"] = isa_class(flags)
+    # instruction-set caps make a machine behave like a smaller class in some libraries only (same cores, caches
+    # and clock): such a run is labelled capped, never filed as the smaller class
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["isa_caps"] = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+    if info["isa_caps"]:
+        info["isa_class"] += "-capped"
     return info
+
+
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
 def isa_class(flags: list[str] | None) -> str:

@@ -337,8 +337,10 @@ def step_throughput(plan: dict) -> dict:
     rows = {k: {"screening_images_per_s": v["screening"]["images_per_s"],
                 **{f"train_{s}_images_per_s": t["images_per_s"] for s, t in v["training"].items()}}
             for k, v in data.items() if isinstance(v, dict) and "screening" in v}
-    summary = "; ".join(f"{k}: screening {v['screening_images_per_s']:.0f}/s, training unfrozen bf16 "
-                        f"{v['train_unfrozen_bf16_autocast_images_per_s']:.0f}/s" for k, v in rows.items())
+    summary = "; ".join(f"{k}: screening {v['screening_images_per_s']:.0f}/s, training unfrozen " +
+                        (f"bf16 {v['train_unfrozen_bf16_autocast_images_per_s']:.0f}/s"
+                         if v["train_unfrozen_bf16_autocast_images_per_s"] is not None else
+                         f"fp32 {v['train_unfrozen_fp32_images_per_s']:.0f}/s (no native bf16)") for k, v in rows.items())
     return result("pass", summary, backbones=rows, matmul_gflops=data["matmul_gflops"], settings=data["settings"])
 
 

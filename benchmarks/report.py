@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def machine_line(m: dict) -> str:
-    cls = f"class {m['isa_class']}: " if m.get("isa_class") else ""
+    caps = ", ".join(f"{k}={v}" for k, v in (m.get("isa_caps") or {}).items())
+    cls = (f"class {m['isa_class']}" + (f" ({caps})" if caps else "") + ": ") if m.get("isa_class") else ""
     ort = f", onnxruntime {m['onnxruntime']}" if m.get("onnxruntime") else ""
     return (f"{m['cpu']}, {m['cores']} cores ({cls}{', '.join(m.get('isa', []))}), torch {m['torch']}{ort}, "
             f"{m['torch_threads']} thread(s), bf16 native: {m['cpu_bf16']}, load average "
@@ -83,9 +84,10 @@ def breakdown(d: dict) -> str:
 
 def throughput(d: dict) -> str:
     mm = d["matmul_gflops"]
-    rows = [f"Matmul floor (2048x2048): fp32 **{mm['fp32']:.0f} GFLOP/s**, bf16 **{mm['bf16']:.0f} GFLOP/s**; "
+    rows = [f"Matmul floor (2048x2048): fp32 **{mm['fp32']:.0f} GFLOP/s**, bf16 **{_n(mm['bf16'], '.0f')} GFLOP/s**; "
             f"12 MP JPEG draft decode {d['decode_12mp_jpeg_per_s_per_core']}/s per core; batch "
-            f"{d['settings']['batch_size']}.", "",
+            f"{d['settings']['batch_size']}." + (f" bf16 {d['bf16']}." if d.get("bf16", "measured") != "measured" else ""),
+            "",
             "| backbone | GFLOP/img fwd / train frozen / train full | screening img/s (ideal, eff.) | "
             "train frozen fp32 | frozen bf16 | unfrozen fp32 (ideal) | unfrozen bf16 (ideal, eff.) |",
             "|---|---|---|---:|---:|---:|---|"]
@@ -93,14 +95,19 @@ def throughput(d: dict) -> str:
         if not isinstance(r, dict) or "screening" not in r:
             continue
         g, s, t = r["gflops_per_image"], r["screening"], r["training"]
+        full16 = t["unfrozen_bf16_autocast"]
         rows.append(
             f"| {name} | {g['forward']:.2f} / {g['train_frozen_backbone']:.2f} / {g['train_unfrozen']:.2f} | "
             f"{s['images_per_s']:.1f} {s['precision']} ({s['ideal_images_per_s']:.0f}, {s['efficiency']:.0%}) | "
-            f"{t['frozen_backbone_fp32']['images_per_s']:.1f} | {t['frozen_backbone_bf16_autocast']['images_per_s']:.1f} | "
-            f"{t['unfrozen_fp32']['images_per_s']:.1f} ({t['unfrozen_fp32']['ideal_images_per_s']:.0f}) | "
-            f"{t['unfrozen_bf16_autocast']['images_per_s']:.1f} ({t['unfrozen_bf16_autocast']['ideal_images_per_s']:.0f}, "
-            f"{t['unfrozen_bf16_autocast']['efficiency']:.0%}) |")
+            f"{t['frozen_backbone_fp32']['images_per_s']:.1f} | {_n(t['frozen_backbone_bf16_autocast']['images_per_s'], '.1f')} | "
+            f"{t['unfrozen_fp32']['images_per_s']:.1f} ({t['unfrozen_fp32']['ideal_images_per_s']:.0f}) | " +
+            (f"{full16['images_per_s']:.1f} ({full16['ideal_images_per_s']:.0f}, {full16['efficiency']:.0%}) |"
+             if full16["images_per_s"] is not None else "n/a |"))
     return "\n".join(rows)
+
+
+def _n(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def decode_cache(d: dict) -> str:

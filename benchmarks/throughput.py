@@ -10,6 +10,9 @@
   is reported separately as 12 MP JPEG decodes per second per core);
 - training: one optimiser step per batch in train mode, channels-last, for the frozen-backbone stage (head-only
   gradients) and the unfrozen stage, in fp32 and under bf16 autocast (what Fabric's 'bf16-mixed' does);
+- bf16 is measured only where training's precision 'auto' would use it (CUDA, CPUs with native bf16 units):
+  elsewhere bf16 is emulated, about a hundred times slower, and no run uses it (the JSON says so; --force-bf16
+  measures it anyway);
 - ideal images/s = matmul rate / FLOPs per image; efficiency = measured / ideal (convolutions, depthwise layers,
   norms and activations run far below the matmul rate, so well under 100% is expected).
 Random weights (speed does not depend on them). Shared machine: medians, and noisy.
@@ -25,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine_info, make_bundle, phone_jpeg, random_model, set_threads, finish
 from core.dataset import decode_limits
+from core.device import fabric_precision
 from core.images import load_image
 from core.inference import Predictor
 
@@ -103,6 +107,7 @@ def train_step_fn(model, batch: int, size: int, dtype, device: str = "cpu"):
 
 
 def bench(name: str, batch: int, iters: int, rates: dict, device: str = "cpu") -> dict:
+    """FLOPs, screening and training images/s of one backbone (bf16 rows only when rates['bf16'] was measured)."""
     model = random_model(name)
     size = model.spec.preprocessing.input_size
     x1 = torch.randn(1, 3, size, size)
@@ -123,7 +128,7 @@ def bench(name: str, batch: int, iters: int, rates: dict, device: str = "cpu") -
     xb = torch.randn(batch, 3, size, size).to(device).contiguous(memory_format=torch.channels_last)
     calls = {"screening": (lambda: predictor.logits(xb), f_fwd, predictor.dtype)}
     for stage, frozen, f in (("frozen_backbone", True, f_frozen), ("unfrozen", False, f_full)):
-        for label, dtype in (("fp32", None), ("bf16_autocast", torch.bfloat16)):
+        for label, dtype in (("fp32", None), ("bf16_autocast", torch.bfloat16))[:1 + (rates["bf16"] is not None)]:
             m = random_model(name).to(device, memory_format=torch.channels_last)
             m.freeze_backbone(frozen)
             m.train()
@@ -138,7 +143,9 @@ def bench(name: str, batch: int, iters: int, rates: dict, device: str = "cpu") -
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t)
-    out["training"] = {}
+    out["training"] = {} if rates["bf16"] is not None else {
+        f"{stage}_bf16_autocast": {"images_per_s": None, "ideal_images_per_s": None, "efficiency": None}
+        for stage in ("frozen_backbone", "unfrozen")}
     for k, (_, f, dtype) in calls.items():
         ips = batch / float(np.median(times[k]))
         peak = rates["bf16" if dtype is not None else "fp32"]
@@ -159,21 +166,25 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = idle cores by load average")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models and matmuls run")
+    p.add_argument("--force-bf16", action="store_true", help="measure bf16 also where it is emulated (slow)")
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
     info = machine_info()
     n = 8192 if args.device.startswith("cuda") else 2048  # a GPU reaches its matmul rate only on large matrices
+    native_bf16 = fabric_precision("auto", torch.device(args.device).type) == "bf16-mixed"
     rates = {"fp32": matmul_gflops(torch.float32, n, device=args.device),
-             "bf16": matmul_gflops(torch.bfloat16, n, device=args.device)}
+             "bf16": matmul_gflops(torch.bfloat16, n, device=args.device) if native_bf16 or args.force_bf16 else None}
     jpeg = phone_jpeg()
     decode_s = timed(lambda: load_image(jpeg, **decode_limits(256)), 5)  # as the fast path decodes it
     out = {"machine": info, "settings": {"threads": threads, "batch_size": args.batch_size, "iters": args.iters,
                                          "device": args.device},
-           "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}, "matmul_n": n,
+           "matmul_gflops": {k: v if v is None else round(v, 1) for k, v in rates.items()}, "matmul_n": n,
+           "bf16": ("measured" + ("" if native_bf16 else ", emulated (--force-bf16)") if rates["bf16"] is not None
+                    else "not measured: no native bf16 here, so training's 'auto' runs fp32 (--force-bf16 to measure)"),
            "decode_12mp_jpeg_per_s_per_core": round(1 / decode_s, 1)}
     print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | threads {threads} | "
           f"load {info['load_avg_1min_at_start']}")
-    print(f"matmul {n}^2: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s; "
+    print(f"matmul {n}^2: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {num(rates['bf16'], '.0f')} GFLOP/s; "
           f"12 MP JPEG draft decode: {1 / decode_s:.1f}/s per core")
     hdr = (f"{'backbone':18} {'GF/img':>7} {'screen/s':>9} {'ideal':>7} {'eff':>6} | "
            f"{'frozen fp32':>11} {'frozen bf16':>11} {'full fp32':>9} {'full bf16':>9} {'ideal full bf16':>15}")
@@ -185,10 +196,19 @@ def main(argv=None) -> int:
         tr, sc = r["training"], r["screening"]
         print(f"{name:18} {r['gflops_per_image']['forward']:7.2f} {sc['images_per_s']:9.1f} "
               f"{sc['ideal_images_per_s']:7.0f} {sc['efficiency']:6.1%} | "
-              f"{tr['frozen_backbone_fp32']['images_per_s']:11.1f} {tr['frozen_backbone_bf16_autocast']['images_per_s']:11.1f} "
-              f"{tr['unfrozen_fp32']['images_per_s']:9.1f} {tr['unfrozen_bf16_autocast']['images_per_s']:9.1f} "
-              f"{tr['unfrozen_bf16_autocast']['ideal_images_per_s']:15.0f}", flush=True)
+              f"{tr['frozen_backbone_fp32']['images_per_s']:11.1f} "
+              f"{num(tr['frozen_backbone_bf16_autocast']['images_per_s'], '11.1f')} "
+              f"{tr['unfrozen_fp32']['images_per_s']:9.1f} {num(tr['unfrozen_bf16_autocast']['images_per_s'], '9.1f')} "
+              f"{num(tr['unfrozen_bf16_autocast']['ideal_images_per_s'], '15.0f')}", flush=True)
+    if rates["bf16"] is None:
+        print(out["bf16"])
     return finish(out, args.json)
+
+
+def num(value, spec: str) -> str:
+    """A number in `spec`, or 'n/a' (right-aligned to the same width) for one not measured."""
+    width = spec.split(".")[0]
+    return format(value, spec) if value is not None else format("n/a", f">{width or 0}")
 
 
 if __name__ == "__main__":
