@@ -175,12 +175,15 @@ def test_stopped_run_resumes_from_its_last_epoch(image_set, tmp_path, monkeypatc
     old = time.time() - 3600
     os.utime(run / runfolder.STOP, (old, old))
     here = training.hardware_record
-    other = {**here("cpu", "32-true", "auto"), "cpu_capability": "AVX2", "cpu_native_bf16": False}
+    from core.device import fabric_precision
+    mine = here("cpu", fabric_precision("auto", "cpu"), "auto")
+    bf16 = mine["cpu_native_bf16"]  # the other machine is of the other CPU class, whichever this one is
+    other = {**mine, "cpu_capability": "AVX2" if bf16 else "AVX512", "cpu_native_bf16": not bf16,
+             "precision": "32-true" if bf16 else "bf16-mixed"}
     monkeypatch.setattr(training, "hardware_record", lambda *a, **k: other)  # resumed on another machine
     training.fit(cfg, run, resume=True)  # ... is dropped, not acted on
     monkeypatch.setattr(training, "hardware_record", here)
-    first, second = load_bundle(run).meta.provenance.trained_on  # both machines, in order
-    assert first == here("cpu", first["precision"], "auto") and second == other
+    assert load_bundle(run).meta.provenance.trained_on == [mine, other]  # both machines, in order
     history = pd.read_csv(run / "metrics.csv")
     assert history[["stage", "epoch"]].values.tolist() == [[0, 0], [1, 0], [1, 1]]
     assert load_bundle(run).threshold is not None
@@ -345,3 +348,27 @@ def test_folds_on_the_command_line_train_a_cross_validation_that_resumes_only_as
     assert fit_cli.main(["--resume", "--out", str(out)]) == 0
     assert "folds already done: 0, 1" in runfolder.log_tail(out, lines=400)
     assert file_sha256(out / "folds" / "fold_1" / "bundle" / "model.safetensors") == weights
+
+
+def test_refresh_reports_re_measures_a_runs_reports_without_choosing_anything_again(finished_run, tmp_path):
+    """train.build_demo --refresh-reports: intervals computed by an older version are recomputed; the point values,
+    threshold and per-photo rows stay those of the run (nothing is chosen again)."""
+    import shutil
+
+    from train import build_demo
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run)
+    before = {name: json.loads((run / name).read_text()) for name in ("val_report.json", "test_report.json")}
+    for name, report in before.items():  # as an older version might have written them
+        old = json.loads(json.dumps(report))
+        for entry in old["metrics"].values():
+            entry["ci95"] = [entry["value"]] * 2 if entry["value"] is not None else None
+        old["notes"] = old["notes"] + ["a note of the training run"]
+        (run / name).write_text(json.dumps(old))
+    build_demo.refresh_reports(run)
+    for name, report in before.items():
+        after = json.loads((run / name).read_text())
+        assert after["metrics"] == report["metrics"] and after["predictions"] == report["predictions"]
+        assert after["threshold"] == report["threshold"] and after["model"] == report["model"]
+        assert ("a note of the training run" in after["notes"]) == (name == "val_report.json")
+    assert "reports re-measured" in (run / "train.log").read_text()
