@@ -216,7 +216,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     """Out-of-fold predictions, threshold and calibration on them, the reports and the ensemble bundle."""
     from core.calibration import CalibrationError, fit_calibration
     from core.ensemble import save_ensemble
-    from core.training import _jsonable, _report_test
+    from core.training import jsonable, report_test
     k_folds, t = cfg.cv.folds, cfg.threshold
     last_stage = stages[-1]
     oof, members = out_of_fold(rf.out, cfg)
@@ -261,7 +261,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     bundle = save_ensemble(members, rf.out / BUNDLE, threshold=threshold, provenance=provenance,
                            calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed)
     report["model"] = read_meta(bundle).summary()
-    atomic_write_json(rf.out / CV_REPORT, _jsonable(report), indent=1)
+    atomic_write_json(rf.out / CV_REPORT, jsonable(report), indent=1)
     rf.log(f"cross-validation ({k_folds} folds; per fold at the out-of-fold threshold {member_threshold.value:.3f}):\n"
            + cv_table(report, cfg.name) + "".join(f"\n  {n}" for n in cv_notes(cfg)))
     rf.log(transfer_line(transfer))
@@ -272,7 +272,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
                f"{calibration.intercept:.3f}) on {calibration.n} {calibration.fitted_on} photos; {calibration.chosen_by}")
     rf.log(f"ensemble of {k_folds} fold models; bundle: {bundle}")
     if cfg.report_test and (last_stage["split"] == "test").any():
-        _report_test(rf, cfg, bundle, last_stage)
+        report_test(rf, cfg, bundle, last_stage)
     return bundle
 
 

@@ -110,7 +110,7 @@ class RunState:
     hardware: list = field(default_factory=list)  # core.device.hardware_record of each machine the run trained on
 
 
-def _jsonable(report: dict):
+def jsonable(report: dict):
     """A report as plain JSON data (numpy numbers as numbers, anything else odd as text: _json_default), for
     atomic_write_json, whose own default would refuse such odd values."""
     return json.loads(json.dumps(report, default=_json_default))
@@ -434,12 +434,12 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                          gate=trust.gate, calibration=trust.calibration, similar=trust.similar)
     _log_trust(rf, trust)
     val_report["model"] = read_meta(bundle).summary()  # the same provenance block as every other report
-    atomic_write_json(rf.out / VAL_REPORT, _jsonable(val_report), indent=1)
+    atomic_write_json(rf.out / VAL_REPORT, jsonable(val_report), indent=1)
     rf.log("validation (last stage, chosen model, threshold from validation):\n" +
            metrics.format_table([(f"{cfg.name} (val)", vm)]))
     rf.log(f"trained in {seconds / 60:.1f} min; bundle: {bundle}")
     if cfg.report_test:
-        _report_test(rf, cfg, bundle, df)
+        report_test(rf, cfg, bundle, df)
     return bundle
 
 
@@ -454,7 +454,7 @@ def _log_trust(rf, trust) -> None:
                f"photos; {c.chosen_by}")
 
 
-def _report_test(rf, cfg, bundle_path, df) -> None:
+def report_test(rf, cfg, bundle_path, df) -> None:
     """The chosen model, evaluated once on held-out patients (selection and threshold were fixed before)."""
     b = load_bundle(bundle_path)
     test_df = df[df["split"] == "test"].reset_index(drop=True)
@@ -468,7 +468,7 @@ def _report_test(rf, cfg, bundle_path, df) -> None:
     if stage is not None:
         from core.context_report import context_report, format_context_table
         report["context"] = context_report(test_df, probs, b.threshold, stage, n_boot=cfg.n_boot, seed=cfg.seed)
-    atomic_write_json(rf.out / TEST_REPORT, _jsonable(report), indent=1)
+    atomic_write_json(rf.out / TEST_REPORT, jsonable(report), indent=1)
     rows = [(f"{cfg.name} (test)", report["metrics"])]
     if "accepted_metrics" in report["trust"]:
         rows.append((f"{cfg.name} (test, assessed only)", report["trust"]["accepted_metrics"]["metrics"]))

@@ -2,6 +2,7 @@
 
     python -m train.build_demo        # trains train/configs/shared_demo_context.yaml into runs/shared_demo_context
     python -m train.build_demo --run runs/NAME   # packages a run that already finished
+    python -m train.build_demo --run runs/NAME --refresh-reports   # only re-measures its evidence reports
 
 What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
 no probability on the run's validation photos by more than 0.01, else float32), evidence/ (the run's
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the recipe to train (default: the shared demo with its clinical-context stage)")
     p.add_argument("--out", default=str(builtin.DEMO_DIR), help="where the demo goes (default assets/demo)")
     p.add_argument("--no-pca", action="store_true", help="skip the PCA evidence (it embeds 879 photos)")
+    p.add_argument("--refresh-reports", action="store_true",
+                   help="with --run: re-measure the run's validation and test reports with this version's report "
+                        "code (same model, threshold and photos) and replace only the demo's evidence reports")
     return p
 
 
@@ -72,6 +76,34 @@ def strip_paths(report: dict) -> dict:
         if isinstance(row, dict) and "image" in row:
             row["image"] = Path(str(row["image"])).name
     return report
+
+
+def refresh_reports(run: Path) -> None:
+    """Re-measure a finished single run's validation and test reports with this version's report code.
+
+    Same model, threshold and photos, and nothing is chosen again: only how numbers are computed can change (e.g.
+    proportions at 0 or 1 getting Wilson intervals). The validation report is rebuilt from its own per-photo
+    probabilities; the test report is measured again from the photos (its trust and context sections need them)."""
+    from core import training
+    from core.config import run_config_from_dict
+    from core.evaluation import build_report, prediction_rows
+    from core.manifest import read_manifest
+    cfg = run_config_from_dict(runfolder.read_config(run))
+    val = read_json_or_none(run / runfolder.VAL_REPORT)
+    if val is None or cfg.cv.folds:
+        raise SystemExit(f"{run} is not a finished single run with {runfolder.VAL_REPORT}")
+    rows = prediction_rows(val, str(run / runfolder.VAL_REPORT))
+    new = build_report(rows.drop(columns=["prob", "pred"]), rows["prob"].to_numpy(), val["threshold"],
+                       n_boot=cfg.n_boot, seed=cfg.seed, split=val.get("split"))
+    new["notes"] += [n for n in val.get("notes", []) if n not in new["notes"]]  # e.g. the context stage's
+    new["model"] = val.get("model")
+    atomic_write_json(run / runfolder.VAL_REPORT, training.jsonable(new), indent=1)
+    if cfg.report_test:
+        last = len(cfg.stages) - 1
+        df = read_manifest(runfolder.split_path(run, last, cfg.stages[last].name))
+        rf = runfolder.RunFolder(run)
+        rf.log("reports re-measured with this version's report code (same model, threshold and photos)")
+        training.report_test(rf, cfg, run / runfolder.BUNDLE, df)
 
 
 def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
@@ -159,6 +191,17 @@ def main(argv=None) -> int:
         print(f"error: {SHARED} not found: the demo is rebuilt from the shared PAD-UFES-20 and ISIC sets "
               "(run from the repository root with ../shared beside it)", file=sys.stderr)
         return 2
+    if args.refresh_reports:
+        if not args.run:
+            print("error: --refresh-reports needs --run (the finished run the demo was packaged from)", file=sys.stderr)
+            return 2
+        refresh_reports(Path(args.run))
+        for name in (runfolder.VAL_REPORT, runfolder.TEST_REPORT):
+            if (Path(args.run) / name).is_file():
+                atomic_write_json(Path(args.out) / "evidence" / name,
+                                  strip_paths(read_json_or_none(Path(args.run) / name)), indent=1)
+        print(f"evidence reports in {Path(args.out) / 'evidence'} re-measured from {args.run}")
+        return 0
     run = Path(args.run) if args.run else train_run(args.config)
     out = Path(args.out)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
