@@ -53,10 +53,12 @@ def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boo
             report["subgroups"][col] = metrics.subgroup_reports(
                 y, probs, threshold, df[col].tolist(), groups=groups, n_boot=min(n_boot, 500), seed=seed)
     keep = [c for c in ("image", "label", "patient_id", "lesion_id", "domain", "fitzpatrick") if c in df]
-    rows = df[keep].copy()
+    # object dtype first: in a float column (a partly missing Fitzpatrick type) None would turn back into NaN,
+    # which json writes as a bare NaN token that strict JSON readers (browsers, R's jsonlite) refuse
+    rows = df[keep].astype(object).where(df[keep].notna(), None)
     rows["prob"] = probs
     rows["pred"] = (probs >= threshold).astype(int)
-    report["predictions"] = rows.where(rows.notna(), None).to_dict(orient="records")
+    report["predictions"] = rows.to_dict(orient="records")
     if model_meta is not None:
         report["model"] = model_meta.summary()  # a core.bundle.BundleMeta
     return report

@@ -111,17 +111,23 @@ class RunState:
 
 
 def jsonable(report: dict):
-    """A report as plain JSON data (numpy numbers as numbers, anything else odd as text: _json_default), for
-    atomic_write_json, whose own default would refuse such odd values."""
-    return json.loads(json.dumps(report, default=_json_default))
+    """A report as strict JSON data: numpy numbers as numbers, NaN and infinities as null (an undefined value;
+    a bare NaN token is refused by strict JSON readers), anything else odd as text."""
+    return _finite(json.loads(json.dumps(report, default=_json_default)))
 
 
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
     return str(o)
+
+
+def _finite(o):
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite(v) for v in o]
+    return None if isinstance(o, float) and not np.isfinite(o) else o
 
 
 # ---------------------------------------------------------------- the loop
