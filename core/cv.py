@@ -25,7 +25,7 @@ from core import metrics, nested, runfolder
 from core.bundle import Threshold, load_bundle, read_meta
 from core.config import ConfigError, CVConfig, RunConfig
 from core.evaluation import build_report, groups_of
-from core.fileio import atomic_write_json
+from core.fileio import atomic_write_json, report_data
 from core.manifest import ManifestError, read_manifest, write_manifest
 from core.runfolder import BUNDLE, CV_REPORT, RunFolder
 from core.scores import sigmoid
@@ -216,7 +216,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     """Out-of-fold predictions, threshold and calibration on them, the reports and the ensemble bundle."""
     from core.calibration import CalibrationError, fit_calibration
     from core.ensemble import save_ensemble
-    from core.training import jsonable, report_test
+    from core.training import report_test
     k_folds, t = cfg.cv.folds, cfg.threshold
     last_stage = stages[-1]
     oof, members = out_of_fold(rf.out, cfg)
@@ -261,7 +261,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     bundle = save_ensemble(members, rf.out / BUNDLE, threshold=threshold, provenance=provenance,
                            calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed)
     report["model"] = read_meta(bundle).summary()
-    atomic_write_json(rf.out / CV_REPORT, jsonable(report), indent=1)
+    atomic_write_json(rf.out / CV_REPORT, report_data(report), indent=1)
     rf.log(f"cross-validation ({k_folds} folds; per fold at the out-of-fold threshold {member_threshold.value:.3f}):\n"
            + cv_table(report, cfg.name) + "".join(f"\n  {n}" for n in cv_notes(cfg)))
     rf.log(transfer_line(transfer))

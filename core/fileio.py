@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,6 +58,27 @@ def to_jsonable(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def report_data(report: Any) -> Any:
+    """A report as strict JSON data: numpy numbers as numbers, NaN and infinities as null (an undefined value;
+    a bare NaN token is refused by strict JSON readers such as browsers and R's jsonlite), anything else as text."""
+    return _finite(json.loads(json.dumps(report, default=_report_default)))
+
+
+def _report_default(o: Any) -> Any:
+    try:
+        return to_jsonable(o)
+    except TypeError:
+        return str(o)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite(v) for v in o]
+    return None if isinstance(o, float) and not math.isfinite(o) else o
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:

@@ -1,7 +1,6 @@
 """One readable training loop: a chain of stages under Lightning Fabric, best epoch on validation, resumable."""
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from core.dataset import ManifestDataset, check_images
 from core.scores import sigmoid
 from core.device import dataloader_workers, fabric_precision, hardware_record, pick_device
 from core.evaluation import build_report
-from core.fileio import atomic_write, atomic_write_json
+from core.fileio import atomic_write, atomic_write_json, report_data
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
 from core.runfolder import BUNDLE, TEST_REPORT, VAL_REPORT, RunFolder
@@ -110,24 +109,6 @@ class RunState:
     hardware: list = field(default_factory=list)  # core.device.hardware_record of each machine the run trained on
 
 
-def jsonable(report: dict):
-    """A report as strict JSON data: numpy numbers as numbers, NaN and infinities as null (an undefined value;
-    a bare NaN token is refused by strict JSON readers), anything else odd as text."""
-    return _finite(json.loads(json.dumps(report, default=_json_default)))
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
-
-
-def _finite(o):
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_finite(v) for v in o]
-    return None if isinstance(o, float) and not np.isfinite(o) else o
 
 
 # ---------------------------------------------------------------- the loop
@@ -440,7 +421,7 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                          gate=trust.gate, calibration=trust.calibration, similar=trust.similar)
     _log_trust(rf, trust)
     val_report["model"] = read_meta(bundle).summary()  # the same provenance block as every other report
-    atomic_write_json(rf.out / VAL_REPORT, jsonable(val_report), indent=1)
+    atomic_write_json(rf.out / VAL_REPORT, report_data(val_report), indent=1)
     rf.log("validation (last stage, chosen model, threshold from validation):\n" +
            metrics.format_table([(f"{cfg.name} (val)", vm)]))
     rf.log(f"trained in {seconds / 60:.1f} min; bundle: {bundle}")
@@ -474,7 +455,7 @@ def report_test(rf, cfg, bundle_path, df) -> None:
     if stage is not None:
         from core.context_report import context_report, format_context_table
         report["context"] = context_report(test_df, probs, b.threshold, stage, n_boot=cfg.n_boot, seed=cfg.seed)
-    atomic_write_json(rf.out / TEST_REPORT, jsonable(report), indent=1)
+    atomic_write_json(rf.out / TEST_REPORT, report_data(report), indent=1)
     rows = [(f"{cfg.name} (test)", report["metrics"])]
     if "accepted_metrics" in report["trust"]:
         rows.append((f"{cfg.name} (test, assessed only)", report["trust"]["accepted_metrics"]["metrics"]))

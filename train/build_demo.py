@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from core import builtin, runfolder
-from core.fileio import atomic_write_json, read_json_or_none
+from core.fileio import atomic_write_json, read_json_or_none, report_data
 
 SHARED = Path("../shared/data")
 PCA_SETS = (("pad_ufes_20_subset", "pad_ufes_20"), ("isic2017_dermoscopic_subset", "isic2017_dermoscopic"),
@@ -97,7 +97,7 @@ def refresh_reports(run: Path) -> None:
                        n_boot=cfg.n_boot, seed=cfg.seed, split=val.get("split"))
     new["notes"] += [n for n in val.get("notes", []) if n not in new["notes"]]  # e.g. the context stage's
     new["model"] = val.get("model")
-    atomic_write_json(run / runfolder.VAL_REPORT, training.jsonable(new), indent=1)
+    atomic_write_json(run / runfolder.VAL_REPORT, report_data(new), indent=1)
     if cfg.report_test:
         last = len(cfg.stages) - 1
         df = read_manifest(runfolder.split_path(run, last, cfg.stages[last].name))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.device import pick_device
 from core.evaluation import build_report, seen_by_model
+from core.fileio import atomic_write_json, report_data
 from core.manifest import ManifestError, read_manifest
 from core.scores import sigmoid
 from core.trust import attach, features_and_logits, quality_of, summary_lines, trust_report
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
     out = Path(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str))
+    atomic_write_json(out, report_data(report), indent=1)
     name = args.name or f"{bundle.meta.provenance.run_name} ({split})"
     rows = [(name, report["metrics"])]
     if "accepted_metrics" in report["trust"]:

@@ -7,7 +7,6 @@ threshold 0.5). A manifest without a split column is split by patient (seeded) a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from core.backbones import WeightsError
 from core.bundle import BundleError, BundleMeta, Provenance, Threshold
 from core.dataset import check_images
 from core.evaluation import build_report
+from core.fileio import atomic_write_json, report_data
 from core.images import ImageLoadError
 from core.manifest import ManifestError, read_manifest, write_manifest
 from core.splits import SplitConfig, assign_splits, split_counts
@@ -101,7 +101,7 @@ def run(args) -> dict:
         rep = build_report(rows, probs, knn.THRESHOLD, n_boot=args.n_boot, seed=args.seed,
                            model_meta=_meta(args, embedder, df, k, val_metrics), split=split)
         rep.update(knn=info, manifest=str(args.manifest))
-        (out / f"{split}_report.json").write_text(json.dumps(rep, indent=1, default=str))
+        atomic_write_json(out / f"{split}_report.json", report_data(rep), indent=1)
         val_metrics = val_metrics or rep["metrics"]
         reports[split] = rep
     return reports

@@ -46,3 +46,17 @@ def test_written_files_get_the_usual_permissions_not_owner_only(tmp_path):
         assert p.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_report_data_makes_reports_strict_json_undefined_values_null():
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from core.fileio import report_data
+    report = {"auc": np.float32(0.75), "n": np.int64(3), "ece": float("nan"),
+              "rows": [{"fitzpatrick": np.float64("nan"), "score": float("-inf")}], "image": Path("a/b.jpg")}
+    out = report_data(report)
+    assert out == {"auc": 0.75, "n": 3, "ece": None, "rows": [{"fitzpatrick": None, "score": None}], "image": "a/b.jpg"}
+    json.dumps(out, allow_nan=False)  # raises on any NaN or infinity left

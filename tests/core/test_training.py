@@ -41,16 +41,3 @@ def test_seed_epoch_seeds_differ_across_runs_stages_and_epochs():
         draws.add(tuple(torch.rand(3).tolist()))
     assert len(draws) == 4
 
-
-def test_jsonable_makes_reports_strict_json_undefined_values_null():
-    import json
-    from pathlib import Path
-
-    import numpy as np
-
-    from core.training import jsonable
-    report = {"auc": np.float32(0.75), "n": np.int64(3), "ece": float("nan"),
-              "rows": [{"fitzpatrick": np.float64("nan"), "score": float("-inf")}], "image": Path("a/b.jpg")}
-    out = jsonable(report)
-    assert out == {"auc": 0.75, "n": 3, "ece": None, "rows": [{"fitzpatrick": None, "score": None}], "image": "a/b.jpg"}
-    json.dumps(out, allow_nan=False)  # raises on any NaN or infinity left
