@@ -76,6 +76,8 @@ def test_sidebar_lists_runs_and_shows_provenance(with_model):
     assert "Research tool, not a diagnostic device" in side
     from core.bundle import read_meta
     assert f"weights SHA-256 `{read_meta(with_model.bundle).short_hash}`" in side
+    from core.appstate import describe_model  # the machine and precision it trained with, under the model line
+    assert f"Trained on: {describe_model(read_meta(with_model.bundle))['trained_on']}" in side
 
 
 def test_bundle_path_and_zip_upload(with_model, tmp_path):
