@@ -21,6 +21,9 @@ from core.scores import logit, sigmoid
 
 METHODS = ("platt", "temperature")
 N_BINS = 10
+# why an ECE interval may not contain its value (the same words in reports, the Dashboard and the README)
+ECE_INTERVAL = ("ECE is biased upward on small sets (bins of a few photos), and a resample's ECE more so, so its "
+                "interval is the spread of resampled ECEs and can lie above the observed value")
 
 
 class CalibrationError(ValueError):
@@ -164,7 +167,8 @@ def calibration_report(y, p, groups=None, n_boot: int = 1000, seed: int = 0, n_b
         out["brier"]["ci95"] = percentile_interval(np.concatenate(briers), 0.95)
         out["ece"]["ci95"] = percentile_interval(np.concatenate(eces), 0.95)
         unit = "patients" if groups is not None else "images"
-        out["ci_method"] = f"95% percentile bootstrap, {n_boot} resamples of {n_groups} {unit}, seed {seed}"
+        out["ci_method"] = (f"95% percentile bootstrap, {n_boot} resamples of {n_groups} {unit}, seed {seed}; "
+                            f"{ECE_INTERVAL}")
     return out
 
 

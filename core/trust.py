@@ -174,7 +174,15 @@ def summary_lines(trust: dict) -> list[str]:
         if after:
             text += f", calibrated {format_estimate(after[key], '.4f', '.3f')}"
         lines.append(text)
+    if any(_above(part.get("ece")) for part in (before, after) if part):
+        lines.append(f"  ({cal.ECE_INTERVAL})")
     return lines
+
+
+def _above(entry) -> bool:
+    """An estimate whose interval lies wholly above it (a biased statistic's resamples)."""
+    ci = (entry or {}).get("ci95")
+    return bool(ci) and entry.get("value") is not None and ci[0] > entry["value"]
 
 
 def attach(report: dict, trust: dict) -> dict:

@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import appstate, reports
+from core.calibration import ECE_INTERVAL
 from ui import common
 
 
@@ -101,7 +102,8 @@ if loaded:
                           height=420, margin={"t": 20})
         st.plotly_chart(rel, width="stretch", key="reliability")
         st.caption("Reliability diagram: 10 equal-width bins; a calibrated model's points lie on the diagonal. "
-                   "Brier score and ECE with 95% patient-bootstrap intervals in the table above.")
+                   "Brier score and ECE with 95% patient-bootstrap intervals in the table above; "
+                   f"{ECE_INTERVAL}.")
 
     st.subheader("Confusion matrices (at each model's threshold)")
     cols = st.columns(min(3, len(loaded)))

@@ -48,3 +48,5 @@ def test_dashboard_opens_on_the_demo_evidence(without_model):
     assert {"built-in demo: val_report.json", "built-in demo: test_report.json"} <= set(chosen)
     charts = at.get("plotly_chart")
     assert len(charts) >= 4  # ROC, two confusion matrices, at least one PCA scatter
+    from core.calibration import ECE_INTERVAL  # the demo's test report has a calibration section: its caveat shows
+    assert any(ECE_INTERVAL in c.value for c in at.caption)

@@ -199,3 +199,16 @@ def test_train_trust_upgrade_keeps_the_context_stage(trusted, tmp_path):
     upgraded = load_bundle(run)
     assert upgraded.meta.context == stage
     assert upgraded.gate is not None and upgraded.lacks() == []
+
+
+def test_summary_explains_an_ece_interval_that_lies_above_its_value():
+    from core.calibration import ECE_INTERVAL
+    from core.trust import summary_lines
+    trust = {"n_not_assessed": 0, "n": 74, "n_refused_by_gate": 0, "n_refused_by_quality": 0, "lacks": [],
+             "calibration_before": {"brier": {"value": 0.17, "ci95": [0.10, 0.26]},
+                                    "ece": {"value": 0.16, "ci95": [0.11, 0.27]}}}
+    assert not any(ECE_INTERVAL in line for line in summary_lines(trust))  # brackets its value: nothing to say
+    trust["calibration_after"] = {"brier": {"value": 0.14, "ci95": [0.08, 0.21]},
+                                  "ece": {"value": 0.099, "ci95": [0.105, 0.21]}}
+    lines = summary_lines(trust)
+    assert lines[-2].startswith("ECE: raw 0.1600") and lines[-1] == f"  ({ECE_INTERVAL})"
