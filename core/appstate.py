@@ -167,7 +167,7 @@ def _trained_on_line(records: list | None) -> str:
     for r in records:
         where = r.get("gpu") or f"{str(r.get('device', '?')).upper()} ({r.get('cpu_capability', '?')}" + \
             (", native bf16)" if r.get("cpu_native_bf16") else ")")
-        setting = f", setting {r['precision_setting']}" if r.get("precision_setting") == "auto" else ""
+        setting = ", chosen by precision 'auto'" if r.get("precision_setting") == "auto" else ""
         procs = f" x {r['processes']}" if r.get("processes", 1) > 1 else ""
         parts.append(f"{where}{procs}, {r.get('precision', '?')} training{setting}")
     more = " (a resumed run, or folds trained on different machines)" if len(parts) > 1 else ""

@@ -139,9 +139,9 @@ def test_describe_model_names_each_machine_and_precision_the_model_trained_with(
     fp32 = {**bf16, "precision": "32-true", "cpu_capability": "AVX2", "cpu_native_bf16": False}
     gpu = {**bf16, "device": "cuda", "processes": 2, "precision_setting": "bf16-mixed", "gpu": "NVIDIA H200"}
     text = appstate.describe_model(replace(meta, provenance=replace(meta.provenance, trained_on=[bf16])))["trained_on"]
-    assert text == "CPU (AVX512, native bf16), bf16-mixed training, setting auto"
+    assert text == "CPU (AVX512, native bf16), bf16-mixed training, chosen by precision 'auto'"
     text = appstate.describe_model(replace(meta, provenance=replace(meta.provenance,
                                                                     trained_on=[bf16, fp32, gpu])))["trained_on"]
-    assert text == ("CPU (AVX512, native bf16), bf16-mixed training, setting auto; CPU (AVX2), 32-true training, "
-                    "setting auto; NVIDIA H200 x 2, bf16-mixed training (a resumed run, or folds trained on "
-                    "different machines)")
+    assert text == ("CPU (AVX512, native bf16), bf16-mixed training, chosen by precision 'auto'; CPU (AVX2), "
+                    "32-true training, chosen by precision 'auto'; NVIDIA H200 x 2, bf16-mixed training (a resumed "
+                    "run, or folds trained on different machines)")
