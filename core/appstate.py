@@ -161,14 +161,15 @@ def describe_model(meta: BundleMeta) -> dict:
 
 def _trained_on_line(records: list | None) -> str:
     """The machines a model trained on, in words: bf16 and fp32 training give different models from one recipe."""
-    if not records:
+    records = [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    if not records:  # absent, or not in this tool's form (a hand-edited model.json): nothing is claimed
         return "not recorded (a bundle written before this record)"
     parts = []
     for r in records:
         where = r.get("gpu") or f"{str(r.get('device', '?')).upper()} ({r.get('cpu_capability', '?')}" + \
             (", native bf16)" if r.get("cpu_native_bf16") else ")")
         setting = ", chosen by precision 'auto'" if r.get("precision_setting") == "auto" else ""
-        procs = f" x {r['processes']}" if r.get("processes", 1) > 1 else ""
+        procs = f" x {r['processes']}" if isinstance(r.get("processes"), int) and r["processes"] > 1 else ""
         parts.append(f"{where}{procs}, {r.get('precision', '?')} training{setting}")
     more = " (a resumed run, or folds trained on different machines)" if len(parts) > 1 else ""
     return "; ".join(parts) + more

@@ -145,3 +145,6 @@ def test_describe_model_names_each_machine_and_precision_the_model_trained_with(
     assert text == ("CPU (AVX512, native bf16), bf16-mixed training, chosen by precision 'auto'; CPU (AVX2), "
                     "32-true training, chosen by precision 'auto'; NVIDIA H200 x 2, bf16-mixed training (a resumed "
                     "run, or folds trained on different machines)")
+    for odd in ("cpu", [None, "cpu"], {"device": "cpu"}):  # a hand-edited model.json: no claim, no crash
+        assert appstate.describe_model(replace(meta, provenance=replace(meta.provenance, trained_on=odd)))[
+            "trained_on"].startswith("not recorded")
