@@ -139,7 +139,7 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     select_metric: str = "roc_auc"  # best epoch on validation; recall breaks ties
-    precision: str = "auto"       # 'auto' = bf16-mixed on GPUs, fp32 on CPUs; or any Fabric precision
+    precision: str = "auto"       # 'auto': bf16-mixed on CUDA and on CPUs with native bf16, else fp32 (core.device)
     device: str = "auto"
     devices: int = 1
     num_nodes: int = 1
