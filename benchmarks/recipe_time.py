@@ -5,10 +5,10 @@
     python benchmarks/recipe_time.py --config train/configs/shared_demo_cv.yaml --nested --json ...
 
 Runs `python -m train.fit` in a child process (run it on an idle machine: the load average is recorded at start and
-end), samples the resident memory of its largest process each second and of the whole process tree (the training
-process and its DataLoader workers) every 10 s (proportional set size where the OS reports it: forked workers share
-the parent's pages, and summing resident sizes would count those pages once per process; reading it walks every
-page of every process, which slowed a 2-core run by about 40% when done each second), and reads back from the fresh run folder: the machine and precision it trained with (the bundle's
+end), samples each second the resident memory of its largest process (what `/usr/bin/time` reports) and the sum over
+the whole process tree (the training process and its DataLoader workers: an upper bound, since forked workers share
+some of the parent's pages and each counts them; the proportional set size would not, but reading it takes the
+process's memory-map lock and slowed a 2-core run by 15-40%, so it is not sampled), and reads back from the fresh run folder: the machine and precision it trained with (the bundle's
 `trained_on`), each fold's and pair run's training seconds and best epochs, and the out-of-fold, threshold-transfer
 and test metrics with their CIs. A recipe's time budget (shared_demo_cv: 40 minutes on either CPU class) is checked
 per class from these files, one per class; a time is never carried from one class to another.
@@ -29,48 +29,31 @@ from core.bundle import read_meta
 from core.fileio import read_json_or_none
 
 KEYS = ("roc_auc", "pr_auc", "recall", "specificity")
-TREE_EVERY = 10  # seconds between samples of the whole tree's memory (costly: see the module docstring)
 
 
 def run_fit(config: str, out: Path, extra: list[str]) -> dict:
-    """train.fit in a child process: exit code, wall seconds, the peak resident memory of its largest process
-    (sampled each second) and the peak memory of its process tree (every TREE_EVERY s); a shorter peak can be
-    missed."""
+    """train.fit in a child process: exit code, wall seconds, the peak resident memory of its largest process and
+    of its whole process tree (summed; sampled each second, so a shorter peak can be missed)."""
     cmd = [sys.executable, "-m", "train.fit", "--config", config, "--out", str(out), *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    parent, tree_peak, largest, measure, tick = psutil.Process(proc.pid), 0, 0, "pss", 0
+    parent, tree_peak, largest = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
-        tree, rss, whole_tree = [], [], tick % TREE_EVERY == 0
+        rss = []
         try:
             family = [parent] + parent.children(recursive=True)
         except psutil.Error:  # it just finished
             family = []
         for p in family:
             try:
-                rss.append(p.memory_info().rss)
-                if whole_tree:
-                    tree.append(_pss(p) if measure == "pss" else rss[-1])
-            except psutil.AccessDenied:  # no proportional sizes on this OS: resident sizes (an overcount)
-                measure = "rss"
-                tree.append(rss[-1])
+                rss.append(p.memory_info().rss)  # /proc/<pid>/statm: no lock the training process waits on
             except psutil.Error:  # a worker that exited between the listing and the reading
                 pass
-        tree_peak, largest, tick = max(tree_peak, sum(tree)), max([largest, *rss]), tick + 1
+        tree_peak, largest = max(tree_peak, sum(rss)), max([largest, *rss])
         time.sleep(1.0)
     return {"command": " ".join(cmd[1:]), "exit_code": proc.returncode,
-            "wall_s": round(time.perf_counter() - start, 1), "peak_tree_bytes": tree_peak, "tree_measure": measure,
-            "tree_sampled_every_s": TREE_EVERY,
+            "wall_s": round(time.perf_counter() - start, 1), "peak_rss_tree_sum_bytes": tree_peak,
             "peak_rss_largest_process_bytes": largest}
-
-
-def _pss(p: psutil.Process) -> int:
-    """Proportional set size (shared pages split between the processes sharing them); AccessDenied where the OS
-    does not report it (macOS, Windows)."""
-    info = p.memory_full_info()
-    if not hasattr(info, "pss"):
-        raise psutil.AccessDenied(p.pid)
-    return info.pss
 
 
 def run_numbers(out: Path) -> dict:
@@ -108,8 +91,8 @@ def table(r: dict) -> str:
         return "n/a" if not e or e.get("value") is None else (
             f"{e['value']:.3f}" + (f" [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]" if e.get("ci95") else ""))
     m, n = r["run"], r["numbers"]
-    lines = [f"wall {m['wall_s'] / 60:.1f} min; peak memory {m['peak_tree_bytes'] / 2**30:.2f} GiB (process tree, "
-             f"{m['tree_measure'].upper()}), {m['peak_rss_largest_process_bytes'] / 2**30:.2f} GiB (largest process, RSS)",
+    lines = [f"wall {m['wall_s'] / 60:.1f} min; peak resident memory {m['peak_rss_largest_process_bytes'] / 2**30:.2f} "
+             f"GiB (largest process), {m['peak_rss_tree_sum_bytes'] / 2**30:.2f} GiB (process tree summed, an upper bound)",
              "trained on: " + "; ".join(f"{h.get('device')} {h.get('cpu_capability')} {h.get('precision')}"
                                         for h in n.get("trained_on") or [])]
     for f in n.get("folds", []):
