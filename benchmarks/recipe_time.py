@@ -5,13 +5,15 @@
     python benchmarks/recipe_time.py --config train/configs/shared_demo_cv.yaml --nested --json ...
 
 Runs `python -m train.fit` in a child process (run it on an idle machine: the load average is recorded at start and
-end), samples each second the resident memory of its largest process (what `/usr/bin/time` reports) and the sum over
-the whole process tree (the training process and its DataLoader workers: an upper bound, since forked workers share
-some of the parent's pages and each counts them; the proportional set size would not, but reading it takes the
-process's memory-map lock and slowed a 2-core run by 15-40%, so it is not sampled), and reads back from the fresh run folder: the machine and precision it trained with (the bundle's
-`trained_on`), each fold's and pair run's training seconds and best epochs, and the out-of-fold, threshold-transfer
-and test metrics with their CIs. A recipe's time budget (shared_demo_cv: 40 minutes on either CPU class) is checked
-per class from these files, one per class; a time is never carried from one class to another.
+end). Each second it samples the resident memory of the largest process (what `/usr/bin/time` reports) and the sum
+over the whole process tree, the training process and its DataLoader workers. The sum is an upper bound: forked
+workers share some of the parent's pages and each counts them. The proportional set size would not, but reading it
+takes the process's memory-map lock and slowed a 2-core run by 15-40%, so it is not sampled.
+
+From the fresh run folder it reads back the machine and precision it trained with (the bundle's `trained_on`), each
+fold's and pair run's training seconds and best epochs, and the out-of-fold, threshold-transfer and test metrics with
+their CIs. A recipe's time budget (shared_demo_cv: 40 minutes on either CPU class) is checked per class from these
+files, one per class; a time is never carried from one class to another.
 """
 from __future__ import annotations
 
