@@ -70,13 +70,15 @@ def run_numbers(out: Path) -> dict:
                          "train_seconds": read_meta(runfolder.fold_path(out, f["fold"])).provenance.train_seconds}
                         for f in cv["cv"]["per_fold"]]
         res["out_of_fold"] = {**_pick(cv["metrics"]), "n": cv["n"], "n_positive": cv["n_positive"]}
+        nested, rates = cv["cv"].get("nested"), ("sensitivity", "specificity")
+        # the bundle's threshold, with the transfer of the scores it was chosen on (nested: the ensembles')
         res["threshold"] = cv["cv"]["threshold"]["value"]
-        res["threshold_transfer"] = _pick(cv["cv"]["threshold_transfer"], ("sensitivity", "specificity"))
-        nested = cv["cv"].get("nested")
+        res["threshold_transfer"] = _pick((nested or cv["cv"])["threshold_transfer"], rates)
         if nested:
             res["nested"] = {**_pick(nested["metrics"]), "pairs": nested["pairs"],
-                             "pair_train_seconds": nested.get("train_seconds"),
-                             "threshold_transfer": _pick(nested["threshold_transfer"], ("sensitivity", "specificity"))}
+                             "pair_train_seconds": nested.get("train_seconds")}
+            res["member_threshold"] = cv["cv"]["member_threshold"]["value"]
+            res["member_threshold_transfer"] = _pick(cv["cv"]["threshold_transfer"], rates)
     test = read_json_or_none(out / runfolder.TEST_REPORT)
     if test is not None:
         res["test"] = {**_pick(test["metrics"]), "n": test["n"], "n_positive": test["n_positive"]}

@@ -18,13 +18,13 @@ from tests.conftest import synthetic_set, tiny_config  # noqa: E402
 
 
 @pytest.mark.slow
-def test_a_cross_validation_is_timed_and_its_folds_and_metrics_are_read_back(tmp_path, capsys):
+def test_a_nested_cross_validation_is_timed_and_its_folds_and_metrics_are_read_back(tmp_path, capsys):
     data = synthetic_set(tmp_path / "data")
     labels, images = data / "labels.csv", data / "images"
     cfg = tmp_path / "cv.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(labels, images, cv={"folds": 3}, report_test=True)))
     out, js = tmp_path / "run", tmp_path / "timing.json"
-    assert recipe_time.main(["--config", str(cfg), "--out", str(out), "--json", str(js)]) == 0
+    assert recipe_time.main(["--config", str(cfg), "--nested", "--out", str(out), "--json", str(js)]) == 0
     r = json.loads(js.read_text())
     assert r["run"]["exit_code"] == 0 and r["run"]["wall_s"] > 0
     assert r["run"]["peak_rss_tree_sum_bytes"] >= r["run"]["peak_rss_largest_process_bytes"] > 100 * 2**20
@@ -34,10 +34,16 @@ def test_a_cross_validation_is_timed_and_its_folds_and_metrics_are_read_back(tmp
     assert [f["train_seconds"] for f in n["folds"]] == [
         read_meta(runfolder.fold_path(out, k)).provenance.train_seconds for k in range(3)]
     assert n["out_of_fold"]["roc_auc"] == cv["metrics"]["roc_auc"] and n["out_of_fold"]["n"] == cv["n"]
-    assert n["threshold"] == cv["cv"]["threshold"]["value"]
-    assert n["threshold_transfer"]["sensitivity"] == cv["cv"]["threshold_transfer"]["sensitivity"]
+    nested = cv["cv"]["nested"]  # the bundle's threshold comes with the transfer of the scores it was chosen on
+    assert n["threshold"] == cv["cv"]["threshold"]["value"] == nested["threshold"]["value"]
+    assert n["threshold_transfer"]["sensitivity"] == nested["threshold_transfer"]["sensitivity"]
+    assert n["member_threshold"] == cv["cv"]["member_threshold"]["value"]
+    assert n["member_threshold_transfer"]["sensitivity"] == cv["cv"]["threshold_transfer"]["sensitivity"]
+    assert n["nested"]["roc_auc"] == nested["metrics"]["roc_auc"] and n["nested"]["pairs"] == 3
+    assert n["nested"]["pair_train_seconds"] == pytest.approx(sum(
+        read_meta(runfolder.pair_path(out, k, j)).provenance.train_seconds for k, j in ((0, 1), (0, 2), (1, 2))))
     test = json.loads((out / runfolder.TEST_REPORT).read_text())
-    assert n["test"]["roc_auc"] == test["metrics"]["roc_auc"] and "nested" not in n
+    assert n["test"]["roc_auc"] == test["metrics"]["roc_auc"]
     printed = capsys.readouterr().out
     assert "fold 2:" in printed and "threshold_transfer" not in printed and "on new patients" in printed
     # a timing is of a run from scratch: an existing folder is refused, and nothing is written
