@@ -84,7 +84,7 @@ def breakdown(d: dict) -> str:
 
 def throughput(d: dict) -> str:
     mm = d["matmul_gflops"]
-    rows = [f"Matmul floor (2048x2048): fp32 **{mm['fp32']:.0f} GFLOP/s**, bf16 **{_n(mm['bf16'], '.0f')} GFLOP/s**; "
+    rows = [f"Matmul floor (2048x2048): fp32 **{mm['fp32']:.0f} GFLOP/s**, bf16 **{num(mm['bf16'], '.0f')} GFLOP/s**; "
             f"12 MP JPEG draft decode {d['decode_12mp_jpeg_per_s_per_core']}/s per core; batch "
             f"{d['settings']['batch_size']}." + (f" bf16 {d['bf16']}." if d.get("bf16", "measured") != "measured" else ""),
             "",
@@ -99,15 +99,16 @@ def throughput(d: dict) -> str:
         rows.append(
             f"| {name} | {g['forward']:.2f} / {g['train_frozen_backbone']:.2f} / {g['train_unfrozen']:.2f} | "
             f"{s['images_per_s']:.1f} {s['precision']} ({s['ideal_images_per_s']:.0f}, {s['efficiency']:.0%}) | "
-            f"{t['frozen_backbone_fp32']['images_per_s']:.1f} | {_n(t['frozen_backbone_bf16_autocast']['images_per_s'], '.1f')} | "
+            f"{t['frozen_backbone_fp32']['images_per_s']:.1f} | {num(t['frozen_backbone_bf16_autocast']['images_per_s'], '.1f')} | "
             f"{t['unfrozen_fp32']['images_per_s']:.1f} ({t['unfrozen_fp32']['ideal_images_per_s']:.0f}) | " +
             (f"{full16['images_per_s']:.1f} ({full16['ideal_images_per_s']:.0f}, {full16['efficiency']:.0%}) |"
              if full16["images_per_s"] is not None else "n/a |"))
     return "\n".join(rows)
 
 
-def _n(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def num(value, spec: str) -> str:
+    """A number in `spec`, or 'n/a' (right-aligned to the spec's width, if any) for one not measured."""
+    return format(value, spec) if value is not None else format("n/a", f">{spec.split('.')[0] or 0}")
 
 
 def decode_cache(d: dict) -> str:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine_info, make_bundle, phone_jpeg, random_model, set_threads, finish
+from report import num
 from core.dataset import decode_limits
 from core.device import fabric_precision
 from core.images import load_image
@@ -204,11 +205,6 @@ def main(argv=None) -> int:
         print(out["bf16"])
     return finish(out, args.json)
 
-
-def num(value, spec: str) -> str:
-    """A number in `spec`, or 'n/a' (right-aligned to the same width) for one not measured."""
-    width = spec.split(".")[0]
-    return format(value, spec) if value is not None else format("n/a", f">{width or 0}")
 
 
 if __name__ == "__main__":

@@ -142,12 +142,17 @@ def write_bundle(run: Path, dest: Path) -> dict:
 
 def write_evidence(run: Path, dest: Path, pca: bool) -> None:
     dest.mkdir(parents=True)
+    write_reports(run, dest)
+    if pca:
+        write_pca(run, dest / "pca")
+
+
+def write_reports(run: Path, dest: Path) -> None:
+    """The run's validation and test reports, with file names instead of paths, into dest."""
     for name in (runfolder.VAL_REPORT, runfolder.TEST_REPORT):
         report = read_json_or_none(run / name)
         if report is not None:
             atomic_write_json(dest / name, strip_paths(report), indent=1)
-    if pca:
-        write_pca(run, dest / "pca")
 
 
 def write_pca(run: Path, dest: Path) -> None:
@@ -196,10 +201,7 @@ def main(argv=None) -> int:
             print("error: --refresh-reports needs --run (the finished run the demo was packaged from)", file=sys.stderr)
             return 2
         refresh_reports(Path(args.run))
-        for name in (runfolder.VAL_REPORT, runfolder.TEST_REPORT):
-            if (Path(args.run) / name).is_file():
-                atomic_write_json(Path(args.out) / "evidence" / name,
-                                  strip_paths(read_json_or_none(Path(args.run) / name)), indent=1)
+        write_reports(Path(args.run), Path(args.out) / "evidence")
         print(f"evidence reports in {Path(args.out) / 'evidence'} re-measured from {args.run}")
         return 0
     run = Path(args.run) if args.run else train_run(args.config)
