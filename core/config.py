@@ -166,9 +166,6 @@ class RunConfig:
         if self.cv.enabled:
             if not 0 <= self.split.test < 1:
                 raise ConfigError("split: test must be >= 0 and < 1 (split.val is not used with cv)")
-            if self.context is not None:
-                raise ConfigError("a context section is not supported with cv yet: its answer weights and fusion "
-                                  "would need fitting on out-of-fold logits; remove context or cv")
         elif not 0 < self.split.val < 1 or not 0 <= self.split.test < 1 or self.split.val + self.split.test >= 1:
             raise ConfigError("split: val must be > 0 (epochs and the threshold are chosen on it), test >= 0, "
                               "and val + test < 1")

@@ -252,6 +252,18 @@ class ContextModel:
         f = self.fusion
         return f["intercept"] + f["image"] * image_logit(image_prob) + f["context"] * self.context_logit(answers)
 
+    def threshold_note(self) -> str:
+        """The fused threshold's numbers in words: where it was chosen, and why they lean optimistic."""
+        t = self.threshold
+        where = str(t.get("chosen_on") or "validation split").removesuffix(" (fused output)")
+        sens, spec = (t.get(k) or {} for k in ("val_sensitivity", "val_specificity"))
+        if sens.get("value") is None or spec.get("value") is None:
+            return (f"Photo + answers threshold chosen on the {where}; its sensitivity and specificity there are not "
+                    "recorded.")
+        return (f"Photo + answers threshold chosen on the {where}: sensitivity {sens['value']:.0%}, specificity "
+                f"{spec['value']:.0%} on {t.get('n_val', '?')} images. The fusion was fitted on those same images, so "
+                "these two numbers lean optimistic; the test report measures them on held-out patients.")
+
     def per_field_weights(self) -> dict:
         """Each field's weight in the fused logit (context weight x fusion weight): what each answer adds."""
         c = self.fusion["context"]

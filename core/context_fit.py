@@ -1,4 +1,7 @@
-"""Fit the context stage on a run's own patients: answers from training rows, fusion on validation image logits.
+"""Fit the context stage on a run's own patients: answers from training rows, fusion on image logits of unseen rows.
+
+A single-split run fuses on its validation split (fit_context); a cross-validated run on the out-of-fold image
+scores of every non-test row, with the context logits cross-fitted over the same folds (fit_context_cv).
 
 Measured choices (recorded in ``ContextModel.fitted``):
 
@@ -52,13 +55,15 @@ def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, f
         raise ContextError(f"no usable context field in the training rows: {excluded}")
     rng = np.random.default_rng(seed)
     scenarios = _scenarios(kept, len(a_val), rng)
+    folds = list(GroupKFold(n_splits=min(10, len(set(g_val)))).split(z_img, y_val, g_val))
     tried = {}
     for missing_rule in MISSING_RULES:
         model = _fit_answers(a_tr[kept], y_tr, g_tr, missing_rule, seed)
-        tried[missing_rule] = (model, _crossfit_loss(model, a_val, z_img, y_val, g_val, scenarios))
+        logits = [_context_logits(model, _withhold(a_val, w)) for w in scenarios]
+        tried[missing_rule] = (model, _fusion_loss(z_img, logits, y_val, folds))
     chosen = min(tried, key=lambda k: tried[k][1])
     model = tried[chosen][0]
-    ctx_val = np.array([model.context_logit(r) for r in _records(a_val)])
+    ctx_val = _context_logits(model, a_val)
     fusion = _fit_fusion(z_img, ctx_val, y_val)
     model = ContextModel(fields=tuple(kept), intercept=model.intercept, weights=model.weights, fusion=fusion,
                          missing_rule=chosen, excluded=excluded, fitted={
@@ -72,8 +77,77 @@ def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, f
                                                        f"(p={MASK_P}); fusion cross-fitted over 10 patient folds",
                              "train_missing": {f: int(a_tr[f].isna().sum()) for f in fields},
                              "n_train": int(len(a_tr)), "n_val": int(len(a_val))})
-    return _with_thresholds(model, a_val, np.asarray(val_image_probs, float), y_val, g_val, rule, target, n_boot,
+    fused = sigmoid(np.array([model.fused_logit(p, r) for p, r in zip(val_image_probs, _records(a_val))]))
+    return _with_thresholds(model, fused, sigmoid(ctx_val), y_val, g_val, "validation split", rule, target, n_boot,
                             seed)
+
+
+def fit_context_cv(df: pd.DataFrame, image_probs, fields, *, where: str, rule="sensitivity", target=0.90,
+                   n_boot=1000, seed=0) -> ContextModel:
+    """The context stage of a cross-validated run. df: every non-test row with its `fold`; image_probs: each row's
+    P(malignant) from image models that never trained on it (out-of-fold, or nested); where: what those are.
+
+    The context model learns from all these rows' answers. The fusion, the missing-answer rule and the thresholds
+    are fitted on the image scores and on cross-fitted context logits (fold k's answers scored by a context model
+    fitted on the other folds), so neither half of a row's fused score has seen that row."""
+    fields = check_fields(fields)
+    if df.empty:
+        raise ContextError("no non-test rows to fit the context stage on")
+    if "split" in df and (df["split"] == "test").any():
+        raise ContextError("the context stage's rows include test rows: a held-out patient's answers must never "
+                           "reach it")
+    a, y, g = context_frame(df, fields), _y(df), _groups(df)
+    fold = df["fold"].to_numpy()
+    z_img = image_logit(np.asarray(image_probs, float))
+    if len(z_img) != len(df):
+        raise ContextError(f"{len(z_img)} image probabilities for {len(df)} rows")
+    _check_folds(fold, g, y)
+    kept, excluded = screen_fields(a, y)
+    if not kept:
+        raise ContextError(f"no usable context field in the non-test rows: {excluded}")
+    scenarios = _scenarios(kept, len(a), np.random.default_rng(seed))
+    folds = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in np.unique(fold)]
+    tried = {}
+    for missing_rule in MISSING_RULES:
+        logits = crossfit_context_logits(a, y, g, fold, missing_rule, scenarios, seed)
+        tried[missing_rule] = (logits[0], _fusion_loss(z_img, logits, y, folds))
+    chosen = min(tried, key=lambda k: tried[k][1])
+    ctx = tried[chosen][0]  # all answers as given, cross-fitted
+    fusion = _fit_fusion(z_img, ctx, y)
+    final = _fit_answers(a[kept], y, g, chosen, seed)
+    n, n_patients, k_folds = len(a), len(set(g)), len(folds)
+    model = ContextModel(fields=tuple(kept), intercept=final.intercept, weights=final.weights, fusion=fusion,
+                         missing_rule=chosen, excluded=excluded, fitted={
+                             "context_model": f"every non-test patient: {n} images, {n_patients} patients (answers "
+                                              "only)",
+                             "fusion": f"{where}: {n} images, {n_patients} patients (image models that never trained "
+                                       f"on them), with context logits cross-fitted over the {k_folds} folds (each "
+                                       "fold's answers scored by a context model fitted on the other folds)",
+                             "C": final.fitted["C"], "cv_log_loss": final.fitted["cv_log_loss"],
+                             "missing_rule_val_log_loss": {k: round(v[1], 4) for k, v in tried.items()},
+                             "missing_rule_scenarios": "all answers; each field withheld in turn; 3 random masks "
+                                                       f"(p={MASK_P}); fusion cross-fitted over the {k_folds} folds",
+                             "train_missing": {f: int(a[f].isna().sum()) for f in fields},
+                             "n_train": int(n), "n_val": int(n)})
+    fused = sigmoid(fusion["intercept"] + fusion["image"] * z_img + fusion["context"] * ctx)
+    return _with_thresholds(model, fused, sigmoid(ctx), y, g, where, rule, target, n_boot, seed)
+
+
+def crossfit_context_logits(a: pd.DataFrame, y, groups, fold, missing_rule: str, scenarios=({},),
+                            seed: int = 0) -> list[np.ndarray]:
+    """Per scenario (answers withheld), every row's context logit from a context model that never saw its fold:
+    fields screened and weights fitted on the other folds' rows only."""
+    fold = np.asarray(fold)
+    logits = [np.empty(len(a)) for _ in scenarios]
+    for k in np.unique(fold):
+        tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        kept = screen_fields(a.iloc[tr], y[tr])[0]
+        if not kept:
+            raise ContextError(f"no usable context field without fold {k}")
+        model = _fit_answers(a.iloc[tr][kept], y[tr], groups[tr], missing_rule, seed)
+        for z, withheld in zip(logits, scenarios):
+            z[te] = _context_logits(model, _withhold(a.iloc[te], {f: np.asarray(m)[te] for f, m in withheld.items()}))
+    return logits
 
 
 def screen_fields(answers: pd.DataFrame, y: np.ndarray) -> tuple[list[str], dict]:
@@ -215,16 +289,23 @@ def _scenarios(fields, n, rng) -> list[dict]:
     return out
 
 
-def _crossfit_loss(model: ContextModel, a_val, z_img, y, groups, scenarios) -> float:
-    """Mean log-loss of the fused model over the scenarios, its fusion fitted on other validation patients."""
+def _withhold(a: pd.DataFrame, withheld: dict) -> pd.DataFrame:
+    """The answers with a scenario's fields withheld (mask: a boolean array over the rows of `a`)."""
+    a = a.copy()
+    for f, mask in withheld.items():
+        if f in a:
+            a.loc[np.asarray(mask, bool), f] = None
+    return a
+
+
+def _context_logits(model: ContextModel, a: pd.DataFrame) -> np.ndarray:
+    return np.array([model.context_logit(r) for r in _records(a)], dtype=float)
+
+
+def _fusion_loss(z_img, z_ctx_per_scenario, y, folds) -> float:
+    """Mean log-loss of the fused model over the scenarios, each fold's fusion fitted on the other folds."""
     losses = []
-    folds = list(GroupKFold(n_splits=min(10, len(set(groups)))).split(z_img, y, groups))
-    for withheld in scenarios:
-        a = a_val.copy()
-        for f, mask in withheld.items():
-            if f in a:
-                a.loc[mask, f] = None
-        z_ctx = np.array([model.context_logit(r) for r in _records(a)])
+    for z_ctx in z_ctx_per_scenario:
         p = np.empty(len(y))
         for tr, te in folds:
             if len(set(y[tr])) < 2:
@@ -236,19 +317,18 @@ def _crossfit_loss(model: ContextModel, a_val, z_img, y, groups, scenarios) -> f
     return float(np.mean(losses))
 
 
-def _with_thresholds(model: ContextModel, a_val, image_probs, y, groups, rule, target, n_boot, seed) -> ContextModel:
+def _with_thresholds(model: ContextModel, fused, ctx, y, groups, where: str, rule, target, n_boot,
+                     seed) -> ContextModel:
+    """The fused and context-only thresholds, chosen by the recipe's rule on these scores (every row through the
+    fused formula, unanswered fields at their missing weight, as reported), with their numbers there."""
     from dataclasses import replace
-
-    # Every validation row through the fused formula (unanswered fields at their missing weight), as reported.
-    fused = sigmoid(np.array([model.fused_logit(p, r) for p, r in zip(image_probs, _records(a_val))]))
-    ctx = sigmoid(np.array([model.context_logit(r) for r in _records(a_val)]))
     out = {}
-    for name, p in (("fused", fused), ("context", ctx)):
+    for name, p in (("fused", np.asarray(fused, float)), ("context", np.asarray(ctx, float))):
         chosen = metrics.choose_threshold(y, p, rule=rule, target=target)
         rep = metrics.metric_report(y, p, chosen["threshold"], groups=groups, n_boot=n_boot, seed=seed)
         m = rep["metrics"]
         out[name] = {"value": chosen["threshold"], "rule": rule, "target": target,
-                     "chosen_on": f"validation split ({name} output)", "val_sensitivity": m["recall"],
+                     "chosen_on": f"{where} ({name} output)", "val_sensitivity": m["recall"],
                      "val_specificity": m["specificity"], "val_roc_auc": m["roc_auc"], "n_val": int(len(y)),
                      "n_val_malignant": int(y.sum())}
     return replace(model, threshold=out["fused"], context_threshold=out["context"])
@@ -276,6 +356,17 @@ def _check_rows(df: pd.DataFrame, split: str) -> None:
         others = sorted(set(df["split"].dropna()) - {split})
         raise ContextError(f"the context stage's {split} rows include rows of split(s) {others}: a held-out "
                            "patient's answers must never reach it")
+
+
+def _check_folds(fold: np.ndarray, groups: np.ndarray, y: np.ndarray) -> None:
+    """Cross-fitting needs patient-grouped folds, each fold's complement holding both classes."""
+    per_patient = pd.Series(fold).groupby(groups).nunique()
+    if (per_patient > 1).any():
+        raise ContextError(f"patient {per_patient[per_patient > 1].index[0]!r} is in more than one fold")
+    for k in np.unique(fold):
+        if len(set(y[fold != k])) < 2:
+            raise ContextError(f"the folds other than {k} hold one class only: the context model cannot be "
+                               "cross-fitted")
 
 
 def _check_disjoint(train_df: pd.DataFrame, val_df: pd.DataFrame) -> None:

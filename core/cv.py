@@ -7,13 +7,15 @@ the other folds train it. Every non-test photo is then scored once by the fold m
 (the out-of-fold predictions); the recipe's threshold rule and the calibration are fitted on those, and the K
 fold models are saved as one ensemble bundle (core.ensemble), evaluated once on the test patients. With cv.nested,
 pair runs in nested/pair_<k>_<j> follow the fold runs (core.nested), and the ensemble's threshold and calibration
-are fitted on their ensemble scores instead.
+are fitted on their ensemble scores instead. A recipe's context stage is fitted on those same scores
+(core.context_fit.fit_context_cv); the fold and pair runs fit none of their own.
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,12 +37,13 @@ OOF_COLUMNS = ("image", "label", "patient_id", "fold", "prob", "logit")
 
 
 def fold_config(cfg: RunConfig, k: int) -> RunConfig:
-    """Fold k's run: the recipe as one ordinary run on the fold's split, with its own seed and no test report.
+    """Fold k's run: the recipe as one ordinary run on the fold's split, with its own seed, no test report and no
+    context stage (the ensemble's is fitted on the out-of-fold scores).
 
     split.val is only descriptive there (the fold decides the split): about the share one fold holds."""
     val = round((1 - cfg.split.test) / cfg.cv.folds, 4)
     return replace(cfg, name=f"{cfg.name}.fold_{k}", seed=cfg.seed + k, report_test=False, cv=CVConfig(),
-                   split=replace(cfg.split, val=val))
+                   split=replace(cfg.split, val=val), context=None)  # the ensemble's context stage comes after
 
 
 def is_main_process() -> bool:
@@ -216,7 +219,8 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     """Out-of-fold predictions, threshold and calibration on them, the reports and the ensemble bundle."""
     from core.calibration import CalibrationError, fit_calibration
     from core.ensemble import save_ensemble
-    from core.training import report_test
+    from core.context_fit import fit_context_cv
+    from core.training import fit_context_stage, report_test
     k_folds, t = cfg.cv.folds, cfg.threshold
     last_stage = stages[-1]
     oof, members = out_of_fold(rf.out, cfg)
@@ -241,6 +245,11 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     except CalibrationError as e:
         calibration = None
         report["notes"].append(f"no calibration map: {e}")
+    context = None
+    if cfg.context:
+        rows = context_rows(fit_df, last_stage)
+        context = fit_context_stage(rf, cfg, report, partial(fit_context_cv, where=threshold.chosen_on), rows,
+                                    rows["prob"].to_numpy())
     report["notes"] += cv_notes(cfg)
     per_fold = fold_reports(oof, members, member_threshold.value, rf.out)
     transfer = threshold_transfer(oof, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -259,7 +268,8 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     provenance = _provenance(cfg, members, per_fold, stages, how, vm, seconds, hardware)
     similar = oof.drop(columns=["prob", "logit"]).assign(split="train")  # every one trained K-1 of the members
     bundle = save_ensemble(members, rf.out / BUNDLE, threshold=threshold, provenance=provenance,
-                           calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed)
+                           calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed,
+                           context=context)
     report["model"] = read_meta(bundle).summary()
     atomic_write_json(rf.out / CV_REPORT, report_data(report), indent=1)
     rf.log(f"cross-validation ({k_folds} folds; per fold at the out-of-fold threshold {member_threshold.value:.3f}):\n"
@@ -274,6 +284,13 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     if cfg.report_test and (last_stage["split"] == "test").any():
         report_test(rf, cfg, bundle, last_stage)
     return bundle
+
+
+def context_rows(scores: pd.DataFrame, last_stage: pd.DataFrame) -> pd.DataFrame:
+    """Every non-test row of the last stage (its answers) with its fold and the image score the threshold was
+    chosen on (`prob`: out-of-fold, or nested), in the scores' order."""
+    rows = last_stage[last_stage["split"] != "test"].drop(columns=["fold", "prob", "logit"], errors="ignore")
+    return scores[["image", "fold", "prob"]].merge(rows, on="image", how="left", validate="one_to_one")
 
 
 def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFrame, Threshold, dict]:

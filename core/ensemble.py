@@ -34,10 +34,10 @@ def build_ensemble(members: list[Bundle], combine: str = DEFAULT_COMBINE) -> Ens
 
 def save_ensemble(members: list[Bundle], folder: str | Path, *, threshold: Threshold,
                   provenance: Provenance | dict, calibration=None, member_info=(), similar_df: pd.DataFrame | None = None,
-                  seed: int = 0, combine: str = DEFAULT_COMBINE, device="cpu") -> Path:
+                  seed: int = 0, combine: str = DEFAULT_COMBINE, device="cpu", context=None) -> Path:
     """Write the members as one bundle: their weights side by side, a gate made of the members' own gates (when
-    every member has one), the caller's threshold and calibration (chosen on out-of-fold predictions), and a
-    similar-case index over `similar_df` in the ensemble's feature space."""
+    every member has one), the caller's threshold, calibration and context stage (fitted on out-of-fold
+    predictions), and a similar-case index over `similar_df` in the ensemble's feature space."""
     if combine not in COMBINE_RULES:
         raise BundleError(f"combine must be one of {', '.join(COMBINE_RULES)}, not {combine!r}")
     model = build_ensemble(members, combine)
@@ -54,7 +54,8 @@ def save_ensemble(members: list[Bundle], folder: str | Path, *, threshold: Thres
     if len(info) != len(members):
         raise BundleError(f"member_info has {len(member_info)} entries for {len(members)} members")
     return save_bundle(model, folder, threshold=threshold, provenance=provenance, gate=gate, calibration=calibration,
-                       similar=similar, ensemble={"members": len(members), "combine": combine, "member_info": info})
+                       similar=similar, context=context,
+                       ensemble={"members": len(members), "combine": combine, "member_info": info})
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,12 @@ def pairs(k_folds: int) -> list[tuple[int, int]]:
 
 def pair_config(cfg: RunConfig, k: int, j: int) -> RunConfig:
     """Pair (k, j)'s run: the recipe as one ordinary run that validates on folds k and j, with its own seed (after
-    the fold runs' seeds) and no test report; split.val is only descriptive (about the share two folds hold)."""
+    the fold runs' seeds), no test report and no context stage; split.val is only descriptive (about the share two
+    folds hold)."""
     index = pairs(cfg.cv.folds).index((k, j))
     val = round(2 * (1 - cfg.split.test) / cfg.cv.folds, 4)
     return replace(cfg, name=f"{cfg.name}.pair_{k}_{j}", seed=cfg.seed + cfg.cv.folds + index, report_test=False,
-                   cv=CVConfig(), split=replace(cfg.split, val=val))
+                   cv=CVConfig(), split=replace(cfg.split, val=val), context=None)
 
 
 def pair_scores(run: Path, cfg: RunConfig) -> tuple[pd.DataFrame, list[Provenance]]:

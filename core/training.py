@@ -20,6 +20,7 @@ from core.backbones import get_spec
 from core.cache import DecodeCache, MemoryCache
 from core.bundle import BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
 from core.config import ConfigError, DataSource, RunConfig, StageConfig
+from core.context_fit import fit_context
 from core.dataset import ManifestDataset, check_images
 from core.scores import sigmoid
 from core.device import dataloader_workers, fabric_precision, hardware_record, pick_device
@@ -413,7 +414,8 @@ def finish(fabric, rf, cfg, model, state, parent, seconds) -> Path:
                           val_sensitivity=vm["recall"], val_specificity=vm["specificity"],
                           n_val=int(len(y)), n_val_malignant=int(y.sum()))
     provenance = _provenance(cfg, state, parent, vm, seconds)
-    context = fit_context_stage(rf, cfg, df, val_df, probs, val_report) if cfg.context else None
+    context = fit_context_stage(rf, cfg, val_report, fit_context, df[df["split"] == "train"], val_df,
+                                probs) if cfg.context else None
     trust = fit_trust(model, df, device=fabric.device, seed=cfg.seed)  # gate, calibration, similar cases
     for note in trust.notes:
         rf.log(note)
@@ -465,27 +467,26 @@ def report_test(rf, cfg, bundle_path, df) -> None:
                format_context_table(report["context"], f"{cfg.name} (test)"))
 
 
-def fit_context_stage(rf, cfg, df, val_df, val_probs, val_report: dict):
-    """The optional context stage: answers of the training patients, fusion on the validation image logits.
+def fit_context_stage(rf, cfg, report: dict, fit, *rows):
+    """The optional context stage, `fit(*rows, fields, rule=..., ...)` (core.context_fit: fit_context on a single
+    split, fit_context_cv on out-of-fold scores) with the recipe's fields and threshold rule.
 
-    None when it cannot be fitted (no field with enough answers, a bad answer, one validation class): the run's
-    image model is still saved, without the stage, and the log and validation report say why."""
+    None when it cannot be fitted (no field with enough answers, a bad answer, one class): the run's image model is
+    still saved, without the stage, and the log and the report (its `notes`) say why."""
     from core.context import ContextError
-    from core.context_fit import fit_context
     t = cfg.threshold
     try:
-        stage = fit_context(df[df["split"] == "train"], val_df, val_probs, cfg.context.fields, rule=t.rule,
-                            target=t.target, n_boot=cfg.n_boot, seed=cfg.seed)
+        stage = fit(*rows, cfg.context.fields, rule=t.rule, target=t.target, n_boot=cfg.n_boot, seed=cfg.seed)
     except ContextError as e:
         note = f"context stage not fitted, the bundle has none (image model only): {e}"
         rf.log(note)
-        val_report.setdefault("notes", []).append(note)
+        report.setdefault("notes", []).append(note)
         return None
     th = stage.threshold
     rf.log(f"context stage: fields {', '.join(stage.fields)}; missing answers: {stage.missing_rule}; fused "
-           f"threshold {th['value']:.3f} (validation sensitivity {th['val_sensitivity']['value']:.2f}, "
-           f"specificity {th['val_specificity']['value']:.2f}, ROC-AUC {th['val_roc_auc']['value']:.3f})" +
-           "".join(f"\n  left out {f}: {why}" for f, why in stage.excluded.items()))
+           f"threshold {th['value']:.3f} chosen on the {th['chosen_on']}: sensitivity "
+           f"{th['val_sensitivity']['value']:.2f}, specificity {th['val_specificity']['value']:.2f}, ROC-AUC "
+           f"{th['val_roc_auc']['value']:.3f}" + "".join(f"\n  left out {f}: {why}" for f, why in stage.excluded.items()))
     return stage
 
 

@@ -118,11 +118,7 @@ with right:
             (st.warning if pred.disagreement.split else st.caption)(
                 pred.disagreement.sentence() + (" Treat this photo as uncertain." if pred.disagreement.split else ""))
         if fused.used:
-            t = stage.threshold
-            st.caption(f"Photo + answers threshold chosen on validation: sensitivity "
-                       f"{t['val_sensitivity']['value']:.0%}, specificity {t['val_specificity']['value']:.0%} on "
-                       f"{t['n_val']} validation images. The fusion was fitted on those same validation patients, "
-                       "so these two numbers are optimistic; the photo-only numbers below are not.")
+            st.caption(stage.threshold_note())
         if fused.verdicts_differ:
             said = "flagged" if fused.image_malignant else "not flagged"
             alone = (f"calibrated probability {pred.prob_calibrated:.0%}, {said} at its own threshold "

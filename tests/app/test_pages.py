@@ -462,6 +462,8 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     assert not at.exception, at.exception
     assert "Inputs used: photo + 2 answers** (age, bleed)" in texts(at)
     assert "### Probability of malignancy from the photo and the answers:" in texts(at)
+    assert ("Photo + answers threshold chosen on the validation split: sensitivity 92%, specificity 60% on 30 "
+            "images") in texts(at, "caption")
     up = _headline(at)
     _answer(at, age=20.0, bleed="no")
     down = _headline(at)

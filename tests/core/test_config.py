@@ -191,7 +191,6 @@ def test_cv_folds_are_read_and_zero_means_one_validation_split():
     ({"cv": {"folds": -2}}, "cv.folds must be 0"),
     ({"cv": {"folds": 2.5}}, "cv.folds: expected a whole number"),
     ({"cv": {"k": 5}}, "cv: unknown key"),
-    ({"cv": {"folds": 5}, "context": {"fields": ["age"]}}, "context section is not supported with cv yet"),
     ({"cv": {"folds": 5}, "split": {"val": 0.15, "test": 0.0}, "report_test": True}, "report_test needs"),
     ({"cv": {"folds": 5}, "split": {"val": 0.1, "test": 1.0}}, "test must be >= 0 and < 1"),
 ])

@@ -9,7 +9,7 @@ import pytest
 
 from core.context import (CONTEXT_COLUMNS, ContextError, ContextModel, check_fields, context_frame, fuse,
                           normalise, site_of)
-from core.context_fit import fit_context, screen_fields
+from core.context_fit import crossfit_context_logits, fit_context, fit_context_cv, screen_fields
 from core.context_report import context_report
 
 QUESTIONS = ("itch", "grew", "hurt", "changed", "bleed", "elevation")
@@ -96,6 +96,71 @@ def test_rows_of_other_splits_are_refused():
     with pytest.raises(ContextError, match="patient"):
         fit_context(tr.drop(columns="split"), tr.drop(columns="split"), prob[:len(tr)], ("age", "bleed"),
                     n_boot=0)
+
+
+# ---------------------------------------------------------------- cross-validated runs
+def cv_rows(n=400, k=4, seed=0):
+    """synthetic()'s non-test rows with patient-grouped folds, and their (out-of-fold) image probabilities."""
+    df, prob = synthetic(n=n, seed=seed)
+    keep = (df["split"] != "test").to_numpy()
+    df = df[keep].reset_index(drop=True).drop(columns="split")
+    patients = sorted(set(df["patient_id"]))
+    fold_of = {pid: i % k for i, pid in enumerate(np.random.default_rng(seed).permutation(patients))}
+    return df.assign(fold=df["patient_id"].map(fold_of)), prob[keep]
+
+
+def test_cross_fitted_context_logits_never_see_their_own_folds_labels():
+    """A row's cross-fitted context logit comes from a model fitted without its fold: flipping fold 0's labels
+    leaves fold 0's logits exactly as they were, and moves the other folds' (whose models trained on fold 0)."""
+    from core.context import context_frame
+    from core.splits import grouping
+    df, _ = cv_rows()
+    fields = ["age", "site", "bleed", "grew"]
+    a, g, fold = context_frame(df, fields), grouping(df)[1].to_numpy(), df["fold"].to_numpy()
+    y = df["label"].to_numpy()
+    flipped = np.where(fold == 0, 1 - y, y)
+    for rule in ("masked_level", "expected"):
+        before = crossfit_context_logits(a, y, g, fold, rule)[0]
+        after = crossfit_context_logits(a, flipped, g, fold, rule)[0]
+        np.testing.assert_array_equal(before[fold == 0], after[fold == 0])
+        assert np.abs(before[fold != 0] - after[fold != 0]).max() > 1e-3
+
+
+def test_cv_context_stage_is_fitted_on_all_non_test_rows_and_thresholded_on_out_of_fold_scores():
+    df, prob = cv_rows()
+    fields = ("age", "site", "bleed", "grew", "itch", "hurt", "changed", "elevation")
+    model = fit_context_cv(df, prob, fields, where="out-of-fold predictions (4 folds)", n_boot=50)
+    assert model.threshold["chosen_on"] == "out-of-fold predictions (4 folds) (fused output)"
+    assert model.context_threshold["chosen_on"] == "out-of-fold predictions (4 folds) (context output)"
+    assert model.threshold["n_val"] == len(df) and model.threshold["val_sensitivity"]["value"] >= 0.9
+    assert "cross-fitted over the 4 folds" in model.fitted["fusion"] and f"{len(df)} images" in model.fitted["fusion"]
+    assert model.fitted["n_train"] == len(df) and set(model.fitted["missing_rule_val_log_loss"]) == {
+        "masked_level", "expected"}
+    # answers carry signal here, so fusing them beats the image score alone (both judged out of fold)
+    from sklearn.metrics import roc_auc_score
+    assert model.threshold["val_roc_auc"]["value"] > roc_auc_score(df["label"], prob) + 0.02
+    assert fuse(model, 0.4, 0.5, {"bleed": "yes"}).prob > fuse(model, 0.4, 0.5, {"bleed": "no"}).prob
+    assert "out-of-fold predictions (4 folds): sensitivity" in model.threshold_note()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda df: df.assign(split="test"), "include test rows"),
+    (lambda df: df.assign(fold=np.arange(len(df)) % 4), "is in more than one fold"),
+    (lambda df: df.assign(label=np.where(df["fold"] == 0, df["label"], 1)), "folds other than 0 hold one class"),
+])
+def test_cv_context_stage_refuses_test_rows_and_bad_folds(change, message):
+    df, prob = cv_rows()
+    with pytest.raises(ContextError, match=message):
+        fit_context_cv(change(df), prob, ("age", "bleed"), where="out-of-fold predictions", n_boot=0)
+
+
+def test_threshold_note_says_where_the_fused_threshold_was_chosen(model_and_data):
+    model, _, _ = model_and_data
+    note = model.threshold_note()
+    assert note.startswith("Photo + answers threshold chosen on the validation split: sensitivity ")
+    assert f"on {model.threshold['n_val']} images" in note and "lean optimistic" in note
+    from dataclasses import replace
+    assert "not recorded" in replace(model, threshold={}).threshold_note()
 
 
 # ---------------------------------------------------------------- prediction

@@ -236,8 +236,51 @@ def test_without_a_test_split_the_out_of_fold_metrics_are_said_to_be_the_only_in
     assert (runfolder.read_folds(run)["fold"] != TEST_FOLD).all()
 
 
+@pytest.mark.slow
+def test_a_context_stage_is_fitted_on_the_out_of_fold_scores_and_travels_with_the_ensemble(tmp_path, one_thread):
+    """cv + context: the fold runs train no context stage of their own; the ensemble's is fitted on every non-test
+    row's out-of-fold image score (context logits cross-fitted over the same folds), its thresholds chosen there,
+    and the test report puts image-only, context-only and fused side by side for the ensemble."""
+    from core.context import context_of, fuse
+    from core.inference import Predictor
+    from core.manifest import write_manifest
+    from tests.conftest import make_images
+    df = make_images(tmp_path / "images", n=60)
+    rng = np.random.default_rng(0)
+    df["image"] = [str((tmp_path / "images" / p).resolve()) for p in df["image"]]
+    df["bleed"] = np.where(rng.random(len(df)) < 0.15 + 0.7 * df["label"], "True", "False")
+    df["age"] = (45 + 20 * df["label"] + rng.normal(0, 10, len(df))).round()
+    df["biopsed"] = df["label"].map({1: "True", 0: "False"})
+    manifest = write_manifest(df, tmp_path / "m.csv")
+    raw = tiny_config(tmp_path, tmp_path, cv={"folds": K}, report_test=True, context={"fields": ["age", "bleed"]})
+    for stage in raw["stages"]:
+        stage["data"], stage["epochs"] = [{"manifest": str(manifest)}], 1
+    run = tmp_path / "run"
+    cv.fit_cv(run_config_from_dict(raw), run)
+    for k in range(K):
+        assert context_of(load_bundle(runfolder.fold_path(run, k) / runfolder.BUNDLE).meta) is None
+    bundle = load_bundle(run)
+    stage = context_of(bundle.meta)
+    assert len(bundle.model.members) == K and stage.fields == ("age", "bleed")
+    assert stage.threshold["chosen_on"] == f"out-of-fold predictions ({K} folds) (fused output)"
+    non_test = int((runfolder.read_folds(run)["fold"] != TEST_FOLD).sum())
+    assert stage.threshold["n_val"] == non_test and f"{non_test} images" in stage.fitted["fusion"]
+    assert f"cross-fitted over the {K} folds" in stage.fitted["fusion"]
+    log = runfolder.log_tail(run, lines=200)
+    assert f"fused threshold {stage.threshold['value']:.3f} chosen on the out-of-fold predictions ({K} folds)" in log
+    report = json.loads((run / "test_report.json").read_text())["context"]
+    assert {"image_only", "context_only", "fused", "withheld"} <= set(report)
+    assert report["thresholds"]["fused"] == stage.threshold["value"]
+    # the app's path: the ensemble's photo score, fused with answers by the bundle's stage
+    predictor = Predictor(bundle, device="cpu")
+    assert predictor.context == stage
+    pred = predictor.predict_source(df["image"].iloc[0], cam_method=None)
+    yes, no = (fuse(stage, pred.prob, pred.threshold, {"bleed": a, "age": 60}) for a in ("yes", "no"))
+    assert yes.used == ("age", "bleed") and yes.prob > no.prob
+
+
 # ------------------------------------------------------------------ the shared data
-def test_shared_demo_cv_holds_out_the_test_patients_of_shared_demo():
+def test_shared_demo_cv_recipes_hold_out_the_test_patients_of_shared_demo():
     import yaml
 
     from core.splits import assign_folds, assign_splits
@@ -250,6 +293,12 @@ def test_shared_demo_cv_holds_out_the_test_patients_of_shared_demo():
     single, _ = assign_splits(union, demo.split)
     folds, _ = assign_folds(stage_rows(cvc)[1], cvc.cv.folds, cvc.split)
     assert set(single.loc[single["split"] == "test", "image"]) == set(folds.loc[folds["fold"] == TEST_FOLD, "image"])
+    # the context recipe reads the same photos through the PAD importer (other row order): the same folds
+    ctx = run_config_from_dict({**yaml.safe_load((configs / "shared_demo_cv_context.yaml").read_text()),
+                                "data_root": data_root})
+    ctx_folds, _ = assign_folds(stage_rows(ctx)[1], ctx.cv.folds, ctx.split)
+    assert ctx.context is not None and dict(zip(ctx_folds["image"], ctx_folds["fold"])) == dict(
+        zip(folds["image"], folds["fold"]))
 
 
 # ------------------------------------------------------------------ the threshold rule on new patients (pure)
@@ -302,3 +351,17 @@ def test_machines_lists_each_distinct_training_machine_once_in_first_seen_order(
     fp32 = {**bf16, "precision": "32-true", "cpu_capability": "AVX2", "cpu_native_bf16": False}
     assert cv.machines([[bf16], None, [bf16, fp32], [fp32]]) == [bf16, fp32]
     assert cv.machines([None, None]) == []  # members older than the record: nothing claimed
+
+
+def test_context_rows_pair_each_non_test_photos_answers_with_the_score_the_threshold_was_chosen_on():
+    """The scores (out-of-fold or nested, in their own order) meet the last stage's answers by image; the stage's
+    test rows and its own fold/score columns never come through."""
+    stage = pd.DataFrame({"image": ["a", "b", "c", "t"], "label": [1, 0, 1, 0], "patient_id": ["p", "q", "r", "s"],
+                          "split": ["train", "train", "train", "test"], "bleed": ["yes", "no", None, "yes"],
+                          "prob": [9.0] * 4})
+    nested_scores = pd.DataFrame({"image": ["c", "a", "b"], "label": [1, 1, 0], "patient_id": ["r", "p", "q"],
+                                  "fold": [2, 0, 1], "prob": [0.7, 0.2, 0.4], "logit": [0.0] * 3, "members": [2] * 3})
+    rows = cv.context_rows(nested_scores, stage)
+    assert rows["image"].tolist() == ["c", "a", "b"] and rows["prob"].tolist() == [0.7, 0.2, 0.4]
+    assert rows["fold"].tolist() == [2, 0, 1] and rows["bleed"].fillna("-").tolist() == ["-", "yes", "no"]
+    assert "t" not in set(rows["image"]) and rows["label"].tolist() == [1, 1, 0]
