@@ -156,6 +156,50 @@ def cv_roc_curves(report: dict) -> list[dict]:
     return curves
 
 
+def context_table(report: dict) -> pd.DataFrame:
+    """A report's clinical-context section (core.context_report) in the paper's table layout: image only, context
+    only, fused (each at its own threshold), then the fused model with each answer withheld; empty without one."""
+    c = report.get("context")
+    if not c:
+        return pd.DataFrame()
+    rows = {"image only": c["image_only"], "context only": c["context_only"], "photo + answers (fused)": c["fused"]}
+    rows.update({f"fused, {f} withheld" if f != "all answers" else "no answers (photo only, as the app does)": r
+                 for f, r in (c.get("withheld") or {}).items()})
+    return metrics_table(rows).rename(columns={"Model": "Inputs"})
+
+
+def context_roc_curves(report: dict) -> list[dict]:
+    """ROC curves (name, fpr, tpr, auc) of the image-only, context-only and fused scores of a report's
+    clinical-context section, from its per-image rows; empty without one."""
+    rows = pd.DataFrame((report.get("context") or {}).get("per_image") or [])
+    if rows.empty:
+        return []
+    y = rows["label"].to_numpy().astype(int)
+    names = {"image_prob": ("image only", "image_only"), "context_prob": ("context only", "context_only"),
+             "fused_prob": ("photo + answers (fused)", "fused")}
+    out = []
+    for column, (name, key) in names.items():
+        if column in rows and rows[column].notna().all():
+            curve = metrics.roc_points(y, rows[column].to_numpy(dtype=float))
+            auc = ((report["context"].get(key) or {}).get("metrics", {}).get("roc_auc") or {}).get("value")
+            out.append({"name": name, "fpr": curve["fpr"], "tpr": curve["tpr"], "auc": auc})
+    return out
+
+
+def context_weights_table(report: dict) -> pd.DataFrame:
+    """What each answer adds to the fused logit (core.context.ContextModel.per_field_weights), one row per field:
+    categorical answers and 'missing' as columns, numeric fields per standard deviation; empty without one."""
+    weights = (report.get("context") or {}).get("weights_per_field") or {}
+    rows = []
+    for field, w in weights.items():
+        if "per_std" in w:
+            rows.append({"Field": field, "answer": f"per {w['std']:.3g} (1 SD)", "weight": w["per_std"]})
+            rows.append({"Field": field, "answer": "missing", "weight": w.get("missing")})
+        else:
+            rows += [{"Field": field, "answer": answer, "weight": v} for answer, v in w.items()]
+    return pd.DataFrame(rows, columns=["Field", "answer", "weight"])
+
+
 def subgroup_tables(report: dict) -> dict[str, pd.DataFrame]:
     """{'fitzpatrick': table, 'domain': table}: the same layout with one row per subgroup value."""
     out = {}

@@ -1,5 +1,6 @@
 """Dashboard: saved evaluation reports (no model is run): metrics with 95% CIs in the paper's table layout, a
-paired comparison of two reports, confusion matrices, ROC curves, subgroups, PCA plots and example predictions."""
+paired comparison of two reports, confusion matrices, ROC curves, clinical context, subgroups, PCA plots and
+example predictions."""
 from pathlib import Path
 
 import plotly.express as px
@@ -9,6 +10,19 @@ import streamlit as st
 from core import appstate, reports
 from core.calibration import ECE_INTERVAL
 from ui import common
+
+
+def _roc_figure(curves: list[dict], line=lambda curve: None, legend=None) -> go.Figure:
+    """ROC curves (name, fpr, tpr, auc) with the chance diagonal, axes named by what they measure."""
+    fig = go.Figure()
+    for c in curves:
+        name = f"{c['name']} (AUC {c['auc']:.3f})" if c.get("auc") is not None else c["name"]
+        fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=name, line=line(c)))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
+                             name="chance", hoverinfo="skip"))
+    fig.update_layout(xaxis_title="False positive rate (1 - specificity)", yaxis_title="True positive rate "
+                      "(sensitivity)", height=420, margin={"t": 20}, **({"legend": legend} if legend else {}))
+    return fig
 
 
 def _cv_line(curve: dict) -> dict:
@@ -44,18 +58,11 @@ if loaded:
         st.markdown(reports.paired_comparison(*[x for item in loaded.items() for x in item]))
 
     st.subheader("ROC curves")
-    roc = go.Figure()
-    for label, rep in loaded.items():
-        if rep.get("roc"):
-            auc = (rep["metrics"].get("roc_auc") or {}).get("value")
-            roc.add_trace(go.Scatter(x=rep["roc"]["fpr"], y=rep["roc"]["tpr"], mode="lines",
-                                     name=f"{label} (AUC {auc:.3f})" if auc is not None else label))
-    roc.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
-                             name="chance", hoverinfo="skip"))
-    roc.update_layout(xaxis_title="False positive rate (1 - specificity)", yaxis_title="True positive rate "
-                      "(sensitivity)", height=420, margin={"t": 20}, legend={"yanchor": "bottom", "y": 0.02,
-                                                                             "xanchor": "right", "x": 0.98})
-    st.plotly_chart(roc, width="stretch", key="roc")
+    curves = [{"name": label, "fpr": rep["roc"]["fpr"], "tpr": rep["roc"]["tpr"],
+               "auc": (rep["metrics"].get("roc_auc") or {}).get("value")} for label, rep in loaded.items()
+              if rep.get("roc")]
+    st.plotly_chart(_roc_figure(curves, legend={"yanchor": "bottom", "y": 0.02, "xanchor": "right", "x": 0.98}),
+                    width="stretch", key="roc")
 
     cv_reports = {label: rep for label, rep in loaded.items() if rep.get("cv")}
     if cv_reports:
@@ -72,16 +79,20 @@ if loaded:
         nested = reports.cv_nested_text(rep)
         if nested:
             st.caption(". ".join(line[0].upper() + line[1:] for line in nested.splitlines()) + ".")
-        fig = go.Figure()
-        for c in reports.cv_roc_curves(rep):
-            name = f"{c['name']} (AUC {c['auc']:.3f})" if c["auc"] is not None else c["name"]
-            fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=name,
-                                     line=_cv_line(c)))
-        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
-                                 name="chance", hoverinfo="skip"))
-        fig.update_layout(xaxis_title="False positive rate (1 - specificity)", yaxis_title="True positive rate "
-                          "(sensitivity)", height=420, margin={"t": 20})
-        st.plotly_chart(fig, width="stretch", key=f"cv_roc_{n}")
+        st.plotly_chart(_roc_figure(reports.cv_roc_curves(rep), _cv_line), width="stretch", key=f"cv_roc_{n}")
+
+    context_reports = {label: rep for label, rep in loaded.items() if rep.get("context")}
+    if context_reports:
+        st.subheader("Clinical context: the photo, the answers, and both")
+    for n, (label, rep) in enumerate(context_reports.items()):
+        st.markdown(f"**{label}**: image only, answers only, and fused, each at its own threshold (fixed when the "
+                    "model was trained); then the fused model with each answer withheld in turn.")
+        st.dataframe(reports.context_table(rep), hide_index=True, width="stretch")
+        st.plotly_chart(_roc_figure(reports.context_roc_curves(rep)), width="stretch", key=f"context_roc_{n}")
+        with st.expander("What each answer adds to the fused logit"):
+            st.dataframe(reports.context_weights_table(rep), hide_index=True, width="stretch")
+            for field, why in (rep["context"].get("excluded_fields") or {}).items():
+                st.caption(f"Not used: {field}, {why}.")
 
     st.subheader("Calibration and refusals")
     trust = reports.trust_table(loaded)

@@ -336,6 +336,26 @@ def test_dashboard_from_saved_report(with_model):
     assert "No paired comparison: the two score sets are not the same photos" in texts(at)
 
 
+def test_dashboard_shows_the_clinical_context_section_of_the_demo_evidence(without_model):
+    """The built-in demo's test report has a context section: the Dashboard puts photo, answers and both side by
+    side with their CIs, draws their three ROC curves, and lists each answer's weight and the fields left out."""
+    at = app().switch_page("ui/dashboard.py").run()
+    at.multiselect(key="dash_reports").set_value(["built-in demo: test_report.json"]).run()
+    assert not at.exception, at.exception
+    assert "Clinical context: the photo, the answers, and both" in [h.value for h in at.subheader]
+    tables = [d.value for d in at.dataframe if "Inputs" in d.value.columns]
+    assert len(tables) == 1 and tables[0]["Inputs"].tolist()[:3] == ["image only", "context only",
+                                                                    "photo + answers (fused)"]
+    assert tables[0]["ROC-AUC"].str.contains(r"\[").all()
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    names = [[t.get("name", "") for t in s["data"]] for s in specs]
+    context_roc = [n for n in names if any(x.startswith("photo + answers (fused) (AUC") for x in n)]
+    assert len(context_roc) == 1 and len(context_roc[0]) == 4  # image, context, fused, chance
+    weights = [d.value for d in at.dataframe if list(d.value.columns) == ["Field", "answer", "weight"]]
+    assert len(weights) == 1 and "bleed" in set(weights[0]["Field"])
+    assert "Not used: sex, not recorded for 139 of 227 benign" in texts(at, "caption")
+
+
 def test_dashboard_without_reports(without_model, monkeypatch, tmp_path):
     from core import builtin
     monkeypatch.setattr(builtin, "DEMO_EVIDENCE", tmp_path / "no_evidence")  # a checkout without the demo

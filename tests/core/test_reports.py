@@ -64,3 +64,39 @@ def test_find_pca(tmp_path):
     found = reports.find_pca([tmp_path, tmp_path / "absent"])
     assert len(found) == 1 and found[0].tables == (d / "pixels.csv",) and found[0].html == (d / "pca.html",)
     assert reports.read_pca_table(found[0].tables[0])["domain"].tolist() == ["isic"]
+
+
+def test_context_section_becomes_a_table_roc_curves_and_weights():
+    """A report's clinical-context section (written by core.context_report) read back for the Dashboard: rows in
+    the writer's order with the writer's numbers, one ROC curve per score from the per-image rows (their AUC the
+    section's), and each answer's weight; a report without the section gives nothing."""
+    from core import metrics
+    from core.context_report import context_report
+    from tests.core.test_context import fitted, synthetic
+    df, prob = synthetic()
+    model = fitted(df, prob)
+    test = (df["split"] == "test").to_numpy()
+    rep = {"metrics": {}, "context": json.loads(json.dumps(context_report(
+        df[test].reset_index(drop=True), prob[test], 0.5, model, n_boot=50)))}
+    table = reports.context_table(rep)
+    assert table["Inputs"].tolist()[:3] == ["image only", "context only", "photo + answers (fused)"]
+    assert table["Inputs"].tolist()[3:] == [f"fused, {f} withheld" for f in model.fields] + [
+        "no answers (photo only, as the app does)"]
+    fused = rep["context"]["fused"]
+    assert table.loc[2, "ROC-AUC"] == metrics.format_estimate(fused["metrics"]["roc_auc"])
+    assert table.loc[2, "threshold"] == fused["threshold"] and table.loc[2, "n"] == int(test.sum())
+    curves = reports.context_roc_curves(rep)
+    assert [c["name"] for c in curves] == ["image only", "context only", "photo + answers (fused)"]
+    y = df.loc[test, "label"].to_numpy()
+    for c, key in zip(curves, ("image_only", "context_only", "fused")):
+        assert c["auc"] == rep["context"][key]["metrics"]["roc_auc"]["value"]
+        assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(c["auc"], abs=1e-9)  # the curve is that score's
+    assert len(y) == len(rep["context"]["per_image"])
+    weights = reports.context_weights_table(rep)
+    bleed = weights[weights["Field"] == "bleed"].set_index("answer")["weight"]
+    assert set(bleed.index) == {"yes", "no", "unknown", "missing"} and bleed["yes"] > bleed["no"]
+    age = weights[weights["Field"] == "age"]
+    assert age["answer"].iloc[0].startswith("per ") and age["answer"].iloc[1] == "missing"
+    plain = {"metrics": {}}
+    assert reports.context_table(plain).empty and reports.context_roc_curves(plain) == []
+    assert reports.context_weights_table(plain).empty
