@@ -133,6 +133,24 @@ def fit_context_cv(df: pd.DataFrame, image_probs, fields, *, where: str, rule="s
     return _with_thresholds(model, fused, sigmoid(ctx), y, g, where, rule, target, n_boot, seed)
 
 
+def crossfit_fused_probs(df: pd.DataFrame, image_probs, fields, missing_rule: str, seed: int = 0) -> np.ndarray:
+    """Every row's fused P(malignant) with no answer or label of its fold used: its context logit from a context
+    model fitted on the other folds, combined by a fusion fitted on the other folds' rows, whose context logits
+    come from context models that left out fold k as well as their own fold. df and image_probs as for
+    fit_context_cv (the image scores are taken as given); what a fused threshold rule is judged on for new
+    patients (core.cv.threshold_transfer)."""
+    a, y, g = context_frame(df, check_fields(fields)), _y(df), _groups(df)
+    fold, z_img = df["fold"].to_numpy(), image_logit(np.asarray(image_probs, float))
+    ctx = crossfit_context_logits(a, y, g, fold, missing_rule, seed=seed)[0]
+    p = np.empty(len(y))
+    for k in np.unique(fold):
+        rest, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        ctx_rest = crossfit_context_logits(a.iloc[rest], y[rest], g[rest], fold[rest], missing_rule, seed=seed)[0]
+        f = _fit_fusion(z_img[rest], ctx_rest, y[rest])
+        p[te] = sigmoid(f["intercept"] + f["image"] * z_img[te] + f["context"] * ctx[te])
+    return p
+
+
 def crossfit_context_logits(a: pd.DataFrame, y, groups, fold, missing_rule: str, scenarios=({},),
                             seed: int = 0) -> list[np.ndarray]:
     """Per scenario (answers withheld), every row's context logit from a context model that never saw its fold:
@@ -302,18 +320,23 @@ def _context_logits(model: ContextModel, a: pd.DataFrame) -> np.ndarray:
     return np.array([model.context_logit(r) for r in _records(a)], dtype=float)
 
 
+def _crossfit_fusion(z_img, z_ctx, y, folds) -> np.ndarray:
+    """Each fold's fused probabilities from a fusion fitted on the other folds (the base rate when those hold one
+    class)."""
+    p = np.empty(len(y))
+    for tr, te in folds:
+        if len(set(y[tr])) < 2:
+            p[te] = y[tr].mean()
+            continue
+        f = _fit_fusion(z_img[tr], z_ctx[tr], y[tr])
+        p[te] = sigmoid(f["intercept"] + f["image"] * z_img[te] + f["context"] * z_ctx[te])
+    return p
+
+
 def _fusion_loss(z_img, z_ctx_per_scenario, y, folds) -> float:
     """Mean log-loss of the fused model over the scenarios, each fold's fusion fitted on the other folds."""
-    losses = []
-    for z_ctx in z_ctx_per_scenario:
-        p = np.empty(len(y))
-        for tr, te in folds:
-            if len(set(y[tr])) < 2:
-                p[te] = y[tr].mean()
-                continue
-            f = _fit_fusion(z_img[tr], z_ctx[tr], y[tr])
-            p[te] = sigmoid(f["intercept"] + f["image"] * z_img[te] + f["context"] * z_ctx[te])
-        losses.append(log_loss(y, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1]))
+    losses = [log_loss(y, np.clip(_crossfit_fusion(z_img, z_ctx, y, folds), 1e-6, 1 - 1e-6), labels=[0, 1])
+              for z_ctx in z_ctx_per_scenario]
     return float(np.mean(losses))
 
 

@@ -245,11 +245,12 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     except CalibrationError as e:
         calibration = None
         report["notes"].append(f"no calibration map: {e}")
-    context = None
+    context, context_section = None, None
     if cfg.context:
         rows = context_rows(fit_df, last_stage)
         context = fit_context_stage(rf, cfg, report, partial(fit_context_cv, where=threshold.chosen_on), rows,
                                     rows["prob"].to_numpy())
+        context_section = None if context is None else context_new_patients(rows, context, cfg)
     report["notes"] += cv_notes(cfg)
     per_fold = fold_reports(oof, members, member_threshold.value, rf.out)
     transfer = threshold_transfer(oof, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -259,6 +260,8 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
                     "calibration": None if calibration is None else calibration.to_meta()}
     if nested_section is not None:
         report["cv"].update(member_threshold=member_threshold.to_dict(), nested=nested_section)
+    if context_section is not None:
+        report["cv"]["context"] = context_section
     member_info = [{"fold": f["fold"], "run": f["run"], "best_epochs": f["best_epochs"],
                     "val_metrics": b.meta.provenance.validation_metrics} for f, b in zip(per_fold, members)]
     seconds = sum(float(b.meta.provenance.train_seconds or 0) for b in members)
@@ -277,6 +280,8 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     rf.log(transfer_line(transfer))
     if nested_section is not None:
         rf.log(nested_line(nested_section))
+    if context_section is not None:
+        rf.log(context_line(context_section))
     if calibration is not None:
         rf.log(f"calibration: {calibration.method} (slope {calibration.slope:.3f}, intercept "
                f"{calibration.intercept:.3f}) on {calibration.n} {calibration.fitted_on} photos; {calibration.chosen_by}")
@@ -291,6 +296,34 @@ def context_rows(scores: pd.DataFrame, last_stage: pd.DataFrame) -> pd.DataFrame
     chosen on (`prob`: out-of-fold, or nested), in the scores' order."""
     rows = last_stage[last_stage["split"] != "test"].drop(columns=["fold", "prob", "logit"], errors="ignore")
     return scores[["image", "fold", "prob"]].merge(rows, on="image", how="left", validate="one_to_one")
+
+
+def context_new_patients(rows: pd.DataFrame, stage, cfg: RunConfig) -> dict:
+    """The report's `context` section: fused scores with no answer or label of their fold used (context model and
+    fusion cross-fitted over the folds, core.context_fit.crossfit_fused_probs), their ROC-AUC with its
+    patient-bootstrap CI, and the fused threshold rule judged on new patients as cv.threshold_transfer judges the
+    image rule."""
+    from core.context_fit import crossfit_fused_probs
+    t = cfg.threshold
+    fused = crossfit_fused_probs(rows, rows["prob"].to_numpy(), cfg.context.fields, stage.missing_rule,
+                                 seed=cfg.seed)
+    scored = rows.assign(prob=fused)
+    y = scored["label"].to_numpy().astype(int)
+    auc = metrics.metric_report(y, fused, 0.5, groups=groups_of(scored), n_boot=cfg.n_boot,
+                                seed=cfg.seed)["metrics"]["roc_auc"]
+    return {"fields": list(stage.fields), "n": int(len(y)), "fused_threshold": stage.threshold,
+            "crossfitted_roc_auc": auc, "roc": metrics.roc_points(y, fused),
+            "threshold_transfer": threshold_transfer(scored, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed),
+            "how": "each fold's fused score from a context model and a fusion fitted without that fold's answers "
+                   "and labels, on the image scores the ensemble's threshold was chosen on"}
+
+
+def context_line(section: dict) -> str:
+    """One log line: the cross-fitted fused ROC-AUC and the fused threshold rule on new patients."""
+    transfer = transfer_line(section["threshold_transfer"]).replace("threshold rule on new patients",
+                                                                    "fused threshold rule on new patients")
+    return (f"photo + answers, cross-fitted ({section['how']}): ROC-AUC "
+            f"{metrics.format_estimate(section['crossfitted_roc_auc'])} on {section['n']} photos\n{transfer}")
 
 
 def nested_threshold(run: Path, cfg: RunConfig, order: dict) -> tuple[pd.DataFrame, Threshold, dict]:

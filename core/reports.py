@@ -137,6 +137,16 @@ def cv_nested_text(report: dict) -> str | None:
     return nested_line(nested)
 
 
+def cv_context_text(report: dict) -> str | None:
+    """The cross-validated context stage's sentences (cross-fitted fused ROC-AUC, the fused threshold rule on new
+    patients); None for a report without that section."""
+    section = (report.get("cv") or {}).get("context")
+    if not section:
+        return None
+    from core.cv import context_line
+    return context_line(section)
+
+
 def cv_roc_curves(report: dict) -> list[dict]:
     """The ROC curves of a cross-validation report: one per fold, then the out-of-fold curve (name, fpr, tpr, auc,
     oof), then with nested cross-validation the nested (ensemble) out-of-fold curve; empty for any other report."""

@@ -76,9 +76,9 @@ if loaded:
         transfer = reports.cv_transfer_text(rep)
         if transfer:
             st.caption(transfer[0].upper() + transfer[1:] + ".")
-        nested = reports.cv_nested_text(rep)
-        if nested:
-            st.caption(". ".join(line[0].upper() + line[1:] for line in nested.splitlines()) + ".")
+        for text in (reports.cv_nested_text(rep), reports.cv_context_text(rep)):
+            if text:
+                st.caption(". ".join(line[0].upper() + line[1:] for line in text.splitlines()) + ".")
         st.plotly_chart(_roc_figure(reports.cv_roc_curves(rep), _cv_line), width="stretch", key=f"cv_roc_{n}")
 
     context_reports = {label: rep for label, rep in loaded.items() if rep.get("context")}

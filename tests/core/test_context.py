@@ -9,7 +9,8 @@ import pytest
 
 from core.context import (CONTEXT_COLUMNS, ContextError, ContextModel, check_fields, context_frame, fuse,
                           normalise, site_of)
-from core.context_fit import crossfit_context_logits, fit_context, fit_context_cv, screen_fields
+from core.context_fit import (crossfit_context_logits, crossfit_fused_probs, fit_context, fit_context_cv,
+                              screen_fields)
 from core.context_report import context_report
 
 QUESTIONS = ("itch", "grew", "hurt", "changed", "bleed", "elevation")
@@ -124,6 +125,19 @@ def test_cross_fitted_context_logits_never_see_their_own_folds_labels():
         after = crossfit_context_logits(a, flipped, g, fold, rule)[0]
         np.testing.assert_array_equal(before[fold == 0], after[fold == 0])
         assert np.abs(before[fold != 0] - after[fold != 0]).max() > 1e-3
+
+
+def test_cross_fitted_fused_scores_never_see_their_own_folds_labels():
+    """What the fused rule is judged on for new patients: fold 0's fused scores (context model and fusion both
+    fitted without fold 0) stay exactly as they were when fold 0's labels are flipped; the other folds' move."""
+    df, prob = cv_rows()
+    fields = ("age", "site", "bleed", "grew")
+    flipped = df.assign(label=np.where(df["fold"] == 0, 1 - df["label"], df["label"]))
+    before = crossfit_fused_probs(df, prob, fields, "expected")
+    after = crossfit_fused_probs(flipped, prob, fields, "expected")
+    zero = (df["fold"] == 0).to_numpy()
+    np.testing.assert_array_equal(before[zero], after[zero])
+    assert np.abs(before[~zero] - after[~zero]).max() > 1e-3 and ((before > 0) & (before < 1)).all()
 
 
 def test_cv_context_stage_is_fitted_on_all_non_test_rows_and_thresholded_on_out_of_fold_scores():

@@ -268,6 +268,13 @@ def test_a_context_stage_is_fitted_on_the_out_of_fold_scores_and_travels_with_th
     assert f"cross-fitted over the {K} folds" in stage.fitted["fusion"]
     log = runfolder.log_tail(run, lines=200)
     assert f"fused threshold {stage.threshold['value']:.3f} chosen on the out-of-fold predictions ({K} folds)" in log
+    # the fused rule judged on new patients: context model and fusion cross-fitted, thresholds from other folds
+    section = json.loads((run / runfolder.CV_REPORT).read_text())["cv"]["context"]
+    assert section["n"] == non_test and section["fields"] == ["age", "bleed"]
+    transfer = section["threshold_transfer"]
+    assert [r["fold"] for r in transfer["per_fold"]] == list(range(K)) and 0 <= transfer["sensitivity"]["value"] <= 1
+    assert 0 <= section["crossfitted_roc_auc"]["value"] <= 1 and "fused threshold rule on new patients" in log
+    assert reports.cv_context_text(json.loads((run / runfolder.CV_REPORT).read_text())).startswith("photo + answers")
     report = json.loads((run / "test_report.json").read_text())["context"]
     assert {"image_only", "context_only", "fused", "withheld"} <= set(report)
     assert report["thresholds"]["fused"] == stage.threshold["value"]
