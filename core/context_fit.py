@@ -141,6 +141,8 @@ def crossfit_fused_probs(df: pd.DataFrame, image_probs, fields, missing_rule: st
     patients (core.cv.threshold_transfer)."""
     a, y, g = context_frame(df, check_fields(fields)), _y(df), _groups(df)
     fold, z_img = df["fold"].to_numpy(), image_logit(np.asarray(image_probs, float))
+    if len(np.unique(fold)) < 3:  # the fusion's own context logits need a fold left besides k and their own
+        raise ContextError("judging the fused rule on new patients needs at least 3 folds")
     ctx = crossfit_context_logits(a, y, g, fold, missing_rule, seed=seed)[0]
     p = np.empty(len(y))
     for k in np.unique(fold):

@@ -219,6 +219,7 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     """Out-of-fold predictions, threshold and calibration on them, the reports and the ensemble bundle."""
     from core.calibration import CalibrationError, fit_calibration
     from core.ensemble import save_ensemble
+    from core.context import ContextError
     from core.context_fit import fit_context_cv
     from core.training import fit_context_stage, report_test
     k_folds, t = cfg.cv.folds, cfg.threshold
@@ -250,7 +251,11 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
         rows = context_rows(fit_df, last_stage)
         context = fit_context_stage(rf, cfg, report, partial(fit_context_cv, where=threshold.chosen_on), rows,
                                     rows["prob"].to_numpy())
-        context_section = None if context is None else context_new_patients(rows, context, cfg)
+        try:
+            context_section = None if context is None else context_new_patients(rows, context, cfg)
+        except ContextError as e:  # the stage itself is fitted; only its check on new patients is missing
+            report["notes"].append(f"the fused threshold rule was not judged on new patients: {e}")
+            rf.log(report["notes"][-1])
     report["notes"] += cv_notes(cfg)
     per_fold = fold_reports(oof, members, member_threshold.value, rf.out)
     transfer = threshold_transfer(oof, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed)

@@ -236,6 +236,42 @@ def test_without_a_test_split_the_out_of_fold_metrics_are_said_to_be_the_only_in
     assert (runfolder.read_folds(run)["fold"] != TEST_FOLD).all()
 
 
+def _context_recipe(root: Path, folds: int) -> dict:
+    """A tiny cv recipe over 60 synthetic photos whose manifest carries answers (bleeding and age track the label)
+    and a leaking `biopsed` column; written once per folder."""
+    from core.manifest import write_manifest
+    from tests.conftest import make_images
+    manifest = root / "m.csv"
+    if not manifest.exists():
+        df = make_images(root / "images", n=60)
+        rng = np.random.default_rng(0)
+        df["image"] = [str((root / "images" / p).resolve()) for p in df["image"]]
+        df["bleed"] = np.where(rng.random(len(df)) < 0.15 + 0.7 * df["label"], "True", "False")
+        df["age"] = (45 + 20 * df["label"] + rng.normal(0, 10, len(df))).round()
+        df["biopsed"] = df["label"].map({1: "True", 0: "False"})
+        write_manifest(df, manifest)
+    raw = tiny_config(root, root, cv={"folds": folds}, report_test=True, context={"fields": ["age", "bleed"]})
+    for stage in raw["stages"]:
+        stage["data"], stage["epochs"] = [{"manifest": str(manifest)}], 1
+    return raw
+
+
+@pytest.mark.slow
+def test_with_two_folds_the_context_stage_is_fitted_and_its_check_on_new_patients_is_said_to_be_missing(tmp_path,
+                                                                                                        one_thread):
+    """Two folds leave no fold to cross-fit the fusion's own context logits: the run still finishes with the stage,
+    and the report and log say the fused rule was not judged on new patients, and why."""
+    from core.context import context_of
+    run = tmp_path / "run2"
+    cv.fit_cv(run_config_from_dict(_context_recipe(tmp_path, 2)), run)
+    assert context_of(load_bundle(run).meta) is not None
+    rep = json.loads((run / runfolder.CV_REPORT).read_text())
+    assert "context" not in rep["cv"]
+    why = "the fused threshold rule was not judged on new patients: judging the fused rule on new patients needs at " \
+          "least 3 folds"
+    assert why in rep["notes"] and why in runfolder.log_tail(run, lines=200)
+
+
 @pytest.mark.slow
 def test_a_context_stage_is_fitted_on_the_out_of_fold_scores_and_travels_with_the_ensemble(tmp_path, one_thread):
     """cv + context: the fold runs train no context stage of their own; the ensemble's is fitted on every non-test
@@ -243,18 +279,8 @@ def test_a_context_stage_is_fitted_on_the_out_of_fold_scores_and_travels_with_th
     and the test report puts image-only, context-only and fused side by side for the ensemble."""
     from core.context import context_of, fuse
     from core.inference import Predictor
-    from core.manifest import write_manifest
-    from tests.conftest import make_images
-    df = make_images(tmp_path / "images", n=60)
-    rng = np.random.default_rng(0)
-    df["image"] = [str((tmp_path / "images" / p).resolve()) for p in df["image"]]
-    df["bleed"] = np.where(rng.random(len(df)) < 0.15 + 0.7 * df["label"], "True", "False")
-    df["age"] = (45 + 20 * df["label"] + rng.normal(0, 10, len(df))).round()
-    df["biopsed"] = df["label"].map({1: "True", 0: "False"})
-    manifest = write_manifest(df, tmp_path / "m.csv")
-    raw = tiny_config(tmp_path, tmp_path, cv={"folds": K}, report_test=True, context={"fields": ["age", "bleed"]})
-    for stage in raw["stages"]:
-        stage["data"], stage["epochs"] = [{"manifest": str(manifest)}], 1
+    df = read_manifest(_context_recipe(tmp_path, K)["stages"][0]["data"][0]["manifest"])
+    raw = _context_recipe(tmp_path, K)
     run = tmp_path / "run"
     cv.fit_cv(run_config_from_dict(raw), run)
     for k in range(K):
