@@ -65,18 +65,11 @@ def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, f
     model = tried[chosen][0]
     ctx_val = _context_logits(model, a_val)
     fusion = _fit_fusion(z_img, ctx_val, y_val)
-    model = ContextModel(fields=tuple(kept), intercept=model.intercept, weights=model.weights, fusion=fusion,
-                         missing_rule=chosen, excluded=excluded, fitted={
-                             "context_model": f"training split: {len(a_tr)} images, "
-                                              f"{len(set(g_tr))} patients (answers only)",
-                             "fusion": f"validation split: {len(a_val)} images, {len(set(g_val))} patients "
-                                       "(the image model's logits, never trained on)",
-                             "C": model.fitted["C"], "cv_log_loss": model.fitted["cv_log_loss"],
-                             "missing_rule_val_log_loss": {k: round(v[1], 4) for k, v in tried.items()},
-                             "missing_rule_scenarios": "all answers; each field withheld in turn; 3 random masks "
-                                                       f"(p={MASK_P}); fusion cross-fitted over 10 patient folds",
-                             "train_missing": {f: int(a_tr[f].isna().sum()) for f in fields},
-                             "n_train": int(len(a_tr)), "n_val": int(len(a_val))})
+    model = _stage(model, fusion, tried, excluded, a_tr, fields, n_val=len(a_val), fusion_folds="10 patient folds",
+                   fitted_on={"context_model": f"training split: {len(a_tr)} images, {len(set(g_tr))} patients "
+                                               "(answers only)",
+                              "fusion": f"validation split: {len(a_val)} images, {len(set(g_val))} patients (the "
+                                        "image model's logits, never trained on)"})
     fused = sigmoid(np.array([model.fused_logit(p, r) for p, r in zip(val_image_probs, _records(a_val))]))
     return _with_thresholds(model, fused, sigmoid(ctx_val), y_val, g_val, "validation split", rule, target, n_boot,
                             seed)
@@ -116,19 +109,12 @@ def fit_context_cv(df: pd.DataFrame, image_probs, fields, *, where: str, rule="s
     fusion = _fit_fusion(z_img, ctx, y)
     final = _fit_answers(a[kept], y, g, chosen, seed)
     n, n_patients, k_folds = len(a), len(set(g)), len(folds)
-    model = ContextModel(fields=tuple(kept), intercept=final.intercept, weights=final.weights, fusion=fusion,
-                         missing_rule=chosen, excluded=excluded, fitted={
-                             "context_model": f"every non-test patient: {n} images, {n_patients} patients (answers "
-                                              "only)",
-                             "fusion": f"{where}: {n} images, {n_patients} patients (image models that never trained "
-                                       f"on them), with context logits cross-fitted over the {k_folds} folds (each "
-                                       "fold's answers scored by a context model fitted on the other folds)",
-                             "C": final.fitted["C"], "cv_log_loss": final.fitted["cv_log_loss"],
-                             "missing_rule_val_log_loss": {k: round(v[1], 4) for k, v in tried.items()},
-                             "missing_rule_scenarios": "all answers; each field withheld in turn; 3 random masks "
-                                                       f"(p={MASK_P}); fusion cross-fitted over the {k_folds} folds",
-                             "train_missing": {f: int(a[f].isna().sum()) for f in fields},
-                             "n_train": int(n), "n_val": int(n)})
+    model = _stage(final, fusion, tried, excluded, a, fields, n_val=n, fusion_folds=f"the {k_folds} folds",
+                   fitted_on={"context_model": f"every non-test patient: {n} images, {n_patients} patients (answers "
+                                               "only)",
+                              "fusion": f"{where}: {n} images, {n_patients} patients (image models that never "
+                                        f"trained on them), with context logits cross-fitted over the {k_folds} folds "
+                                        "(each fold's answers scored by a context model fitted on the other folds)"})
     fused = sigmoid(fusion["intercept"] + fusion["image"] * z_img + fusion["context"] * ctx)
     return _with_thresholds(model, fused, sigmoid(ctx), y, g, where, rule, target, n_boot, seed)
 
@@ -168,6 +154,21 @@ def crossfit_context_logits(a: pd.DataFrame, y, groups, fold, missing_rule: str,
         for z, withheld in zip(logits, scenarios):
             z[te] = _context_logits(model, _withhold(a.iloc[te], {f: np.asarray(m)[te] for f, m in withheld.items()}))
     return logits
+
+
+def _stage(answers: ContextModel, fusion: dict, tried: dict, excluded: dict, a_fit: pd.DataFrame, fields, *,
+           n_val: int, fitted_on: dict, fusion_folds: str) -> ContextModel:
+    """The fitted stage: the chosen rule's answer model, the fusion, and what each part was fitted on (fitted_on:
+    {"context_model": ..., "fusion": ...})."""
+    return ContextModel(fields=answers.fields, intercept=answers.intercept, weights=answers.weights, fusion=fusion,
+                        missing_rule=answers.missing_rule, excluded=excluded, fitted={
+                            **fitted_on,
+                            "C": answers.fitted["C"], "cv_log_loss": answers.fitted["cv_log_loss"],
+                            "missing_rule_val_log_loss": {k: round(v[1], 4) for k, v in tried.items()},
+                            "missing_rule_scenarios": "all answers; each field withheld in turn; 3 random masks "
+                                                      f"(p={MASK_P}); fusion cross-fitted over {fusion_folds}",
+                            "train_missing": {f: int(a_fit[f].isna().sum()) for f in fields},
+                            "n_train": int(len(a_fit)), "n_val": int(n_val)})
 
 
 def screen_fields(answers: pd.DataFrame, y: np.ndarray) -> tuple[list[str], dict]:
