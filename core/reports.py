@@ -106,14 +106,16 @@ def cv_fold_table(report: dict) -> pd.DataFrame:
         return pd.DataFrame()
     shown = [m for m in metrics.METRICS if m.in_table]
     fmt = lambda m, v: m.format({"value": v})  # noqa: E731 - a point value (no CI), "n/a" when undefined
+    count = lambda v: "" if v is None else str(v)  # noqa: E731 - text columns: blank, not "None", where no count
     rows = [{"Fold": f"fold {f['fold']}", **{m.display: fmt(m, f["metrics"].get(m.key)) for m in shown},
-             "n": f.get("n"), "malignant": f.get("n_positive"),
+             "n": count(f.get("n")), "malignant": count(f.get("n_positive")),
              "best epochs": ", ".join(map(str, f.get("best_epochs") or []))} for f in cv["per_fold"]]
     for what in ("mean", "sd"):
         rows.append({"Fold": "mean of folds" if what == "mean" else "SD of folds",
-                     **{m.display: fmt(m, (cv["summary"].get(m.key) or {}).get(what)) for m in shown}})
+                     **{m.display: fmt(m, (cv["summary"].get(m.key) or {}).get(what)) for m in shown},
+                     "n": "", "malignant": "", "best epochs": ""})
     rows.append({"Fold": "out-of-fold (95% CI)", **{m.display: m.format(report["metrics"].get(m.key)) for m in shown},
-                 "n": report.get("n"), "malignant": report.get("n_positive")})
+                 "n": count(report.get("n")), "malignant": count(report.get("n_positive")), "best epochs": ""})
     return pd.DataFrame(rows)
 
 

@@ -130,6 +130,8 @@ def test_cv_report_has_per_fold_metrics_their_spread_and_out_of_fold_cis(finishe
     table = reports.cv_fold_table(rep)
     assert table["Fold"].tolist() == ["fold 0", "fold 1", "fold 2", "mean of folds", "SD of folds",
                                       "out-of-fold (95% CI)"]
+    assert table["n"].tolist() == [str(f["n"]) for f in c["per_fold"]] + ["", "", str(rep["n"])]
+    assert not table.isna().any().any()  # blank where a row has no count, never "None" on screen
     curves = reports.cv_roc_curves(rep)
     assert [c["name"] for c in curves] == ["fold 0", "fold 1", "fold 2", "out-of-fold"] and curves[-1]["oof"]
     assert reports.cv_fold_table({"metrics": {}}).empty and reports.cv_roc_curves({"metrics": {}}) == []
