@@ -314,6 +314,28 @@ def test_a_context_stage_is_fitted_on_the_out_of_fold_scores_and_travels_with_th
     assert yes.used == ("age", "bleed") and yes.prob > no.prob
 
 
+@pytest.mark.slow
+def test_with_nested_cv_the_context_stage_is_fitted_on_the_nested_ensemble_scores(tmp_path, one_thread):
+    """cv.nested + context: the stage's fusion and thresholds use the nested scores the ensemble's threshold was
+    chosen on (nested_oof_predictions.csv), not the single members' out-of-fold scores."""
+    from core import nested
+    from core.context import context_of
+    raw = _context_recipe(tmp_path, K)
+    raw["cv"]["nested"] = True
+    run = tmp_path / "nested"
+    cv.fit_cv(run_config_from_dict(raw), run)
+    bundle = load_bundle(run)
+    stage = context_of(bundle.meta)
+    assert bundle.meta.threshold.chosen_on == nested.how(K)
+    assert stage.threshold["chosen_on"] == f"{nested.how(K)} (fused output)"
+    assert stage.fitted["fusion"].startswith(nested.how(K))
+    scores = pd.read_csv(run / runfolder.NESTED_OOF)
+    refit = cv.context_rows(scores, read_manifest(run / "splits" / "1_finetune.csv"))
+    from core.context_fit import fit_context_cv
+    again = fit_context_cv(refit, refit["prob"].to_numpy(), ["age", "bleed"], where=nested.how(K), n_boot=50)
+    assert again.fusion == stage.fusion and again.threshold["value"] == stage.threshold["value"]
+
+
 # ------------------------------------------------------------------ the shared data
 def test_shared_demo_cv_recipes_hold_out_the_test_patients_of_shared_demo():
     import yaml
