@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,11 +29,12 @@ REAL_PHOTOS = {"isic2017": SHARED / "data" / "isic2017_dermoscopic_subset" / "im
                "pad_ufes_20": SHARED / "data" / "pad_ufes_20_subset" / "images"}
 TFLITE_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_imagenet.safetensors"
 DEFAULT_BACKBONES = ("convnext_tiny", "resnet50", "resnet18", "efficientnet_b0", "mobilenetv2_100")
+CPUINFO = Path("/proc/cpuinfo")  # Linux only: elsewhere the model name and instruction sets come from other places
 
 
 def cpu_model() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = CPUINFO.read_text()
         m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         if m:
             return m.group(1).strip()
@@ -49,7 +51,22 @@ def cpu_tag() -> str:
             break
     else:
         key = re.sub(r"[^a-z0-9]+", "-", name)[:16].strip("-") or "cpu"
-    return f"{key}-{len(os.sched_getaffinity(0))}c"
+    return f"{key}-{usable_cores()}c"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity where the OS has one (Linux, Windows), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    try:
+        return len(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):  # macOS: no affinity
+        return os.cpu_count() or 1
+
+
+def load_avg() -> float:
+    """The 1-minute load average (psutil emulates it on Windows, where its first reading is 0)."""
+    return float(psutil.getloadavg()[0])
 
 
 def set_threads(threads: int) -> int:
@@ -58,9 +75,9 @@ def set_threads(threads: int) -> int:
     On a shared machine an OpenMP team larger than the idle cores spins at every barrier while its other
     threads wait to be scheduled; on this 2-core box that made forward passes 5-10x slower and the spread
     between repeats larger than the effects being measured."""
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if threads <= 0:
-        threads = max(1, min(cores, cores - int(round(os.getloadavg()[0]))))
+        threads = max(1, min(cores, cores - int(round(load_avg()))))
     torch.set_num_threads(threads)
     return threads
 
@@ -68,11 +85,11 @@ def set_threads(threads: int) -> int:
 def machine_info() -> dict:
     import PIL
     import timm
-    info = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+    info = {"cpu": cpu_model(), "cores": usable_cores(), "torch": torch.__version__,
             "timm": timm.__version__, "pillow": PIL.__version__, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_has_bf16(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+            "load_avg_1min_at_start": round(load_avg(), 2),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "note": "shared machine: other engineers' tests ran at the same time; numbers are medians"}
     try:
@@ -81,15 +98,17 @@ def machine_info() -> dict:
     except ImportError:
         info["onnxruntime"] = None
     try:
-        flags = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split()
+        flags = re.search(r"^flags\s*:\s*(.+)$", CPUINFO.read_text(), re.M).group(1).split()
         info["isa"] = [f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
                                    "amx_tile") if f in flags]
     except (OSError, AttributeError):
         flags = None
-    info["isa_class"] = isa_class(flags)
     # instruction-set caps make a machine behave like a smaller class in some libraries only (same cores, caches
     # and clock): such a run is labelled capped, never filed as the smaller class
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["isa_class"] = isa_class(flags, info["cpu_capability"])
+    info["isa_source"] = str(CPUINFO) if flags is not None else "torch.backends.cpu.get_cpu_capability (AMX not told " \
+                                                                 "apart from AVX512-BF16)"
     info["isa_caps"] = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
     if info["isa_caps"]:
         info["isa_class"] += "-capped"
@@ -99,11 +118,16 @@ def machine_info() -> dict:
 ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
-def isa_class(flags: list[str] | None) -> str:
+def isa_class(flags: list[str] | None, capability: str | None = None) -> str:
     """The machine class results are comparable within: 'amx-bf16', 'avx512-bf16', 'avx512', 'avx2', 'arm' or
-    'unknown' (no /proc/cpuinfo flags, e.g. macOS: name it by hand)."""
+    'unknown'. From /proc/cpuinfo's flags on Linux; elsewhere (macOS, Windows) from torch's vector capability
+    ('AVX2', 'AVX512') and native bf16, which cannot tell AMX from AVX512-BF16."""
     if flags is None:
-        return "arm" if platform.machine().lower() in ("arm64", "aarch64") else "unknown"
+        if platform.machine().lower() in ("arm64", "aarch64"):
+            return "arm"
+        if capability == "AVX512":
+            return "avx512-bf16" if cpu_has_bf16() else "avx512"
+        return "avx2" if capability == "AVX2" else "unknown"
     for cls, need in (("amx-bf16", "amx_bf16"), ("avx512-bf16", "avx512_bf16"), ("avx512", "avx512f"),
                       ("avx2", "avx2")):
         if need in flags:
@@ -161,8 +185,7 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def finish(out: dict, json_path: str | None) -> int:
     """Record the load at the end (the machine may be shared) and write the JSON if asked."""
-    import os
-    out["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    out["machine"]["load_avg_1min_at_end"] = round(load_avg(), 2)
     if json_path:
         write_json(json_path, out)
         print(f"wrote {json_path}")

@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     budget = args.budget or BUDGET_S["dry-run-cpu" if dry else "cuda"]
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import machine_info
+    from common import load_avg, machine_info
     gpu = gpu_info()
     out = {"mode": "dry-run-cpu" if dry else "cuda", "machine": machine_info(), "gpu": gpu,
            "budget_s": budget, "work": str(work), "shared": plan["shared"], "steps": {}}
@@ -500,7 +500,7 @@ def main(argv=None) -> int:
         print(f"[{name}] {s['status']} ({s.get('seconds', 0):.0f} s): {s['summary']}", flush=True)
     out["total_s"] = round(time.time() - t_start, 1)
     out["failed"] = [n for n, s in out["steps"].items() if s["status"] in FAILED]
-    out["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    out["machine"]["load_avg_1min_at_end"] = round(load_avg(), 2)
     path = Path(args.json) if args.json else (work / "gpu_check_dry-run-cpu.json" if dry else
                                               RESULTS / f"gpu_check_{gpu_tag(gpu)}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

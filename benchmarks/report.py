@@ -13,7 +13,8 @@ def machine_line(m: dict) -> str:
     caps = ", ".join(f"{k}={v}" for k, v in (m.get("isa_caps") or {}).items())
     cls = (f"class {m['isa_class']}" + (f" ({caps})" if caps else "") + ": ") if m.get("isa_class") else ""
     ort = f", onnxruntime {m['onnxruntime']}" if m.get("onnxruntime") else ""
-    return (f"{m['cpu']}, {m['cores']} cores ({cls}{', '.join(m.get('isa', []))}), torch {m['torch']}{ort}, "
+    isa = ", ".join(m.get("isa", [])) or f"no CPU flags; torch capability {m.get('cpu_capability', '?')}"
+    return (f"{m['cpu']}, {m['cores']} cores ({cls}{isa}), torch {m['torch']}{ort}, "
             f"{m['torch_threads']} thread(s), bf16 native: {m['cpu_bf16']}, load average "
             f"{m['load_avg_1min_at_start']} -> {m.get('load_avg_1min_at_end', '?')}, {m['date']}")
 

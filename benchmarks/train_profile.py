@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, finish, machine_info
+from common import ROOT, finish, load_avg, machine_info, usable_cores
 
 SETUPS = {  # name: (workers: None = core.device.dataloader_workers, torch threads: None = default, cache)
     "plain": (None, None, None),                     # train.fit before core.cache.MemoryCache: decode every epoch
@@ -171,7 +171,7 @@ def epochs(cfg, df, fabric, setup: str, cache_root: Path, n_epochs: int, max_bat
     workers, threads, kind = SETUPS[setup]
     workers = dataloader_workers(cfg.devices) if workers is None else workers
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if threads == -1:
         torch.set_num_threads(max(1, cores - workers))
     elif threads is not None:
@@ -190,7 +190,7 @@ def epochs(cfg, df, fabric, setup: str, cache_root: Path, n_epochs: int, max_bat
         rows = []
         for e in range(n_epochs):
             seed_epoch(fabric, train_dl, cfg.seed, len(cfg.stages) - 1, e)
-            load0 = os.getloadavg()[0]
+            load0 = load_avg()
             waits, comps, n = [], [], 0
             t_start = time.perf_counter()
             it = iter(train_dl)
@@ -213,7 +213,7 @@ def epochs(cfg, df, fabric, setup: str, cache_root: Path, n_epochs: int, max_bat
                          "loader_wait_s": round(sum(waits), 2),
                          "first_batch_wait_s": round(waits[0], 2) if waits else None,
                          "compute_s": round(sum(comps), 2), "images_per_s": round(n / wall, 2),
-                         "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]})
+                         "load_avg_1min": [round(load0, 2), round(load_avg(), 2)]})
         del train_dl
         return {"workers": workers, "torch_threads": torch.get_num_threads(), "cache": kind, "epochs": rows}
     finally:
