@@ -156,7 +156,22 @@ def describe_model(meta: BundleMeta) -> dict:
         "val_images": thr.population,
         "members": _members_line(meta),
         "trained_on": _trained_on_line(prov.trained_on),
+        # a cross-validated bundle's rules tried on new patients: the honest counterpart of the in-sample numbers
+        "new_patients": _new_patients_line(prov.threshold_on_new_patients, "image"),
+        "fused_new_patients": _new_patients_line(prov.threshold_on_new_patients, "fused"),
     }
+
+
+def _new_patients_line(record, which: str) -> str | None:
+    """A threshold rule's cross-fitted sensitivity and specificity on new patients, in words; None where the
+    bundle has no such record (a single-split model, or a bundle written before it)."""
+    entry = record.get(which) if isinstance(record, dict) else None
+    if not isinstance(entry, dict):
+        return None
+    values = [entry.get(k) if isinstance(entry.get(k), dict) else None for k in ("sensitivity", "specificity")]
+    folds = len(entry["per_fold"]) if isinstance(entry.get("per_fold"), list) else "?"
+    return (f"sensitivity {metrics.format_percent(values[0])}, specificity {metrics.format_percent(values[1])}; "
+            f"each of {folds} folds judged at the threshold the same rule chose on the other folds")
 
 
 def _trained_on_line(records: list | None) -> str:

@@ -118,6 +118,9 @@ class Provenance:
     train_seconds: float | None = None
     created: str | None = None
     trained_on: list | None = None       # core.device.hardware_record per machine (a resumed run may have moved)
+    # a cross-validated bundle: its threshold rules tried on new patients, each fold judged at the threshold chosen
+    # on the other folds (core.cv.new_patients_record); the threshold's own numbers above are in-sample
+    threshold_on_new_patients: dict | None = None
     versions: dict | None = None
     extra: dict = field(default_factory=dict)  # keys this tool does not know, kept as read
 

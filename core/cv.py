@@ -273,7 +273,10 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
     seconds += (nested_section or {}).get("train_seconds", 0.0)  # the pair runs are part of making this bundle
     hardware = machines([b.meta.provenance.trained_on for b in members] +
                         [(nested_section or {}).get("trained_on")])  # the pair runs made the threshold
-    provenance = _provenance(cfg, members, per_fold, stages, how, vm, seconds, hardware)
+    provenance = replace(_provenance(cfg, members, per_fold, stages, how, vm, seconds, hardware),
+                         threshold_on_new_patients=new_patients_record(
+                             transfer if nested_section is None else nested_section["threshold_transfer"],
+                             None if context_section is None else context_section["threshold_transfer"]))
     similar = oof.drop(columns=["prob", "logit"]).assign(split="train")  # every one trained K-1 of the members
     bundle = save_ensemble(members, rf.out / BUNDLE, threshold=threshold, provenance=provenance,
                            calibration=calibration, member_info=member_info, similar_df=similar, seed=cfg.seed,
@@ -414,6 +417,14 @@ def threshold_transfer(oof: pd.DataFrame, rule: str, target: float | None, *, n_
     return {"rule": rule, "target": target, "per_fold": rows, "sensitivity": pooled["recall"],
             "specificity": pooled["specificity"],
             "how": "each fold judged at the threshold the rule chose on the other folds' out-of-fold predictions"}
+
+
+def new_patients_record(image: dict | None, fused: dict | None) -> dict | None:
+    """The bundle's provenance record of its threshold rules on new patients (the image threshold's transfer, and
+    the fused threshold's when the bundle has a context stage); None when neither was estimated."""
+    if image is None and fused is None:
+        return None
+    return {"image": image, "fused": fused}
 
 
 def transfer_line(transfer: dict | None) -> str:

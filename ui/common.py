@@ -132,6 +132,10 @@ def provenance_box(meta: BundleMeta, where=None) -> None:
                  f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant): "
                  f"sensitivity {d['sensitivity']}, specificity {d['specificity']}; "
                  f"{d['val_images']} ROC-AUC {d['val_auc']}.")
+    if d["new_patients"]:  # those numbers are in-sample (the rule chose the threshold on them); these are not
+        box.markdown(f"**The same rule on new patients:** {d['new_patients']}.")
+    if d["fused_new_patients"]:
+        box.markdown(f"**The photo + answers threshold's rule on new patients:** {d['fused_new_patients']}.")
     box.caption(f"Intended use: {d['intended_use']}")
 
 

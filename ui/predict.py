@@ -118,7 +118,8 @@ with right:
             (st.warning if pred.disagreement.split else st.caption)(
                 pred.disagreement.sentence() + (" Treat this photo as uncertain." if pred.disagreement.split else ""))
         if fused.used:
-            st.caption(stage.threshold_note())
+            st.caption(stage.threshold_note() + (f" On new patients, the same rule gave {d['fused_new_patients']}."
+                                                 if d["fused_new_patients"] else ""))
         if fused.verdicts_differ:
             said = "flagged" if fused.image_malignant else "not flagged"
             alone = (f"calibrated probability {pred.prob_calibrated:.0%}, {said} at its own threshold "
@@ -131,7 +132,9 @@ with right:
             f"{d['n_val'] or '?'} {d['val_images']} images "
             f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant) it flagged "
             f"{d['sensitivity']} of the malignant lesions (sensitivity) and cleared {d['specificity']} of the benign "
-            "ones (specificity). So a lesion that is not flagged can still be malignant, and many flagged lesions "
+            "ones (specificity)."
+            + (f" Tried on new patients, the same rule gave {d['new_patients']}." if d["new_patients"] else "")
+            + " So a lesion that is not flagged can still be malignant, and many flagged lesions "
             "are benign. A flag is a screening signal, not a diagnosis.")
         st.caption(f"Raw model score {pred.prob:.3f}. The result depends on the photo (distance, light, focus) and "
                    "on how similar it is to the training data. Dermoscopic images (taken through a dermatoscope) "

@@ -193,6 +193,11 @@ def without_model(app_env, monkeypatch) -> AppEnv:
     return app_env
 
 
+# a cross-validated run's threshold rule judged on new patients (core.cv.threshold_transfer's form, abridged)
+NEW_PATIENTS = {"image": {"per_fold": [{"fold": 0}, {"fold": 1}], "sensitivity": {"value": 0.85, "ci95": [0.7, 0.95]},
+                          "specificity": {"value": 0.61, "ci95": [0.45, 0.75]}}, "fused": None}
+
+
 @pytest.fixture(scope="session")
 def ensemble_runs(app_env, tmp_path_factory) -> Path:
     """A RUNS_DIR whose one bundle is a 2-member ensemble (random weights, two seeds), its threshold chosen on
@@ -215,7 +220,7 @@ def ensemble_runs(app_env, tmp_path_factory) -> Path:
     threshold = Threshold(**{**THRESHOLD, "chosen_on": "out-of-fold predictions (2 folds)"})
     calibration = Calibration("platt", 1.2, -0.3, 40, 0.4, "given", fitted_on="out-of-fold")
     save_ensemble(members, base / "runs" / "cv_run" / "bundle", threshold=threshold, calibration=calibration,
-                  provenance={**_provenance(), "run_name": "cv_run"},
+                  provenance={**_provenance(), "run_name": "cv_run", "threshold_on_new_patients": NEW_PATIENTS},
                   member_info=[{"fold": 0}, {"fold": 1}])
     return base / "runs"
 

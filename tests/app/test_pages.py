@@ -514,3 +514,29 @@ def test_an_ensemble_shows_its_members_and_how_far_apart_they_are(with_ensemble)
     # the threshold rule and the calibrated probability's population say out-of-fold too
     assert "reaching 90% out-of-fold sensitivity" in shown and "validation sensitivity" not in shown
     assert "among photos like the 40 out-of-fold photos" in shown.lower() and "validation photos" not in shown
+    # beside those in-sample numbers, the rule's cross-fitted numbers on new patients: on the card and the verdict
+    said = "sensitivity 85% (95% CI 70%–95%), specificity 61% (95% CI 45%–75%); each of 2 folds judged"
+    assert f"The same rule on new patients:** {said}" in shown
+    assert f"Tried on new patients, the same rule gave {said}" in shown
+
+
+def test_a_fused_threshold_says_what_its_rule_gave_on_new_patients_where_the_bundle_records_it(
+        with_context_model, tmp_path):
+    from dataclasses import replace
+
+    from core.bundle import load_bundle, save_bundle
+    from tests.app.conftest import NEW_PATIENTS
+    at = _predict_page(with_context_model)
+    _answer(at, age=80.0, bleed="yes")
+    assert "on new patients" not in everything(at)  # a single-split model: its test report is the estimate
+    b = load_bundle(tmp_path / "runs" / "ctx_run")
+    fused = {**NEW_PATIENTS["image"], "sensitivity": {"value": 0.9, "ci95": [0.8, 0.97]}}
+    save_bundle(b.model, tmp_path / "runs" / "ctx_run" / "bundle", threshold=b.meta.threshold, context=b.meta.context,
+                provenance=replace(b.meta.provenance, threshold_on_new_patients={"image": None, "fused": fused}))
+    at = _predict_page(with_context_model)
+    _answer(at, age=80.0, bleed="yes")
+    assert not at.exception, at.exception
+    said = "sensitivity 90% (95% CI 80%–97%), specificity 61% (95% CI 45%–75%); each of 2 folds judged"
+    assert f"On new patients, the same rule gave {said}" in texts(at, "caption")
+    assert f"The photo + answers threshold's rule on new patients:** {said}" in everything(at)
+    assert "The same rule on new patients" not in everything(at)

@@ -148,3 +148,30 @@ def test_describe_model_names_each_machine_and_precision_the_model_trained_with(
     for odd in ("cpu", [None, "cpu"], {"device": "cpu"}):  # a hand-edited model.json: no claim, no crash
         assert appstate.describe_model(replace(meta, provenance=replace(meta.provenance, trained_on=odd)))[
             "trained_on"].startswith("not recorded")
+
+
+def test_describe_model_gives_a_cross_validated_bundles_rules_on_new_patients_or_nothing(bundle_dir):
+    """The in-sample threshold numbers get their honest counterpart (core.cv.threshold_transfer) where the bundle
+    records one; a single-split bundle, an older one or a hand-edited record claims nothing and does not crash."""
+    from dataclasses import replace
+    from core.bundle import read_meta
+    meta = read_meta(bundle_dir / "run_a")
+    d = appstate.describe_model(meta)
+    assert d["new_patients"] is None and d["fused_new_patients"] is None
+    image = {"per_fold": [{"fold": k} for k in range(5)], "sensitivity": {"value": 0.895, "ci95": [0.85, 0.94]},
+             "specificity": {"value": 0.713, "ci95": [0.65, 0.77]}}
+    fused = {**image, "specificity": {"value": 0.765, "ci95": None}}
+    d = appstate.describe_model(replace(meta, provenance=replace(
+        meta.provenance, threshold_on_new_patients={"image": image, "fused": fused})))
+    assert d["new_patients"] == ("sensitivity 90% (95% CI 85%–94%), specificity 71% (95% CI 65%–77%); each of 5 "
+                                 "folds judged at the threshold the same rule chose on the other folds")
+    assert d["fused_new_patients"].startswith("sensitivity 90% (95% CI 85%–94%), specificity 76%;")
+    d = appstate.describe_model(replace(meta, provenance=replace(
+        meta.provenance, threshold_on_new_patients={"image": None, "fused": fused})))
+    assert d["new_patients"] is None and d["fused_new_patients"].startswith("sensitivity 90%")
+    for odd in ("yes", {"image": "0.9"}, {"image": {"per_fold": 3, "sensitivity": 0.9}}):
+        d = appstate.describe_model(replace(meta, provenance=replace(meta.provenance, threshold_on_new_patients=odd)))
+        said = d["new_patients"]
+        assert said is None if odd != {"image": {"per_fold": 3, "sensitivity": 0.9}} else said == (
+            "sensitivity not recorded, specificity not recorded; each of ? folds judged at the threshold the same "
+            "rule chose on the other folds")

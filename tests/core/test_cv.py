@@ -118,6 +118,9 @@ def test_cv_report_has_per_fold_metrics_their_spread_and_out_of_fold_cis(finishe
         assert r["threshold"] == pytest.approx(metrics.choose_threshold(rest["label"], rest["prob"],
                                                                         rule="sensitivity", target=0.9)["threshold"])
     assert reports.cv_transfer_text(rep) in runfolder.log_tail(finished, lines=400)
+    # the bundle carries the same estimate, so the app can show it beside the in-sample numbers
+    record = load_bundle(finished).meta.provenance.threshold_on_new_patients
+    assert record == {"image": transfer, "fused": None}
     assert c["folds"] == K and not c["internal_estimate_only"] and len(c["per_fold"]) == K
     aucs = [f["metrics"]["roc_auc"] for f in c["per_fold"]]
     assert c["summary"]["roc_auc"]["mean"] == pytest.approx(np.mean(aucs))
@@ -303,6 +306,8 @@ def test_a_context_stage_is_fitted_on_the_out_of_fold_scores_and_travels_with_th
     assert [r["fold"] for r in transfer["per_fold"]] == list(range(K)) and 0 <= transfer["sensitivity"]["value"] <= 1
     assert 0 <= section["crossfitted_roc_auc"]["value"] <= 1 and "fused threshold rule on new patients" in log
     assert reports.cv_context_text(json.loads((run / runfolder.CV_REPORT).read_text())).startswith("photo + answers")
+    image_transfer = json.loads((run / runfolder.CV_REPORT).read_text())["cv"]["threshold_transfer"]
+    assert bundle.meta.provenance.threshold_on_new_patients == {"image": image_transfer, "fused": transfer}
     report = json.loads((run / "test_report.json").read_text())["context"]
     assert {"image_only", "context_only", "fused", "withheld"} <= set(report)
     assert report["thresholds"]["fused"] == stage.threshold["value"]
@@ -334,6 +339,11 @@ def test_with_nested_cv_the_context_stage_is_fitted_on_the_nested_ensemble_score
     from core.context_fit import fit_context_cv
     again = fit_context_cv(refit, refit["prob"].to_numpy(), ["age", "bleed"], where=nested.how(K), n_boot=50)
     assert again.fusion == stage.fusion and again.threshold["value"] == stage.threshold["value"]
+    # the bundle's threshold is the nested one, so its record on new patients is the nested rule's transfer
+    cv_section = json.loads((run / runfolder.CV_REPORT).read_text())["cv"]
+    assert bundle.meta.provenance.threshold_on_new_patients == {
+        "image": cv_section["nested"]["threshold_transfer"], "fused": cv_section["context"]["threshold_transfer"]}
+    assert cv_section["nested"]["threshold_transfer"] != cv_section["threshold_transfer"]
 
 
 # ------------------------------------------------------------------ the shared data
