@@ -206,7 +206,8 @@ class BundleMeta:
         return {"run": p.run_name, "backbone": self.backbone.get("name"), "weights": p.weights,
                 "weights_sha256": self.weights_sha256, "training_data": p.data, "split_counts": p.split_counts,
                 "threshold": self.threshold.to_dict(), "validation_metrics": p.validation_metrics,
-                "trained_on": p.trained_on, "intended_use": self.intended_use}
+                "trained_on": p.trained_on, "threshold_on_new_patients": p.threshold_on_new_patients,
+                "intended_use": self.intended_use}
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "format_version": FORMAT_VERSION}

@@ -121,6 +121,9 @@ def test_cv_report_has_per_fold_metrics_their_spread_and_out_of_fold_cis(finishe
     # the bundle carries the same estimate, so the app can show it beside the in-sample numbers
     record = load_bundle(finished).meta.provenance.threshold_on_new_patients
     assert record == {"image": transfer, "fused": None}
+    # and every report of the ensemble (here the test report) carries it in its model block
+    test_model = json.loads((finished / "test_report.json").read_text())["model"]
+    assert test_model["threshold_on_new_patients"] == record
     assert c["folds"] == K and not c["internal_estimate_only"] and len(c["per_fold"]) == K
     aucs = [f["metrics"]["roc_auc"] for f in c["per_fold"]]
     assert c["summary"]["roc_auc"]["mean"] == pytest.approx(np.mean(aucs))
