@@ -262,7 +262,8 @@ class ContextModel:
                     "recorded.")
         return (f"Photo + answers threshold chosen on the {where}: sensitivity {sens['value']:.0%}, specificity "
                 f"{spec['value']:.0%} on {t.get('n_val', '?')} images. The fusion was fitted on those same images, so "
-                "these two numbers lean optimistic; the test report measures them on held-out patients.")
+                "these two numbers lean optimistic; held-out patients measure them (a test report, or a "
+                "cross-validated run's check on new patients).")
 
     def per_field_weights(self) -> dict:
         """Each field's weight in the fused logit (context weight x fusion weight): what each answer adds."""

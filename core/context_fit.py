@@ -35,6 +35,7 @@ MASK_P = 0.5           # each answer withheld with this probability in a copy
 FUSION_C = 1.0
 MISSING_LEAK_P = 1e-3  # Fisher exact test, missing x label, on the training rows
 MIN_ANSWERS = 10
+MIN_ANSWER_PATIENTS = 5  # answers from fewer patients teach the model those patients' labels, not the question
 
 
 def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, fields, *, rule="sensitivity",
@@ -50,9 +51,11 @@ def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, f
     z_img = image_logit(np.asarray(val_image_probs, float))
     if len(z_img) != len(val_df):
         raise ContextError(f"{len(z_img)} image probabilities for {len(val_df)} validation rows")
-    kept, excluded = screen_fields(a_tr, y_tr)
+    kept, excluded = screen_fields(a_tr, y_tr, g_tr)
     if not kept:
         raise ContextError(f"no usable context field in the training rows: {excluded}")
+    if len(set(g_val)) < 2:  # the missing-answer rule is chosen by a fusion cross-fitted over validation patients
+        raise ContextError("the validation split holds one patient: the fusion needs at least 2 to be chosen on")
     rng = np.random.default_rng(seed)
     scenarios = _scenarios(kept, len(a_val), rng)
     folds = list(GroupKFold(n_splits=min(10, len(set(g_val)))).split(z_img, y_val, g_val))
@@ -95,20 +98,14 @@ def fit_context_cv(df: pd.DataFrame, image_probs, fields, *, where: str, rule="s
     if len(z_img) != len(df):
         raise ContextError(f"{len(z_img)} image probabilities for {len(df)} rows")
     _check_folds(fold, g, y)
-    kept, excluded = screen_fields(a, y)
+    kept, excluded = screen_fields(a, y, g)
     if not kept:
         raise ContextError(f"no usable context field in the non-test rows: {excluded}")
-    scenarios = _scenarios(kept, len(a), np.random.default_rng(seed))
-    folds = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in np.unique(fold)]
-    tried = {}
-    for missing_rule in MISSING_RULES:
-        logits = crossfit_context_logits(a, y, g, fold, missing_rule, scenarios, seed)
-        tried[missing_rule] = (logits[0], _fusion_loss(z_img, logits, y, folds))
-    chosen = min(tried, key=lambda k: tried[k][1])
+    chosen, tried = _choose_missing_rule(a, y, g, fold, z_img, kept, seed)
     ctx = tried[chosen][0]  # all answers as given, cross-fitted
     fusion = _fit_fusion(z_img, ctx, y)
     final = _fit_answers(a[kept], y, g, chosen, seed)
-    n, n_patients, k_folds = len(a), len(set(g)), len(folds)
+    n, n_patients, k_folds = len(a), len(set(g)), len(np.unique(fold))
     model = _stage(final, fusion, tried, excluded, a, fields, n_val=n, fusion_folds=f"the {k_folds} folds",
                    fitted_on={"context_model": f"every non-test patient: {n} images, {n_patients} patients (answers "
                                                "only)",
@@ -119,24 +116,42 @@ def fit_context_cv(df: pd.DataFrame, image_probs, fields, *, where: str, rule="s
     return _with_thresholds(model, fused, sigmoid(ctx), y, g, where, rule, target, n_boot, seed)
 
 
-def crossfit_fused_probs(df: pd.DataFrame, image_probs, fields, missing_rule: str, seed: int = 0) -> np.ndarray:
-    """Every row's fused P(malignant) with no answer or label of its fold used: its context logit from a context
-    model fitted on the other folds, combined by a fusion fitted on the other folds' rows, whose context logits
-    come from context models that left out fold k as well as their own fold. df and image_probs as for
-    fit_context_cv (the image scores are taken as given); what a fused threshold rule is judged on for new
-    patients (core.cv.threshold_transfer)."""
+def crossfit_fused_probs(df: pd.DataFrame, image_probs, fields, seed: int = 0) -> np.ndarray:
+    """Every row's fused P(malignant) with no answer or label of its fold used, as fit_context_cv would fit the
+    stage without that fold: the missing-answer rule chosen and the fusion fitted on the other folds' rows (their
+    context logits from context models that left out fold k as well as their own fold), applied to the row's
+    context logit from a context model fitted on the other folds. df and image_probs as for fit_context_cv (the
+    image scores are taken as given); what a fused threshold rule is judged on for new patients
+    (core.cv.threshold_transfer)."""
     a, y, g = context_frame(df, check_fields(fields)), _y(df), _groups(df)
     fold, z_img = df["fold"].to_numpy(), image_logit(np.asarray(image_probs, float))
     if len(np.unique(fold)) < 3:  # the fusion's own context logits need a fold left besides k and their own
         raise ContextError("judging the fused rule on new patients needs at least 3 folds")
-    ctx = crossfit_context_logits(a, y, g, fold, missing_rule, seed=seed)[0]
+    ctx = {rule: crossfit_context_logits(a, y, g, fold, rule, seed=seed)[0] for rule in MISSING_RULES}
     p = np.empty(len(y))
     for k in np.unique(fold):
         rest, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        ctx_rest = crossfit_context_logits(a.iloc[rest], y[rest], g[rest], fold[rest], missing_rule, seed=seed)[0]
-        f = _fit_fusion(z_img[rest], ctx_rest, y[rest])
-        p[te] = sigmoid(f["intercept"] + f["image"] * z_img[te] + f["context"] * ctx[te])
+        a_rest, y_rest, g_rest = a.iloc[rest], y[rest], g[rest]
+        kept = screen_fields(a_rest, y_rest, g_rest)[0]
+        if not kept:
+            raise ContextError(f"no usable context field without fold {k}")
+        rule, tried = _choose_missing_rule(a_rest, y_rest, g_rest, fold[rest], z_img[rest], kept, seed)
+        f = _fit_fusion(z_img[rest], tried[rule][0], y_rest)
+        p[te] = sigmoid(f["intercept"] + f["image"] * z_img[te] + f["context"] * ctx[rule][te])
     return p
+
+
+def _choose_missing_rule(a: pd.DataFrame, y, g, fold, z_img, kept, seed: int) -> tuple[str, dict]:
+    """The missing-answer rule whose fused model (context logits cross-fitted over `fold`, fusion fitted on the
+    other folds) has the lower log-loss over the withheld-answer scenarios; tried: rule -> (its cross-fitted
+    context logits with all answers as given, that loss)."""
+    scenarios = _scenarios(kept, len(a), np.random.default_rng(seed))
+    folds = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in np.unique(fold)]
+    tried = {}
+    for missing_rule in MISSING_RULES:
+        logits = crossfit_context_logits(a, y, g, fold, missing_rule, scenarios, seed)
+        tried[missing_rule] = (logits[0], _fusion_loss(z_img, logits, y, folds))
+    return min(tried, key=lambda k: tried[k][1]), tried
 
 
 def crossfit_context_logits(a: pd.DataFrame, y, groups, fold, missing_rule: str, scenarios=({},),
@@ -147,9 +162,13 @@ def crossfit_context_logits(a: pd.DataFrame, y, groups, fold, missing_rule: str,
     logits = [np.empty(len(a)) for _ in scenarios]
     for k in np.unique(fold):
         tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        kept = screen_fields(a.iloc[tr], y[tr])[0]
+        on = f"fold{'s' if len(set(fold[tr])) > 1 else ''} {', '.join(map(str, sorted(set(fold[tr]))))}"
+        if len(set(y[tr])) < 2:  # e.g. an inner cross-fit of 3 folds fits on one fold, which may hold one class
+            raise ContextError(f"{on} (to score fold {k}) {'hold' if ',' in on else 'holds'} one class only: no "
+                               "context model can be fitted")
+        kept = screen_fields(a.iloc[tr], y[tr], groups[tr])[0]
         if not kept:
-            raise ContextError(f"no usable context field without fold {k}")
+            raise ContextError(f"no usable context field in {on} (to score fold {k})")
         model = _fit_answers(a.iloc[tr][kept], y[tr], groups[tr], missing_rule, seed)
         for z, withheld in zip(logits, scenarios):
             z[te] = _context_logits(model, _withhold(a.iloc[te], {f: np.asarray(m)[te] for f, m in withheld.items()}))
@@ -163,7 +182,8 @@ def _stage(answers: ContextModel, fusion: dict, tried: dict, excluded: dict, a_f
     return ContextModel(fields=answers.fields, intercept=answers.intercept, weights=answers.weights, fusion=fusion,
                         missing_rule=answers.missing_rule, excluded=excluded, fitted={
                             **fitted_on,
-                            "C": answers.fitted["C"], "cv_log_loss": answers.fitted["cv_log_loss"],
+                            "C": answers.fitted["C"], "C_chosen_by": answers.fitted["C_chosen_by"],
+                            "cv_log_loss": answers.fitted["cv_log_loss"],
                             "missing_rule_val_log_loss": {k: round(v[1], 4) for k, v in tried.items()},
                             "missing_rule_scenarios": "all answers; each field withheld in turn; 3 random masks "
                                                       f"(p={MASK_P}); fusion cross-fitted over {fusion_folds}",
@@ -171,14 +191,19 @@ def _stage(answers: ContextModel, fusion: dict, tried: dict, excluded: dict, a_f
                             "n_train": int(len(a_fit)), "n_val": int(n_val)})
 
 
-def screen_fields(answers: pd.DataFrame, y: np.ndarray) -> tuple[list[str], dict]:
-    """Fields usable as context on these training rows, and why the others are not."""
+def screen_fields(answers: pd.DataFrame, y: np.ndarray, groups: np.ndarray) -> tuple[list[str], dict]:
+    """Fields usable as context on these training rows (groups: their patients), and why the others are not."""
     kept, excluded = [], {}
     for f in answers.columns:
         missing = answers[f].isna().to_numpy()
         n_answered = int((~missing).sum())
         if n_answered < MIN_ANSWERS:
             excluded[f] = f"only {n_answered} training images have an answer"
+            continue
+        n_patients = len(set(np.asarray(groups)[~missing]))
+        if n_patients < MIN_ANSWER_PATIENTS:
+            excluded[f] = (f"only {n_patients} training patient{'s' if n_patients != 1 else ''} answered it "
+                           f"({n_answered} images)")
             continue
         if missing.any():
             table = [[int((missing & (y == 0)).sum()), int((missing & (y == 1)).sum())],
@@ -200,6 +225,9 @@ def _stats(a: pd.DataFrame) -> dict:
         answered = a[f].dropna()
         if FIELDS[f].kind == "numeric":
             x = answered.astype(float)
+            if x.empty:  # an inner fold with no answer to it: an all-zero column, so a zero weight, not NaN
+                stats[f] = {"mean": 0.0, "std": 1.0}
+                continue
             stats[f] = {"mean": float(x.mean()), "std": float(max(x.std(ddof=0), 1e-6))}
         else:
             freq = answered.value_counts(normalize=True)
@@ -264,7 +292,13 @@ def _fit_lr(x, y, c, weight=None) -> LogisticRegression:
 
 
 def _fit_answers(a: pd.DataFrame, y, groups, missing_rule: str, seed: int) -> ContextModel:
-    """Context-only logistic regression on the training rows, C chosen by grouped cross-validation."""
+    """Context-only logistic regression on the training rows, C chosen by grouped cross-validation (the strongest
+    regularisation in the grid when no fold holds both classes, said in `C_chosen_by`)."""
+    if len(set(y)) < 2:
+        raise ContextError(f"the context model's training rows hold one class only ({len(y)} images, all "
+                           f"{'malignant' if y.all() else 'benign'})")
+    if len(set(groups)) < 2:
+        raise ContextError("the context model's training rows come from one patient: C cannot be chosen")
     copies = MASK_COPIES  # both rules are scored on the same masked copies of the held-out rows
     n_folds = min(5, len(set(groups)))
     losses = {c: [] for c in C_GRID}
@@ -280,8 +314,9 @@ def _fit_answers(a: pd.DataFrame, y, groups, missing_rule: str, seed: int) -> Co
         for c in C_GRID:
             p = _fit_lr(x_fit, y_fit, c).predict_proba(x_eval)[:, 1]
             losses[c].append(log_loss(y_eval, p, labels=[0, 1]))
-    mean = {c: float(np.mean(v)) if v else np.inf for c, v in losses.items()}
-    best = min(C_GRID, key=lambda c: (mean[c], c))
+    mean = {c: float(np.mean(v)) if v else None for c, v in losses.items()}  # None: no fold to measure it on
+    measured = [c for c in C_GRID if mean[c] is not None]
+    best = min(measured, key=lambda c: (mean[c], c)) if measured else min(C_GRID)
     rng = np.random.default_rng([seed, 99])
     a_fit = _mask(a, rng, copies) if missing_rule == "masked_level" else a
     y_fit = np.tile(y, copies + 1) if missing_rule == "masked_level" else y
@@ -290,7 +325,9 @@ def _fit_answers(a: pd.DataFrame, y, groups, missing_rule: str, seed: int) -> Co
     return ContextModel(fields=tuple(a.columns), intercept=float(lr.intercept_[0]),
                         weights=_weights(lr.coef_[0], a.columns, stats, missing_rule),
                         fusion={"intercept": 0.0, "image": 0.0, "context": 1.0}, missing_rule=missing_rule,
-                        fitted={"C": best, "cv_log_loss": {str(c): round(v, 4) for c, v in mean.items()}})
+                        fitted={"C": best, "C_chosen_by": f"grouped {n_folds}-fold cross-validation" if measured else
+                                "default (the strongest regularisation tried): no grouped fold held both classes",
+                                "cv_log_loss": {str(c): None if v is None else round(v, 4) for c, v in mean.items()}})
 
 
 # ---------------------------------------------------------------- fusion (validation rows)

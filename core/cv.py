@@ -307,14 +307,14 @@ def context_rows(scores: pd.DataFrame, last_stage: pd.DataFrame) -> pd.DataFrame
 
 
 def context_new_patients(rows: pd.DataFrame, stage, cfg: RunConfig) -> dict:
-    """The report's `context` section: fused scores with no answer or label of their fold used (context model and
-    fusion cross-fitted over the folds, core.context_fit.crossfit_fused_probs), their ROC-AUC with its
+    """The report's `context` section: fused scores with no answer or label of their fold used (context model,
+    missing-answer rule and fusion cross-fitted over the folds, core.context_fit.crossfit_fused_probs), their
+    ROC-AUC with its
     patient-bootstrap CI, and the fused threshold rule judged on new patients as cv.threshold_transfer judges the
     image rule."""
     from core.context_fit import crossfit_fused_probs
     t = cfg.threshold
-    fused = crossfit_fused_probs(rows, rows["prob"].to_numpy(), cfg.context.fields, stage.missing_rule,
-                                 seed=cfg.seed)
+    fused = crossfit_fused_probs(rows, rows["prob"].to_numpy(), cfg.context.fields, seed=cfg.seed)
     scored = rows.assign(prob=fused)
     y = scored["label"].to_numpy().astype(int)
     auc = metrics.metric_report(y, fused, 0.5, groups=groups_of(scored), n_boot=cfg.n_boot,
@@ -322,8 +322,8 @@ def context_new_patients(rows: pd.DataFrame, stage, cfg: RunConfig) -> dict:
     return {"fields": list(stage.fields), "n": int(len(y)), "fused_threshold": stage.threshold,
             "crossfitted_roc_auc": auc, "roc": metrics.roc_points(y, fused),
             "threshold_transfer": threshold_transfer(scored, t.rule, t.target, n_boot=cfg.n_boot, seed=cfg.seed),
-            "how": "each fold's fused score from a context model and a fusion fitted without that fold's answers "
-                   "and labels, on the image scores the ensemble's threshold was chosen on"}
+            "how": "each fold's fused score from a context model, missing-answer rule and fusion fitted without "
+                   "that fold's answers and labels, on the image scores the ensemble's threshold was chosen on"}
 
 
 def context_line(section: dict) -> str:

@@ -133,8 +133,8 @@ def test_cross_fitted_fused_scores_never_see_their_own_folds_labels():
     df, prob = cv_rows()
     fields = ("age", "site", "bleed", "grew")
     flipped = df.assign(label=np.where(df["fold"] == 0, 1 - df["label"], df["label"]))
-    before = crossfit_fused_probs(df, prob, fields, "expected")
-    after = crossfit_fused_probs(flipped, prob, fields, "expected")
+    before = crossfit_fused_probs(df, prob, fields)
+    after = crossfit_fused_probs(flipped, prob, fields)
     zero = (df["fold"] == 0).to_numpy()
     np.testing.assert_array_equal(before[zero], after[zero])
     assert np.abs(before[~zero] - after[~zero]).max() > 1e-3 and ((before > 0) & (before < 1)).all()
@@ -260,8 +260,70 @@ def test_screen_fields_keeps_fields_missing_at_random():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 200)
     a = pd.DataFrame({"bleed": np.where(rng.random(200) < 0.3, None, "yes")})
-    kept, excluded = screen_fields(a, y)
+    kept, excluded = screen_fields(a, y, np.arange(200) // 2)
     assert kept == ["bleed"] and not excluded
+
+
+def test_screen_fields_leaves_out_a_field_only_a_few_patients_answered():
+    """Twelve photos of one patient answering it would teach the model that patient's label, not the question."""
+    y = np.tile([0, 1], 100)
+    groups = np.arange(200) // 4
+    a = pd.DataFrame({"age": np.where(groups == 3, 60.0, np.nan), "bleed": "yes"})
+    a.loc[groups == 3, "age"] = np.arange(4) + 60.0
+    a.loc[(groups >= 4) & (groups < 6), "age"] = 50.0  # 12 answers from 3 patients
+    kept, excluded = screen_fields(a, y, groups)
+    assert kept == ["bleed"] and excluded == {"age": "only 3 training patients answered it (12 images)"}
+
+
+def test_a_fold_that_holds_one_class_gives_a_context_error_naming_the_folds_not_a_crash():
+    """3 folds, one of them benign only: the stage can still be fitted (every fold's complement holds both
+    classes), but the check on new patients cross-fits inside the other two folds, where fold 2 alone is fitted on
+    for fold 1's inner scores: a ContextError that the cv run records as a note (not a failed run)."""
+    df, prob = cv_rows(k=3)
+    fields = ("age", "site", "bleed", "grew")
+    keep = ~((df["fold"] == 2) & (df["label"] == 1)).to_numpy()
+    df, prob = df[keep].reset_index(drop=True), prob[keep]
+    model = fit_context_cv(df, prob, fields, where="out-of-fold predictions (3 folds)", n_boot=0)
+    assert model.threshold["n_val"] == len(df)
+    with pytest.raises(ContextError, match=r"fold 2 \(to score fold 1\) holds one class only"):
+        crossfit_fused_probs(df, prob, fields)
+
+
+def test_the_context_models_regularisation_says_when_it_was_not_measured():
+    """No grouped fold with both classes: C is the grid's strongest, said so, and the losses are null (strict
+    JSON), never Infinity."""
+    from core.context_fit import C_GRID, _fit_answers
+    y = np.array([0, 0, 0, 1, 1, 1] * 2)
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])  # every patient one class, so every held-out part too
+    a = pd.DataFrame({"bleed": np.where(y == 1, "yes", "no")})
+    model = _fit_answers(a, y, groups, "expected", seed=0)
+    assert model.fitted["C"] == min(C_GRID) and model.fitted["C_chosen_by"].startswith("default")
+    assert set(model.fitted["cv_log_loss"].values()) == {None}
+    json.dumps(model.to_dict(), allow_nan=False)
+    measured = fitted(*synthetic())
+    assert measured.fitted["C_chosen_by"] == "grouped 5-fold cross-validation"
+    assert None not in measured.fitted["cv_log_loss"].values()
+
+
+def test_single_split_fits_refuse_one_class_or_one_patient_with_a_context_error():
+    df, prob = synthetic()
+    val = (df["split"] == "val").to_numpy()
+    benign_train = df[(df["split"] == "train") & (df["label"] == 0)]
+    with pytest.raises(ContextError, match="one class only .*all benign"):
+        fit_context(benign_train, df[val], prob[val], ("age", "bleed"), n_boot=0)
+    one_patient = df[val & (df["patient_id"] == df.loc[val, "patient_id"].iloc[0]).to_numpy()]
+    with pytest.raises(ContextError, match="validation split holds one patient"):
+        fit_context(df[df["split"] == "train"], one_patient, np.full(len(one_patient), 0.5), ("age", "bleed"),
+                    n_boot=0)
+
+
+def test_a_numeric_field_no_row_answered_adds_nothing_instead_of_nan():
+    """An inner fold can hold no answer to a field others answered: its column is all zero, not NaN."""
+    from core.context_fit import _design, _stats
+    a = pd.DataFrame({"age": [np.nan, np.nan, np.nan]})
+    stats = _stats(a)
+    assert stats["age"] == {"mean": 0.0, "std": 1.0}
+    assert np.array_equal(_design(pd.DataFrame({"age": [np.nan, 70.0]}), stats, "expected"), [[0.0], [4.0]])
 
 
 def test_context_frame_can_count_a_bad_answer_as_unanswered_and_say_why():
