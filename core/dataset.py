@@ -86,7 +86,7 @@ def check_images(df: pd.DataFrame) -> None:
             box = crop_of(row)
             if box and (why := box_problem(box, (w, h))):
                 problems.append(f"{row['image']}: crop box {box} {why}")
-        except ImageLoadError as e:
+        except (ImageLoadError, ManifestError) as e:  # ManifestError: a partial or non-numeric crop box
             problems.append(str(e))
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""

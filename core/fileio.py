@@ -20,6 +20,30 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+class UnwritableError(ValueError):
+    """An output path that cannot be written, found before the work that would fill it."""
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail before the work, not after it: `path` can be written (its folder created if need be), tried by
+    creating and removing a file beside it, which also catches what permission bits do not (a read-only mount,
+    a folder in the way, a full quota)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UnwritableError(f"{path}: is a folder; give the name of the file to write")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise UnwritableError(f"{path}: {existing} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".check")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UnwritableError(f"{path}: cannot be written ({e.strerror or e})") from None
+    return path
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a temporary file beside path, then rename it into place.
 

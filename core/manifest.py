@@ -78,10 +78,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not a readable CSV ({e})") from e
     require_columns(df, REQUIRED, str(path))
+    empty = df.index[df["image"].isna() | (df["image"].astype(str).str.strip() == "")]
+    if len(empty):
+        raise ManifestError(f"{path}: {len(empty)} row(s) with no image path, e.g. row {empty[0] + 2} (rows count "
+                            "from the header as row 1)")
     bad = df[~df["label"].isin([0, 1])]
     if len(bad):
-        raise ManifestError(f"{path}: label must be 0 (benign) or 1 (malignant); "
-                            f"row {bad.index[0] + 2} has {bad['label'].iloc[0]!r}")
+        value = bad["label"].iloc[0]
+        raise ManifestError(f"{path}: label must be 0 (benign) or 1 (malignant); row {bad.index[0] + 2} has "
+                            f"{'no label' if pd.isna(value) else repr(value.item() if hasattr(value, 'item') else value)}")
     if "split" in df and not df["split"].dropna().isin(SPLITS).all():
         odd = sorted(set(df["split"].dropna()) - set(SPLITS))
         raise ManifestError(f"{path}: split values must be {SPLITS}, found {odd}")
@@ -107,10 +112,21 @@ def write_manifest(df: pd.DataFrame, path: str | Path, relative: bool = True) ->
 
 
 def crop_of(row) -> dict | None:
-    """The crop box of a manifest row as a dict, or None when the row has no (complete) box."""
-    if not all(c in row and pd.notna(row[c]) for c in CROP_COLUMNS):
+    """The crop box of a manifest row as a dict, or None when the row has none (all four cells empty). A partial
+    box or one that is not numbers raises ManifestError naming the image: scoring the whole photo instead would
+    silently not be what the row asked for."""
+    given = [c for c in CROP_COLUMNS if c in row and pd.notna(row[c]) and str(row[c]).strip() != ""]
+    if not given:
         return None
-    return {c.removeprefix("crop_"): int(round(float(row[c]))) for c in CROP_COLUMNS}
+    where = row.get("image", "a row") if hasattr(row, "get") else "a row"
+    if len(given) < len(CROP_COLUMNS):
+        empty = ", ".join(c for c in CROP_COLUMNS if c not in given)
+        raise ManifestError(f"{where}: incomplete crop box ({empty} empty): give all four crop columns or none")
+    try:
+        return {c.removeprefix("crop_"): int(round(float(row[c]))) for c in CROP_COLUMNS}
+    except (TypeError, ValueError, OverflowError):
+        raise ManifestError(f"{where}: crop box is not numbers ({', '.join(f'{c}={row[c]!r}' for c in CROP_COLUMNS)})"
+                            ) from None
 
 
 def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image", label_col="label",

@@ -8,9 +8,11 @@ from pathlib import Path
 from core import metrics
 from core import builtin
 from core.bundle import BundleError, load_bundle
+from core.dataset import check_images
 from core.device import pick_device
 from core.evaluation import build_report, seen_by_model
-from core.fileio import atomic_write_json, report_data
+from core.fileio import UnwritableError, atomic_write_json, check_writable, report_data
+from core.images import ImageLoadError
 from core.manifest import ManifestError, read_manifest
 from core.scores import sigmoid
 from core.trust import attach, features_and_logits, quality_of, summary_lines, trust_report
@@ -62,11 +64,14 @@ def main(argv=None) -> int:
         df = read_manifest(args.manifest)
         split = args.split or ("test" if "split" in df else "all")
         df, split = select_rows(df, split)
-    except (BundleError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
+        out = check_writable(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
+        check_images(df)  # every missing, unreadable or unboxable image named at once, before any scoring
+        device = pick_device(args.device)
+        feats, logits = features_and_logits(bundle.model, df, device=device)  # one pass: score and gate features
+    except (BundleError, ManifestError, UnwritableError, ImageLoadError) as e:  # ImageLoadError: a body that
+        print(f"error: {e}", file=sys.stderr)                                    # breaks after a sound header
         return 2
-    device = pick_device(args.device)
-    feats, logits = features_and_logits(bundle.model, df, device=device)  # one pass: score and gate features
     probs = sigmoid(logits)
     report = build_report(df, probs, bundle.threshold, n_boot=args.n_boot, model_meta=bundle.meta, split=split)
     attach(report, trust_report(df, logits, feats, bundle, quality_lists=quality_of(df, bundle.spec.preprocessing),
@@ -84,9 +89,6 @@ def main(argv=None) -> int:
         from core.ensemble import members_report
         report["ensemble"] = members_report(df, feats, bundle, n_boot=args.n_boot)
     context_table = add_context(report, df, probs, bundle, args.n_boot)
-    default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
-    out = Path(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, report_data(report), indent=1)
     name = args.name or f"{bundle.meta.provenance.run_name} ({split})"
     rows = [(name, report["metrics"])]

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from core import builtin
 from core.bundle import WEIGHTS_FILE, BundleError, load_bundle
 from core.device import dataloader_workers
+from core.fileio import UnwritableError, atomic_write, atomic_write_text, check_writable
 from core.images import SUPPORTED_FORMATS, ImageLoadError, load_image
 from core.inference import Predictor, model_view
 from core.manifest import ManifestError, crop_of, file_sha256, read_manifest
@@ -106,10 +107,15 @@ def inputs_from_args(args) -> tuple[pd.DataFrame, dict]:
 
 def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: int, progress=True) -> pd.DataFrame:
     """One row per row of df, in order: status ('scored' or the reason), probability, verdict, quality, error."""
-    crops = [crop_of(r) for _, r in df.iterrows()] if any(c.startswith("crop_") for c in df.columns) \
-        else [None] * len(df)
     status = [SCORED] * len(df)
     errors = [""] * len(df)
+    crops = [None] * len(df)
+    if any(c.startswith("crop_") for c in df.columns):
+        for i, (_, r) in enumerate(df.iterrows()):
+            try:
+                crops[i] = crop_of(r)
+            except ManifestError as e:  # a partial or non-numeric box: that row is not scored, the rest are
+                status[i], errors[i] = "bad_crop", str(e)
     if "_skip" in df.columns:  # decided from the folder listing (hidden files): never decoded
         for i, reason in enumerate(df["_skip"].fillna("").tolist()):
             if reason:
@@ -242,21 +248,22 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         print("error: --batch-size must be positive", file=sys.stderr)
         return 2
+    out = Path(args.out)
     try:
         bundle = load_bundle(args.run)
         df, inputs = inputs_from_args(args)
-    except (BundleError, ManifestError) as e:
+        check_writable(out)
+        check_writable(sidecar_path(out))
+    except (BundleError, ManifestError, UnwritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     predictor = Predictor(bundle, device=args.device, fast=True)
     workers = args.workers if args.workers is not None else dataloader_workers()
     table = screen(predictor, df, batch_size=args.batch_size, workers=workers)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
+    atomic_write(out, lambda tmp: table.to_csv(tmp, index=False))
     meta = provenance(predictor, args.run, inputs, table, time.time() - t0)
-    sidecar_path(out).write_text(json.dumps(meta, indent=1, default=str))
+    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=1, default=str))
     if meta["n_failed"]:
         print(not_scored_report(table), file=sys.stderr)
     why = ", ".join(f"{n} {reason}" for reason, n in meta["not_scored"].items())

@@ -35,17 +35,16 @@ def test_read_json_or_none(tmp_path):
 
 
 def test_written_files_get_the_usual_permissions_not_owner_only(tmp_path):
-    import os
-    mask = os.umask(0o022)
-    try:
-        import importlib
-
-        import core.fileio as fileio
-        importlib.reload(fileio)
-        p = fileio.atomic_write_json(tmp_path / "x.json", {})
-        assert p.stat().st_mode & 0o777 == 0o644
-    finally:
-        os.umask(mask)
+    # a fresh interpreter under umask 022 (the mode is read at import; reloading the module here would give the
+    # other tests' imported names stale exception classes)
+    import subprocess
+    import sys
+    code = ("import os, sys; os.umask(0o022); from core.fileio import atomic_write_json; "
+            "print(oct(atomic_write_json(sys.argv[1], {}).stat().st_mode & 0o777))")
+    from core.appstate import PROJECT_ROOT
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.json")], cwd=PROJECT_ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "0o644"
 
 
 def test_report_data_makes_reports_strict_json_undefined_values_null():
@@ -60,3 +59,24 @@ def test_report_data_makes_reports_strict_json_undefined_values_null():
     out = report_data(report)
     assert out == {"auc": 0.75, "n": 3, "ece": None, "rows": [{"fitzpatrick": None, "score": None}], "image": "a/b.jpg"}
     json.dumps(out, allow_nan=False)  # raises on any NaN or infinity left
+
+
+def test_check_writable_finds_what_would_fail_after_the_work(tmp_path, monkeypatch):
+    """Checked before scoring starts: a folder in the way, a file where a folder should be, a refusal to create
+    files (root passes permission bits, so the refusal is simulated; a read-only mount refuses the same way)."""
+    import tempfile
+
+    from core.fileio import UnwritableError, check_writable
+    assert check_writable(tmp_path / "new" / "deeper" / "out.csv") == tmp_path / "new" / "deeper" / "out.csv"
+    assert (tmp_path / "new" / "deeper").is_dir() and not list((tmp_path / "new" / "deeper").iterdir())
+    with pytest.raises(UnwritableError, match="is a folder; give the name of the file to write"):
+        check_writable(tmp_path / "new")
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(UnwritableError, match=r"photo.jpg is a file, not a folder"):
+        check_writable(tmp_path / "photo.jpg" / "sub" / "out.csv")
+
+    def refuse(**kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(UnwritableError, match=r"out.csv: cannot be written \(Permission denied\)"):
+        check_writable(tmp_path / "out.csv")

@@ -81,4 +81,19 @@ def test_folder_import(tmp_path, image_set):
 def test_crop_of_needs_all_four_columns():
     assert crop_of({"crop_left": 1, "crop_top": 2, "crop_width": 3, "crop_height": 4}) == \
         {"left": 1, "top": 2, "width": 3, "height": 4}
-    assert crop_of({"crop_left": 1, "crop_top": 2, "crop_width": 3, "crop_height": float("nan")}) is None
+    assert crop_of({"crop_left": float("nan"), "crop_top": None, "crop_width": " ", "image": "a.jpg"}) is None
+    with pytest.raises(ManifestError, match=r"^a.jpg: incomplete crop box \(crop_height empty\)"):
+        crop_of({"crop_left": 1, "crop_top": 2, "crop_width": 3, "crop_height": float("nan"), "image": "a.jpg"})
+    with pytest.raises(ManifestError, match=r"crop box is not numbers \(crop_left='x'"):
+        crop_of({"crop_left": "x", "crop_top": 2, "crop_width": 3, "crop_height": 4})
+
+
+@pytest.mark.parametrize("content, message", [
+    ("image,label\n,1\n", r"1 row\(s\) with no image path, e.g. row 2"),
+    ("image,label\na.png,\n", "row 2 has no label"),
+])
+def test_rows_without_an_image_or_a_label_are_named(tmp_path, content, message):
+    path = tmp_path / "m.csv"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path)

@@ -52,3 +52,19 @@ def test_an_ensemble_report_has_its_members_metrics(tmp_path, capsys):
     split = ((singles >= 0.5).any(1) & ~(singles >= 0.5).all(1)).mean()
     assert ens["split_fraction"] == pytest.approx(split)
     assert "members disagree" in capsys.readouterr().out
+
+
+def test_every_unusable_image_and_an_unwritable_report_are_named_before_any_scoring(tmp_path, capsys, monkeypatch):
+    df = make_images(tmp_path / "img", n=6)
+    df["image"] = [str(tmp_path / "img" / i) for i in df["image"]]
+    df.loc[1, "image"], df.loc[4, "image"] = str(tmp_path / "gone.jpg"), str(tmp_path / "also_gone.png")
+    manifest = write_manifest(df, tmp_path / "m.csv")
+    scored = []
+    monkeypatch.setattr("train.evaluate.features_and_logits", lambda *a, **k: scored.append(1))
+    assert main(["--run", "demo", "--manifest", str(manifest), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "2 unusable image(s)" in err and "gone.jpg: file not found" in err and "also_gone.png" in err
+    good = write_manifest(df.drop(index=[1, 4]), tmp_path / "good.csv")
+    assert main(["--run", "demo", "--manifest", str(good), "--out", str(tmp_path / "m.csv" / "r.json")]) == 2
+    assert "m.csv is a file, not a folder" in capsys.readouterr().err
+    assert not scored and not (tmp_path / "r.json").exists()

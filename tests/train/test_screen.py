@@ -213,18 +213,22 @@ def test_a_file_without_extension_gets_the_same_probability_as_with_one(run_dir,
 
 def test_manifest_rows_that_cannot_be_scored_are_named_and_nothing_scored_exits_1(run_dir, tmp_path, capsys):
     textured(tmp_path / "p.png", seed=1)
-    man = pd.DataFrame({"image": [str(tmp_path / "gone.jpg"), str(tmp_path / "p.png")], "label": [1, 0],
-                        "crop_left": [None, 500], "crop_top": [None, 0], "crop_width": [None, 10],
-                        "crop_height": [None, 10]})
+    p = str(tmp_path / "p.png")
+    # a box outside the photo, a box with one cell empty (never the whole photo instead), a box that is not numbers
+    man = pd.DataFrame({"image": [str(tmp_path / "gone.jpg"), p, p, p], "label": [1, 0, 0, 1],
+                        "crop_left": [None, 500, 1, "abc"], "crop_top": [None, 0, 2, 0], "crop_width": [None, 10, 30, 9],
+                        "crop_height": [None, 10, None, 9]})
     man.to_csv(tmp_path / "m.csv", index=False)
     out = tmp_path / "m_pred.csv"
     rc = main(["--run", str(run_dir), "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--workers", "0",
                "--device", "cpu"])
     assert rc == 1  # a CSV is written, but no image could be scored
     df = pd.read_csv(out, keep_default_na=False)
-    assert list(df["status"]) == ["not_found", "bad_crop"] and list(df["label"]) == [1, 0]
+    assert list(df["status"]) == ["not_found", "bad_crop", "bad_crop", "bad_crop"] and list(df["label"]) == [1, 0, 0, 1]
+    assert df["error"].iloc[2] == f"{p}: incomplete crop box (crop_height empty): give all four crop columns or none"
+    assert df["error"].iloc[3].startswith(f"{p}: crop box is not numbers (crop_left='abc'")
     err = capsys.readouterr().err
-    assert "gone.jpg: file not found" in err and "falls outside" in err
+    assert "gone.jpg: file not found" in err and "falls outside" in err and "incomplete crop box" in err
 
 
 def test_manifest_context_columns_give_fused_results(run_dir, photo_dir, tmp_path):
@@ -336,3 +340,12 @@ def test_screening_through_onnxruntime_gives_pytorchs_scores_and_says_so(run_dir
     meta = json.loads(sidecar_path(tmp_path / "ort.csv").read_text())
     assert meta["engine"]["engine"] == "onnxruntime" and meta["engine"]["max_abs_prob_diff"] < 1e-4
     assert json.loads(sidecar_path(tmp_path / "torch.csv").read_text())["engine"]["engine"] == "pytorch"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_scoring(run_dir, photo_dir, tmp_path, capsys):
+    (tmp_path / "out_dir").mkdir()
+    for out, said in ((tmp_path / "out_dir", "is a folder"), (photo_dir / "p1.jpg" / "pred.csv", "is a file, not a folder")):
+        assert main(["--run", str(run_dir), "--images", str(photo_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "screening" not in err  # no progress bar: nothing was scored
+    assert not list((tmp_path / "out_dir").iterdir())
