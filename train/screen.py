@@ -5,8 +5,9 @@
 
 Every file handed over gets a row: every file under --images (recursively, whatever its name: the format is
 read from the content, so a JPEG without an extension is scored), or every row of --manifest. A row's status is
-`scored` or why the file was not scored: hidden (a name starting with '.', e.g. .DS_Store, in a folder only),
-not_an_image, unsupported_type (e.g. GIF), corrupt (truncated or damaged), too_large, empty, not_found,
+`scored` or why the file was not scored: hidden (a name starting with '.', e.g. .DS_Store), broken_link,
+not_a_file (a pipe, socket or device) and unreadable_folder (a subfolder that could not be listed: one row for it),
+these in a folder only; not_an_image, unsupported_type (e.g. GIF), corrupt (truncated or damaged), too_large, empty, not_found,
 unreadable, bad_crop; `error` says it in words, and the end of the run lists them. Scored rows carry the verdict
 (flagged / not flagged / not assessed, with the reason in not_assessed_reason: a quality refusal, or a photo unlike
 the training photos), the calibrated probability, the raw score, the out-of-distribution score and quality codes. Every row names the model run and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,9 +79,33 @@ def collate(items):
     return items  # crops are stacked in the main process (failed items have none)
 
 
-def list_files(folder: Path) -> list[str]:
-    """Every file under `folder`, recursively, sorted: nothing is left out because of its name."""
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file())
+# why a folder entry is listed but never opened (opening a pipe would block the run)
+SKIPPED = {"hidden": "hidden file, not screened",
+           "broken_link": "a link to a file that does not exist, not screened",
+           "not_a_file": "not a regular file (a pipe, socket or device), not screened",
+           "unreadable_folder": "folder could not be listed, its files were not screened"}
+
+
+def list_files(folder: Path) -> list[tuple[str, str]]:
+    """Every entry under `folder`, recursively and sorted, with the reason it will not be opened ('' for a file to
+    screen): nothing is left out because of its name or kind. Linked folders are followed, each real folder once
+    (a link loop would never end); a folder that cannot be listed is an entry of its own."""
+    out, seen = [], set()
+
+    def unlisted(err: OSError) -> None:
+        out.append((str(err.filename), "unreadable_folder"))
+
+    for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            path = os.path.join(root, name)
+            kind = "" if os.path.isfile(path) else ("broken_link" if os.path.islink(path) else "not_a_file")
+            out.append((path, kind or ("hidden" if hidden(path, folder) else "")))
+    return sorted(out)
 
 
 def hidden(path: str, folder: Path) -> bool:
@@ -93,11 +119,11 @@ def inputs_from_args(args) -> tuple[pd.DataFrame, dict]:
         folder = Path(args.images)
         if not folder.is_dir():
             raise ManifestError(f"{folder}: image folder not found")
-        paths = list_files(folder)
-        if not paths:
+        entries = list_files(folder)
+        if not entries:
             raise ManifestError(f"{folder}: no files found")
-        skip = ["hidden" if hidden(p, folder) else "" for p in paths]
-        return pd.DataFrame({"image": paths, "_skip": skip}), {"images": str(folder.resolve()), "n": len(paths)}
+        return (pd.DataFrame(entries, columns=["image", "_skip"]),
+                {"images": str(folder.resolve()), "n": len(entries)})
     df = read_manifest(args.manifest)
     if df.empty:
         raise ManifestError(f"{args.manifest}: manifest has no rows")
@@ -116,10 +142,10 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
                 crops[i] = crop_of(r)
             except ManifestError as e:  # a partial or non-numeric box: that row is not scored, the rest are
                 status[i], errors[i] = "bad_crop", str(e)
-    if "_skip" in df.columns:  # decided from the folder listing (hidden files): never decoded
+    if "_skip" in df.columns:  # decided from the folder listing (hidden files, links, pipes): never opened
         for i, reason in enumerate(df["_skip"].fillna("").tolist()):
             if reason:
-                status[i], errors[i] = reason, f"{df['image'].iloc[i]}: {reason} file, not screened"
+                status[i], errors[i] = reason, f"{df['image'].iloc[i]}: {SKIPPED[reason]}"
     todo = [i for i in range(len(df)) if status[i] == SCORED]
     ds = ScreenDataset([df["image"].iloc[i] for i in todo], [crops[i] for i in todo], predictor.pp,
                        predictor.decode_kw)

@@ -3,6 +3,7 @@ errors that do not stop the run, and the provenance that travels with the CSV.""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -349,3 +350,34 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(run_dir, pho
         err = capsys.readouterr().err
         assert said in err and "screening" not in err  # no progress bar: nothing was scored
     assert not list((tmp_path / "out_dir").iterdir())
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX links and pipes")
+def test_links_pipes_and_folders_that_cannot_be_listed_each_get_a_row(run_dir, tmp_path, capsys, monkeypatch):
+    """A linked folder's photos are screened (a link loop is followed once); a broken link, a pipe (opening it
+    would block the run) and a subfolder that cannot be listed each get a row saying so: none is silently dropped."""
+    d = tmp_path / "links"
+    textured(d / "ok.jpg", seed=1)
+    textured(tmp_path / "elsewhere" / "far.jpg", seed=2)
+    (d / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (d / "loop").symlink_to(d, target_is_directory=True)
+    (d / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    os.mkfifo(d / "pipe")
+    textured(d / "locked" / "in.jpg", seed=3)
+    scandir = os.scandir
+
+    def refuse_locked(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse_locked)  # root lists any folder; a user without the right cannot
+    out = tmp_path / "links.csv"
+    assert main(["--run", str(run_dir), "--images", str(d), "--out", str(out), "--workers", "0",
+                 "--device", "cpu"]) == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    status = dict(zip(df["image"].str.removeprefix(str(d) + "/"), df["status"]))
+    assert status == {"ok.jpg": "scored", "linked/far.jpg": "scored", "gone.jpg": "broken_link",
+                      "pipe": "not_a_file", "locked": "unreadable_folder"}
+    err = capsys.readouterr().err
+    assert "gone.jpg: a link to a file that does not exist" in err and "pipe: not a regular file" in err
+    assert "locked: folder could not be listed" in err
