@@ -69,9 +69,9 @@ def apply_crops(manifest_df: pd.DataFrame, crops_df: pd.DataFrame, *,
     for i, image in enumerate(manifest_df["image"]):
         entry = _match(image, manifest_df, lookup, name_counts)
         if entry is not None and entry["unusable"]:
-            report.drop(UNUSABLE)
+            report.drop(UNUSABLE, what=str(image))
         elif entry is None or pd.isna(entry["left"]):
-            report.drop(NO_BOX)
+            report.drop(NO_BOX, what=str(image))
         else:
             box = {k: int(entry[k]) for k in BOX}
             if validate_sizes:

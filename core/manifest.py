@@ -24,13 +24,35 @@ class ManifestError(ValueError):
 
 @dataclass
 class ImportReport:
-    """What an importer kept and what it dropped, per reason (nothing is dropped silently)."""
+    """What an importer kept and what it dropped, per reason, and which files or rows it dropped (nothing is
+    dropped silently; `write_named` puts the names beside the manifest)."""
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    named: list[tuple[str, str]] = field(default_factory=list)  # (file or row, reason)
 
-    def drop(self, reason: str, n: int = 1) -> None:
+    def drop(self, reason: str, n: int | None = None, what: str | list | None = None) -> None:
+        """Count a drop: one item named by `what` (a file or row), several (a list), or n unnamed ones."""
+        items = [] if what is None else [what] if isinstance(what, str) else [str(w) for w in what]
+        n = n if n is not None else max(len(items), 1 if what is None else 0)
         if n:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
+            self.named += [(item, reason) for item in items]
+
+    def carried(self, kept: int = 0) -> "ImportReport":
+        """A copy to add a later step's drops to (the earlier steps' counts and names kept)."""
+        return ImportReport(kept=kept, dropped=dict(self.dropped), named=list(self.named))
+
+    def write_named(self, manifest_path: str | Path) -> Path | None:
+        """The dropped files and rows with their reasons, as <manifest>.dropped.csv beside the manifest (None and
+        any older list removed when nothing named was dropped)."""
+        path = Path(manifest_path)
+        path = path.with_name(path.stem + ".dropped.csv")
+        if not self.named:
+            path.unlink(missing_ok=True)
+            return None
+        from core.fileio import atomic_write
+        table = pd.DataFrame(self.named, columns=["dropped", "reason"])
+        return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
     def summary(self, df: pd.DataFrame | None = None) -> str:
         lines = [f"kept {self.kept} images"]
@@ -142,14 +164,18 @@ def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image",
     require_columns(src, (image_col, label_col), str(labels_csv))
     report = ImportReport()
     rows = []
-    for _, r in src.iterrows():
+    for i, r in src.iterrows():
+        name = r[image_col]
+        if pd.isna(name) or not str(name).strip():
+            report.drop("no image name", what=f"{labels_csv.name} row {i + 2}")
+            continue
         label = parse_label(r[label_col])
         if label is None:
-            report.drop(f"label not malignant/benign ({r[label_col]!r})")
+            report.drop(f"label not malignant/benign ({r[label_col]!r})", what=str(name))
             continue
-        img = images / str(r[image_col])
+        img = images / str(name)
         if not img.is_file():
-            report.drop("image file missing")
+            report.drop("image file missing", what=str(img))
             continue
         row = {"image": str(img.resolve()), "label": label}
         for col, name in ((patient_col, "patient_id"), (lesion_col, "lesion_id"),
@@ -159,26 +185,48 @@ def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image",
         if domain:
             row["domain"] = domain
         rows.append(row)
-    return finish_import(rows, report, str(labels_csv))
+    return finish_import(_once_each(rows, report), report, str(labels_csv))
+
+
+def _once_each(rows: list[dict], report: ImportReport) -> list[dict]:
+    """One row per image: a photo listed twice with one label keeps its first row; with different labels none
+    (which is right is unknown, and the copies could land on both sides of a split)."""
+    by_image: dict[str, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(row["image"], []).append(row)
+    out = []
+    for image, copies in by_image.items():
+        if len({c["label"] for c in copies}) > 1:
+            report.drop("listed more than once with different labels", n=len(copies), what=[image] * len(copies))
+            continue
+        out.append(copies[0])
+        report.drop("listed again (its first row kept)", n=len(copies) - 1, what=[image] * (len(copies) - 1))
+    return out
 
 
 def import_folder(root: str | Path, *, domain: str | None = None) -> tuple[pd.DataFrame, ImportReport]:
-    """Import `root/benign/*` and `root/malignant/*` (no patient ids: splits fall back to images)."""
-    from core.images import SUPPORTED_SUFFIXES
+    """Import `root/benign/*` and `root/malignant/*` (no patient ids: splits fall back to images). Every file under
+    root is accounted for: kept when its header reads as a supported image (the content decides, as everywhere
+    else, so a JPEG without an extension is kept), else dropped with the reason; files outside the two label
+    folders have no label and are dropped, named."""
+    from core.images import ImageLoadError, image_size
     root = Path(root)
     folders = {name: root / name for name in ("benign", "malignant")}
     if not all(p.is_dir() for p in folders.values()):
         raise ManifestError(f"{root}: expected sub-folders benign/ and malignant/")
     report, rows = ImportReport(), []
-    for name, folder in folders.items():
-        for f in sorted(folder.rglob("*")):
-            if not f.is_file():
-                continue
-            if f.suffix.lower() not in SUPPORTED_SUFFIXES:
-                report.drop(f"not an image file type ({f.suffix or 'no suffix'})")
-                continue
-            rows.append({"image": str(f.resolve()), "label": int(name == "malignant"),
-                         **({"domain": domain} if domain else {})})
+    for f in sorted(p for p in root.rglob("*") if not p.is_dir()):
+        name = next((n for n, folder in folders.items() if folder in f.parents), None)
+        if name is None:
+            report.drop("not inside benign/ or malignant/ (no label)", what=str(f))
+            continue
+        try:
+            image_size(f)
+        except ImageLoadError as e:
+            report.drop(f"not a usable image ({e.reason})", what=str(e))
+            continue
+        rows.append({"image": str(f.resolve()), "label": int(name == "malignant"),
+                     **({"domain": domain} if domain else {})})
     return finish_import(rows, report, str(root))
 
 

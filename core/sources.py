@@ -95,11 +95,11 @@ def import_isic(metadata_csv: str | Path, images: str | Path, *,
     for r in src.to_dict("records"):
         label, reason = _isic_label(r)
         if label is None:
-            report.drop(reason)
+            report.drop(reason, what=str(r["isic_id"]))
             continue
         path = index.find(f"{r['isic_id']}.JPG")
         if path is None:
-            report.drop(MISSING)
+            report.drop(MISSING, what=f"{r['isic_id']}.JPG")
             continue
         row = {"image": str(path), "label": label, "domain": domain,
                "fitzpatrick": parse_fitzpatrick(r.get("fitzpatrick_skin_type"))}
@@ -133,11 +133,11 @@ def import_pad_ufes(metadata_csv: str | Path, images: str | Path, *,
     for r in src.to_dict("records"):
         dx = _text(r["diagnostic"]).upper()
         if dx not in PAD_LABELS:
-            report.drop(f"diagnostic not one of {'/'.join(PAD_LABELS)} ({dx or 'blank'})")
+            report.drop(f"diagnostic not one of {'/'.join(PAD_LABELS)} ({dx or 'blank'})", what=str(r["img_id"]))
             continue
         path = index.find(r["img_id"])
         if path is None:
-            report.drop(MISSING)
+            report.drop(MISSING, what=str(r["img_id"]))
             continue
         rows.append({
             "image": str(path), "label": PAD_LABELS[dx], "patient_id": r["patient_id"],
@@ -156,20 +156,21 @@ def import_midas(xlsx: str | Path, images: str | Path, *, domain: str | None = "
     require_columns(src, MIDAS_REQUIRED, str(xlsx))
     index, report, rows = ImageIndex(images), ImportReport(), []
     for r in src.to_dict("records"):
+        name = _text(r["midas_file_name"])
         distance = _text(r["midas_distance"]).lower()
         path_text = _text(r["midas_path"]).lower()
         if _text(r["midas_iscontrol"]).lower() in ("yes", "true", "1", "y"):
-            report.drop("control image (normal skin)")
+            report.drop("control image (normal skin)", what=name)
             continue
         if distance == "dscope":
-            report.drop("dermoscopic image (dscope)")
+            report.drop("dermoscopic image (dscope)", what=name)
             continue
         if not path_text.startswith(("malignant", "benign")):
-            report.drop("midas_path neither malignant nor benign")
+            report.drop("midas_path neither malignant nor benign", what=name)
             continue
         path = index.find(r["midas_file_name"])
         if path is None:
-            report.drop(MISSING)
+            report.drop(MISSING, what=name)
             continue
         rows.append({
             "image": str(path), "label": int(path_text.startswith("malignant")),
@@ -222,13 +223,13 @@ def midas_cropped(df: pd.DataFrame, report: ImportReport, crops: pd.DataFrame, *
                   ) -> tuple[pd.DataFrame, ImportReport]:
     """The paper's cropped subset: images taken at <= 6 in, with a usable crop box, one per lesion."""
     from core.cropbox import apply_crops
-    out = ImportReport(dropped=dict(report.dropped))
+    out = report.carried()
     near = df["distance_in"].le(MIDAS_CROP_MAX_IN)  # unknown distances (virtual visits) are not near
-    out.drop("taken farther than 6 in (or distance unknown)", int((~near).sum()))
+    out.drop("taken farther than 6 in (or distance unknown)", what=df.loc[~near, "image"].tolist())
     cropped, crop_report = apply_crops(df[near].reset_index(drop=True), crops,
                                        validate_sizes=validate_sizes)
     for reason, n in crop_report.dropped.items():
-        out.drop(reason, n)
+        out.drop(reason, n, what=[w for w, why in crop_report.named if why == reason])
     out.kept = len(cropped)
     if not len(cropped):
         raise ManifestError(f"MIDAS cropped subset is empty ({out.summary()})")
@@ -242,8 +243,8 @@ def keep_one_per_lesion(df: pd.DataFrame, report: ImportReport) -> tuple[pd.Data
     order = order.sort_values(["lesion_id", "_d", "_n"], kind="stable")
     first = ~order.duplicated("lesion_id", keep="first")
     kept = order[first].drop(columns=["_d", "_n"]).sort_index().reset_index(drop=True)
-    out = ImportReport(kept=len(kept), dropped=dict(report.dropped))
-    out.drop(DUPLICATE, int((~first).sum()))
+    out = report.carried(kept=len(kept))
+    out.drop(DUPLICATE, what=order.loc[~first, "image"].tolist())
     return kept, out
 
 

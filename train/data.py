@@ -169,6 +169,8 @@ def main(argv=None) -> int:
             path = write_manifest(df, out)
             print(f"{path}:")
             print(summary_table(df, report))
+            if named := report.write_named(path):
+                print(f"  every dropped file or row is named, with its reason, in {named}")
             if line := context_line(df):
                 print(line)
     except ManifestError as e:

@@ -1,6 +1,8 @@
 """The manifest format and the generic csv/folder importers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -30,6 +32,30 @@ def test_csv_import_counts_what_it_drops(image_set, tmp_path):
     assert report.kept == 38
     assert report.dropped == {"image file missing": 1, "label not malignant/benign ('indeterminate')": 1}
     assert out.loc[out["image"].str.endswith("img002.png"), "label"].item() == 1
+    # each dropped row is named, and the list lands beside the manifest
+    assert report.named == [(df.loc[0, "image"], "label not malignant/benign ('indeterminate')"),
+                            (str(images / "missing.png"), "image file missing")]
+    named = report.write_named(write_manifest(out, tmp_path / "m.csv"))
+    assert named == tmp_path / "m.dropped.csv"
+    assert pd.read_csv(named).values.tolist() == [list(r) for r in report.named]
+    from core.manifest import ImportReport
+    assert ImportReport(kept=40).write_named(tmp_path / "m.csv") is None and not named.exists()  # no stale list
+
+
+def test_csv_import_names_rows_without_an_image_and_keeps_each_photo_once(image_set):
+    """A photo listed twice with one label keeps one row; with two labels it is dropped (which is right is
+    unknown, and two copies could fall on both sides of a split)."""
+    labels, images = image_set
+    df = pd.read_csv(labels, dtype=str)
+    df.loc[0, "image"] = None
+    twice = pd.concat([df, df.iloc[[1]], df.iloc[[2]].assign(label=str(1 - int(df.loc[2, "label"])))])
+    twice.to_csv(labels, index=False)
+    out, report = import_csv(labels, images)
+    assert report.dropped == {"no image name": 1, "listed again (its first row kept)": 1,
+                              "listed more than once with different labels": 2}
+    assert (f"{labels.name} row 2", "no image name") in report.named
+    assert out["image"].is_unique and len(out) == 38
+    assert not out["image"].str.endswith(df.loc[2, "image"]).any()
 
 
 def test_csv_import_with_other_column_names(image_set):
@@ -65,15 +91,25 @@ def test_missing_manifest_is_named(tmp_path):
 
 
 def test_folder_import(tmp_path, image_set):
+    """Every file under the root is kept or named: by content (an extensionless PNG is kept, text named .png is
+    not), and a photo outside the two label folders has no label."""
     _, images = image_set
+    ds = tmp_path / "ds"
     for name in ("benign", "malignant"):
-        (tmp_path / "ds" / name).mkdir(parents=True)
-    (images / "img000.png").rename(tmp_path / "ds" / "benign" / "a.png")
-    (images / "img001.png").rename(tmp_path / "ds" / "malignant" / "b.png")
-    (tmp_path / "ds" / "malignant" / "notes.txt").write_text("x")
-    df, report = import_folder(tmp_path / "ds")
-    assert sorted(df["label"]) == [0, 1]
-    assert report.dropped == {"not an image file type (.txt)": 1}
+        (ds / name).mkdir(parents=True)
+    (images / "img000.png").rename(ds / "benign" / "a.png")
+    (images / "img001.png").rename(ds / "malignant" / "b.png")
+    (images / "img002.png").rename(ds / "malignant" / "IMG_0003")
+    (images / "img003.png").rename(ds / "loose.png")
+    (ds / "malignant" / "notes.txt").write_text("x")
+    (ds / "benign" / "fake.png").write_text("not a picture")
+    df, report = import_folder(ds)
+    assert sorted(df["label"]) == [0, 1, 1] and df["image"].str.endswith("IMG_0003").any()
+    assert report.dropped == {"not a usable image (not_an_image)": 2,
+                              "not inside benign/ or malignant/ (no label)": 1}
+    assert [(Path(w.split(":")[0]).name, why) for w, why in report.named] == [
+        ("fake.png", "not a usable image (not_an_image)"), ("loose.png", "not inside benign/ or malignant/ (no label)"),
+        ("notes.txt", "not a usable image (not_an_image)")]
     with pytest.raises(ManifestError, match="benign/ and malignant/"):
         import_folder(images)
 

@@ -106,6 +106,12 @@ def test_pad_ufes_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"dropped: image file missing\s+5\n", out)
     assert re.search(r"dropped: diagnostic not one of .*\(XYZ\)\s+1", out)
+    named = pd.read_csv(tmp_path / "m.dropped.csv")  # which five files, and which row's diagnostic
+    assert f"named, with its reason, in {tmp_path / 'm.dropped.csv'}" in out
+    assert sorted(named["reason"].value_counts().items()) == [("diagnostic not one of BCC/MEL/SCC/ACK/NEV/SEK (XYZ)", 1),
+                                                             ("image file missing", 5)]
+    assert set(named.loc[named["reason"] == "image file missing", "dropped"]) == set(meta["img_id"][3:]) - set(
+        named.loc[named["reason"] != "image file missing", "dropped"])
     # the first three fixture rows: sex and diameter are blank for the one non-biopsied lesion
     assert "context answers missing (of 3): age 0, sex 1, site 0" in out and "diameter_mm 1" in out
     assert "biopsed" not in df.columns
@@ -160,6 +166,10 @@ def test_midas_cli_uncropped_and_cropped(midas, capsys):
     out = capsys.readouterr().out
     assert "dropped: marked unusable in the crop file" in out
     assert "dropped: taken farther than 6 in" in out and "dropped: control image" in out
+    # the cropped subset's list carries the full import's drops and its own, each file named
+    named = pd.read_csv(midas / "c.dropped.csv")
+    assert set(named["reason"]) >= {"marked unusable in the crop file", "control image (normal skin)"}
+    assert named["dropped"].map(lambda p: Path(p).name).isin(["a12.jpg", "b6.jpg", "b12.jpg"]).sum() == 3
 
 
 def test_midas_cli_one_per_lesion_flag(midas):
