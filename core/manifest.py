@@ -70,8 +70,11 @@ def require_columns(df: pd.DataFrame, columns, source: str) -> None:
     """Raise a ManifestError naming every missing column (and what is there instead)."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
+        only = str(df.columns[0]) if len(df.columns) == 1 else ""
+        sep = next((name for c, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")) if c in only), None)
+        hint = f" (the file seems to separate columns with {sep}: save it comma-separated)" if sep else ""
         raise ManifestError(f"{source}: missing required column(s) {', '.join(missing)}; "
-                            f"found: {', '.join(map(str, df.columns))}")
+                            f"found: {', '.join(map(str, df.columns))}{hint}")
 
 
 def parse_label(value) -> int | None:
@@ -89,8 +92,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read and validate a manifest; image paths come back absolute (relative ones resolve against its folder)."""
+def read_manifest(path: str | Path, labelled: bool = True) -> pd.DataFrame:
+    """Read and validate a manifest; image paths come back absolute (relative ones resolve against its folder).
+    labelled=False (photos to screen): the label column is optional and a blank label is allowed."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
@@ -99,12 +103,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
                                       "fitzpatrick": str, "split": str, "image": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not a readable CSV ({e})") from e
-    require_columns(df, REQUIRED, str(path))
+    require_columns(df, REQUIRED if labelled else ("image",), str(path))
     empty = df.index[df["image"].isna() | (df["image"].astype(str).str.strip() == "")]
     if len(empty):
         raise ManifestError(f"{path}: {len(empty)} row(s) with no image path, e.g. row {empty[0] + 2} (rows count "
                             "from the header as row 1)")
-    bad = df[~df["label"].isin([0, 1])]
+    numeric = pd.to_numeric(df["label"], errors="coerce") if "label" in df else None  # "1" beside "maybe" is 1
+    bad = df[~numeric.isin([0, 1]) & (labelled or df["label"].notna())] if "label" in df else df.iloc[:0]
     if len(bad):
         value = bad["label"].iloc[0]
         raise ManifestError(f"{path}: label must be 0 (benign) or 1 (malignant); row {bad.index[0] + 2} has "
@@ -112,7 +117,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if "split" in df and not df["split"].dropna().isin(SPLITS).all():
         odd = sorted(set(df["split"].dropna()) - set(SPLITS))
         raise ManifestError(f"{path}: split values must be {SPLITS}, found {odd}")
-    df["label"] = df["label"].astype(int)
+    if "label" in df:
+        df["label"] = numeric.astype(int if labelled else "Int64")
     df["image"] = [str((path.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
     df.attrs["source"] = str(path)
     return df

@@ -124,7 +124,7 @@ def inputs_from_args(args) -> tuple[pd.DataFrame, dict]:
             raise ManifestError(f"{folder}: no files found")
         return (pd.DataFrame(entries, columns=["image", "_skip"]),
                 {"images": str(folder.resolve()), "n": len(entries)})
-    df = read_manifest(args.manifest)
+    df = read_manifest(args.manifest, labelled=False)  # screening needs photos, not diagnoses
     if df.empty:
         raise ManifestError(f"{args.manifest}: manifest has no rows")
     return df.reset_index(drop=True), {"manifest": str(Path(args.manifest).resolve()), "n": len(df),
@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of photos (every file, recursively; hidden files are listed, "
                                       "not scored)")
-    src.add_argument("--manifest", help="manifest CSV (image paths and optional crop boxes)")
+    src.add_argument("--manifest", help="manifest CSV (image paths; optional crop boxes, labels and context "
+                                        "answers)")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")

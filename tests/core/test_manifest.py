@@ -75,6 +75,8 @@ def test_wrong_columns_are_named(image_set):
 
 @pytest.mark.parametrize("content, message", [
     ("image,label\na.png,2\n", "label must be 0"),
+    ("image;label\na.png;1\n", "found: image;label \\(the file seems to separate columns with semicolons: save it "
+                                "comma-separated\\)"),
     ("image,diagnosis\na.png,1\n", "missing required column"),
     ("image,label,split\na.png,1,holdout\n", "split values"),
 ])

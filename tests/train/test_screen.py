@@ -381,3 +381,20 @@ def test_links_pipes_and_folders_that_cannot_be_listed_each_get_a_row(run_dir, t
     err = capsys.readouterr().err
     assert "gone.jpg: a link to a file that does not exist" in err and "pipe: not a regular file" in err
     assert "locked: folder could not be listed" in err
+
+
+def test_a_manifest_without_labels_or_with_some_blank_is_screened(run_dir, photo_dir, tmp_path, capsys):
+    """Photos to screen have no diagnosis yet: the label column is optional, a blank label is kept blank."""
+    photos = [str(photo_dir / "p1.jpg"), str(photo_dir / "sub" / "deep.png")]
+    pd.DataFrame({"image": photos}).to_csv(tmp_path / "nolabel.csv", index=False)
+    pd.DataFrame({"image": photos, "label": [1, None]}).to_csv(tmp_path / "some.csv", index=False)
+    for name in ("nolabel", "some"):
+        out = tmp_path / f"{name}_pred.csv"
+        assert main(["--run", str(run_dir), "--manifest", str(tmp_path / f"{name}.csv"), "--out", str(out),
+                     "--workers", "0", "--device", "cpu"]) == 0
+        df = pd.read_csv(out, keep_default_na=False)
+        assert list(df["status"]) == ["scored", "scored"]
+        assert ("label" not in df) if name == "nolabel" else (list(df["label"].astype(str)) == ["1", ""])
+    pd.DataFrame({"image": photos, "label": [1, "maybe"]}).to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["--run", str(run_dir), "--manifest", str(tmp_path / "bad.csv"), "--out", str(out)]) == 2
+    assert "row 3 has 'maybe'" in capsys.readouterr().err  # the bad row, not the good "1" read as text beside it
