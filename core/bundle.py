@@ -395,6 +395,8 @@ def bundle_folder(folder: str | Path) -> Path:
 
 def read_meta(folder: str | Path) -> BundleMeta:
     """Read and check a bundle's description without touching the weights."""
+    if not Path(folder).exists():
+        raise BundleError(f"{folder}: not found (give a run folder, a bundle folder or 'demo')")
     folder = bundle_folder(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
@@ -441,11 +443,21 @@ def _empty_model(meta: BundleMeta) -> LesionClassifier | EnsembleClassifier:
 
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the classifier from its description and load the checked weights (safetensors: no code runs)."""
+    from safetensors import SafetensorError
     meta = read_meta(folder)
     verify_weights(meta)
     try:
         model = _empty_model(meta)
-        model.load_state_dict(load_file(str(meta.folder / WEIGHTS_FILE)), strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # e.g. a backbone name this tool does not know
+        raise BundleError(f"{meta.folder}: {META_FILE} describes a model this tool cannot build ({str(e)[:300]})"
+                          ) from e
+    try:
+        weights = load_file(str(meta.folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:  # a format-1 bundle has no hash to catch a truncated file first
+        raise BundleError(f"{meta.folder / WEIGHTS_FILE}: not a readable weights file, damaged or truncated "
+                          f"({str(e)[:200]})") from e
+    try:
+        model.load_state_dict(weights, strict=True)
     except (KeyError, TypeError, RuntimeError) as e:
         raise BundleError(f"{meta.folder}: weights do not match the described model ({str(e)[:300]})") from e
     model.eval().to(device)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,10 @@ def read_config(run: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------- checkpoint
+class CheckpointError(ValueError):
+    """A run's checkpoint that cannot be read back (a damaged disk or a copy cut short; writes are atomic)."""
+
+
 def save_checkpoint(run: str | Path, model: dict, optimizer: dict, scheduler: dict, state: dict) -> None:
     """State dicts (tensors) plus the loop state as JSON text: loadable with weights_only=True."""
     blob = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
@@ -221,8 +226,14 @@ def load_checkpoint(run: str | Path) -> dict | None:
     path = Path(run) / CHECKPOINT
     if not path.exists():
         return None
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return {**blob, "state": json.loads(blob["state"])}
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return {**blob, "state": json.loads(blob["state"])}
+    except pickle.UnpicklingError as e:  # weights_only refused it: it carries code, which is never run
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain data ({str(e)[:200]})") from e
+    except Exception as e:  # noqa: BLE001 - a cut file raises RuntimeError, EOFError, KeyError... for one cause
+        raise CheckpointError(f"{path}: damaged, it cannot be resumed ({type(e).__name__}: {str(e)[:200]}); start "
+                              "the run again in a new --out") from e
 
 
 # ---------------------------------------------------------------- stop requests

@@ -14,6 +14,7 @@ import warnings
 from core import builtin
 from core.bundle import BundleError, load_bundle
 from core.export import DEFAULT_TOLERANCE, ExportError, export_onnx, sidecar_path
+from core.fileio import UnwritableError, check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,9 @@ def main(argv=None) -> int:
     args.run = str(builtin.resolve_model(args.run))
     try:
         bundle = load_bundle(args.run)
-    except BundleError as e:
+        check_writable(args.onnx)
+        check_writable(sidecar_path(args.onnx))
+    except (BundleError, UnwritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

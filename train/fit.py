@@ -51,7 +51,10 @@ def load_raw(args) -> dict:
     path = Path(config)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if args.init_from:  # starting from a run replaces the recipe's own starting model
         for key in ("weights", "head", "input_size"):
             raw.pop(key, None)
@@ -76,7 +79,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from core.backbones import WeightsError
     from core.bundle import BundleError
+    from core.images import ImageLoadError
     from core.manifest import ManifestError
+    from core.runfolder import CheckpointError
     from core.training import Stopped, fit
     try:
         cfg = run_config_from_dict(load_raw(args))
@@ -93,8 +98,13 @@ def main(argv=None) -> int:
             bundle = fit_cv(cfg, out, resume=args.resume)
         else:
             bundle = fit(cfg, out, resume=args.resume)
-    except (ConfigError, ManifestError, WeightsError, BundleError) as e:
+    except (ConfigError, ManifestError, WeightsError, BundleError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImageLoadError as e:  # the pre-check reads headers only: a photo cut short shows when it is decoded
+        print(f"error: {e}. Put a good copy of that photo in its place and continue with --resume (the run keeps "
+              "its last checkpoint and its splits), or leave it out of the data and start a new run",
+              file=sys.stderr)
         return 2
     except (Stopped, KeyboardInterrupt):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

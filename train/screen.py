@@ -117,6 +117,9 @@ def inputs_from_args(args) -> tuple[pd.DataFrame, dict]:
     """The rows to screen (a folder's have `_skip`: a reason decided before decoding, else '') and a description."""
     if args.images:
         folder = Path(args.images)
+        if folder.is_file():
+            raise ManifestError(f"{folder}: is a file; --images takes a folder (one photo: put it in a folder; a "
+                                "list of photos: --manifest)")
         if not folder.is_dir():
             raise ManifestError(f"{folder}: image folder not found")
         entries = list_files(folder)

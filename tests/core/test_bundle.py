@@ -180,3 +180,20 @@ def test_bundle_file_names_are_spelled_only_in_core_bundle():
              if p != root / "core" / "bundle.py"
              for n, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
     assert found == []
+
+
+def test_a_format_1_bundle_with_cut_weights_or_a_model_nobody_can_build_is_a_bundle_error(bundle_dir):
+    """A version-1 bundle has no hash to catch a truncated weights file first; a model.json naming a backbone this
+    tool does not know describes a model it cannot build: neither is 'weights do not match'."""
+    folder, _ = bundle_dir
+    _as_version_1(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(BundleError, match=r"model.safetensors: not a readable weights file, damaged or truncated"):
+        load_bundle(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["backbone"]["timm_name"] = "convnext_gigantic_9000"
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="describes a model this tool cannot build"):
+        load_bundle(folder)

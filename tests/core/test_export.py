@@ -95,7 +95,10 @@ def test_batch_of_one_example_is_refused(exported, tmp_path):
 
 def test_missing_run_is_a_clean_error(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "none"), "--onnx", str(tmp_path / "m.onnx")]) == 2
-    assert "no model.json" in capsys.readouterr().err
+    assert "none: not found" in capsys.readouterr().err
+    (tmp_path / "model.onnx").mkdir()  # a folder in the way: said before the export, not as an export failure
+    assert main(["--run", "demo", "--onnx", str(tmp_path / "model.onnx")]) == 2
+    assert "model.onnx: is a folder" in capsys.readouterr().err
 
 
 def test_an_ensemble_exports_as_one_graph_with_its_members_gate(exported, tmp_path):

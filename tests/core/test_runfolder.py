@@ -61,7 +61,13 @@ def test_checkpoint_round_trip_loads_with_weights_only(tmp_path):
     assert runfolder.load_checkpoint(tmp_path / "none") is None
     # a checkpoint that carries code is refused, not executed
     torch.save({"model": {}, "state": "{}", "evil": print}, tmp_path / runfolder.CHECKPOINT)
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(runfolder.CheckpointError, match="refused, it holds more than tensors.*[Ww]eights only"):
+        runfolder.load_checkpoint(tmp_path)
+    # a file cut short (a damaged disk; writes are atomic, so a kill cannot do it) says so and what to do
+    runfolder.save_checkpoint(tmp_path, model.state_dict(), opt.state_dict(), {}, state)
+    data = (tmp_path / runfolder.CHECKPOINT).read_bytes()
+    (tmp_path / runfolder.CHECKPOINT).write_bytes(data[: len(data) // 2])
+    with pytest.raises(runfolder.CheckpointError, match="damaged, it cannot be resumed .*start the run again"):
         runfolder.load_checkpoint(tmp_path)
 
 

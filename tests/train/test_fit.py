@@ -372,3 +372,27 @@ def test_refresh_reports_re_measures_a_runs_reports_without_choosing_anything_ag
         assert after["threshold"] == report["threshold"] and after["model"] == report["model"]
         assert ("a note of the training run" in after["notes"]) == (name == "val_report.json")
     assert "reports re-measured" in (run / "train.log").read_text()
+
+
+def test_a_photo_cut_short_after_a_sound_header_stops_the_run_with_its_name_and_the_run_resumes(image_set, tmp_path,
+                                                                                                capsys):
+    """The pre-check reads headers only, so a photo whose body is cut short passes it and fails when decoded: the
+    run stops with an error naming it (no traceback), and with a good copy back in place --resume finishes."""
+    labels, images = image_set
+    photo = images / "img007.png"
+    good = photo.read_bytes()
+    photo.write_bytes(good[: len(good) * 2 // 3])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(labels, images, report_test=True)))  # every split's photos decoded
+    assert fit_cli.main(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "img007.png" in err and "Traceback" not in err and "continue with --resume" in err
+    photo.write_bytes(good)
+    assert fit_cli.main(["--config", str(cfg), "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert load_bundle(tmp_path / "run").meta.provenance.run_name
+
+
+def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("name: x\nstages: [unclosed\n")
+    assert fit_cli.main(["--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'bad.yaml'}: not valid YAML" in capsys.readouterr().err

@@ -133,14 +133,17 @@ def test_manifest_with_crops_and_labels(run_dir, photo_dir, tmp_path):
     assert meta["inputs"]["manifest"].endswith("m.csv") and len(meta["inputs"]["sha256"]) == 64
 
 
-@pytest.mark.parametrize("bad", ["run", "folder"])
-def test_unusable_inputs_fail_with_a_message(run_dir, tmp_path, capsys, bad):
+@pytest.mark.parametrize("bad, said", [("run", "nope: not found (give a run folder"),
+                                       ("not a run", "no model.json (not a model bundle or run folder)"),
+                                       ("folder", "no files found"), ("a file", "is a file; --images takes a folder")])
+def test_unusable_inputs_fail_with_a_message(run_dir, tmp_path, capsys, bad, said):
     (tmp_path / "empty").mkdir()
-    run = tmp_path / "nope" if bad == "run" else run_dir
-    rc = main(["--run", str(run), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o.csv")])
+    (tmp_path / "one.jpg").write_bytes(b"x")
+    run = {"run": tmp_path / "nope", "not a run": tmp_path / "empty"}.get(bad, run_dir)
+    images = tmp_path / ("one.jpg" if bad == "a file" else "empty")
+    rc = main(["--run", str(run), "--images", str(images), "--out", str(tmp_path / "o.csv")])
     assert rc == 2
-    err = capsys.readouterr().err
-    assert ("no model.json" in err) if bad == "run" else ("no files found" in err)
+    assert said in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
 
 
