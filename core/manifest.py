@@ -139,6 +139,17 @@ def write_manifest(df: pd.DataFrame, path: str | Path, relative: bool = True) ->
     return path
 
 
+def read_text_csv(path: str | Path, what: str) -> pd.DataFrame:
+    """A source CSV (labels, metadata) with every cell as text; a missing, empty or unparsable file is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: {what} CSV not found")
+    try:
+        return pd.read_csv(path, dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not a readable CSV ({e})") from e
+
+
 def crop_of(row) -> dict | None:
     """The crop box of a manifest row as a dict, or None when the row has none (all four cells empty). A partial
     box or one that is not numbers raises ManifestError naming the image: scoring the whole photo instead would
@@ -162,11 +173,9 @@ def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image",
                domain: str | None = None) -> tuple[pd.DataFrame, ImportReport]:
     """Map any labelled CSV + image folder onto the manifest format."""
     labels_csv, images = Path(labels_csv), Path(images)
-    if not labels_csv.is_file():
-        raise ManifestError(f"{labels_csv}: labels CSV not found")
+    src = read_text_csv(labels_csv, "labels")
     if not images.is_dir():
         raise ManifestError(f"{images}: image folder not found")
-    src = pd.read_csv(labels_csv, dtype=str)
     require_columns(src, (image_col, label_col), str(labels_csv))
     report = ImportReport()
     rows = []

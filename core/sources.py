@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.context import ContextError, normalise
-from core.manifest import ImportReport, ManifestError, finish_import, require_columns
+from core.manifest import ImportReport, ManifestError, finish_import, read_text_csv, require_columns
 
 # Used only when core.images (the project's loader) is not importable.
 _FALLBACK_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif")
@@ -87,7 +87,7 @@ class ImageIndex:
 def import_isic(metadata_csv: str | Path, images: str | Path, *,
                 domain: str | None = "isic") -> tuple[pd.DataFrame, ImportReport]:
     """Import an isic-cli download (metadata.csv + <isic_id>.JPG files)."""
-    src = _read_csv(metadata_csv, "ISIC metadata")
+    src = read_text_csv(metadata_csv, "ISIC metadata")
     label_col = next((c for c in ("diagnosis_1", "benign_malignant") if c in src.columns), None)
     require_columns(src, ("isic_id", label_col or "diagnosis_1 (or legacy benign_malignant)"),
                     str(metadata_csv))
@@ -127,7 +127,7 @@ def _isic_label(r: dict) -> tuple[int | None, str]:
 def import_pad_ufes(metadata_csv: str | Path, images: str | Path, *,
                     domain: str | None = "pad_ufes_20") -> tuple[pd.DataFrame, ImportReport]:
     """Import PAD-UFES-20 (metadata.csv + images named by img_id; missing files are counted, not fatal)."""
-    src = _read_csv(metadata_csv, "PAD-UFES-20 metadata")
+    src = read_text_csv(metadata_csv, "PAD-UFES-20 metadata")
     require_columns(src, ("patient_id", "lesion_id", "diagnostic", "img_id"), str(metadata_csv))
     index, report, rows = ImageIndex(images), ImportReport(), []
     for r in src.to_dict("records"):
@@ -273,16 +273,6 @@ def _supported_suffixes() -> set[str]:
     except ImportError:
         SUPPORTED_SUFFIXES = _FALLBACK_SUFFIXES
     return {s.lower() for s in SUPPORTED_SUFFIXES}
-
-
-def _read_csv(path: str | Path, what: str) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: {what} CSV not found")
-    try:
-        return pd.read_csv(path, dtype=str)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: not a readable CSV ({e})") from e
 
 
 def _read_xlsx(path: str | Path) -> pd.DataFrame:

@@ -87,6 +87,15 @@ def test_bad_manifests_are_refused(tmp_path, content, message):
         read_manifest(path)
 
 
+def test_an_empty_or_missing_labels_csv_is_named(image_set, tmp_path):
+    _, images = image_set
+    (tmp_path / "labels.csv").write_text("")
+    with pytest.raises(ManifestError, match="labels.csv: not a readable CSV"):
+        import_csv(tmp_path / "labels.csv", images)
+    with pytest.raises(ManifestError, match="gone.csv: labels CSV not found"):
+        import_csv(tmp_path / "gone.csv", images)
+
+
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(ManifestError, match="manifest not found"):
         read_manifest(tmp_path / "nope.csv")
