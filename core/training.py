@@ -50,15 +50,37 @@ def load_source(src: DataSource) -> tuple[pd.DataFrame, dict]:
                     "midas": sources.import_midas}[src.importer]
         df, report = importer(src.metadata, src.images)
         prov = {"metadata": src.metadata, "importer": src.importer, "images": src.images,
-                "sha256": file_sha256(src.metadata), "dropped": report.dropped}
+                "sha256": file_sha256(src.metadata), **_dropped(report)}
     else:
         df, report = import_csv(src.csv, src.images, image_col=src.image_col, label_col=src.label_col,
                                 patient_col=src.patient_col)
-        prov = {"csv": src.csv, "images": src.images, "sha256": file_sha256(src.csv), "dropped": report.dropped}
+        prov = {"csv": src.csv, "images": src.images, "sha256": file_sha256(src.csv), **_dropped(report)}
     if src.domain:
         df["domain"] = src.domain
     prov.update(images=int(len(df)), malignant=int(df["label"].sum()), domain=src.domain)
     return df, prov
+
+
+def _dropped(report, keep: int = 20) -> dict:
+    """An import's drops for the provenance and the log: counts per reason and up to `keep` names each (the run
+    log names them; `python -m train.data` writes the whole list)."""
+    named: dict[str, list[str]] = {}
+    for what, reason in report.named:
+        if len(named.setdefault(reason, [])) < keep:
+            named[reason].append(what)
+    return {"dropped": report.dropped, "dropped_named": named}
+
+
+def dropped_lines(sources: list[dict]) -> list[str]:
+    """One log line per reason a stage's sources dropped files or rows, naming them (up to 20)."""
+    lines = []
+    for src in sources:
+        where = Path(str(src.get("csv") or src.get("metadata") or src.get("manifest") or "?")).name
+        for reason, n in (src.get("dropped") or {}).items():
+            names = (src.get("dropped_named") or {}).get(reason, [])
+            more = f" and {n - len(names)} more" if n > len(names) else ""
+            lines.append(f"  {where}: dropped {n}, {reason}" + (f": {', '.join(map(str, names))}{more}" if names else ""))
+    return lines
 
 
 def check_source_exists(src: DataSource, data_help: str | None) -> None:
@@ -209,7 +231,8 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
     if fabric.is_global_zero:
         write_manifest(df, rf.split_path(i, stage.name), relative=False)  # the run folder may move
     counts = split_counts(df)
-    rf.log(f"stage {i} '{stage.name}': {len(df)} images; split {how}; {counts}")
+    rf.log(f"stage {i} '{stage.name}': {len(df)} images; split {how}; {counts}"
+           + "".join(f"\n{line}" for line in dropped_lines(sources)))
     model.freeze_backbone(stage.freeze_backbone)
     model.set_dropout(stage.dropout)
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=stage.lr, weight_decay=stage.weight_decay)

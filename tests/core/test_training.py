@@ -41,3 +41,25 @@ def test_seed_epoch_seeds_differ_across_runs_stages_and_epochs():
         draws.add(tuple(torch.rand(3).tolist()))
     assert len(draws) == 4
 
+
+
+def test_a_runs_import_names_the_files_it_dropped_in_the_log(image_set):
+    """A labels CSV whose photos are partly missing: the run's provenance keeps the counts, and the stage's log line
+    names each dropped file (up to 20 per reason, then how many more)."""
+    import pandas as pd
+
+    from core.config import run_config_from_dict
+    from core.training import dropped_lines, load_source
+    from tests.conftest import tiny_config
+    labels, images = image_set
+    (images / "img003.png").unlink()
+    pd.concat([pd.read_csv(labels)] + [pd.DataFrame({"image": [f"gone{i}.png"], "label": [0], "patient_id": [f"G{i}"]})
+                                       for i in range(22)]).to_csv(labels, index=False)
+    source = run_config_from_dict(tiny_config(labels, images)).stages[0].data[0]
+    df, prov = load_source(source)
+    assert len(df) == 39 and prov["dropped"] == {"image file missing": 23}
+    names = prov["dropped_named"]["image file missing"]
+    assert len(names) == 20 and names[0].endswith("img003.png")
+    line, = dropped_lines([prov])
+    assert line.startswith("  labels.csv: dropped 23, image file missing: ") and "img003.png" in line
+    assert line.endswith("and 3 more")
