@@ -180,15 +180,15 @@ def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image",
     report = ImportReport()
     rows = []
     for i, r in src.iterrows():
-        name = r[image_col]
-        if pd.isna(name) or not str(name).strip():
+        file_name = r[image_col]
+        if pd.isna(file_name) or not str(file_name).strip():
             report.drop("no image name", what=f"{labels_csv.name} row {i + 2}")
             continue
         label = parse_label(r[label_col])
         if label is None:
-            report.drop(f"label not malignant/benign ({r[label_col]!r})", what=str(name))
+            report.drop(f"label not malignant/benign ({r[label_col]!r})", what=str(file_name))
             continue
-        img = images / str(name)
+        img = images / str(file_name)
         if not img.is_file():
             report.drop("image file missing", what=str(img))
             continue
