@@ -309,9 +309,8 @@ def context_rows(scores: pd.DataFrame, last_stage: pd.DataFrame) -> pd.DataFrame
 def context_new_patients(rows: pd.DataFrame, stage, cfg: RunConfig) -> dict:
     """The report's `context` section: fused scores with no answer or label of their fold used (context model,
     missing-answer rule and fusion cross-fitted over the folds, core.context_fit.crossfit_fused_probs), their
-    ROC-AUC with its
-    patient-bootstrap CI, and the fused threshold rule judged on new patients as cv.threshold_transfer judges the
-    image rule."""
+    ROC-AUC with its patient-bootstrap CI, and the fused threshold rule judged on new patients as
+    cv.threshold_transfer judges the image rule."""
     from core.context_fit import crossfit_fused_probs
     t = cfg.threshold
     fused = crossfit_fused_probs(rows, rows["prob"].to_numpy(), cfg.context.fields, seed=cfg.seed)

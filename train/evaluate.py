@@ -69,8 +69,9 @@ def main(argv=None) -> int:
         check_images(df)  # every missing, unreadable or unboxable image named at once, before any scoring
         device = pick_device(args.device)
         feats, logits = features_and_logits(bundle.model, df, device=device)  # one pass: score and gate features
-    except (BundleError, ManifestError, UnwritableError, ImageLoadError) as e:  # ImageLoadError: a body that
-        print(f"error: {e}", file=sys.stderr)                                    # breaks after a sound header
+    # ImageLoadError: a photo whose body breaks after a sound header (check_images reads headers only)
+    except (BundleError, ManifestError, UnwritableError, ImageLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     probs = sigmoid(logits)
     report = build_report(df, probs, bundle.threshold, n_boot=args.n_boot, model_meta=bundle.meta, split=split)
