@@ -111,9 +111,9 @@ def read_manifest(path: str | Path, labelled: bool = True) -> pd.DataFrame:
     numeric = pd.to_numeric(df["label"], errors="coerce") if "label" in df else None  # "1" beside "maybe" is 1
     bad = df[~numeric.isin([0, 1]) & (labelled or df["label"].notna())] if "label" in df else df.iloc[:0]
     if len(bad):
-        value = bad["label"].iloc[0]
-        raise ManifestError(f"{path}: label must be 0 (benign) or 1 (malignant); row {bad.index[0] + 2} has "
-                            f"{'no label' if pd.isna(value) else repr(value.item() if hasattr(value, 'item') else value)}")
+        value = bad["label"].tolist()[0]  # a plain Python value: its repr reads as the cell did
+        said = "no label" if pd.isna(value) else repr(value)
+        raise ManifestError(f"{path}: label must be 0 (benign) or 1 (malignant); row {bad.index[0] + 2} has {said}")
     if "split" in df and not df["split"].dropna().isin(SPLITS).all():
         odd = sorted(set(df["split"].dropna()) - set(SPLITS))
         raise ManifestError(f"{path}: split values must be {SPLITS}, found {odd}")

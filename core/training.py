@@ -79,7 +79,8 @@ def dropped_lines(sources: list[dict]) -> list[str]:
         for reason, n in (src.get("dropped") or {}).items():
             names = (src.get("dropped_named") or {}).get(reason, [])
             more = f" and {n - len(names)} more" if n > len(names) else ""
-            lines.append(f"  {where}: dropped {n}, {reason}" + (f": {', '.join(map(str, names))}{more}" if names else ""))
+            named = f": {', '.join(map(str, names))}{more}" if names else ""
+            lines.append(f"  {where}: dropped {n}, {reason}{named}")
     return lines
 
 

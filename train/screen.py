@@ -7,8 +7,8 @@ Every file handed over gets a row: every file under --images (recursively, whate
 read from the content, so a JPEG without an extension is scored), or every row of --manifest. A row's status is
 `scored` or why the file was not scored: hidden (a name starting with '.', e.g. .DS_Store), broken_link,
 not_a_file (a pipe, socket or device) and unreadable_folder (a subfolder that could not be listed: one row for it),
-these in a folder only; not_an_image, unsupported_type (e.g. GIF), corrupt (truncated or damaged), too_large, empty, not_found,
-unreadable, bad_crop; `error` says it in words, and the end of the run lists them. Scored rows carry the verdict
+these in a folder only; not_an_image, unsupported_type (e.g. GIF), corrupt (truncated or damaged), too_large,
+empty, not_found, unreadable, bad_crop; `error` says it in words, and the end of the run lists them. Scored rows carry the verdict
 (flagged / not flagged / not assessed, with the reason in not_assessed_reason: a quality refusal, or a photo unlike
 the training photos), the calibrated probability, the raw score, the out-of-distribution score and quality codes. Every row names the model run and
 threshold, and <out>.provenance.json next to the CSV records the model's provenance (training data, validation

@@ -108,8 +108,8 @@ def test_pad_ufes_cli(tmp_path, capsys):
     assert re.search(r"dropped: diagnostic not one of .*\(XYZ\)\s+1", out)
     named = pd.read_csv(tmp_path / "m.dropped.csv")  # which five files, and which row's diagnostic
     assert f"named, with its reason, in {tmp_path / 'm.dropped.csv'}" in out
-    assert sorted(named["reason"].value_counts().items()) == [("diagnostic not one of BCC/MEL/SCC/ACK/NEV/SEK (XYZ)", 1),
-                                                             ("image file missing", 5)]
+    assert sorted(named["reason"].value_counts().items()) == [
+        ("diagnostic not one of BCC/MEL/SCC/ACK/NEV/SEK (XYZ)", 1), ("image file missing", 5)]
     assert set(named.loc[named["reason"] == "image file missing", "dropped"]) == set(meta["img_id"][3:]) - set(
         named.loc[named["reason"] != "image file missing", "dropped"])
     # the first three fixture rows: sex and diameter are blank for the one non-biopsied lesion

@@ -220,8 +220,8 @@ def test_manifest_rows_that_cannot_be_scored_are_named_and_nothing_scored_exits_
     p = str(tmp_path / "p.png")
     # a box outside the photo, a box with one cell empty (never the whole photo instead), a box that is not numbers
     man = pd.DataFrame({"image": [str(tmp_path / "gone.jpg"), p, p, p], "label": [1, 0, 0, 1],
-                        "crop_left": [None, 500, 1, "abc"], "crop_top": [None, 0, 2, 0], "crop_width": [None, 10, 30, 9],
-                        "crop_height": [None, 10, None, 9]})
+                        "crop_left": [None, 500, 1, "abc"], "crop_top": [None, 0, 2, 0],
+                        "crop_width": [None, 10, 30, 9], "crop_height": [None, 10, None, 9]})
     man.to_csv(tmp_path / "m.csv", index=False)
     out = tmp_path / "m_pred.csv"
     rc = main(["--run", str(run_dir), "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--workers", "0",
@@ -348,7 +348,8 @@ def test_screening_through_onnxruntime_gives_pytorchs_scores_and_says_so(run_dir
 
 def test_an_output_that_cannot_be_written_is_refused_before_scoring(run_dir, photo_dir, tmp_path, capsys):
     (tmp_path / "out_dir").mkdir()
-    for out, said in ((tmp_path / "out_dir", "is a folder"), (photo_dir / "p1.jpg" / "pred.csv", "is a file, not a folder")):
+    for out, said in ((tmp_path / "out_dir", "is a folder"),
+                      (photo_dir / "p1.jpg" / "pred.csv", "is a file, not a folder")):
         assert main(["--run", str(run_dir), "--images", str(photo_dir), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert said in err and "screening" not in err  # no progress bar: nothing was scored
