@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.cropbox import box_problem
-from core.images import ImageLoadError, image_size, load_image
+from core.images import ImageLoadError, decoded_size, load_image
 from core.manifest import ManifestError, crop_of
 from core.quality import MIN_SIDE, WORK_LONG_SIDE
 from core.transforms import resize_short
@@ -78,16 +80,43 @@ class ManifestDataset(Dataset):
 
 
 def check_images(df: pd.DataFrame) -> None:
-    """Read every image header (and crop box) before training starts, and list all problems at once."""
+    """Decode every image (and check its crop box) before training or scoring starts, and list all problems at
+    once: a photo cut short after a sound header is named here, not when a batch reaches it mid-run."""
     problems = []
-    for _, row in df.iterrows():
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        sizes = list(pool.map(_checked_size, df["image"]))
+    for (_, row), size in zip(df.iterrows(), sizes):
+        if isinstance(size, ImageLoadError):
+            problems.append(str(size))
+            continue
         try:
-            w, h = image_size(row["image"])
             box = crop_of(row)
-            if box and (why := box_problem(box, (w, h))):
-                problems.append(f"{row['image']}: crop box {box} {why}")
-        except (ImageLoadError, ManifestError) as e:  # ManifestError: a partial or non-numeric crop box
+        except ManifestError as e:  # a partial or non-numeric crop box
             problems.append(str(e))
+            continue
+        if box and (why := box_problem(box, size)):
+            problems.append(f"{row['image']}: crop box {box} {why}")
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise ManifestError(f"{len(problems)} unusable image(s): " + "; ".join(problems[:10]) + more)
+
+
+_SOUND: dict[tuple, tuple[int, int]] = {}  # (path, mtime, size) -> decoded size: a cross-validation checks once
+
+
+def _checked_size(path) -> tuple[int, int] | ImageLoadError:
+    """The photo's upright size once it decoded whole, or the ImageLoadError saying why it did not."""
+    try:
+        stat = os.stat(path)
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+    except (OSError, TypeError, ValueError):
+        key = None  # missing, unreadable or not a path: decoded_size words the reason
+    if key in _SOUND:
+        return _SOUND[key]
+    try:
+        size = decoded_size(path)
+    except ImageLoadError as e:
+        return e
+    if key is not None:
+        _SOUND[key] = size
+    return size

@@ -221,10 +221,11 @@ def _once_each(rows: list[dict], report: ImportReport) -> list[dict]:
 
 def import_folder(root: str | Path, *, domain: str | None = None) -> tuple[pd.DataFrame, ImportReport]:
     """Import `root/benign/*` and `root/malignant/*` (no patient ids: splits fall back to images). Every file under
-    root is accounted for: kept when its header reads as a supported image (the content decides, as everywhere
-    else, so a JPEG without an extension is kept), else dropped with the reason; files outside the two label
+    root is accounted for: kept when it decodes whole as a supported image (the content decides, as everywhere
+    else, so a JPEG without an extension is kept; one cut short after its header is not), else dropped with the
+    reason; files outside the two label
     folders have no label and are dropped, named."""
-    from core.images import ImageLoadError, image_size
+    from core.images import ImageLoadError, decoded_size
     root = Path(root)
     folders = {name: root / name for name in ("benign", "malignant")}
     if not all(p.is_dir() for p in folders.values()):
@@ -236,7 +237,7 @@ def import_folder(root: str | Path, *, domain: str | None = None) -> tuple[pd.Da
             report.drop("not inside benign/ or malignant/ (no label)", what=str(f))
             continue
         try:
-            image_size(f)
+            decoded_size(f)
         except ImageLoadError as e:
             report.drop(f"not a usable image ({e.reason})", what=str(e))
             continue

@@ -66,10 +66,10 @@ def main(argv=None) -> int:
         df, split = select_rows(df, split)
         default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
         out = check_writable(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
-        check_images(df)  # every missing, unreadable or unboxable image named at once, before any scoring
+        check_images(df)  # every missing, damaged or unboxable image named at once, before any scoring
         device = pick_device(args.device)
         feats, logits = features_and_logits(bundle.model, df, device=device)  # one pass: score and gate features
-    # ImageLoadError: a photo whose body breaks after a sound header (check_images reads headers only)
+    # ImageLoadError: a photo damaged between check_images decoding it and scoring
     except (BundleError, ManifestError, UnwritableError, ImageLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     except (ConfigError, ManifestError, WeightsError, BundleError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ImageLoadError as e:  # the pre-check reads headers only: a photo cut short shows when it is decoded
+    except ImageLoadError as e:  # a photo damaged after the pre-check decoded it, found when a batch reads it
         print(f"error: {e}. Put a good copy of that photo in its place and continue with --resume (the run keeps "
               "its last checkpoint and its splits), or leave it out of the data and start a new run",
               file=sys.stderr)

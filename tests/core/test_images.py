@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from core.images import (MAX_PIXELS, SUPPORTED_SUFFIXES, CropBox, ImageLoadError, image_size,
+from core.images import (MAX_PIXELS, SUPPORTED_SUFFIXES, CropBox, ImageLoadError, decoded_size, image_size,
                          load_image, to_rgb)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -239,6 +239,22 @@ def test_truncated_jpeg(tmp_path):
     with pytest.raises(ImageLoadError, match=r"cut\.jpg: truncated"):
         load_image(path, min_side=32)  # the draft path must not hide the damage either
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decoded_size_refuses_what_the_header_alone_lets_through(tmp_path, fmt):
+    """image_size reads the header only; decoded_size (the pre-run check) decodes the pixels, a JPEG at 1/8 scale,
+    and still finds a file cut short, while a whole photo keeps its upright size."""
+    whole = io.BytesIO()
+    Image.fromarray(_smooth(256, 192)).save(whole, fmt)
+    cut = tmp_path / f"cut.{fmt.lower()}"
+    cut.write_bytes(whole.getvalue()[: len(whole.getvalue()) * 2 // 3])
+    assert image_size(cut) == (256, 192)
+    with pytest.raises(ImageLoadError, match=r"truncated or corrupt image data") as err:
+        decoded_size(cut)
+    assert err.value.reason == "corrupt"
+    rotated = _save_oriented_jpeg(tmp_path / "rot.jpg", Image.fromarray(_smooth(256, 192)), 6)
+    assert decoded_size(rotated) == image_size(rotated) == (192, 256)
 
 
 def test_missing_file(tmp_path):

@@ -104,8 +104,8 @@ def test_missing_manifest_is_named(tmp_path):
 
 
 def test_folder_import(tmp_path, image_set):
-    """Every file under the root is kept or named: by content (an extensionless PNG is kept, text named .png is
-    not), and a photo outside the two label folders has no label."""
+    """Every file under the root is kept or named: by content (an extensionless PNG is kept, text named .png and a
+    PNG cut short after its header are not), and a photo outside the two label folders has no label."""
     _, images = image_set
     ds = tmp_path / "ds"
     for name in ("benign", "malignant"):
@@ -116,13 +116,15 @@ def test_folder_import(tmp_path, image_set):
     (images / "img003.png").rename(ds / "loose.png")
     (ds / "malignant" / "notes.txt").write_text("x")
     (ds / "benign" / "fake.png").write_text("not a picture")
+    whole = (images / "img004.png").read_bytes()
+    (ds / "benign" / "cut.png").write_bytes(whole[: len(whole) * 2 // 3])  # a sound header, pixels cut short
     df, report = import_folder(ds)
     assert sorted(df["label"]) == [0, 1, 1] and df["image"].str.endswith("IMG_0003").any()
-    assert report.dropped == {"not a usable image (not_an_image)": 2,
+    assert report.dropped == {"not a usable image (not_an_image)": 2, "not a usable image (corrupt)": 1,
                               "not inside benign/ or malignant/ (no label)": 1}
     assert [(Path(w.split(":")[0]).name, why) for w, why in report.named] == [
-        ("fake.png", "not a usable image (not_an_image)"), ("loose.png", "not inside benign/ or malignant/ (no label)"),
-        ("notes.txt", "not a usable image (not_an_image)")]
+        ("cut.png", "not a usable image (corrupt)"), ("fake.png", "not a usable image (not_an_image)"),
+        ("loose.png", "not inside benign/ or malignant/ (no label)"), ("notes.txt", "not a usable image (not_an_image)")]
     with pytest.raises(ManifestError, match="benign/ and malignant/"):
         import_folder(images)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,13 +59,17 @@ def test_every_unusable_image_and_an_unwritable_report_are_named_before_any_scor
     df = make_images(tmp_path / "img", n=6)
     df["image"] = [str(tmp_path / "img" / i) for i in df["image"]]
     df.loc[1, "image"], df.loc[4, "image"] = str(tmp_path / "gone.jpg"), str(tmp_path / "also_gone.png")
+    for i in (2, 3):  # cut short after a sound header: only decoding the pixels finds these
+        whole = Path(df.loc[i, "image"]).read_bytes()
+        Path(df.loc[i, "image"]).write_bytes(whole[: len(whole) * 2 // 3])
     manifest = write_manifest(df, tmp_path / "m.csv")
     scored = []
     monkeypatch.setattr("train.evaluate.features_and_logits", lambda *a, **k: scored.append(1))
     assert main(["--run", "demo", "--manifest", str(manifest), "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
-    assert "2 unusable image(s)" in err and "gone.jpg: file not found" in err and "also_gone.png" in err
-    good = write_manifest(df.drop(index=[1, 4]), tmp_path / "good.csv")
+    assert "4 unusable image(s)" in err and "gone.jpg: file not found" in err and "also_gone.png" in err
+    assert err.count("truncated or corrupt image data") == 2
+    good = write_manifest(df.drop(index=[1, 2, 3, 4]), tmp_path / "good.csv")
     assert main(["--run", "demo", "--manifest", str(good), "--out", str(tmp_path / "m.csv" / "r.json")]) == 2
     assert "m.csv is a file, not a folder" in capsys.readouterr().err
     assert not scored and not (tmp_path / "r.json").exists()

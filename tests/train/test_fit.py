@@ -374,16 +374,22 @@ def test_refresh_reports_re_measures_a_runs_reports_without_choosing_anything_ag
     assert "reports re-measured" in (run / "train.log").read_text()
 
 
-def test_a_photo_cut_short_after_a_sound_header_stops_the_run_with_its_name_and_the_run_resumes(image_set, tmp_path,
-                                                                                                capsys):
-    """The pre-check reads headers only, so a photo whose body is cut short passes it and fails when decoded: the
-    run stops with an error naming it (no traceback), and with a good copy back in place --resume finishes."""
+def test_a_photo_cut_short_after_a_sound_header_is_named_before_training_and_a_run_it_breaks_resumes(
+        image_set, tmp_path, capsys, monkeypatch):
+    """The pre-check decodes every photo, so one cut short after a sound header is named before any epoch. One
+    damaged after the check (here: the check skipped) stops the run with its name and no traceback, and with a
+    good copy back in place --resume finishes."""
     labels, images = image_set
     photo = images / "img007.png"
     good = photo.read_bytes()
     photo.write_bytes(good[: len(good) * 2 // 3])
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(labels, images, report_test=True)))  # every split's photos decoded
+    assert fit_cli.main(["--config", str(cfg), "--out", str(tmp_path / "early")]) == 2
+    err = capsys.readouterr().err
+    assert "1 unusable image(s)" in err and "img007.png: truncated or corrupt image data" in err
+    assert not (tmp_path / "early" / "checkpoint.pt").exists()
+    monkeypatch.setattr("core.training.check_images", lambda df: None)
     assert fit_cli.main(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "img007.png" in err and "Traceback" not in err and "continue with --resume" in err
