@@ -633,8 +633,9 @@ def format_estimate(entry, value_format: str = ".3f", ci_format: str = ".2f", mi
     text = format(value, value_format)
     if ci and None not in ci:
         if ci[0] == ci[1] == value and value in (0, 1):
-            # a report written before _boundary_intervals: its bootstrap repeated the value every time, which is
-            # no 95% interval; say so rather than print a certainty nobody measured
+            # the bootstrap repeated the value every time, which is no 95% interval: F1 or an AUC at exactly 0 or 1
+            # (no Wilson rule for them), or a proportion in a report written before _boundary_intervals; say so
+            # rather than print a certainty nobody measured
             return text + " [CI n/a]"
         text += f" [{format(ci[0], ci_format)}, {format(ci[1], ci_format)}]"
     return text
