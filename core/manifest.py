@@ -171,7 +171,8 @@ def crop_of(row) -> dict | None:
 def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image", label_col="label",
                patient_col="patient_id", lesion_col="lesion_id", fitzpatrick_col="fitzpatrick",
                domain: str | None = None) -> tuple[pd.DataFrame, ImportReport]:
-    """Map any labelled CSV + image folder onto the manifest format."""
+    """Map any labelled CSV + image folder onto the manifest format. An image is looked up in `images`, then beside
+    the CSV, so a manifest written by `train.data` (paths relative to itself) also imports."""
     labels_csv, images = Path(labels_csv), Path(images)
     src = read_text_csv(labels_csv, "labels")
     if not images.is_dir():
@@ -189,6 +190,8 @@ def import_csv(labels_csv: str | Path, images: str | Path, *, image_col="image",
             report.drop(f"label not malignant/benign ({r[label_col]!r})", what=str(file_name))
             continue
         img = images / str(file_name)
+        if not img.is_file() and (labels_csv.parent / str(file_name)).is_file():
+            img = labels_csv.parent / str(file_name)  # a manifest this tool wrote: paths relative to itself
         if not img.is_file():
             report.drop("image file missing", what=str(img))
             continue

@@ -218,3 +218,28 @@ def test_folder_and_csv_still_work(tmp_path, capsys):
     assert main(["csv", str(tmp_path / "l.csv"), "--images", str(tmp_path / "root"),
                  "--out", str(tmp_path / "c.csv")]) == 0
     assert "kept" in capsys.readouterr().out
+
+
+def test_the_readmes_pad_layout_feeds_every_shared_demo_recipe(tmp_path):
+    """The README's route for users outside this workplace: PAD-UFES-20 as downloaded (metadata.csv, images in
+    sub-folders) under DIR/pad_ufes_20_subset/, imported to labels.csv beside it, then --data-root DIR. Each
+    shared_demo recipe (the csv ones read labels.csv, the context ones metadata.csv) then finds every photo."""
+    from core import training
+    from core.config import run_config_from_dict
+    from train import fit
+    pad = tmp_path / "outside" / "pad_ufes_20_subset"
+    pad.mkdir(parents=True)
+    shutil.copy(FIXTURES / "pad_ufes" / "metadata.csv", pad / "metadata.csv")
+    meta = pd.read_csv(pad / "metadata.csv", dtype=str)
+    usable = meta[meta["diagnostic"] != "XYZ"]
+    for i, img in enumerate(usable["img_id"]):
+        make_image(pad / "images" / f"imgs_part_{i % 2 + 1}" / img)
+    assert main(["pad-ufes", "--metadata", str(pad / "metadata.csv"), "--images", str(pad / "images"),
+                 "--out", str(pad / "labels.csv")]) == 0
+    recipes = sorted(p for p in Path("train/configs").glob("shared_demo*.yaml") if "isic" not in p.name)
+    assert len(recipes) == 4
+    for recipe in recipes:
+        args = fit.build_parser().parse_args(["--config", str(recipe), "--data-root", str(tmp_path / "outside")])
+        _, union = training.stage_rows(run_config_from_dict(fit.load_raw(args)))
+        assert sorted(Path(p).name for p in union["image"]) == sorted(usable["img_id"]), recipe.name
+        assert sorted(union["patient_id"]) == sorted(usable["patient_id"]), recipe.name
