@@ -8,6 +8,8 @@ Session-state keys (all in memory; nothing is written to disk unless the user sa
   photo_id                  the upload or example it came from (a new one replaces the photo and clears the crop)
   upload_seen               the last uploader file seen (so a later example click is not undone by it)
   photo_crop                {left, top, width, height} in original upright pixels, or None (whole image)
+  context_answers, ctx_*    the clinical answers for the current photo (cleared when another photo replaces it)
+  answers_cleared_for       the photo whose arrival cleared the last photo's answers (said once, then dropped)
 """
 from __future__ import annotations
 
@@ -156,13 +158,22 @@ def take_upload(uploaded) -> None:
     # Compare with the last upload seen, not the current photo: an example picked after an upload must not be
     # replaced by that same upload on the next rerun (the uploader keeps returning it).
     if st.session_state.get("upload_seen") != file_id:
-        st.session_state.update(photo_bytes=uploaded.getvalue(), photo_name=uploaded.name, photo_crop=None,
-                                photo_id=file_id, upload_seen=file_id)
+        new_photo(uploaded.getvalue(), uploaded.name, file_id)
+        st.session_state["upload_seen"] = file_id
 
 
 def use_example(example: builtin.Example) -> None:
-    st.session_state.update(photo_bytes=example.path.read_bytes(), photo_name=example.path.name, photo_crop=None,
-                            photo_id=f"example:{example.path.name}")
+    new_photo(example.path.read_bytes(), example.path.name, f"example:{example.path.name}")
+
+
+def new_photo(data: bytes, name: str, photo_id: str) -> None:
+    """Make a photo the current one: its crop starts empty, and the clinical answers given for the last photo are
+    cleared (they describe another lesion, perhaps another patient), saying so on the Predict page."""
+    replaced = st.session_state.get("photo_bytes") is not None and st.session_state.get("photo_id") != photo_id
+    if replaced and st.session_state.get("context_answers"):
+        clear_context_answers()
+        st.session_state["answers_cleared_for"] = name
+    st.session_state.update(photo_bytes=data, photo_name=name, photo_crop=None, photo_id=photo_id)
 
 
 def example_picker(key: str) -> None:
@@ -289,7 +300,7 @@ NOT_ANSWERED = "not answered"
 def context_form(stage) -> dict:
     """The optional clinical questionnaire for the fields the model's context stage uses. Answers live in this
     session's state only (never written to disk) and survive a visit to another page. Returns the given answers."""
-    from core.context import FIELDS
+    from core.context import FIELDS, NUMERIC_RANGE
     kept = st.session_state.setdefault("context_answers", {})
     answers = {}
     for name in stage.fields:
@@ -297,8 +308,14 @@ def context_form(stage) -> dict:
         if key not in st.session_state:  # a widget's state is dropped on other pages: restore it from ours
             st.session_state[key] = kept.get(name, None if spec.kind == "numeric" else NOT_ANSWERED)
         if spec.kind == "numeric":
-            value = st.number_input(spec.label, min_value=0.0, max_value=120.0 if name == "age" else 300.0,
-                                    step=1.0, key=key, placeholder=NOT_ANSWERED)
+            # no min/max on the widget: out of range it would keep showing the typed value while the last valid
+            # one is used; the range is checked here and an answer outside it is said and left out
+            lo, hi = NUMERIC_RANGE[name]
+            value = st.number_input(spec.label, step=1.0, key=key, placeholder=NOT_ANSWERED,
+                                    help=f"{lo:g} to {hi:g}; leave empty when not known")
+            if value is not None and not lo <= value <= hi:
+                st.error(f"{value:g} is outside {lo:g}-{hi:g}: this answer is not used.")
+                value = None
         else:
             value = st.selectbox(spec.label, [NOT_ANSWERED, *spec.levels], key=key,
                                  format_func=lambda v: SITE_LABELS.get(v, v) if name == "site" else v)

@@ -39,12 +39,15 @@ else:
 
 stage = context_of(meta)  # the model's optional clinical-context stage
 answers = {}
+if stage is not None and (cleared_for := st.session_state.pop("answers_cleared_for", None)):
+    st.info(f"The clinical answers given for the previous photo were cleared when {cleared_for} replaced it: "
+            "answer again for this lesion.", icon=":material/info:")
 with st.expander("Clinical context (optional)", expanded=bool(st.session_state.get("context_answers"))):
     if stage is None:
         st.caption("This model has no context stage: it uses the photo only.")
     else:
         st.caption("Any, all or none of these: each answer you give is used, and the result says which. "
-                   "Kept for this session only, never saved.")
+                   "Kept for this session only, never saved; a new photo clears them.")
         answers = common.context_form(stage)
         st.button("Clear the answers", on_click=common.clear_context_answers)
 

@@ -500,6 +500,30 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     assert "Inputs used: photo only" in texts(at) and at.selectbox(key="ctx_bleed").value == "not answered"
 
 
+def test_an_out_of_range_age_is_said_and_not_used(with_context_model):
+    """Widget bounds would keep showing 150 while silently using the last valid age: the range is ours to check."""
+    at = _answer(_predict_page(with_context_model), age=80.0, bleed="yes")
+    assert "photo + 2 answers** (age, bleed)" in texts(at)
+    at = _answer(at, age=150.0)
+    assert not at.exception, at.exception
+    assert "150 is outside 0-120: this answer is not used." in texts(at, "error")
+    assert "photo + 1 answer** (bleed)" in texts(at)
+
+
+def test_a_new_photo_clears_the_last_photos_answers_and_says_so(with_context_model):
+    """Answers describe one lesion, perhaps one patient: another photo must not inherit them."""
+    at = _answer(_predict_page(with_context_model), age=80.0, bleed="yes")
+    assert "photo + 2 answers" in texts(at)
+    labels = [b.label for b in at.button]
+    at.button[labels.index("Try this one")].click().run()
+    assert not at.exception, at.exception
+    assert "Inputs used: photo only" in texts(at)
+    assert at.number_input(key="ctx_age").value is None and at.selectbox(key="ctx_bleed").value == "not answered"
+    assert "answers given for the previous photo were cleared" in texts(at, "info")
+    at.run()  # said once
+    assert "answers given for the previous photo were cleared" not in texts(at, "info")
+
+
 def test_an_ensemble_shows_its_members_and_how_far_apart_they_are(with_ensemble):
     at = _predict_page(with_ensemble)
     assert not at.exception, at.exception
