@@ -17,6 +17,9 @@ DEFAULT_K = 6
 MAX_ITEMS = 20000
 LABEL_NAMES = {0: "benign", 1: "malignant"}
 _CARRIED = ("diagnosis", "patient_id", "domain")
+# the manifest columns each carried field is read from, first found wins: the PAD-UFES-20 importer keeps the
+# dataset's own name for the diagnosis (`diagnostic`)
+_SOURCES = {"diagnosis": ("diagnosis", "diagnostic")}
 
 
 class SimilarError(ValueError):
@@ -102,8 +105,9 @@ def build_index(df: pd.DataFrame, feats, *, seed: int = 0) -> SimilarIndex:
         rec = {"image": str(Path(str(r["image"])).resolve()), "label": int(r["label"]),
                "split": None if pd.isna(r.get("split")) else str(r.get("split"))}
         for col in _CARRIED:
-            if col in rows.columns and not pd.isna(r[col]):
-                rec[col] = str(r[col])
+            source = next((c for c in _SOURCES.get(col, (col,)) if c in rows.columns and not pd.isna(r[c])), None)
+            if source is not None:
+                rec[col] = str(r[source])
         records.append(rec)
     return SimilarIndex(_normalise(x).astype(np.float16), tuple(records))
 

@@ -31,6 +31,15 @@ def test_query_returns_most_similar_first(tmp_path):
     assert cases[0].label == 1 and cases[0].label_name == "malignant" and cases[0].diagnosis == "BCC"
 
 
+def test_the_pad_importers_diagnostic_column_is_the_cases_diagnosis(tmp_path):
+    """core.sources.import_pad_ufes keeps PAD-UFES-20's own column name, `diagnostic`."""
+    feats = np.eye(3, dtype=np.float32)
+    df = pd.DataFrame({"image": [str(tmp_path / f"{i}.png") for i in range(3)], "label": [1, 0, 0],
+                       "split": "train", "diagnostic": ["BCC", "NEV", None]})
+    cases = build_index(df, feats).query(feats, k=1)
+    assert [c[0].diagnosis for c in cases] == ["BCC", "NEV", None]
+
+
 def test_images_are_references_and_availability_is_checked(tmp_path):
     index, feats = _index(tmp_path)
     assert index.embeddings.dtype == np.float16  # small: no photo is copied, only its features
