@@ -22,6 +22,11 @@ _CARRIED = ("diagnosis", "patient_id", "domain")
 _SOURCES = {"diagnosis": ("diagnosis", "diagnostic")}
 
 
+# Cosine similarity at or above which an indexed photo counts as the same photo (or a near copy: a re-save, a
+# slightly different crop) for the "seen in training" warning; different lesions of the shared data stay below it.
+SEEN_SIMILARITY = 0.99
+
+
 class SimilarError(ValueError):
     """An index that does not match the features it is asked about, or is described inconsistently."""
 
@@ -89,6 +94,12 @@ class SimilarIndex:
         records = tuple({**r, "image": os.path.relpath(Path(str(r["image"])).resolve(), Path(folder).resolve())}
                         for r in self.records)
         return SimilarIndex(self.embeddings, records, Path(folder))
+
+
+def seen_in_training(cases: list[SimilarCase]) -> SimilarCase | None:
+    """The first training or validation photo the query is (nearly) identical to, or None: the model has learned or
+    been tuned on that photo, so its result for it is no estimate for a new patient."""
+    return next((c for c in cases if c.similarity >= SEEN_SIMILARITY and c.split in ("train", "val")), None)
 
 
 def build_index(df: pd.DataFrame, feats, *, seed: int = 0) -> SimilarIndex:

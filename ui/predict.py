@@ -1,6 +1,8 @@
 """Predict: one photo (uploaded here or cropped on the Crop page) -> quality warnings, then either "not assessed"
 with the reason (unusable photo, or unlike the training photos) or the calibrated probability, the verdict
 (flagged / not flagged) at the model's threshold and Grad-CAM; similar training cases and the model's provenance."""
+from pathlib import Path
+
 import streamlit as st
 
 from core import appstate
@@ -8,6 +10,7 @@ from core.bundle import BundleError
 from core.context import context_of
 from core.gradcam import overlay
 from core.images import ImageLoadError
+from core.similar import seen_in_training
 from ui import common
 
 st.title("Predict")
@@ -129,6 +132,11 @@ with right:
                      f"({pred.threshold_calibrated:.0%} calibrated)" if pred.prob_calibrated is not None
                      else f"score {fused.image_prob:.1%}, {said} at its own threshold ({fused.image_threshold:.3f})")
             st.warning(f"**The photo alone gives a different verdict:** {alone}.")
+        if seen := seen_in_training(pred.similar or []):
+            st.warning(f"**This photo is (nearly) identical to one of the model's {seen.split} photos** "
+                       f"({Path(seen.image).name}, similarity {seen.similarity:.3f}): the model has "
+                       f"{'learned' if seen.split == 'train' else 'been tuned on'} it, so this result is not an "
+                       "estimate for a new patient.", icon=":material/content_copy:")
         which = "the photo-only threshold" if fused.used else "the threshold"
         st.markdown(
             f"**What {which} means.** It was chosen on {d['val_images']} data ({d['threshold_rule']}). On "

@@ -185,6 +185,8 @@ def test_trusted_model_calibrated_headline_similar_cases_and_refusal(with_truste
     similar = [c for im in at.main.get("image") for c in im.captions if "similarity" in c]
     assert len(similar) == 6 and any("(MEL)" in c or "(NEV)" in c for c in similar)
     assert "no out-of-distribution gate" not in texts(at, "info")
+    # this photo is the training photo t1.jpg: its result is no estimate for a new patient, and the page says so
+    assert "identical to one of the model's train photos** (t1.jpg, similarity 1.000)" in texts(at, "warning")
     # a page of text is refused by the gate: no verdict, no headline, the raw score behind an 'unreliable' expander
     from PIL import Image, ImageDraw
     # cream paper, blue ink: in colour, so it is the gate that refuses it, not the no-colour quality rule

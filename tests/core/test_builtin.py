@@ -3,12 +3,14 @@ and the 'demo' short name reaches them without shadowing a real folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from core import builtin
 from core.evaluation import seen_by_model
+from tests.conftest import shared_path
 
 ASSET_BUDGET = 15 * 1024 * 1024
 
@@ -101,3 +103,20 @@ def test_evaluating_the_demo_on_its_own_training_photos_is_flagged():
     trained = next(n for n, s in names.items() if s == "train")
     df = pd.DataFrame({"image": [f"/elsewhere/{trained}", "/elsewhere/never_seen.png"]})
     assert seen_by_model(builtin.DEMO_BUNDLE, df) == {"train": 1, "val": 0}
+
+
+def test_the_demo_warns_on_its_own_training_photos_and_not_on_new_patients(demo):
+    """seen_in_training on real photos: the shipped examples (test patients) are not near any indexed photo; a
+    training photo of the shared set is found as itself."""
+    from core.inference import Predictor
+    from core.similar import SEEN_SIMILARITY, seen_in_training
+    trained = next(n for n, s in builtin.demo_split_names().items() if s == "train")
+    photo = shared_path("data", "pad_ufes_20_subset", "images", trained)
+    predictor = Predictor(demo, device="cpu", fast=False)
+    for e in builtin.examples():
+        pred = predictor.predict_source(e.path.read_bytes(), name=e.path.name, cam_method=None)
+        assert pred.similar and seen_in_training(pred.similar) is None, (e.path.name, pred.similar[0].similarity)
+        assert pred.similar[0].similarity < SEEN_SIMILARITY
+    pred = predictor.predict_source(photo.read_bytes(), name=trained, cam_method=None)
+    seen = seen_in_training(pred.similar)
+    assert seen is not None and Path(seen.image).name == trained and seen.split == "train"

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.similar import SimilarError, SimilarIndex, build_index
+from core.similar import SimilarCase, SimilarError, SimilarIndex, build_index, seen_in_training
 
 
 def _index(tmp_path, n=30, dim=16):
@@ -58,3 +58,12 @@ def test_round_trip_and_mismatch(tmp_path):
         index.query(np.ones(17))
     with pytest.raises(SimilarError, match="manifest rows"):
         build_index(pd.DataFrame({"image": ["a"], "label": [0]}), np.ones((2, 4)))
+
+
+def test_seen_in_training_needs_a_near_copy_from_the_training_or_validation_split():
+    case = lambda split, sim: SimilarCase(image=f"{split}.png", label=0, label_name="benign", split=split,  # noqa: E731
+                                          similarity=sim)
+    assert seen_in_training([case("train", 0.985), case("val", 0.97)]) is None
+    assert seen_in_training([case("test", 0.999), case("val", 0.995)]).image == "val.png"
+    assert seen_in_training([case("train", 1.0), case("val", 0.995)]).image == "train.png"
+    assert seen_in_training([]) is None
