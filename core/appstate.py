@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import builtin, metrics
+from core import builtin, metrics, runfolder
 from core.bundle import (META_FILE, TRUST_FILE, WEIGHTS_FILE, BundleError, BundleMeta, bundle_folder, read_meta,
                          verify_trust, verify_weights)
 
@@ -159,7 +160,38 @@ def describe_model(meta: BundleMeta) -> dict:
         # a cross-validated bundle's rules tried on new patients: the honest counterpart of the in-sample numbers
         "new_patients": _new_patients_line(prov.threshold_on_new_patients, "image"),
         "fused_new_patients": _new_patients_line(prov.threshold_on_new_patients, "fused"),
+        # the run's one evaluation on its test patients: beside the validation numbers, which chose the threshold
+        "test": _test_line(own_test_report(meta)),
     }
+
+
+def own_test_report(meta: BundleMeta) -> dict | None:
+    """The test report of this very model (its run folder's test_report.json, or the built-in demo's evidence),
+    None when there is none or the one there scored other weights (a run re-packaged, a bundle moved)."""
+    folders = [builtin.DEMO_EVIDENCE] if meta.folder is not None and builtin.is_builtin(meta.folder) else []
+    if meta.folder is not None:
+        folders.append(Path(meta.folder).parent)
+    for folder in folders:
+        try:  # read on every rerun: a cache keyed by mtime could miss a rewrite within the clock's tick
+            report = json.loads((folder / runfolder.TEST_REPORT).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.weights_sha256 and isinstance(report, dict) and \
+                (report.get("model") or {}).get("weights_sha256") == meta.weights_sha256:
+            return report
+    return None
+
+
+def _test_line(report: dict | None) -> str | None:
+    """A test report's headline numbers at the model's threshold, in words."""
+    if not report or not isinstance(report.get("metrics"), dict):
+        return None
+    m = report["metrics"]
+    patients = f", {report['n_groups']} patients" if isinstance(report.get("n_groups"), int) else ""
+    return (f"sensitivity {metrics.format_percent(m.get('recall'))}, specificity "
+            f"{metrics.format_percent(m.get('specificity'))}, ROC-AUC {metrics.metric('roc_auc').format(m.get('roc_auc'))}"
+            f" on {report.get('n', '?')} test photos ({report.get('n_positive', '?')} malignant{patients}), "
+            "evaluated once after the model and its threshold were chosen")
 
 
 def _new_patients_line(record, which: str) -> str | None:

@@ -138,6 +138,8 @@ def provenance_box(meta: BundleMeta, where=None) -> None:
         box.markdown(f"**The same rule on new patients:** {d['new_patients']}.")
     if d["fused_new_patients"]:
         box.markdown(f"**The photo + answers threshold's rule on new patients:** {d['fused_new_patients']}.")
+    box.markdown(f"**On the test patients:** {d['test']}." if d["test"] else
+                 "**On the test patients:** no test report of this model beside it.")
     box.caption(f"Intended use: {d['intended_use']}")
 
 

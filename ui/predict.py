@@ -145,6 +145,7 @@ with right:
             f"{d['sensitivity']} of the malignant lesions (sensitivity) and cleared {d['specificity']} of the benign "
             "ones (specificity)."
             + (f" Tried on new patients, the same rule gave {d['new_patients']}." if d["new_patients"] else "")
+            + (f" On the test patients, the photo-only result gave {d['test']}." if d["test"] else "")
             + " So a lesion that is not flagged can still be malignant, and many flagged lesions "
             "are benign. A flag is a screening signal, not a diagnosis.")
         st.caption(f"Raw model score {pred.prob:.3f}. The result depends on the photo (distance, light, focus) and "

@@ -175,3 +175,31 @@ def test_describe_model_gives_a_cross_validated_bundles_rules_on_new_patients_or
         assert said is None if odd != {"image": {"per_fold": 3, "sensitivity": 0.9}} else said == (
             "sensitivity not recorded, specificity not recorded; each of ? folds judged at the threshold the same "
             "rule chose on the other folds")
+
+
+def test_the_test_line_comes_from_this_models_own_test_report_only(bundle_dir, tmp_path):
+    """The run's test_report.json is shown beside the validation numbers, but only when it scored these very
+    weights; the built-in demo's comes from its evidence folder."""
+    import shutil
+    from core import builtin
+    from core.bundle import read_meta
+    run = tmp_path / "run"
+    shutil.copytree(bundle_dir / "run_a", run)
+    meta = read_meta(run / "bundle")
+    assert appstate.describe_model(meta)["test"] is None  # no report beside it
+    report = {"metrics": {"recall": {"value": 0.9, "ci95": [0.75, 1.0]}, "specificity": {"value": 0.5, "ci95": None},
+                          "roc_auc": {"value": 0.81, "ci95": [0.7, 0.9]}},
+              "n": 40, "n_positive": 16, "n_groups": 31, "model": {"weights_sha256": "0" * 64}}
+    (run / "test_report.json").write_text(json.dumps(report))
+    assert appstate.describe_model(meta)["test"] is None  # it scored other weights
+    report["model"]["weights_sha256"] = meta.weights_sha256
+    (run / "test_report.json").write_text(json.dumps(report))
+    assert appstate.describe_model(meta)["test"] == (
+        "sensitivity 90% (95% CI 75%–100%), specificity 50%, ROC-AUC 0.810 [0.70, 0.90] on 40 test photos "
+        "(16 malignant, 31 patients), evaluated once after the model and its threshold were chosen")
+    (run / "test_report.json").write_text("{not json")
+    assert appstate.describe_model(meta)["test"] is None
+    demo = appstate.describe_model(read_meta(builtin.DEMO_BUNDLE))["test"]
+    shipped = json.loads((builtin.DEMO_EVIDENCE / "test_report.json").read_text())
+    assert demo.startswith(f"sensitivity {round(100 * shipped['metrics']['recall']['value'])}%")
+    assert f"on {shipped['n']} test photos" in demo
