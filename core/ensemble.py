@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.bundle import Bundle, BundleError, Provenance, Threshold, save_bundle
+from core.metrics import format_score
 from core.model import COMBINE_RULES, EnsembleClassifier
 from core.ood import EnsembleGate
 
@@ -85,8 +86,8 @@ class Disagreement:
         lo, hi = min(self.probs), max(self.probs)
         verb = "disagree" if self.split else "agree"
         flag = {0: "none flags it", self.n: "all flag it"}.get(self.n_flagging, f"{self.n_flagging} of {self.n} flag it")
-        return (f"The {self.n} models {verb}: {flag} (their raw scores {lo:.2f}-{hi:.2f}, SD {self.sd:.2f}, "
-                f"threshold {self.threshold:.2f}).")
+        return (f"The {self.n} models {verb}: {flag} (their raw scores {format_score(lo)}-{format_score(hi)}, SD "
+                f"{self.sd * 100:.1f} points, threshold {format_score(self.threshold)}).")
 
 
 def disagreement(member_probs, threshold: float) -> Disagreement | None:

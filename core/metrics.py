@@ -641,6 +641,13 @@ def format_estimate(entry, value_format: str = ".3f", ci_format: str = ".2f", mi
     return text
 
 
+def format_score(p: float) -> str:
+    """A score or threshold on the 0-1 scale, in the one spelling the app uses for both: a percentage with enough
+    digits to compare a score with its threshold (3 significant digits below 1%: 0.445%, else one decimal: 32.7%)."""
+    p = float(p)
+    return f"{p * 100:.3g}%" if 0 < abs(p) < 0.01 else f"{p:.1%}"
+
+
 def format_percent(entry, missing: str = "not recorded") -> str:
     """The same estimate as a percentage: '90% (95% CI 80%–97%)'; missing parts are said, not invented."""
     value, ci = (entry.get("value"), entry.get("ci95")) if isinstance(entry, Mapping) else (entry, None)

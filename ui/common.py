@@ -19,7 +19,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import appstate, builtin, photos
+from core import appstate, builtin, metrics, photos
 from core.bundle import WEIGHTS_FILE, BundleError, BundleMeta, read_meta
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "heic", "heif"]
@@ -129,8 +129,8 @@ def provenance_box(meta: BundleMeta, where=None) -> None:
         box.markdown(f"**Ensemble:** {d['members']}.")
     box.markdown("**Training data:**\n" + "\n".join(f"- {line}" for line in d["training_data"]))
     box.markdown(f"**Split sizes:** {d['splits']}")
-    thr = f"{d['threshold']:.3f}" if isinstance(d["threshold"], (int, float)) else "?"
-    box.markdown(f"**Threshold {thr}** ({d['threshold_rule']}). On {d['n_val'] or '?'} {d['val_images']} images "
+    thr = metrics.format_score(d["threshold"]) if isinstance(d["threshold"], (int, float)) else "?"
+    box.markdown(f"**Threshold {thr}** of the raw score ({d['threshold_rule']}). On {d['n_val'] or '?'} {d['val_images']} images "
                  f"({d['n_val_malignant'] if d['n_val_malignant'] is not None else '?'} malignant): "
                  f"sensitivity {d['sensitivity']}, specificity {d['specificity']}; "
                  f"{d['val_images']} ROC-AUC {d['val_auc']}.")

@@ -10,6 +10,7 @@ from core.bundle import BundleError
 from core.context import context_of
 from core.gradcam import overlay
 from core.images import ImageLoadError
+from core.metrics import format_score
 from core.similar import seen_in_training
 from ui import common
 
@@ -99,23 +100,24 @@ with right:
                         "are outside it. If this is a lesion, retake a close-up smartphone photo in daylight, in "
                         "focus, with the lesion in the centre.")
         with st.expander("Raw model score (unreliable for this photo)"):
-            st.markdown(f"Raw score {pred.prob:.3f} (threshold {pred.threshold:.3f}). The model was not built for "
-                        "this photo: this number says nothing about the skin in it and must not be read as a risk.")
+            st.markdown(f"Raw score {format_score(pred.prob)}. The model was not built for this photo: this number "
+                        "says nothing about the skin in it and must not be read as a risk.")
     else:
         fused = pred.fused
         st.markdown(f"**Inputs used: {fused.inputs}**" + (f" ({', '.join(fused.used)})" if fused.used else ""))
         if fused.used:  # the clinical-context stage: photo score and answers fused, with its own threshold
             st.markdown(f"### Probability of malignancy from the photo and the answers: {fused.prob:.1%}")
-            flagged, thr_text = fused.malignant, f"the photo + answers threshold, {fused.threshold:.3f}"
+            flagged, thr_text = fused.malignant, f"the photo + answers threshold, {format_score(fused.threshold)}"
         elif pred.prob_calibrated is not None:
             st.markdown(f"### Calibrated probability of malignancy: {pred.prob_calibrated:.0%}")
             st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {pred.prob_calibrated:.0%} of "
                        "photos scored like this one were malignant. It describes that population, not you.")
             flagged = pred.verdict == "flagged"
-            thr_text = f"the model's threshold, {pred.threshold_calibrated:.0%} calibrated (raw score {pred.threshold:.3f})"
+            thr_text = (f"the model's threshold, {pred.threshold_calibrated:.0%} calibrated (raw score "
+                        f"{format_score(pred.threshold)})")
         else:
-            st.markdown(f"### Model score: {pred.prob:.1%} (not a calibrated probability)")
-            flagged, thr_text = pred.verdict == "flagged", f"the model's threshold ({pred.threshold:.3f})"
+            st.markdown(f"### Model score: {format_score(pred.prob)} (not a calibrated probability)")
+            flagged, thr_text = pred.verdict == "flagged", f"the model's threshold ({format_score(pred.threshold)})"
         if flagged:
             st.error(f"**Flagged**: at or above {thr_text}.")
         else:
@@ -130,7 +132,8 @@ with right:
             said = "flagged" if fused.image_malignant else "not flagged"
             alone = (f"calibrated probability {pred.prob_calibrated:.0%}, {said} at its own threshold "
                      f"({pred.threshold_calibrated:.0%} calibrated)" if pred.prob_calibrated is not None
-                     else f"score {fused.image_prob:.1%}, {said} at its own threshold ({fused.image_threshold:.3f})")
+                     else f"score {format_score(fused.image_prob)}, {said} at its own threshold "
+                          f"({format_score(fused.image_threshold)})")
             st.warning(f"**The photo alone gives a different verdict:** {alone}.")
         if seen := seen_in_training(pred.similar or []):
             st.warning(f"**This photo is (nearly) identical to one of the model's {seen.split} photos** "
@@ -148,7 +151,8 @@ with right:
             + (f" On the test patients, the photo-only result gave {d['test']}." if d["test"] else "")
             + " So a lesion that is not flagged can still be malignant, and many flagged lesions "
             "are benign. A flag is a screening signal, not a diagnosis.")
-        st.caption(f"Raw model score {pred.prob:.3f}. The result depends on the photo (distance, light, focus) and "
+        st.caption(f"Raw model score {format_score(pred.prob)} (the model's threshold applies to it: "
+                   f"{format_score(pred.threshold)}). The result depends on the photo (distance, light, focus) and "
                    "on how similar it is to the training data. Dermoscopic images (taken through a dermatoscope) "
                    "are outside what a smartphone-photo model was trained on, and its out-of-distribution check "
                    "does not reliably catch them (measured: it accepted most of two ISIC dermoscopic sets): do not "

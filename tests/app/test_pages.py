@@ -123,7 +123,7 @@ def test_predict_with_injected_photo(with_model):
     assert "### Model score:" in md and "not a calibrated probability" in md
     prob = float(md.split("Model score: ")[1].split("%")[0]) / 100
     verdict = "\n".join(e.value for e in (*at.main.error, *at.main.success))
-    assert "model's threshold (0.500)" in verdict
+    assert "model's threshold (50.0%)" in verdict  # the headline's scale, never a bare 0.500 beside a percentage
     assert ("**Flagged**" in verdict) == (prob >= 0.5) and "malignant:" not in verdict.lower()
     assert "no out-of-distribution gate" in texts(at, "info") and "no calibration map" in texts(at, "info")
     assert "What the threshold means" in md and "40 validation images (16 malignant)" in md

@@ -621,3 +621,11 @@ def test_a_proportion_of_exactly_1_or_0_gets_a_wilson_interval_over_patients_not
     # without patient ids every image counts; a proportion of 0 gets the mirror interval
     none_caught = M.bootstrap_ci(y, 1 - p, 0.5, n_boot=100)
     assert none_caught["recall"] == pytest.approx([0.0, 1.959964 ** 2 / (28 + 1.959964 ** 2)], abs=1e-6)
+
+
+def test_format_score_keeps_a_score_and_its_threshold_comparable():
+    """0.004 beside 0.000 hid which side of the threshold a score was; a small score keeps 3 significant digits."""
+    from core.metrics import format_score
+    assert [format_score(p) for p in (0.004445974, 0.00012, 0.5, 0.327, 0.1155, 0.0, 1.0)] == [
+        "0.445%", "0.012%", "50.0%", "32.7%", "11.6%", "0.0%", "100.0%"]
+    assert format_score(0.00441) != format_score(0.00445)  # distinct below 1%, where the demo's threshold sits
