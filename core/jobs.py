@@ -144,18 +144,23 @@ def acquire_lock(root: str | Path, record: dict) -> dict:
         try:
             fd = os.open(_lock_path(root), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            job = current_job(root)  # clears a stale lock
-            if job is not None:
-                raise TrainingBusy(
-                    f"a training job is already running: run '{job.get('run')}' on device "
-                    f"'{job.get('device')}' (pid {job.get('pid')}, started "
-                    f"{time.strftime('%H:%M:%S', time.localtime(job.get('started', 0)))}). "
-                    "One job at a time: stop it on the Train page or wait for it to finish.") from None
+            refuse_if_busy(root)  # clears a stale lock
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
         return record
     raise TrainingBusy("could not take the training lock (another session is starting a job); try again")
+
+
+def refuse_if_busy(root: str | Path) -> None:
+    """Raise TrainingBusy naming the running job, if there is one (a stale lock is cleared on the way)."""
+    job = current_job(root)
+    if job is not None:
+        raise TrainingBusy(
+            f"a training job is already running: run '{job.get('run')}' on device "
+            f"'{job.get('device')}' (pid {job.get('pid')}, started "
+            f"{time.strftime('%H:%M:%S', time.localtime(job.get('started', 0)))}). "
+            "One job at a time: stop it on the Train page or wait for it to finish.")
 
 
 def _write_lock(root: Path, record: dict) -> None:
@@ -188,6 +193,20 @@ class TrainRequest:
     folds: int | None = None           # cross-validation folds (0: one validation split; >= 2: K folds)
     nested: bool | None = None         # nested cross-validation: the ensemble's threshold on ensemble scores
     sets: tuple[str, ...] = field(default_factory=tuple)  # extra --set key=value overrides
+
+
+def parse_lr(text: str) -> float | None:
+    """The form's learning rate: blank keeps the recipe's; anything else must be a positive number."""
+    if not str(text).strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise LaunchError(f"learning rate {text.strip()!r} is not a number (e.g. 1e-4, or blank for the "
+                          "recipe's)") from None
+    if not 0 < value < float("inf"):
+        raise LaunchError(f"learning rate {text.strip()} must be a positive number (e.g. 1e-4)")
+    return value
 
 
 def list_recipes() -> list[Path]:
@@ -266,8 +285,24 @@ def start_training(req: TrainRequest, root: str | Path | None = None, *, python:
     out = root / req.name
     if out.exists() and any(out.iterdir()):
         raise LaunchError(f"{out} already exists; pick another run name (or resume that run)")
-    return _launch(root, out, training_command(req, out, python), resolved_device(req.device), env,
-                   requested=req.device)
+    cmd = training_command(req, out, python)
+    refuse_if_busy(root)  # before the check's seconds: a busy lock is the first thing to say
+    check_inputs(cmd, env)
+    return _launch(root, out, cmd, resolved_device(req.device), env, requested=req.device)
+
+
+def check_inputs(cmd: list[str], env: dict | None = None) -> None:
+    """Run the command with --check (train.fit builds the config and looks up its data, weights and starting run,
+    exactly as the run will): what would stop the run in its first seconds is refused here with every reason."""
+    try:
+        done = subprocess.run([*cmd, "--check"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        raise LaunchError("checking the run's inputs took over 5 minutes; start it from a terminal to see why") \
+            from None
+    if done.returncode != 0:
+        said = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error: ")]
+        raise LaunchError("; ".join(said) or (done.stderr.strip().splitlines() or ["no reason given"])[-1])
 
 
 def resume_training(run: str | Path, root: str | Path | None = None, *, device: str | None = None,

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from core import metrics
 from core.backbones import get_spec
 from core.cache import DecodeCache, MemoryCache
-from core.bundle import BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
+from core.bundle import BundleError, BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
 from core.config import ConfigError, DataSource, RunConfig, StageConfig
 from core.context_fit import fit_context
 from core.dataset import ManifestDataset, check_images
@@ -92,6 +92,32 @@ def check_source_exists(src: DataSource, data_help: str | None) -> None:
             hint = f" {data_help}" if data_help else ""
             raise ConfigError(f"data {key} not found: {path} (from {Path.cwd()}).{hint} Point the recipe at your "
                               f"copy with --data-root DIR (or the Train page's data folder).")
+
+
+def input_problems(cfg: RunConfig) -> list[str]:
+    """Every input a run reads before its first epoch that is missing or unusable, each in words: data files and
+    folders (with where to get them), the initial weights file, the run to start from; [] when all are there."""
+    problems, seen = [], set()
+    for source in (src for stage in cfg.stages for src in stage.data):
+        if source not in seen:
+            seen.add(source)
+            try:
+                check_source_exists(source, None)
+            except ConfigError as e:
+                problems.append(str(e))
+    if cfg.init_from:
+        try:
+            meta = read_meta(cfg.init_from)
+            if meta.backbone.get("name") != cfg.backbone:
+                problems.append(f"init_from {cfg.init_from} is a {meta.backbone.get('name')} model but the config "
+                                f"asks for {cfg.backbone}")
+        except BundleError as e:
+            problems.append(f"init_from {cfg.init_from}: {e}")
+    elif cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
+        problems.append(f"weights file not found: {cfg.weights} (use 'imagenet', 'none' or a file path)")
+    if problems and cfg.data_help and any(p.startswith("data ") for p in problems):
+        problems.append(f"where to get the data: {cfg.data_help}")
+    return problems
 
 
 def stage_rows(cfg: RunConfig) -> tuple[list[tuple[pd.DataFrame, list[dict]]], pd.DataFrame]:

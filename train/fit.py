@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nested cross-validation (needs >= 3 folds): one more run per pair of folds, so the "
                         "ensemble's threshold and calibration are fitted on scores of ensembles that never trained "
                         "on the photo (overrides the recipe's cv.nested)")
+    p.add_argument("--check", action="store_true",
+                   help="build the config and look up every data file, the weights and the run to start from, "
+                        "name every problem, then exit without training (the Train page runs this first)")
     p.add_argument("--devices", type=int, help="GPUs (or CPU processes) per node")
     p.add_argument("--num-nodes", type=int, dest="num_nodes")
     return p
@@ -93,6 +96,8 @@ def main(argv=None) -> int:
         if args.resume and runfolder.is_cv_run(out) != cfg.cv.enabled and runfolder.holds_run(out):
             kind = "a cross-validation" if runfolder.is_cv_run(out) else "a single-split"
             raise ConfigError(f"{out} holds {kind} run: resume it with its own config (without changing --folds)")
+        if args.check:
+            return _report_check(cfg)
         if cfg.cv.enabled:
             from core.cv import fit_cv
             bundle = fit_cv(cfg, out, resume=args.resume)
@@ -115,6 +120,17 @@ def main(argv=None) -> int:
         return 130
     print(f"bundle: {bundle}")
     return 0
+
+
+def _report_check(cfg) -> int:
+    """--check: every missing input named on stderr (exit 2), or 'ok' (exit 0)."""
+    from core.training import input_problems
+    problems = input_problems(cfg)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"ok: {cfg.name} can start ({len(cfg.stages)} stage(s))")
+    return 2 if problems else 0
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ with st.expander("Start a new run", expanded=job is None):
         elif not init_choice.startswith("(recipe"):
             init_from = str(root / init_choice)
         try:
-            lr_value = float(lr) if lr.strip() else None
+            lr_value = jobs.parse_lr(lr)
             req = jobs.TrainRequest(recipe=str(recipe), name=name.strip(),
                                     backbone=backbone if backbone != summary["backbone"] else None,
                                     weights=weights.strip() if weights.strip() != str(summary["weights"]) else None,

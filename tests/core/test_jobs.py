@@ -145,6 +145,29 @@ def test_name_and_recipe_checks(tmp_path):
     assert jobs.current_job(root) is None
 
 
+def test_a_run_that_would_fail_on_its_inputs_is_refused_with_every_reason_before_it_starts(tmp_path):
+    """train.fit --check builds the config as the run will: a bad learning rate, a manifest and a weights file that
+    do not exist, and a run to start from that is not one are said at once, and nothing is launched."""
+    root = tmp_path / "runs"
+    manifest = synthetic_dataset(tmp_path / "data")
+    recipe = str(tiny_recipe(tmp_path / "r.yaml", manifest, epochs=1))
+    with pytest.raises(jobs.LaunchError, match=r"learning rate 'fast' is not a number"):
+        jobs.parse_lr("fast")
+    with pytest.raises(jobs.LaunchError, match=r"learning rate -5 must be a positive number"):
+        jobs.parse_lr("-5")
+    assert jobs.parse_lr(" ") is None and jobs.parse_lr("1e-4") == 1e-4
+    with pytest.raises(jobs.LaunchError) as refused:
+        jobs.start_training(TrainRequest(recipe=recipe, name="bad", manifest=str(tmp_path / "gone.csv"),
+                                         weights=str(tmp_path / "gone.safetensors"), device="cpu"), root)
+    said = str(refused.value)
+    assert f"data manifest not found: {tmp_path / 'gone.csv'}" in said
+    assert f"weights file not found: {tmp_path / 'gone.safetensors'}" in said
+    with pytest.raises(jobs.LaunchError, match=r"init_from .*elsewhere: .*not found"):
+        jobs.start_training(TrainRequest(recipe=recipe, name="bad", init_from=str(tmp_path / "elsewhere"),
+                                         device="cpu"), root)
+    assert not (root / "bad").exists() and jobs.current_job(root) is None
+
+
 def test_training_command_overrides():
     recipe = jobs.RECIPES_DIR / "paper_transfer.yaml"  # two stages
     req = TrainRequest(recipe=str(recipe), name="x", backbone="resnet18", weights="none", init_from="runs/a",
