@@ -43,8 +43,17 @@ def report_choices(root: str | Path | None = None) -> dict[str, Path]:
     return found
 
 
-def default_choice(labels) -> list[str]:
-    """What the dashboard shows first: up to three of the user's own reports, else the built-in demo's."""
+def default_choice(labels: dict[str, Path], model_folder: str | Path | None = None) -> list[str]:
+    """What the dashboard shows first: the chosen model's own reports (its run folder's test, cross-validation and
+    validation reports; the demo's evidence for the built-in model), else up to three of the user's own reports,
+    else the built-in demo's."""
+    if model_folder is not None:
+        home = builtin.DEMO_EVIDENCE if builtin.is_builtin(model_folder) else Path(model_folder).resolve().parent
+        order = {name: i for i, name in enumerate((runfolder.TEST_REPORT, runfolder.CV_REPORT, runfolder.VAL_REPORT))}
+        mine = [label for label, path in labels.items()
+                if Path(path).name in order and Path(path).resolve().parent == Path(home).resolve()]
+        if mine:
+            return sorted(mine, key=lambda label: order[Path(labels[label]).name])
     own = [label for label in labels if not label.startswith("built-in demo: ")]
     return (own or list(labels))[:3]
 

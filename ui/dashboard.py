@@ -38,7 +38,9 @@ if not labels:
     st.info(f"No evaluation reports in `{root}` yet. Training writes `val_report.json` (and `test_report.json` "
             "with `report_test: true`); `python -m train.evaluate --run runs/NAME --manifest M.csv` writes "
             "`report_*.json`.")
-chosen = st.multiselect("Reports", list(labels), default=reports.default_choice(labels), key="dash_reports")
+chosen = st.multiselect("Reports", list(labels), key="dash_reports",
+                        default=reports.default_choice(labels, st.session_state.get("model_path")),
+                        help="First shown: the reports of the model chosen in the sidebar.")
 
 loaded = {}
 for label in chosen:

@@ -100,3 +100,22 @@ def test_context_section_becomes_a_table_roc_curves_and_weights():
     plain = {"metrics": {}}
     assert reports.context_table(plain).empty and reports.context_roc_curves(plain) == []
     assert reports.context_weights_table(plain).empty
+
+
+def test_the_dashboard_opens_on_the_chosen_models_own_reports(tmp_path):
+    """Not the first three files the walk found (another run's folds): the sidebar model's test, cv and validation
+    reports; the demo's evidence for the built-in model; the old rule when the model has none."""
+    from core import builtin
+    for rel in ("cv_a/folds/fold_0/val_report.json", "cv_a/cv_report.json", "cv_a/test_report.json",
+                "mine/val_report.json", "mine/test_report.json", "mine/report_outside_all.json", "mine/bundle/x"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}")
+    labels = reports.report_choices(tmp_path)
+    assert reports.default_choice(labels, tmp_path / "mine" / "bundle") == ["mine/test_report.json",
+                                                                            "mine/val_report.json"]
+    assert reports.default_choice(labels, tmp_path / "cv_a" / "bundle") == ["cv_a/test_report.json",
+                                                                            "cv_a/cv_report.json"]
+    assert reports.default_choice(labels, builtin.DEMO_BUNDLE) == ["built-in demo: test_report.json",
+                                                                   "built-in demo: val_report.json"]
+    assert reports.default_choice(labels, tmp_path / "elsewhere" / "bundle") == reports.default_choice(labels)
+    assert reports.default_choice(labels) == [lb for lb in labels if not lb.startswith("built-in")][:3]
