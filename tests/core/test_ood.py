@@ -33,7 +33,9 @@ def test_accepts_in_distribution_and_refuses_far_away(method):
         assert not gate.accepts(x).any()
     refused = gate.check(far[1][:1])[0]
     assert not refused.accepted and refused.score > refused.threshold
-    assert "validation photos" in refused.reason and "97.5%" in refused.reason
+    # plain words first, the numbers after: "further from the training photos than 97.5% of the validation photos"
+    assert refused.reason.startswith("it lies further from the training photos than 97.5% of the validation photos")
+    assert f"is {refused.score:.3g}; the limit is {refused.threshold:.3g})" in refused.reason
 
 
 @pytest.mark.parametrize("method", ood.METHODS)
