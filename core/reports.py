@@ -290,6 +290,31 @@ def find_pca(roots, max_depth: int = 4) -> list[PcaResult]:
     return found
 
 
+def pca_description(summary: dict | None) -> str | None:
+    """Whose feature space a PCA's embeddings come from, and what its pixel space is, in words."""
+    if not isinstance(summary, dict):
+        return None
+    model = summary.get("model") if isinstance(summary.get("model"), dict) else {}
+    who = model.get("run_name") or model.get("run") or model.get("backbone") or "a model not recorded"
+    backbone = f" ({model['backbone']})" if model.get("backbone") and who != model.get("backbone") else ""
+    size = summary.get("pixel_size")
+    pixels = f"the centre square at {size}x{size} RGB" if size else "raw pixels"
+    return (f"Embeddings: the pooled features of {who}{backbone}. Pixels: {pixels}. {summary.get('n', '?')} photos; "
+            "colour = dataset, marker = label.")
+
+
+def pca_overlap_table(summary: dict | None) -> pd.DataFrame | None:
+    """How separable each pair of datasets is in each space (out-of-fold ROC-AUC of a domain classifier: 0.5 =
+    indistinguishable, 1.0 = fully separable), one row per pair; None when the summary has none."""
+    spaces = (summary or {}).get("spaces") if isinstance(summary, dict) else None
+    rows = [{"space": space, "dataset A": r.get("domain_a"), "dataset B": r.get("domain_b"),
+             "photos (A, B)": f"{r.get('n_a', '?')}, {r.get('n_b', '?')}",
+             "separability ROC-AUC (0.5 = same, 1 = apart)": r.get("auc"), "cross-validated by": r.get("grouped_by")}
+            for space, v in (spaces or {}).items() if isinstance(v, dict)
+            for r in v.get("overlap") or [] if isinstance(r, dict)]
+    return pd.DataFrame(rows) if rows else None
+
+
 def _has_pc_columns(path: Path) -> bool:
     try:
         with open(path, newline="") as f:

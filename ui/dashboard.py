@@ -148,6 +148,11 @@ if not pcas:
     st.caption("No PCA outputs found (a folder with summary.json and CSVs with pc1, pc2 columns).")
 for n, res in enumerate(pcas):
     with st.expander(f"{reports.report_label(res.folder, root)}", expanded=n == 0):
+        if described := reports.pca_description(res.summary):
+            st.caption(described)
+        overlap = reports.pca_overlap_table(res.summary)
+        if overlap is not None:
+            st.dataframe(overlap, hide_index=True, width="stretch")
         for m, table in enumerate(res.tables):
             df = reports.read_pca_table(table)
             color = "domain" if "domain" in df else None
@@ -159,6 +164,7 @@ for n, res in enumerate(pcas):
             fig.update_layout(height=420, margin={"t": 40})
             st.plotly_chart(fig, width="stretch", key=f"pca_{n}_{m}")
         if res.summary is not None:
+            st.caption("Everything the PCA recorded (`summary.json`):")
             st.json(res.summary, expanded=False)
 
 if loaded:

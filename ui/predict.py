@@ -111,7 +111,7 @@ with right:
         elif pred.prob_calibrated is not None:
             st.markdown(f"### Calibrated probability of malignancy: {pred.prob_calibrated:.0%}")
             st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {pred.prob_calibrated:.0%} of "
-                       "photos scored like this one were malignant. It describes that population, not you.")
+                       "photos scored like this one were malignant. It describes that population, not this patient.")
             flagged = pred.verdict == "flagged"
             thr_text = (f"the model's threshold, {pred.threshold_calibrated:.0%} calibrated (raw score "
                         f"{format_score(pred.threshold)})")

@@ -119,3 +119,16 @@ def test_the_dashboard_opens_on_the_chosen_models_own_reports(tmp_path):
                                                                    "built-in demo: val_report.json"]
     assert reports.default_choice(labels, tmp_path / "elsewhere" / "bundle") == reports.default_choice(labels)
     assert reports.default_choice(labels) == [lb for lb in labels if not lb.startswith("built-in")][:3]
+
+
+def test_the_demos_pca_says_whose_features_and_how_separable_each_pair_of_datasets_is():
+    from core import builtin
+    res = next(r for r in reports.find_pca([builtin.DEMO_EVIDENCE]) if r.summary)
+    said = reports.pca_description(res.summary)
+    assert said.startswith("Embeddings: the pooled features of shared_demo_context (mobilenetv2_100_tflite).")
+    assert f"{res.summary['n']} photos" in said
+    table = reports.pca_overlap_table(res.summary)
+    written = [r for space in res.summary["spaces"].values() for r in space["overlap"]]
+    assert len(table) == len(written) and set(table["space"]) == set(res.summary["spaces"])
+    assert list(table["separability ROC-AUC (0.5 = same, 1 = apart)"]) == [r["auc"] for r in written]
+    assert reports.pca_overlap_table({"spaces": {}}) is None and reports.pca_description(None) is None
