@@ -127,14 +127,7 @@ def _mkdir(p: Path) -> Path:
 def describe_model(meta: BundleMeta) -> dict:
     """The provenance the app shows next to every probability, as display-ready strings."""
     thr, prov = meta.threshold, meta.provenance
-    data_lines = []
-    stages = prov.stages or []
-    for i, sources in enumerate(prov.data or []):
-        stage = stages[i]["name"] if i < len(stages) and isinstance(stages[i], dict) else f"stage {i}"
-        for src in sources or []:
-            where = src.get("manifest") or src.get("csv") or src.get("metadata") or "?"
-            data_lines.append(f"{stage}: {Path(str(where)).name} ({src.get('domain') or 'no domain'}; "
-                              f"{src.get('images', '?')} images, {src.get('malignant', '?')} malignant)")
+    data_lines = _data_lines(prov)
     split_text = ", ".join(f"{k} {v.get('images', '?')} ({v.get('malignant', '?')} malignant)"
                            for k, v in (prov.split_counts or {}).items() if isinstance(v, dict)) or "not recorded"
     return {
@@ -163,6 +156,20 @@ def describe_model(meta: BundleMeta) -> dict:
         # the run's one evaluation on its test patients: beside the validation numbers, which chose the threshold
         "test": _test_line(own_test_report(meta)),
     }
+
+
+def _data_lines(prov) -> list[str]:
+    """One line per data source, dataset first, with the stages that used it (the stages of a transfer recipe
+    often share one source: it is said once)."""
+    stages, lines = prov.stages or [], {}
+    for i, sources in enumerate(prov.data or []):
+        stage = stages[i]["name"] if i < len(stages) and isinstance(stages[i], dict) else f"stage {i}"
+        for src in sources or []:
+            where = Path(str(src.get("manifest") or src.get("csv") or src.get("metadata") or "?")).name
+            line = (f"{src.get('domain') or 'no dataset name'}: {src.get('images', '?')} images, "
+                    f"{src.get('malignant', '?')} malignant (from {where})")
+            lines.setdefault(line, []).append(stage)
+    return [f"{line}; stage{'s' if len(used) > 1 else ''} {', '.join(used)}" for line, used in lines.items()]
 
 
 def own_test_report(meta: BundleMeta) -> dict | None:

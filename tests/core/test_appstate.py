@@ -203,3 +203,15 @@ def test_the_test_line_comes_from_this_models_own_test_report_only(bundle_dir, t
     shipped = json.loads((builtin.DEMO_EVIDENCE / "test_report.json").read_text())
     assert demo.startswith(f"sensitivity {round(100 * shipped['metrics']['recall']['value'])}%")
     assert f"on {shipped['n']} test photos" in demo
+
+
+def test_training_data_names_each_dataset_once_with_the_stages_that_used_it(bundle_dir):
+    from dataclasses import replace
+    from core.bundle import read_meta
+    meta = read_meta(bundle_dir / "run_a")
+    pad = {"metadata": "/d/pad/metadata.csv", "domain": "pad_ufes_20", "images": 518, "malignant": 200}
+    isic = {"csv": "/d/isic/labels.csv", "domain": "isic", "images": 300, "malignant": 90}
+    prov = replace(meta.provenance, data=[[isic, pad], [pad]], stages=[{"name": "head"}, {"name": "finetune"}])
+    assert appstate.describe_model(replace(meta, provenance=prov))["training_data"] == [
+        "isic: 300 images, 90 malignant (from labels.csv); stage head",
+        "pad_ufes_20: 518 images, 200 malignant (from metadata.csv); stages head, finetune"]
