@@ -64,24 +64,28 @@ def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boo
     return report
 
 
-def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
-    """How many of df's images this run trained or validated on (any stage), from its own split files.
-
-    Metrics on such images are optimistic; the caller says so in the report."""
+def seen_splits(run_folder, images) -> list[str]:
+    """Per image: 'train' or 'val' when this run trained or validated on it (any stage, from its own split files;
+    the built-in demo's by file name), else ''. A result on such a photo is no estimate for a new patient."""
     from pathlib import Path
 
     from core.manifest import read_manifest
+    if builtin.is_builtin(run_folder):  # the shipped demo has no run folder: its split list names files only
+        names = builtin.demo_split_names()
+        return [names.get(Path(str(i)).name, "") for i in images]
     used: dict[str, str] = {}
     for path in sorted((Path(run_folder) / runfolder.SPLITS).glob("*.csv")):
         split = read_manifest(path)
         for image, part in zip(split["image"], split["split"]):
             if part in ("train", "val") and used.get(image) != "train":
                 used[image] = part
-    if builtin.is_builtin(run_folder):  # the shipped demo has no run folder: its split list names files only
-        names = builtin.demo_split_names()
-        hits = [names[Path(str(i)).name] for i in df["image"] if Path(str(i)).name in names]
-    else:
-        hits = [used[i] for i in df["image"] if i in used]
+    return [used.get(str(i)) or used.get(str(Path(str(i)).resolve()), "") for i in images]
+
+
+def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
+    """How many of df's images this run trained or validated on. Metrics on such images are optimistic; the
+    caller says so in the report."""
+    hits = seen_splits(run_folder, df["image"])
     return {"train": hits.count("train"), "val": hits.count("val")}
 
 

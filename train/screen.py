@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from core import builtin
 from core.bundle import WEIGHTS_FILE, BundleError, load_bundle
 from core.device import dataloader_workers
+from core.evaluation import seen_splits
 from core.fileio import UnwritableError, atomic_write, atomic_write_text, check_writable
 from core.images import SUPPORTED_FORMATS, ImageLoadError, load_image
 from core.inference import Predictor, model_view
@@ -52,6 +53,8 @@ COLUMNS = {
     "members_sd": "ensemble only: standard deviation of its models' raw scores (how much they disagree)",
     "context_note": "context answers that could not be used (out of range, not a known answer) and were counted as "
                     "not answered",
+    "seen_by_model": "train / val when the model trained or validated on this photo (its run's split files): its "
+                     "result is then no estimate for a new patient; empty otherwise",
 }
 
 
@@ -291,6 +294,7 @@ def main(argv=None) -> int:
     predictor = Predictor(bundle, device=args.device, fast=True)
     workers = args.workers if args.workers is not None else dataloader_workers()
     table = screen(predictor, df, batch_size=args.batch_size, workers=workers)
+    table["seen_by_model"] = seen_splits(args.run, df["image"])
     atomic_write(out, lambda tmp: table.to_csv(tmp, index=False))
     meta = provenance(predictor, args.run, inputs, table, time.time() - t0)
     atomic_write_text(sidecar_path(out), json.dumps(meta, indent=1, default=str))
@@ -302,6 +306,9 @@ def main(argv=None) -> int:
           f"{meta['n_failed']} not scored" + (f": {why}" if why else ""))
     for lack in bundle.lacks():
         print(f"note: this model has {lack}")
+    if seen := int((table["seen_by_model"] != "").sum()):
+        print(f"warning: the model trained or validated on {seen} of these photos (seen_by_model column): their "
+              "results are no estimate for new patients", file=sys.stderr)
     if "context_note" in table and (n := int((table["context_note"] != "").sum())):
         print(f"note: {n} row(s) had context answers that could not be used; they were counted as not answered "
               f"(context_note column)", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -402,3 +403,22 @@ def test_a_manifest_without_labels_or_with_some_blank_is_screened(run_dir, photo
     pd.DataFrame({"image": photos, "label": [1, "maybe"]}).to_csv(tmp_path / "bad.csv", index=False)
     assert main(["--run", str(run_dir), "--manifest", str(tmp_path / "bad.csv"), "--out", str(out)]) == 2
     assert "row 3 has 'maybe'" in capsys.readouterr().err  # the bad row, not the good "1" read as text beside it
+
+
+def test_photos_the_model_trained_or_validated_on_are_marked_and_counted(run_dir, photo_dir, tmp_path, capsys):
+    """The run's split files say which photos it learned from: screening them is allowed, but each such row says so
+    (a relative --images path included) and the run ends with a warning."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "splits").mkdir()
+    pd.DataFrame({"image": [str((photo_dir / n).resolve()) for n in ("p0.jpg", "p1.jpg", "p2.jpg")], "label": 0,
+                  "split": ["train", "val", "test"]}).to_csv(run / "splits" / "1_finetune.csv", index=False)
+    out = tmp_path / "pred.csv"
+    rel = os.path.relpath(photo_dir)
+    assert main(["--run", str(run), "--images", rel, "--out", str(out), "--workers", "0"]) == 0
+    table = pd.read_csv(out, keep_default_na=False).set_index("image")
+    seen = {Path(i).name: s for i, s in table["seen_by_model"].items() if s}
+    assert seen == {"p0.jpg": "train", "p1.jpg": "val"}  # a test photo is not 'seen'
+    assert "the model trained or validated on 2 of these photos" in capsys.readouterr().err
+    assert "seen_by_model" in json.loads(sidecar_path(out).read_text())["columns"]
