@@ -195,8 +195,9 @@ def _test_line(report: dict | None) -> str | None:
         return None
     m = report["metrics"]
     patients = f", {report['n_groups']} patients" if isinstance(report.get("n_groups"), int) else ""
+    auc = metrics.metric("roc_auc").format(m.get("roc_auc"))
     return (f"sensitivity {metrics.format_percent(m.get('recall'))}, specificity "
-            f"{metrics.format_percent(m.get('specificity'))}, ROC-AUC {metrics.metric('roc_auc').format(m.get('roc_auc'))}"
+            f"{metrics.format_percent(m.get('specificity'))}, ROC-AUC {auc}"
             f" on {report.get('n', '?')} test photos ({report.get('n_positive', '?')} malignant{patients}), "
             "evaluated once after the model and its threshold were chosen")
 
