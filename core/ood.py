@@ -86,7 +86,7 @@ class OODGate:
         what = "cosine distance to its nearest training photos" if self.method == "knn" \
             else "Mahalanobis distance from the training photos"
         return (f"it lies further from the training photos than {self.accept_quantile:.1%} of the validation photos "
-                f"did (its {what} is {score:.3g}; the limit is {self.threshold:.3g})")
+                f"did: its {what} is {score:.3g}, the limit {self.threshold:.3g}")
 
     # ---------------------------------------------------------------- storage
     def to_meta(self) -> dict:
@@ -166,7 +166,7 @@ class EnsembleGate:
     def reason(self, score: float, refusing: int | None = None) -> str:
         who = f"{refusing} of the {len(self.gates)}" if refusing is not None else "most of the"
         return (f"{who} models find it further from their training photos than {self.accept_quantile:.1%} of "
-                f"their validation photos were (in the median, {score:.3g} times each model's limit)")
+                f"their validation photos were: in the median, {score:.3g} times each model's limit")
 
     def to_meta(self) -> dict:
         return {"method": self.method, "threshold": self.threshold, "accept_quantile": self.accept_quantile,
