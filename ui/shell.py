@@ -32,7 +32,11 @@ def run() -> None:
     """Draw the app around the page the URL asks for."""
     st.set_page_config(**PAGE_CONFIG)
     pages = [st.Page(UI / f"{name}.py", title=title, icon=icon, url_path=name) for name, title, icon in PAGES]
-    page = st.navigation(pages, position="hidden")
+    # Streamlit gives its default page the URL "/" whatever its url_path, so /crop would be "Page not found": the
+    # home page is a second, unlisted entry for the first page's script, and the listed page keeps its own URL.
+    name, title, icon = PAGES[0]
+    home = st.Page(UI / f"{name}.py", title=title, icon=icon, url_path="home", default=True, visibility="hidden")
+    page = st.navigation([home, *pages], position="hidden")
     with st.sidebar:
         with st.container(key="app_nav"):
             for p in pages:
