@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from core import builtin, metrics, runfolder
 from core.dataset import ManifestDataset
 from core.device import autocast, dataloader_workers
+from core.sources import parse_fitzpatrick
 from core.transforms import eval_transform
 
 SUBGROUP_COLUMNS = ("fitzpatrick", "domain")
@@ -50,8 +51,10 @@ def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boo
     report["subgroups"] = {}
     for col in SUBGROUP_COLUMNS:
         if col in df and df[col].notna().any():
+            # a Fitzpatrick column with blanks reads back from CSV as floats: type 2 must be "2", not "2.0"
+            values = [parse_fitzpatrick(v) for v in df[col]] if col == "fitzpatrick" else df[col].tolist()
             report["subgroups"][col] = metrics.subgroup_reports(
-                y, probs, threshold, df[col].tolist(), groups=groups, n_boot=min(n_boot, 500), seed=seed)
+                y, probs, threshold, values, groups=groups, n_boot=min(n_boot, 500), seed=seed)
     keep = [c for c in ("image", "label", "patient_id", "lesion_id", "domain", "fitzpatrick") if c in df]
     # object dtype first: in a float column (a partly missing Fitzpatrick type) None would turn back into NaN,
     # which json writes as a bare NaN token that strict JSON readers (browsers, R's jsonlite) refuse
