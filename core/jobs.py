@@ -185,7 +185,7 @@ class TrainRequest:
     weights: str | None = None
     init_from: str | None = None       # a run or bundle folder
     epochs: int | None = None          # every stage
-    lr: float | None = None            # every stage
+    lr: float | str | None = None      # every stage; the form's text as typed (checked by parse_lr)
     device: str = "auto"
     manifest: str | None = None        # replaces every stage's data with this manifest
     domain: str | None = None          # the domain label for that manifest
@@ -195,9 +195,9 @@ class TrainRequest:
     sets: tuple[str, ...] = field(default_factory=tuple)  # extra --set key=value overrides
 
 
-def parse_lr(text: str) -> float | None:
-    """The form's learning rate: blank keeps the recipe's; anything else must be a positive number."""
-    if not str(text).strip():
+def parse_lr(text) -> float | None:
+    """The form's learning rate: blank (or None) keeps the recipe's; anything else must be a positive number."""
+    if text is None or not str(text).strip():
         return None
     try:
         value = float(text)
@@ -247,9 +247,10 @@ def training_command(req: TrainRequest, out: str | Path, python: str | None = No
     if req.nested is not None:
         cmd += ["--nested" if req.nested else "--no-nested"]
     n_stages = len(recipe_summary(req.recipe)["stages"])
+    lr = parse_lr(req.lr)
     for i in range(n_stages):
-        if req.lr:
-            cmd += ["--set", f"stages.{i}.lr={float(req.lr)!r}"]
+        if lr is not None:
+            cmd += ["--set", f"stages.{i}.lr={lr!r}"]
         if req.manifest:
             source = {"manifest": str(req.manifest)} | ({"domain": req.domain} if req.domain else {})
             cmd += ["--set", f"stages.{i}.data=[{json.dumps(source)}]"]  # JSON is YAML flow syntax
@@ -269,40 +270,55 @@ def start_training(req: TrainRequest, root: str | Path | None = None, *, python:
 
     Refuses (TrainingBusy) while another job holds the lock; returns the launch record."""
     root = Path(root) if root is not None else runs_dir()
+    refuse_if_busy(root)  # the first thing to say, before the check's seconds
+    problems = request_problems(req, root)
+    if not problems:  # the run's own --check: its config, data, weights and starting run
+        problems = input_problems(training_command(req, root / req.name, python), env)
+    if problems:
+        raise LaunchError("; ".join(problems))
+    out = root / req.name
+    return _launch(root, out, training_command(req, out, python), resolved_device(req.device), env,
+                   requested=req.device)
+
+
+def request_problems(req: TrainRequest, root: Path) -> list[str]:
+    """Everything wrong with the form's request itself, all at once (the run's inputs are checked next)."""
+    problems = []
     if not RUN_NAME_RE.match(req.name or ""):
-        raise LaunchError(f"run name {req.name!r}: use letters, digits, '.', '_' or '-' (max 80), "
-                          "starting with a letter or digit")
-    if not Path(req.recipe).is_file():
-        raise LaunchError(f"recipe not found: {req.recipe}")
+        problems.append(f"run name {req.name!r}: use letters, digits, '.', '_' or '-' (max 80), starting with a "
+                        "letter or digit")
+    elif (root / req.name).exists() and any((root / req.name).iterdir()):
+        problems.append(f"{root / req.name} already exists; pick another run name (or resume that run)")
+    try:
+        parse_lr(req.lr)
+    except LaunchError as e:
+        problems.append(str(e))
     if req.device not in DEVICES:
-        raise LaunchError(f"device must be one of {DEVICES}")
+        problems.append(f"device must be one of {DEVICES}")
     if req.folds is not None and (req.folds == 1 or req.folds < 0):
-        raise LaunchError(f"folds must be 0 (one validation split) or at least 2, not {req.folds}")
-    if req.nested:
+        problems.append(f"folds must be 0 (one validation split) or at least 2, not {req.folds}")
+    if not Path(req.recipe).is_file():
+        problems.append(f"recipe not found: {req.recipe}")
+    elif req.nested:
         folds = req.folds if req.folds is not None else recipe_summary(req.recipe)["folds"]
         if folds < 3:
-            raise LaunchError(f"nested cross-validation needs at least 3 folds, not {folds}")
-    out = root / req.name
-    if out.exists() and any(out.iterdir()):
-        raise LaunchError(f"{out} already exists; pick another run name (or resume that run)")
-    cmd = training_command(req, out, python)
-    refuse_if_busy(root)  # before the check's seconds: a busy lock is the first thing to say
-    check_inputs(cmd, env)
-    return _launch(root, out, cmd, resolved_device(req.device), env, requested=req.device)
+            problems.append(f"nested cross-validation needs at least 3 folds, not {folds}")
+    return problems
 
 
-def check_inputs(cmd: list[str], env: dict | None = None) -> None:
+def input_problems(cmd: list[str], env: dict | None = None) -> list[str]:
     """Run the command with --check (train.fit builds the config and looks up its data, weights and starting run,
-    exactly as the run will): what would stop the run in its first seconds is refused here with every reason."""
+    exactly as the run will): what would stop the run in its first seconds, every reason of it."""
     try:
         done = subprocess.run([*cmd, "--check"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
                               stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         raise LaunchError("checking the run's inputs took over 5 minutes; start it from a terminal to see why") \
             from None
-    if done.returncode != 0:
-        said = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error: ")]
-        raise LaunchError("; ".join(said) or (done.stderr.strip().splitlines() or ["no reason given"])[-1])
+    if done.returncode == 0:
+        return []
+    said = [line.removeprefix("error: ") for line in done.stderr.splitlines() if line.startswith("error: ")]
+    return said or (done.stderr.strip().splitlines() or ["the check failed without a reason"])[-1:]
 
 
 def resume_training(run: str | Path, root: str | Path | None = None, *, device: str | None = None,

@@ -76,18 +76,18 @@ with st.expander("Start a new run", expanded=job is None):
         elif not init_choice.startswith("(recipe"):
             init_from = str(root / init_choice)
         try:
-            lr_value = jobs.parse_lr(lr)
             req = jobs.TrainRequest(recipe=str(recipe), name=name.strip(),
                                     backbone=backbone if backbone != summary["backbone"] else None,
                                     weights=weights.strip() if weights.strip() != str(summary["weights"]) else None,
-                                    init_from=init_from, epochs=int(epochs) or None, lr=lr_value, device=device,
+                                    init_from=init_from, epochs=int(epochs) or None, lr=lr.strip() or None,
+                                    device=device,
                                     manifest=manifest.strip() or None, domain=domain.strip() or None, sets=sets,
                                     folds=int(folds) if int(folds) != summary["folds"] else None,
                                     nested=bool(nested) if bool(nested) != summary["nested"] else None,
                                     data_root=data_root.strip() if data_root.strip() != (summary["data_root"] or "")
                                     else None)
             record = jobs.start_training(req, root)
-        except ValueError as e:  # LaunchError, bad learning rate
+        except ValueError as e:  # LaunchError: every problem of the request, or of the run's inputs
             st.error(f"Not started: {e}")
         except jobs.TrainingBusy as e:
             st.error(f"Not started: {e}")

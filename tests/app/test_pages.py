@@ -417,7 +417,8 @@ def test_train_form_builds_the_request(with_model, monkeypatch):
     assert not at.exception
     (req, root), = started
     assert root == with_model.runs and req.name == "my_run" and req.recipe.endswith("shared_demo.yaml")
-    assert (req.backbone, req.device, req.epochs, req.lr, req.manifest) == ("resnet18", "cpu", 2, 3e-4, "/data/m.csv")
+    assert (req.backbone, req.device, req.epochs, req.manifest) == ("resnet18", "cpu", 2, "/data/m.csv")
+    assert req.lr == "3e-4" and jobs.parse_lr(req.lr) == 3e-4  # the text as typed; start_training checks it
     assert req.folds == 4 and req.nested is True
     assert req.weights is None and req.init_from is None and req.sets == ("init_from=null",)
     assert any("Started **my_run** on cpu" in s.value for s in at.main.success)

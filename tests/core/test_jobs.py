@@ -162,6 +162,10 @@ def test_a_run_that_would_fail_on_its_inputs_is_refused_with_every_reason_before
     said = str(refused.value)
     assert f"data manifest not found: {tmp_path / 'gone.csv'}" in said
     assert f"weights file not found: {tmp_path / 'gone.safetensors'}" in said
+    with pytest.raises(jobs.LaunchError) as refused:  # the form's own mistakes, all at once
+        jobs.start_training(TrainRequest(recipe=recipe, name="my run!", lr="fast", folds=1), root)
+    said = str(refused.value)
+    assert "run name 'my run!'" in said and "learning rate 'fast' is not a number" in said and "not 1" in said
     with pytest.raises(jobs.LaunchError, match=r"init_from .*elsewhere: .*not found"):
         jobs.start_training(TrainRequest(recipe=recipe, name="bad", init_from=str(tmp_path / "elsewhere"),
                                          device="cpu"), root)
