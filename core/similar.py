@@ -87,6 +87,14 @@ class SimilarIndex:
     def from_meta(cls, meta: dict, embeddings, base: Path | None = None) -> SimilarIndex:
         return cls(np.asarray(embeddings, dtype=np.float16), tuple(meta.get("records", ())), base)
 
+    def filled_from(self, df: pd.DataFrame) -> SimilarIndex:
+        """The same index with the carried fields its records lack taken from the manifest rows of the same photos
+        (matched by file name; what a record has is kept): an index built before a field was carried gains it
+        without embedding a photo again."""
+        found = {Path(str(r["image"])).name: _carried_fields(r, df.columns) for _, r in df.iterrows()}
+        records = tuple(found.get(Path(str(r["image"])).name, {}) | r for r in self.records)
+        return SimilarIndex(self.embeddings, records, self.base)
+
     def relative_to(self, folder: Path) -> SimilarIndex:
         """The same index with image references relative to `folder` (a bundle that travels with its data
         beside it, e.g. the built-in demo and ../shared), so no machine's absolute paths are stored."""
@@ -94,6 +102,16 @@ class SimilarIndex:
         records = tuple({**r, "image": os.path.relpath(Path(str(r["image"])).resolve(), Path(folder).resolve())}
                         for r in self.records)
         return SimilarIndex(self.embeddings, records, Path(folder))
+
+
+def _carried_fields(row, columns) -> dict:
+    """The carried fields (diagnosis, patient, domain) a manifest row has, each from its first column present."""
+    out = {}
+    for col in _CARRIED:
+        source = next((c for c in _SOURCES.get(col, (col,)) if c in columns and not pd.isna(row[c])), None)
+        if source is not None:
+            out[col] = str(row[source])
+    return out
 
 
 def seen_in_training(cases: list[SimilarCase]) -> SimilarCase | None:
@@ -115,11 +133,7 @@ def build_index(df: pd.DataFrame, feats, *, seed: int = 0) -> SimilarIndex:
     for _, r in rows.iterrows():
         rec = {"image": str(Path(str(r["image"])).resolve()), "label": int(r["label"]),
                "split": None if pd.isna(r.get("split")) else str(r.get("split"))}
-        for col in _CARRIED:
-            source = next((c for c in _SOURCES.get(col, (col,)) if c in rows.columns and not pd.isna(r[c])), None)
-            if source is not None:
-                rec[col] = str(r[source])
-        records.append(rec)
+        records.append(rec | _carried_fields(r, rows.columns))
     return SimilarIndex(_normalise(x).astype(np.float16), tuple(records))
 
 

@@ -3,6 +3,7 @@
     python -m train.build_demo        # trains train/configs/shared_demo_context.yaml into runs/shared_demo_context
     python -m train.build_demo --run runs/NAME   # packages a run that already finished
     python -m train.build_demo --run runs/NAME --refresh-reports   # only re-measures its evidence reports
+    python -m train.build_demo --run runs/NAME --refresh-similar   # only fills its similar cases' diagnoses
 
 What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
 no probability on the run's validation photos by more than 0.01, else float32), evidence/ (the run's
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-reports", action="store_true",
                    help="with --run: re-measure the run's validation and test reports with this version's report "
                         "code (same model, threshold and photos) and replace only the demo's evidence reports")
+    p.add_argument("--refresh-similar", action="store_true",
+                   help="with --run: give the shipped bundle's similar cases the fields (diagnosis) they lack from "
+                        "the run's split files; weights, gate and embeddings stay as they are")
     return p
 
 
@@ -52,11 +56,16 @@ def train_run(config: str) -> Path:
     return out
 
 
-def split_membership(run: Path) -> pd.DataFrame:
-    """Image file name, patient and split of every image the run used (the last stage's split file)."""
+def run_rows(run: Path) -> pd.DataFrame:
+    """Every image the run used, once, with its split and the manifest's other columns (its split files)."""
     from core.manifest import read_manifest
     frames = [read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]
-    df = pd.concat(frames, ignore_index=True).drop_duplicates("image")
+    return pd.concat(frames, ignore_index=True).drop_duplicates("image")
+
+
+def split_membership(run: Path) -> pd.DataFrame:
+    """Image file name, patient and split of every image the run used (the last stage's split file)."""
+    df = run_rows(run)
     return pd.DataFrame({"image": df["image"].map(lambda p: Path(str(p)).name),
                          "patient_id": df.get("patient_id"), "split": df["split"]})
 
@@ -133,11 +142,31 @@ def write_bundle(run: Path, dest: Path) -> dict:
     from core.bundle import load_bundle, read_meta, repack
     src = read_meta(run).folder
     shift, n = half_precision_shift(src, run)
+    bundle = load_bundle(src)
+    if bundle.similar is not None:  # a run trained before a field was carried (PAD's 'diagnostic') gains it here
+        bundle.similar = bundle.similar.filled_from(run_rows(run))
     # similar-case references become relative to the bundle: they resolve where ../shared sits beside the checkout
-    repack(load_bundle(src), dest, weights_dtype=torch.float16 if shift <= HALF_TOLERANCE else None,
-           relative_images=True)
+    repack(bundle, dest, weights_dtype=torch.float16 if shift <= HALF_TOLERANCE else None, relative_images=True)
     return {"weights_dtype": "float16" if shift <= HALF_TOLERANCE else "float32",
             "max_abs_prob_shift_fp16": shift, "photos_checked": n, "tolerance": HALF_TOLERANCE}
+
+
+def refresh_similar(run: Path, bundle_dir: Path) -> int:
+    """Fill the shipped bundle's similar-case records from the run's split files, in place; the weights are written
+    back in the dtype they are stored in, and must keep their hash. Returns how many records gained a field."""
+    import torch
+
+    from core.bundle import load_bundle, repack
+    bundle = load_bundle(bundle_dir)
+    if bundle.similar is None:
+        raise SystemExit(f"{bundle_dir} has no similar-case index")
+    before, weights = bundle.similar.records, bundle.meta.weights_sha256
+    bundle.similar = bundle.similar.filled_from(run_rows(run))
+    stored = (read_json_or_none(bundle_dir.parent / "weights_storage.json") or {}).get("weights_dtype")
+    repack(bundle, bundle_dir, weights_dtype=torch.float16 if stored == "float16" else None)
+    if load_bundle(bundle_dir).meta.weights_sha256 != weights:
+        raise SystemExit(f"{bundle_dir}: re-writing changed the weights (restore it from git)")
+    return sum(a != b for a, b in zip(before, bundle.similar.records))
 
 
 def write_evidence(run: Path, dest: Path, pca: bool) -> None:
@@ -203,6 +232,13 @@ def main(argv=None) -> int:
         refresh_reports(Path(args.run))
         write_reports(Path(args.run), Path(args.out) / "evidence")
         print(f"evidence reports in {Path(args.out) / 'evidence'} re-measured from {args.run}")
+        return 0
+    if args.refresh_similar:
+        if not args.run:
+            print("error: --refresh-similar needs --run (the finished run the demo was packaged from)", file=sys.stderr)
+            return 2
+        n = refresh_similar(Path(args.run), Path(args.out) / "bundle")
+        print(f"{n} similar-case records in {Path(args.out) / 'bundle'} gained fields from {args.run}'s split files")
         return 0
     run = Path(args.run) if args.run else train_run(args.config)
     out = Path(args.out)

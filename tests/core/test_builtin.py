@@ -120,3 +120,11 @@ def test_the_demo_warns_on_its_own_training_photos_and_not_on_new_patients(demo)
     pred = predictor.predict_source(photo.read_bytes(), name=trained, cam_method=None)
     seen = seen_in_training(pred.similar)
     assert seen is not None and Path(seen.image).name == trained and seen.split == "train"
+
+
+def test_the_demos_similar_cases_carry_the_datasets_diagnosis(demo):
+    """Each similar case shown beside a prediction says what the lesion was (BCC, NEV...), not only its label."""
+    diagnoses = [r.get("diagnosis") for r in demo.similar.records]
+    assert all(diagnoses) and set(diagnoses) <= {"BCC", "MEL", "SCC", "ACK", "NEV", "SEK"}
+    malignant = {r["diagnosis"] for r in demo.similar.records if r["label"] == 1}
+    assert malignant <= {"BCC", "MEL", "SCC"}

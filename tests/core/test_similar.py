@@ -67,3 +67,16 @@ def test_seen_in_training_needs_a_near_copy_from_the_training_or_validation_spli
     assert seen_in_training([case("test", 0.999), case("val", 0.995)]).image == "val.png"
     assert seen_in_training([case("train", 1.0), case("val", 0.995)]).image == "train.png"
     assert seen_in_training([]) is None
+
+
+def test_filled_from_adds_only_what_a_record_lacks_matched_by_file_name(tmp_path):
+    feats = np.eye(3, dtype=np.float32)
+    df = pd.DataFrame({"image": [str(tmp_path / f"{i}.png") for i in range(3)], "label": [1, 0, 0],
+                       "split": "train", "diagnosis": ["BCC", None, None]})
+    index = build_index(df, feats)
+    elsewhere = pd.DataFrame({"image": ["/other/place/0.png", "/other/place/1.png"], "diagnostic": ["MEL", "NEV"],
+                              "patient_id": ["P0", "P1"]})
+    filled = index.filled_from(elsewhere)
+    assert [r.get("diagnosis") for r in filled.records] == ["BCC", "NEV", None]  # BCC kept, not replaced by MEL
+    assert [r.get("patient_id") for r in filled.records] == ["P0", "P1", None]
+    assert np.array_equal(filled.embeddings, index.embeddings) and index.records[1].get("diagnosis") is None

@@ -402,3 +402,28 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("name: x\nstages: [unclosed\n")
     assert fit_cli.main(["--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'bad.yaml'}: not valid YAML" in capsys.readouterr().err
+
+
+def test_refresh_similar_fills_the_shipped_bundles_diagnoses_and_keeps_its_weights(finished_run, tmp_path):
+    """train.build_demo --refresh-similar: similar cases gain the diagnosis the run's split files hold (PAD's own
+    column name, 'diagnostic'); the weights keep their hash and the embeddings their values."""
+    import shutil
+
+    import numpy as np
+
+    from train import build_demo
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run)
+    for split_file in (run / "splits").glob("*.csv"):
+        df = read_manifest(split_file)
+        df.assign(diagnostic=np.where(df["label"] == 1, "BCC", "NEV")).to_csv(split_file, index=False)
+    bundle = tmp_path / "demo" / "bundle"
+    shutil.copytree(run / "bundle", bundle)
+    before = load_bundle(bundle)
+    assert not any(r.get("diagnosis") for r in before.similar.records)
+    assert build_demo.refresh_similar(run, bundle) == len(before.similar.records)
+    after = load_bundle(bundle)
+    assert after.meta.weights_sha256 == before.meta.weights_sha256
+    assert np.array_equal(after.similar.embeddings, before.similar.embeddings)
+    assert [r["diagnosis"] for r in after.similar.records] == ["BCC" if r["label"] else "NEV"
+                                                               for r in before.similar.records]
