@@ -128,13 +128,16 @@ with right:
         if fused.used:
             st.caption(stage.threshold_note() + (f" On new patients, the same rule gave {d['fused_new_patients']}."
                                                  if d["fused_new_patients"] else ""))
-        if fused.verdicts_differ:
+        if fused.used:  # the photo-only result stays in view: a differing verdict as a warning, else a caption
             said = "flagged" if fused.image_malignant else "not flagged"
             alone = (f"calibrated probability {pred.prob_calibrated:.0%}, {said} at its own threshold "
                      f"({pred.threshold_calibrated:.0%} calibrated)" if pred.prob_calibrated is not None
                      else f"score {format_score(fused.image_prob)}, {said} at its own threshold "
                           f"({format_score(fused.image_threshold)})")
-            st.warning(f"**The photo alone gives a different verdict:** {alone}.")
+            if fused.verdicts_differ:
+                st.warning(f"**The photo alone gives a different verdict:** {alone}.")
+            else:
+                st.caption(f"The photo alone: {alone}.")
         if seen := seen_in_training(pred.similar or []):
             st.warning(f"**This photo is (nearly) identical to one of the model's {seen.split} photos** "
                        f"({Path(seen.image).name}, similarity {seen.similarity:.3f}): the model has "

@@ -493,6 +493,7 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     assert down < image_prob < up
     differs = (down >= 0.5) != (image_prob >= 0.5)
     assert ("photo alone gives a different verdict" in texts(at, "warning")) == differs
+    assert ("The photo alone: score" in texts(at, "caption")) == (not differs)  # in view either way
     # remembered for the session across pages, never written to disk
     at.switch_page("ui/crop.py").run()
     at.switch_page("ui/predict.py").run()
