@@ -67,17 +67,31 @@ def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boo
     return report
 
 
+def split_files(run_folder) -> list:
+    """The split files of the run a model comes from: in the run folder, or beside a bundle folder given instead;
+    [] when there are none (a bundle moved away from its run)."""
+    from pathlib import Path
+    run = Path(run_folder)
+    if not (run / runfolder.SPLITS).is_dir() and (run.parent / runfolder.SPLITS).is_dir():
+        run = run.parent  # a bundle folder: its run is the folder around it
+    return sorted((run / runfolder.SPLITS).glob("*.csv"))
+
+
 def seen_splits(run_folder, images) -> list[str]:
     """Per image: 'train' or 'val' when this run trained or validated on it (any stage, from its own split files;
-    the built-in demo's by file name), else ''. A result on such a photo is no estimate for a new patient."""
+    the built-in demo's by file name), else ''. A result on such a photo is no estimate for a new patient. Without
+    split files (see split_files) nothing is known, and every entry is 'unknown'."""
     from pathlib import Path
 
     from core.manifest import read_manifest
     if builtin.is_builtin(run_folder):  # the shipped demo has no run folder: its split list names files only
         names = builtin.demo_split_names()
         return [names.get(Path(str(i)).name, "") for i in images]
+    files = split_files(run_folder)
+    if not files:
+        return ["unknown"] * len(list(images))
     used: dict[str, str] = {}
-    for path in sorted((Path(run_folder) / runfolder.SPLITS).glob("*.csv")):
+    for path in files:
         split = read_manifest(path)
         for image, part in zip(split["image"], split["split"]):
             if part in ("train", "val") and used.get(image) != "train":
@@ -89,7 +103,8 @@ def seen_by_model(run_folder, df: pd.DataFrame) -> dict[str, int]:
     """How many of df's images this run trained or validated on. Metrics on such images are optimistic; the
     caller says so in the report."""
     hits = seen_splits(run_folder, df["image"])
-    return {"train": hits.count("train"), "val": hits.count("val")}
+    return {"train": hits.count("train"), "val": hits.count("val")} | (
+        {"unknown": hits.count("unknown")} if "unknown" in hits else {})
 
 
 def scored_rows(source) -> pd.DataFrame:

@@ -197,15 +197,15 @@ class TrainRequest:
 
 def parse_lr(text) -> float | None:
     """The form's learning rate: blank (or None) keeps the recipe's; anything else must be a positive number."""
-    if text is None or not str(text).strip():
+    said = "" if text is None else str(text).strip()
+    if not said:
         return None
     try:
-        value = float(text)
+        value = float(said)
     except ValueError:
-        raise LaunchError(f"learning rate {text.strip()!r} is not a number (e.g. 1e-4, or blank for the "
-                          "recipe's)") from None
+        raise LaunchError(f"learning rate {said!r} is not a number (e.g. 1e-4, or blank for the recipe's)") from None
     if not 0 < value < float("inf"):
-        raise LaunchError(f"learning rate {text.strip()} must be a positive number (e.g. 1e-4)")
+        raise LaunchError(f"learning rate {said} must be a positive number (e.g. 1e-4)")
     return value
 
 
@@ -310,8 +310,9 @@ def input_problems(cmd: list[str], env: dict | None = None) -> list[str]:
     """Run the command with --check (train.fit builds the config and looks up its data, weights and starting run,
     exactly as the run will): what would stop the run in its first seconds, every reason of it."""
     try:
-        done = subprocess.run([*cmd, "--check"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        done = subprocess.run([*cmd, "--check"], cwd=PROJECT_ROOT, capture_output=True, timeout=300,
+                              stdin=subprocess.DEVNULL, encoding="utf-8", errors="replace",
+                              env={**os.environ, **(env or {}), "PYTHONIOENCODING": "utf-8"})
     except subprocess.TimeoutExpired:
         raise LaunchError("checking the run's inputs took over 5 minutes; start it from a terminal to see why") \
             from None

@@ -642,10 +642,15 @@ def format_estimate(entry, value_format: str = ".3f", ci_format: str = ".2f", mi
 
 
 def format_score(p: float) -> str:
-    """A score or threshold on the 0-1 scale, in the one spelling the app uses for both: a percentage with enough
-    digits to compare a score with its threshold (3 significant digits below 1%: 0.445%, else one decimal: 32.7%)."""
+    """A score or threshold on the 0-1 scale, in the one spelling the app uses for both: a percentage with 3
+    significant digits below 1% (0.445%, where the demo's threshold sits), else one decimal (32.7%); 'n/a' for a
+    value that is not a number."""
     p = float(p)
-    return f"{p * 100:.3g}%" if 0 < abs(p) < 0.01 else f"{p:.1%}"
+    if not math.isfinite(p):
+        return "n/a"
+    if 0 < abs(p) < 0.01:
+        return np.format_float_positional(p * 100, precision=3, fractional=False, trim="-") + "%"
+    return f"{p:.1%}"
 
 
 def format_percent(entry, missing: str = "not recorded") -> str:

@@ -89,11 +89,26 @@ class SimilarIndex:
 
     def filled_from(self, df: pd.DataFrame) -> SimilarIndex:
         """The same index with the carried fields its records lack taken from the manifest rows of the same photos
-        (matched by file name; what a record has is kept): an index built before a field was carried gains it
-        without embedding a photo again."""
-        found = {Path(str(r["image"])).name: _carried_fields(r, df.columns) for _, r in df.iterrows()}
-        records = tuple(found.get(Path(str(r["image"])).name, {}) | r for r in self.records)
-        return SimilarIndex(self.embeddings, records, self.base)
+        (matched by path, else by a file name only one row has; what a record has is kept): an index built before a
+        field was carried gains it without embedding a photo again."""
+        by_path, by_name = {}, {}
+        for _, row in df.iterrows():
+            fields, path = _carried_fields(row, df.columns), Path(str(row["image"]))
+            by_path[str(path.resolve())] = fields
+            by_name.setdefault(path.name, []).append(fields)
+        return SimilarIndex(self.embeddings, tuple(self._found(r, by_path, by_name) | r for r in self.records),
+                            self.base)
+
+    def _found(self, record: dict, by_path: dict, by_name: dict) -> dict:
+        """A record's fields from the rows: its own path first, else its file name when only one row has it (two
+        datasets can share a name like 001.jpg)."""
+        image = Path(str(record["image"]))
+        if not image.is_absolute() and self.base is not None:
+            image = self.base / image
+        if str(image.resolve()) in by_path:
+            return by_path[str(image.resolve())]
+        named = by_name.get(image.name, [])
+        return named[0] if len(named) == 1 else {}
 
     def relative_to(self, folder: Path) -> SimilarIndex:
         """The same index with image references relative to `folder` (a bundle that travels with its data

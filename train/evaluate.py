@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     report["manifest"] = str(args.manifest)
     seen = seen_by_model(args.run, df)
     report["seen_by_model"] = seen
+    if seen.get("unknown"):
+        report.setdefault("notes", []).append("no split files beside this model (a bundle moved away from its run): "
+                                              "whether it trained on these photos is unknown")
     if seen["train"] or seen["val"]:
         warning = (f"{seen['train']} of these {len(df)} images were in this model's training split and "
                    f"{seen['val']} in its validation split: these metrics are optimistic, not an estimate "

@@ -54,7 +54,8 @@ COLUMNS = {
     "context_note": "context answers that could not be used (out of range, not a known answer) and were counted as "
                     "not answered",
     "seen_by_model": "train / val when the model trained or validated on this photo (its run's split files): its "
-                     "result is then no estimate for a new patient; empty otherwise",
+                     "result is then no estimate for a new patient; unknown when no split files are beside the "
+                     "model; empty otherwise",
 }
 
 
@@ -306,7 +307,10 @@ def main(argv=None) -> int:
           f"{meta['n_failed']} not scored" + (f": {why}" if why else ""))
     for lack in bundle.lacks():
         print(f"note: this model has {lack}")
-    if seen := int((table["seen_by_model"] != "").sum()):
+    if (table["seen_by_model"] == "unknown").any():
+        print("note: no split files beside this model (a bundle moved away from its run): whether it trained on "
+              "these photos is unknown (seen_by_model column)", file=sys.stderr)
+    elif seen := int((table["seen_by_model"] != "").sum()):
         print(f"warning: the model trained or validated on {seen} of these photos (seen_by_model column): their "
               "results are no estimate for new patients", file=sys.stderr)
     if "context_note" in table and (n := int((table["context_note"] != "").sum())):

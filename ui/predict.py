@@ -43,7 +43,8 @@ else:
 
 stage = context_of(meta)  # the model's optional clinical-context stage
 answers = {}
-if stage is not None and (cleared_for := st.session_state.pop("answers_cleared_for", None)):
+cleared_for = st.session_state.pop("answers_cleared_for", None)  # said once, on the page after the photo changed
+if stage is not None and cleared_for:
     st.info(f"The clinical answers given for the previous photo were cleared when {cleared_for} replaced it: "
             "answer again for this lesion.", icon=":material/info:")
 with st.expander("Clinical context (optional)", expanded=bool(st.session_state.get("context_answers"))):

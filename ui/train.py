@@ -86,7 +86,8 @@ with st.expander("Start a new run", expanded=job is None):
                                     nested=bool(nested) if bool(nested) != summary["nested"] else None,
                                     data_root=data_root.strip() if data_root.strip() != (summary["data_root"] or "")
                                     else None)
-            record = jobs.start_training(req, root)
+            with st.spinner("Checking the run's data, weights and starting run…"):
+                record = jobs.start_training(req, root)
         except ValueError as e:  # LaunchError: every problem of the request, or of the run's inputs
             st.error(f"Not started: {e}")
         except jobs.TrainingBusy as e:

@@ -155,7 +155,10 @@ def test_a_run_that_would_fail_on_its_inputs_is_refused_with_every_reason_before
         jobs.parse_lr("fast")
     with pytest.raises(jobs.LaunchError, match=r"learning rate -5 must be a positive number"):
         jobs.parse_lr("-5")
-    assert jobs.parse_lr(" ") is None and jobs.parse_lr("1e-4") == 1e-4
+    assert jobs.parse_lr(" ") is None and jobs.parse_lr(None) is None and jobs.parse_lr("1e-4") == 1e-4
+    for bad in (-5.0, 0.0, float("nan")):  # numbers through the Python API are checked the same way
+        with pytest.raises(jobs.LaunchError, match="must be a positive number"):
+            jobs.parse_lr(bad)
     with pytest.raises(jobs.LaunchError) as refused:
         jobs.start_training(TrainRequest(recipe=recipe, name="bad", manifest=str(tmp_path / "gone.csv"),
                                          weights=str(tmp_path / "gone.safetensors"), device="cpu"), root)

@@ -629,3 +629,5 @@ def test_format_score_keeps_a_score_and_its_threshold_comparable():
     assert [format_score(p) for p in (0.004445974, 0.00012, 0.5, 0.327, 0.1155, 0.0, 1.0)] == [
         "0.445%", "0.012%", "50.0%", "32.7%", "11.6%", "0.0%", "100.0%"]
     assert format_score(0.00441) != format_score(0.00445)  # distinct below 1%, where the demo's threshold sits
+    assert [format_score(p) for p in (3e-7, float("nan"), float("inf"), -0.005)] == ["0.00003%", "n/a", "n/a",
+                                                                                     "-0.5%"]

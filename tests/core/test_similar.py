@@ -80,3 +80,7 @@ def test_filled_from_adds_only_what_a_record_lacks_matched_by_file_name(tmp_path
     assert [r.get("diagnosis") for r in filled.records] == ["BCC", "NEV", None]  # BCC kept, not replaced by MEL
     assert [r.get("patient_id") for r in filled.records] == ["P0", "P1", None]
     assert np.array_equal(filled.embeddings, index.embeddings) and index.records[1].get("diagnosis") is None
+    # a name two rows share is not guessed; the record's own path still decides
+    twins = pd.DataFrame({"image": ["/a/1.png", "/b/1.png", str(tmp_path / "2.png")],
+                          "diagnosis": ["SEK", "MEL", "ACK"]})
+    assert [r.get("diagnosis") for r in index.filled_from(twins).records] == ["BCC", None, "ACK"]

@@ -422,3 +422,23 @@ def test_photos_the_model_trained_or_validated_on_are_marked_and_counted(run_dir
     assert seen == {"p0.jpg": "train", "p1.jpg": "val"}  # a test photo is not 'seen'
     assert "the model trained or validated on 2 of these photos" in capsys.readouterr().err
     assert "seen_by_model" in json.loads(sidecar_path(out).read_text())["columns"]
+
+
+def test_a_bundle_folder_finds_its_runs_split_files_and_a_lone_bundle_says_it_cannot_know(run_dir, photo_dir,
+                                                                                          tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "splits").mkdir()
+    pd.DataFrame({"image": [str((photo_dir / "p0.jpg").resolve())], "label": 0, "split": ["train"]}).to_csv(
+        run / "splits" / "0_only.csv", index=False)
+    out = tmp_path / "a.csv"
+    assert main(["--run", str(run / "bundle"), "--images", str(photo_dir), "--out", str(out), "--workers", "0"]) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.loc[table["seen_by_model"] != "", "image"].map(lambda p: Path(p).name)) == ["p0.jpg"]
+    lone = tmp_path / "lone"
+    shutil.copytree(run / "bundle", lone)
+    capsys.readouterr()
+    assert main(["--run", str(lone), "--images", str(photo_dir), "--out", str(out), "--workers", "0"]) == 0
+    assert set(pd.read_csv(out, keep_default_na=False)["seen_by_model"]) == {"unknown"}
+    assert "whether it trained on these photos is unknown" in capsys.readouterr().err
