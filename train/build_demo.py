@@ -58,9 +58,9 @@ def train_run(config: str) -> Path:
 
 def run_rows(run: Path) -> pd.DataFrame:
     """Every image the run used, once, with its split and the manifest's other columns (its split files)."""
+    from core.evaluation import split_files
     from core.manifest import read_manifest
-    frames = [read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]
-    return pd.concat(frames, ignore_index=True).drop_duplicates("image")
+    return pd.concat([read_manifest(p) for p in split_files(run)], ignore_index=True).drop_duplicates("image")
 
 
 def split_membership(run: Path) -> pd.DataFrame:
@@ -122,8 +122,7 @@ def half_precision_shift(bundle_dir: Path, run: Path) -> tuple[float, int]:
 
     from core.bundle import load_bundle
     from core.evaluation import predict_probs
-    from core.manifest import read_manifest
-    df = pd.concat([read_manifest(p) for p in sorted((run / runfolder.SPLITS).glob("*.csv"))]).drop_duplicates("image")
+    df = run_rows(run)
     df = df[df["split"] == "val"].reset_index(drop=True)
     full = load_bundle(bundle_dir)
     half = load_bundle(bundle_dir)
