@@ -223,10 +223,12 @@ def context_weights_table(report: dict) -> pd.DataFrame:
 
 def subgroup_tables(report: dict) -> dict[str, pd.DataFrame]:
     """{'fitzpatrick': table, 'domain': table}: the same layout with one row per subgroup value."""
+    from core.sources import fitzpatrick_roman
     out = {}
     for kind, groups in (report.get("subgroups") or {}).items():
-        if groups:
-            table = metrics_table({str(k): v for k, v in groups.items()}).rename(columns={"Model": kind})
+        if groups:  # Fitzpatrick types as clinicians write them (II), whatever the report's key (2, 2.0, II)
+            name = (lambda k: fitzpatrick_roman(k) or str(k)) if kind == "fitzpatrick" else str
+            table = metrics_table({name(k): v for k, v in groups.items()}).rename(columns={"Model": kind})
             out[kind] = table.drop(columns=["threshold"])
     return out
 

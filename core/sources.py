@@ -53,6 +53,12 @@ def parse_fitzpatrick(value) -> str | None:
     return str(int(number)) if number.is_integer() and 1 <= number <= 6 else None
 
 
+def fitzpatrick_roman(value) -> str | None:
+    """A Fitzpatrick type in the clinic's spelling: 2, '2.0', 'II' -> 'II'; None when it is not a type 1-6."""
+    number = parse_fitzpatrick(value)
+    return None if number is None else ("I", "II", "III", "IV", "V", "VI")[int(number) - 1]
+
+
 class ImageIndex:
     """Find an image file by name in a folder tree, tolerating a changed suffix or MIDAS's `_cropped` names."""
 

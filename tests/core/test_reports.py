@@ -132,3 +132,11 @@ def test_the_demos_pca_says_whose_features_and_how_separable_each_pair_of_datase
     assert len(table) == len(written) and set(table["space"]) == set(res.summary["spaces"])
     assert list(table["separability ROC-AUC (0.5 = same, 1 = apart)"]) == [r["auc"] for r in written]
     assert reports.pca_overlap_table({"spaces": {}}) is None and reports.pca_description(None) is None
+
+
+def test_fitzpatrick_subgroups_read_as_clinicians_write_them_whatever_the_reports_keys():
+    """Reports store types as 2 (older ones 2.0, or the manifest's II); the Dashboard shows II each time."""
+    rep = _report([0.9, 0.2, 0.7, 0.4, 0.1, 0.6], [1, 0, 0, 1, 0, 1])
+    one = rep["subgroups"]["fitzpatrick"]["2"]
+    rep["subgroups"]["fitzpatrick"] = {"2.0": one, "5": one, "unknown": one}
+    assert list(reports.subgroup_tables(rep)["fitzpatrick"]["fitzpatrick"]) == ["II", "V", "unknown"]
