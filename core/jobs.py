@@ -272,13 +272,13 @@ def start_training(req: TrainRequest, root: str | Path | None = None, *, python:
     root = Path(root) if root is not None else runs_dir()
     refuse_if_busy(root)  # the first thing to say, before the check's seconds
     problems = request_problems(req, root)
-    if not problems:  # the run's own --check: its config, data, weights and starting run
-        problems = input_problems(training_command(req, root / req.name, python), env)
     if problems:
         raise LaunchError("; ".join(problems))
     out = root / req.name
-    return _launch(root, out, training_command(req, out, python), resolved_device(req.device), env,
-                   requested=req.device)
+    cmd = training_command(req, out, python)
+    if problems := input_problems(cmd, env):  # the run's own --check: its config, data, weights and starting run
+        raise LaunchError("; ".join(problems))
+    return _launch(root, out, cmd, resolved_device(req.device), env, requested=req.device)
 
 
 def request_problems(req: TrainRequest, root: Path) -> list[str]:
