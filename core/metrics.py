@@ -641,16 +641,32 @@ def format_estimate(entry, value_format: str = ".3f", ci_format: str = ".2f", mi
     return text
 
 
-def format_score(p: float) -> str:
+def format_score(p: float, extra: int = 0) -> str:
     """A score or threshold on the 0-1 scale, in the one spelling the app uses for both: a percentage with 3
     significant digits below 1% (0.445%, where the demo's threshold sits), else one decimal (32.7%); 'n/a' for a
-    value that is not a number."""
+    value that is not a number. ``extra`` adds digits (see ``spell_apart``)."""
     p = float(p)
     if not math.isfinite(p):
         return "n/a"
     if 0 < abs(p) < 0.01:
-        return np.format_float_positional(p * 100, precision=3, fractional=False, trim="-") + "%"
-    return f"{p:.1%}"
+        return np.format_float_positional(p * 100, precision=3 + extra, fractional=False, trim="-") + "%"
+    return f"{p:.{1 + extra}%}"
+
+
+def format_whole_percent(p: float, extra: int = 0) -> str:
+    """A calibrated probability as a whole percentage (33%): more digits would claim a precision it lacks."""
+    return f"{float(p):.{extra}%}"
+
+
+def spell_apart(score: float, threshold: float, spell=format_score) -> tuple[str, str]:
+    """A score and the threshold it was judged against, spelled with just enough digits to differ whenever the
+    values do: "not flagged: below 32.7%" beside a score of 32.7% reads as a contradiction. Rounding keeps their
+    order, so the spelled values never contradict the verdict."""
+    for extra in range(6):
+        pair = spell(score, extra), spell(threshold, extra)
+        if pair[0] != pair[1] or score == threshold:
+            break
+    return pair
 
 
 def format_percent(entry, missing: str = "not recorded") -> str:

@@ -10,7 +10,7 @@ from core.bundle import BundleError
 from core.context import context_of
 from core.gradcam import overlay
 from core.images import ImageLoadError
-from core.metrics import format_score
+from core.metrics import format_score, format_whole_percent, spell_apart
 from core.similar import seen_in_training
 from ui import common
 
@@ -107,18 +107,20 @@ with right:
         fused = pred.fused
         st.markdown(f"**Inputs used: {fused.inputs}**" + (f" ({', '.join(fused.used)})" if fused.used else ""))
         if fused.used:  # the clinical-context stage: photo score and answers fused, with its own threshold
-            st.markdown(f"### Probability of malignancy from the photo and the answers: {fused.prob:.1%}")
-            flagged, thr_text = fused.malignant, f"the photo + answers threshold, {format_score(fused.threshold)}"
+            prob, thr = spell_apart(fused.prob, fused.threshold)
+            st.markdown(f"### Probability of malignancy from the photo and the answers: {prob}")
+            flagged, thr_text = fused.malignant, f"the photo + answers threshold, {thr}"
         elif pred.prob_calibrated is not None:
-            st.markdown(f"### Calibrated probability of malignancy: {pred.prob_calibrated:.0%}")
-            st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {pred.prob_calibrated:.0%} of "
+            prob, thr = spell_apart(pred.prob_calibrated, pred.threshold_calibrated, format_whole_percent)
+            st.markdown(f"### Calibrated probability of malignancy: {prob}")
+            st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {prob} of "
                        "photos scored like this one were malignant. It describes that population, not this patient.")
             flagged = pred.verdict == "flagged"
-            thr_text = (f"the model's threshold, {pred.threshold_calibrated:.0%} calibrated (raw score "
-                        f"{format_score(pred.threshold)})")
+            thr_text = f"the model's threshold, {thr} calibrated (raw score {format_score(pred.threshold)})"
         else:
-            st.markdown(f"### Model score: {format_score(pred.prob)} (not a calibrated probability)")
-            flagged, thr_text = pred.verdict == "flagged", f"the model's threshold ({format_score(pred.threshold)})"
+            prob, thr = spell_apart(pred.prob, pred.threshold)
+            st.markdown(f"### Model score: {prob} (not a calibrated probability)")
+            flagged, thr_text = pred.verdict == "flagged", f"the model's threshold ({thr})"
         if flagged:
             st.error(f"**Flagged**: at or above {thr_text}.")
         else:
@@ -131,10 +133,12 @@ with right:
                                                  if d["fused_new_patients"] else ""))
         if fused.used:  # the photo-only result stays in view: a differing verdict as a warning, else a caption
             said = "flagged" if fused.image_malignant else "not flagged"
-            alone = (f"calibrated probability {pred.prob_calibrated:.0%}, {said} at its own threshold "
-                     f"({pred.threshold_calibrated:.0%} calibrated)" if pred.prob_calibrated is not None
-                     else f"score {format_score(fused.image_prob)}, {said} at its own threshold "
-                          f"({format_score(fused.image_threshold)})")
+            if pred.prob_calibrated is not None:
+                prob, thr = spell_apart(pred.prob_calibrated, pred.threshold_calibrated, format_whole_percent)
+                alone = f"calibrated probability {prob}, {said} at its own threshold ({thr} calibrated)"
+            else:
+                prob, thr = spell_apart(fused.image_prob, fused.image_threshold)
+                alone = f"score {prob}, {said} at its own threshold ({thr})"
             if fused.verdicts_differ:
                 st.warning(f"**The photo alone gives a different verdict:** {alone}.")
             else:
@@ -155,8 +159,8 @@ with right:
             + (f" On the test patients, the photo-only result gave {d['test']}." if d["test"] else "")
             + " So a lesion that is not flagged can still be malignant, and many flagged lesions "
             "are benign. A flag is a screening signal, not a diagnosis.")
-        st.caption(f"Raw model score {format_score(pred.prob)} (the model's threshold applies to it: "
-                   f"{format_score(pred.threshold)}). The result depends on the photo (distance, light, focus) and "
+        raw, raw_thr = spell_apart(pred.prob, pred.threshold)
+        st.caption(f"Raw model score {raw} (the model's threshold applies to it: {raw_thr}). The result depends on the photo (distance, light, focus) and "
                    "on how similar it is to the training data. Dermoscopic images (taken through a dermatoscope) "
                    "are outside what a smartphone-photo model was trained on, and its out-of-distribution check "
                    "does not reliably catch them (measured: it accepted most of two ISIC dermoscopic sets): do not "

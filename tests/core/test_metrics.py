@@ -631,3 +631,18 @@ def test_format_score_keeps_a_score_and_its_threshold_comparable():
     assert format_score(0.00441) != format_score(0.00445)  # distinct below 1%, where the demo's threshold sits
     assert [format_score(p) for p in (3e-7, float("nan"), float("inf"), -0.005)] == ["0.00003%", "n/a", "n/a",
                                                                                      "-0.5%"]
+
+
+def test_spell_apart_gives_a_score_and_its_threshold_digits_until_they_differ():
+    """'Not flagged: below 32.7%' beside a score of 32.7% read as a contradiction; rounding never inverts them."""
+    from core.metrics import format_whole_percent, spell_apart
+    assert spell_apart(0.32741, 0.32749) == ("32.74%", "32.75%")
+    assert spell_apart(0.3, 0.5) == ("30.0%", "50.0%")            # already apart: the usual spelling
+    assert spell_apart(0.327, 0.327) == ("32.7%", "32.7%")        # equal values stay equal (at or above: flagged)
+    assert spell_apart(0.0044512, 0.0044538) == ("0.4451%", "0.4454%")  # below 1%: significant digits grow
+    assert spell_apart(0.331, 0.334, format_whole_percent) == ("33.1%", "33.4%")
+    assert spell_apart(0.25, 0.75, format_whole_percent) == ("25%", "75%")
+    rng = np.random.default_rng(0)
+    for a, b in rng.uniform(0, 1, (200, 2)) * rng.choice([1e-3, 1], (200, 1)):
+        sa, sb = spell_apart(a, b)
+        assert sa != sb and (float(sa[:-1]) < float(sb[:-1])) == (a < b)
