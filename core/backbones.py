@@ -50,6 +50,15 @@ class BackboneSpec:
     def architecture(self) -> str:
         return self.timm_name.split(".")[0]
 
+    @property
+    def downloadable(self) -> bool:
+        """Whether 'imagenet' can fetch weights: only a pinned pretrained tag names one set of weights."""
+        return "." in self.timm_name
+
+    def no_download_reason(self) -> str:
+        return (f"backbone {self.name!r} has no downloadable ImageNet weights ({self.note}); "
+                "pass a local weights file with --weights /path/to/file.safetensors")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -105,9 +114,8 @@ def build_backbone(spec: BackboneSpec, weights: str = "none") -> nn.Module:
 
 
 def _download(spec: BackboneSpec, kwargs: dict) -> nn.Module:
-    if "." not in spec.timm_name:
-        raise WeightsError(f"backbone {spec.name!r} has no downloadable ImageNet weights ({spec.note}); "
-                           f"pass a local weights file with --weights /path/to/file.safetensors")
+    if not spec.downloadable:
+        raise WeightsError(spec.no_download_reason())
     try:
         return timm.create_model(spec.timm_name, pretrained=True, **kwargs)
     except Exception as e:  # network, hub and cache errors all surface differently; the remedy is the same

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from core import metrics
-from core.backbones import get_spec
+from core.backbones import BACKBONES, get_spec
 from core.cache import DecodeCache, MemoryCache
 from core.bundle import BundleError, BundleMeta, Provenance, Threshold, load_bundle, read_meta, save_bundle
 from core.config import ConfigError, DataSource, RunConfig, StageConfig
@@ -115,6 +115,8 @@ def input_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"init_from {cfg.init_from}: {e}")
     elif cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
         problems.append(f"weights file not found: {cfg.weights} (use 'imagenet', 'none' or a file path)")
+    elif cfg.weights == "imagenet" and not BACKBONES[cfg.backbone].downloadable:
+        problems.append(BACKBONES[cfg.backbone].no_download_reason())
     if problems and cfg.data_help and any(p.startswith("data ") for p in problems):
         problems.append(f"where to get the data: {cfg.data_help}")
     return problems

@@ -172,6 +172,9 @@ def test_a_run_that_would_fail_on_its_inputs_is_refused_with_every_reason_before
     with pytest.raises(jobs.LaunchError, match=r"init_from .*elsewhere: .*not found"):
         jobs.start_training(TrainRequest(recipe=recipe, name="bad", init_from=str(tmp_path / "elsewhere"),
                                          device="cpu"), root)
+    with pytest.raises(jobs.LaunchError, match=r"'mobilenetv2_100_tflite' has no downloadable ImageNet weights"):
+        jobs.start_training(TrainRequest(recipe=recipe, name="bad", backbone="mobilenetv2_100_tflite",
+                                         weights="imagenet", device="cpu"), root)  # found before, not in the run
     assert not (root / "bad").exists() and jobs.current_job(root) is None
 
 
