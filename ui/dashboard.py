@@ -38,8 +38,12 @@ if not labels:
     st.info(f"No evaluation reports in `{root}` yet. Training writes `val_report.json` (and `test_report.json` "
             "with `report_test: true`); `python -m train.evaluate --run runs/NAME --manifest M.csv` writes "
             "`report_*.json`.")
+model = st.session_state.get("model_path")
+if "dash_reports" not in st.session_state or st.session_state.get("dash_reports_for") != model:
+    # a model chosen in the sidebar brings its own reports, also when it is switched on this page
+    st.session_state["dash_reports"] = reports.default_choice(labels, model)
+    st.session_state["dash_reports_for"] = model
 chosen = st.multiselect("Reports", list(labels), key="dash_reports",
-                        default=reports.default_choice(labels, st.session_state.get("model_path")),
                         help="First shown: the reports of the model chosen in the sidebar.")
 
 loaded = {}

@@ -336,6 +336,10 @@ def test_dashboard_from_saved_report(with_model):
     at.multiselect(key="dash_reports").set_value([f"{RUN_NAME}/val_report.json", others[0]]).run()
     assert not at.exception  # the demo's evidence report scores other photos: said, not compared
     assert "No paired comparison: the two score sets are not the same photos" in texts(at)
+    at.selectbox(key="model_label").set_value("Built-in demo (PAD-UFES-20)").run()  # switched on this page
+    assert at.multiselect(key="dash_reports").value[0] == "built-in demo: test_report.json"
+    at.selectbox(key="model_label").set_value(RUN_NAME).run()  # and back: its own report again
+    assert at.multiselect(key="dash_reports").value == [f"{RUN_NAME}/val_report.json"]
 
 
 def test_dashboard_shows_the_clinical_context_section_of_the_demo_evidence(without_model):
