@@ -69,9 +69,9 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("accuracy", "Accuracy", lambda tn, fp, fn, tp: (tp + tn) / (tn + fp + fn + tp),
            among=lambda y, pred: np.ones(len(y), dtype=bool)),
-    Metric("precision", "Precision", lambda tn, fp, fn, tp: tp / (tp + fp), selectable=False,
+    Metric("precision", "Precision (PPV)", lambda tn, fp, fn, tp: tp / (tp + fp), selectable=False,
            among=lambda y, pred: pred == 1),
-    Metric("recall", "Recall", lambda tn, fp, fn, tp: tp / (tp + fn), among=lambda y, pred: y == 1),
+    Metric("recall", "Sensitivity (recall)", lambda tn, fp, fn, tp: tp / (tp + fn), among=lambda y, pred: y == 1),
     Metric("specificity", "Specificity", lambda tn, fp, fn, tp: tn / (tn + fp), selectable=False,
            among=lambda y, pred: y == 0),
     Metric("f1", "F1", lambda tn, fp, fn, tp: 2 * tp / (2 * tp + fp + fn)),

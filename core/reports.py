@@ -243,7 +243,8 @@ def trust_table(named: dict[str, dict]) -> pd.DataFrame:
         before, after = t.get("calibration_before") or {}, t.get("calibration_after") or {}
         fmt = lambda e: metrics.format_estimate(e, ".4f", ".3f")  # noqa: E731
         rows.append({"Model": name, "not assessed": f"{t.get('n_not_assessed')} of {t.get('n')}",
-                     "by gate": t.get("n_refused_by_gate"), "by quality": t.get("n_refused_by_quality"),
+                     "of them: unlike the training photos": t.get("n_refused_by_gate"),
+                     "of them: unusable photo": t.get("n_refused_by_quality"),
                      "Brier (raw)": fmt(before.get("brier")), "Brier (calibrated)": fmt(after.get("brier")),
                      "ECE (raw)": fmt(before.get("ece")), "ECE (calibrated)": fmt(after.get("ece"))})
     return pd.DataFrame(rows)

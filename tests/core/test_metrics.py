@@ -373,7 +373,7 @@ def test_metric_report_notes_missing_patient_ids_and_missing_intervals(monkeypat
     report = M.metric_report(y, np.linspace(0.95, 0.05, 40), 0.5, groups=groups, n_boot=100)
     notes = " | ".join(report["notes"])
     assert "2 images without a patient id" in notes
-    assert "no interval for Recall" in notes
+    assert "no interval for Sensitivity (recall)" in notes
     assert report["n_groups"] == 21
 
 
@@ -505,7 +505,7 @@ def test_format_table_layout_and_cells():
     table = M.format_table([("ResNet-50", metrics), ("A much longer model name", metrics)])
     lines = table.splitlines()
     assert [c.strip() for c in lines[0].split("|")] == [
-        "Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "ROC-AUC",
+        "Model", "Accuracy", "Precision (PPV)", "Sensitivity (recall)", "Specificity", "F1", "ROC-AUC",
     ]
     cells = [c.strip() for c in lines[2].split("|")]
     assert cells == ["ResNet-50", "0.812 [0.74, 0.87]", "n/a", "n/a", "n/a", "n/a", "0.900"]

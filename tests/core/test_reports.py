@@ -27,7 +27,7 @@ def test_reports_tables_and_examples(tmp_path):
     assert found == ["a/test_report.json", "a/val_report.json", "b/report_pad_test.json", "c/report_other.json"]
     loaded = reports.load_report(tmp_path / "a/val_report.json")
     table = reports.metrics_table({"A (val)": loaded})
-    assert list(table.columns[:7]) == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "ROC-AUC"]
+    assert list(table.columns[:7]) == ["Model", "Accuracy", "Precision (PPV)", "Sensitivity (recall)", "Specificity", "F1", "ROC-AUC"]
     assert table.loc[0, "Accuracy"].startswith("0.667") and table.loc[0, "n"] == 6
     subs = reports.subgroup_tables(loaded)
     assert list(subs["fitzpatrick"]["fitzpatrick"]) == ["II", "V"]
@@ -140,3 +140,15 @@ def test_fitzpatrick_subgroups_read_as_clinicians_write_them_whatever_the_report
     one = rep["subgroups"]["fitzpatrick"]["2"]
     rep["subgroups"]["fitzpatrick"] = {"2.0": one, "5": one, "unknown": one}
     assert list(reports.subgroup_tables(rep)["fitzpatrick"]["fitzpatrick"]) == ["II", "V", "unknown"]
+
+
+def test_trust_table_says_why_photos_were_not_assessed_in_words():
+    """'by gate' was this tool's jargon: the columns say what a photo was (unlike the training photos, unusable)."""
+    rep = {"trust": {"n": 74, "n_not_assessed": 3, "n_refused_by_gate": 2, "n_refused_by_quality": 1,
+                     "calibration_before": {"brier": {"value": 0.2, "ci95": [0.1, 0.3]}}}}
+    table = reports.trust_table({"demo": rep, "no trust section": {}})
+    assert table.to_dict("records")[0] == {
+        "Model": "demo", "not assessed": "3 of 74", "of them: unlike the training photos": 2,
+        "of them: unusable photo": 1, "Brier (raw)": "0.2000 [0.100, 0.300]", "Brier (calibrated)": "n/a",
+        "ECE (raw)": "n/a", "ECE (calibrated)": "n/a"}
+    assert len(table) == 1
