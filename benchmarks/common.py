@@ -34,7 +34,7 @@ CPUINFO = Path("/proc/cpuinfo")  # Linux only: elsewhere the model name and inst
 
 def cpu_model() -> str:
     try:
-        text = CPUINFO.read_text()
+        text = CPUINFO.read_text(encoding="utf-8")
         m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         if m:
             return m.group(1).strip()
@@ -98,7 +98,7 @@ def machine_info() -> dict:
     except ImportError:
         info["onnxruntime"] = None
     try:
-        flags = re.search(r"^flags\s*:\s*(.+)$", CPUINFO.read_text(), re.M).group(1).split()
+        flags = re.search(r"^flags\s*:\s*(.+)$", CPUINFO.read_text(encoding="utf-8"), re.M).group(1).split()
         info["isa"] = [f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
                                    "amx_tile") if f in flags]
     except (OSError, AttributeError):
@@ -180,7 +180,7 @@ def median_ms(samples: list[float]) -> float:
 def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def finish(out: dict, json_path: str | None) -> int:

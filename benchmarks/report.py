@@ -129,7 +129,7 @@ def draft(d: dict) -> str:
 
 def main(paths) -> int:
     for p in paths:
-        d = json.loads(Path(p).read_text())
+        d = json.loads(Path(p).read_text(encoding="utf-8"))
         kind = Path(p).name.split("_")[0]
         print(f"### {Path(p).name}\n\n{machine_line(d['machine'])}\n")
         print({"predict": latency, "throughput": throughput, "decode": decode_cache, "draft": draft}[kind](d))

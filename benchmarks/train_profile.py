@@ -228,7 +228,7 @@ def run_setup(args, setup: str, policy: str, path: Path) -> dict:
            "--epoch-batches", str(args.epoch_batches), "--one-setup", setup, str(path),
            *sum((["--set", s] for s in args.set), [])]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    return {"omp_wait_policy": policy, **json.loads(path.read_text())}
+    return {"omp_wait_policy": policy, **json.loads(path.read_text(encoding="utf-8"))}
 
 
 def main(argv=None) -> int:
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         setup, path = args.one_setup
         with tempfile.TemporaryDirectory() as tmp:
             r = epochs(cfg, df, fabric, setup, Path(tmp), args.epochs, args.epoch_batches or None)
-        Path(path).write_text(json.dumps(r))
+        Path(path).write_text(json.dumps(r), encoding="utf-8")
         return 0
     from core.device import dataloader_workers
     out = {"machine": info, "settings": {"config": os.path.relpath(args.config, ROOT), "overrides": args.set,

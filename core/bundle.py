@@ -402,7 +402,7 @@ def read_meta(folder: str | Path) -> BundleMeta:
     if not meta_path.is_file():
         raise BundleError(f"{folder}: no {META_FILE} (not a model bundle or run folder)")
     try:
-        raw = json.loads(meta_path.read_text())
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
     return replace(BundleMeta.from_dict(raw, str(meta_path)), folder=folder)

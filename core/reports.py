@@ -320,7 +320,7 @@ def pca_overlap_table(summary: dict | None) -> pd.DataFrame | None:
 
 def _has_pc_columns(path: Path) -> bool:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             header = f.readline().lower().strip().split(",")
     except (OSError, UnicodeDecodeError):
         return False

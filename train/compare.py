@@ -41,7 +41,7 @@ def main(argv=None) -> int:
               f"{metrics.format_estimate(r['difference'], '+.3f', '+.3f')}")
     print(f"({result['ci_method']})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
 
