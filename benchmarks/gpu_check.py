@@ -27,9 +27,9 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -114,7 +114,7 @@ def synthetic_data(folder: Path, n: int = 48, size: int = 96) -> Path:
         img[blob] = (90, 50, 40) if label else (160, 120, 100)
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
         rows.append(f"img{i:03d}.png,{label},P{i // 2:03d}")
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder / "labels.csv"
 
 
@@ -126,7 +126,7 @@ def tiny_recipe(path: Path, labels: Path, epochs: int, device: str | None) -> Pa
               "stages": [{"name": "only", "data": data, "epochs": epochs, "lr": 1e-3, "batch_size": 8}]}
     if device:
         recipe["device"] = device
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
 
 
@@ -161,7 +161,7 @@ def run_summary(run: Path) -> dict:
         out["epoch_seconds"] = [float(s) for s in m["seconds"]]
     meta = run / "bundle" / "model.json"
     if meta.is_file():
-        prov = json.loads(meta.read_text())["provenance"]
+        prov = json.loads(meta.read_text(encoding="utf-8"))["provenance"]
         out["train_seconds"] = prov.get("train_seconds")
         out["split_counts"] = prov.get("split_counts")
     return out
@@ -203,8 +203,9 @@ def step_demo(plan: dict) -> dict:
     wall = round(time.time() - t0, 1)
     if rc != 0:
         return result("fail", f"train.fit exited {rc}", wall_s=wall, run=str(out))
-    reports = {split: json.loads((out / f"{split}_report.json").read_text()) for split in ("val", "test")}
-    reference = json.loads(REFERENCE.read_text())
+    reports = {split: json.loads((out / f"{split}_report.json").read_text(encoding="utf-8"))
+               for split in ("val", "test")}
+    reference = json.loads(REFERENCE.read_text(encoding="utf-8"))
     rows = compare(reports, reference)
     enforced = [r for r in rows if r["enforced"]]
     misses = [f"{r['split']} {r['metric']} {r['value']:.3f} outside [{r['cpu_ci95'][0]:.3f}, {r['cpu_ci95'][1]:.3f}]"
@@ -236,7 +237,7 @@ def step_ddp(plan: dict) -> dict:
         return result("fail", f"train.fit --devices {cfg['devices']} exited {rc}{note}", wall_s=wall, note=cfg["note"])
     from core import runfolder
     from core.manifest import read_manifest
-    report = json.loads((out / "val_report.json").read_text())
+    report = json.loads((out / "val_report.json").read_text(encoding="utf-8"))
     splits = sorted((out / "splits").glob("*.csv"))
     n_val = int((read_manifest(splits[-1])["split"] == "val").sum())
     probs = [r["prob"] for r in report["predictions"]]
@@ -316,7 +317,7 @@ def step_latency(plan: dict) -> dict:
                   *plan["latency"]["args"]])
     if rc != 0 or not out.is_file():
         return result("fail", f"predict_latency.py exited {rc}")
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     rows = {k: {"naive_ms": v["naive_ms"], "fast_ms": v["fast_ms"], "ratio": v["ratio"],
                 "max_abs_prob_diff": v["max_abs_prob_diff"], "cam_corr_min": v["cam_corr_min"],
                 "fast_dtype": v["fast_precision"]["dtype"], "fast_breakdown_ms": v["fast_breakdown_ms"]}
@@ -333,7 +334,7 @@ def step_throughput(plan: dict) -> dict:
                   *plan["throughput"]["args"]])
     if rc != 0 or not out.is_file():
         return result("fail", f"throughput.py exited {rc}")
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     rows = {k: {"screening_images_per_s": v["screening"]["images_per_s"],
                 **{f"train_{s}_images_per_s": t["images_per_s"] for s, t in v["training"].items()}}
             for k, v in data.items() if isinstance(v, dict) and "screening" in v}
@@ -356,24 +357,25 @@ def run_step(name: str, plan: dict, timeout: float) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     res.unlink(missing_ok=True)
     t0 = time.time()
-    with open(log, "w") as f:
+    from core import jobs
+    with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen([plan["python"], str(Path(__file__).resolve()), "--step", name, "--work", str(work)],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, **jobs.popen_kwargs(),
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
                                      **({"SKINSCREEN_SHARED": plan["shared"]} if plan["shared"] else {})})
         try:
             rc = proc.wait(timeout=timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            jobs.kill_tree(proc.pid, jobs.create_time(proc.pid))
             rc, timed_out = proc.wait(), True
     kill_launched(work)  # trainers the launcher started run in their own session
     seconds = round(time.time() - t0, 1)
-    tail = log.read_text(errors="replace").splitlines()[-25:]
+    tail = log.read_text(errors="replace", encoding="utf-8").splitlines()[-25:]
     if timed_out:
         out = result("timeout", f"killed after its {timeout:.0f} s timeout")
     elif res.is_file():
-        out = json.loads(res.read_text())
+        out = json.loads(res.read_text(encoding="utf-8"))
     else:
         out = result("error", f"the step crashed (exit {rc}); see its log tail")
     out |= {"seconds": seconds, "timeout_s": round(timeout), "log": str(log)}
@@ -423,7 +425,7 @@ def summary_table(steps: dict) -> str:
 
 def make_reference(run: Path) -> int:
     """results/shared_demo_cpu_reference.json from a finished CPU run of the shared demo (its reports and bundle)."""
-    meta = json.loads((run / "bundle" / "model.json").read_text())
+    meta = json.loads((run / "bundle" / "model.json").read_text(encoding="utf-8"))
     ref = {"what": "the shared demo (train/configs/shared_demo.yaml) trained on a CPU: the intervals the GPU run's "
                    "validation and test ROC-AUC must fall in (benchmarks/gpu_check.py)",
            "run": run.name, "created": meta["provenance"]["created"],
@@ -431,10 +433,10 @@ def make_reference(run: Path) -> int:
            "weights_sha256": meta["weights_sha256"], "split_counts": meta["provenance"]["split_counts"],
            "threshold": meta["threshold"]["value"], "splits": {}}
     for split in ("val", "test"):
-        r = json.loads((run / f"{split}_report.json").read_text())
+        r = json.loads((run / f"{split}_report.json").read_text(encoding="utf-8"))
         ref["splits"][split] = {"n": r["n"], "n_positive": r["n_positive"], "ci_method": r["ci_method"],
                                 "metrics": r["metrics"]}
-    REFERENCE.write_text(json.dumps(ref, indent=1) + "\n")
+    REFERENCE.write_text(json.dumps(ref, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {REFERENCE}")
     return 0
 
@@ -444,7 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run-cpu", action="store_true", help="run every step on the CPU with tiny settings")
     p.add_argument("--json", help="results file (default: benchmarks/results/gpu_check_<gpu-name>.json; in the "
                                   "dry run, gpu_check_dry-run-cpu.json in the work folder)")
-    p.add_argument("--work", help="scratch folder for runs and logs (default: a new folder under /tmp)")
+    p.add_argument("--work", help="scratch folder for runs and logs (default: a new folder in the system's temporary folder)")
     p.add_argument("--shared", help="the shared folder holding data/ and weights/ (default ../shared or ./shared)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     p.add_argument("--budget", type=float, help=f"seconds for all steps together (default {BUDGET_S})")
@@ -456,10 +458,11 @@ def main(argv=None) -> int:
     if args.make_reference:
         return make_reference(Path(args.make_reference))
     if args.step:  # a child: run one step, write its result
-        plan = json.loads((Path(args.work) / "plan.json").read_text())
+        plan = json.loads((Path(args.work) / "plan.json").read_text(encoding="utf-8"))
         out = STEP_FUNCS[args.step](plan)
         (Path(args.work) / "steps").mkdir(exist_ok=True)
-        (Path(args.work) / "steps" / f"{args.step}.json").write_text(json.dumps(out, indent=1, default=str))
+        (Path(args.work) / "steps" / f"{args.step}.json").write_text(json.dumps(out, indent=1, default=str),
+                                                                     encoding="utf-8")
         return 0
 
     import torch
@@ -470,7 +473,8 @@ def main(argv=None) -> int:
               "Nothing was run.\n" + what_it_would_do())
         return 0
     device = "cpu" if dry else "cuda"
-    work = Path(args.work) if args.work else Path(f"/tmp/gpu_check_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}")
+    stamp = f"gpu_check_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
+    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / stamp
     work.mkdir(parents=True, exist_ok=True)
     shared = find_shared(args.shared)
     plan = plan_for(device, dry, shared, work)
@@ -479,7 +483,7 @@ def main(argv=None) -> int:
         if step not in STEPS or not seconds.replace(".", "", 1).isdigit():
             p.error(f"--timeout {item!r}: expected STEP=SECONDS with STEP one of {', '.join(STEPS)}")
         plan["timeouts"][step] = float(seconds)
-    (work / "plan.json").write_text(json.dumps(plan, indent=1))
+    (work / "plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
     budget = args.budget or BUDGET_S["dry-run-cpu" if dry else "cuda"]
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -504,7 +508,7 @@ def main(argv=None) -> int:
     path = Path(args.json) if args.json else (work / "gpu_check_dry-run-cpu.json" if dry else
                                               RESULTS / f"gpu_check_{gpu_tag(gpu)}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(out, indent=1, default=str) + "\n", encoding="utf-8")
     print("\n" + summary_table(out["steps"]))
     print(f"\n{len(out['steps']) - len(out['failed'])}/{len(out['steps'])} steps passed in {out['total_s']:.0f} s"
           + (f"; failed: {', '.join(out['failed'])}" if out["failed"] else "") + f"\nwrote {path}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.fileio import atomic_write
+from core.fileio import atomic_write, native_path, portable_path
 from core.manifest import CROP_COLUMNS, ImportReport, ManifestError, require_columns
 
 COLUMNS = ("image_id", "left", "top", "width", "height", "unusable", "note")
@@ -97,8 +97,8 @@ def image_id_for(image: str, manifest_df: pd.DataFrame) -> str:
     """The key to save a manifest image's entry under: its path relative to the manifest's folder (portable)."""
     source = manifest_df.attrs.get("source")
     if source and os.path.isabs(image):
-        return os.path.normpath(os.path.relpath(image, os.path.dirname(os.path.abspath(source))))
-    return os.path.normpath(image)
+        return portable_path(os.path.normpath(image), os.path.dirname(os.path.abspath(source)))
+    return _key(image)
 
 
 def entries_for(manifest_df: pd.DataFrame, crops_df: pd.DataFrame) -> list[dict | None]:
@@ -184,7 +184,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             df.to_csv(f, index=False)
             f.flush()
             os.fsync(f.fileno())  # hours of hand-drawn boxes: on disk before the rename, not just in a buffer
@@ -199,7 +199,7 @@ def _locked(path: Path):
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    with open(path.with_name(path.name + ".lock"), "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -207,15 +207,20 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _key(image_id: str) -> str:
+    """One spelling of an image's key on every OS, so a crop file made on Windows works on a Mac and back."""
+    return Path(os.path.normpath(native_path(str(image_id)))).as_posix()
+
+
 def _lookup(crops_df: pd.DataFrame) -> dict[str, dict]:
-    return {os.path.normpath(r["image_id"]): r for r in crops_df.to_dict("records")}
+    return {_key(r["image_id"]): r for r in crops_df.to_dict("records")}
 
 
 def _match(image: str, manifest_df: pd.DataFrame, lookup: dict[str, dict],
            name_counts: Counter | None = None) -> dict | None:
     """An entry keyed by the image's path (absolute or as written in the manifest) wins over its basename."""
     image = str(image)
-    keys = [os.path.normpath(image), image_id_for(image, manifest_df)]
+    keys = [_key(image), image_id_for(image, manifest_df)]
     entry = next((lookup[k] for k in keys if k in lookup), None)
     name = os.path.basename(image)
     if entry is None and name in lookup:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,8 @@ def _umask() -> int:
 # mkstemp creates files readable by their owner only; a written file should get the permissions any new file would
 # (a run folder on a shared filesystem is read by colleagues and by the app under another account).
 _FILE_MODE = 0o666 & ~_umask()
+_WINDOWS = os.name == "nt"
+_REPLACE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8)  # seconds, then one last try that raises
 
 
 class UnwritableError(ValueError):
@@ -39,9 +42,28 @@ def check_writable(path: str | Path) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".check")
         os.close(fd)
         os.unlink(tmp)
+        if _WINDOWS and path.is_file():  # a file open in Excel there cannot be replaced: found now, not at the end
+            open(path, "ab").close()
     except OSError as e:
-        raise UnwritableError(f"{path}: cannot be written ({e.strerror or e})") from None
+        held = " (is it open in another program?)" if isinstance(e, PermissionError) and _WINDOWS else ""
+        raise UnwritableError(f"{path}: cannot be written ({e.strerror or e}){held}") from None
     return path
+
+
+def portable_path(path: str | Path, base: str | Path) -> str:
+    """`path` as a file written for other machines names it: relative to `base` with '/' separators (a manifest
+    made on Windows opens on macOS and Linux, and Windows reads '/'), or absolute where no relative path exists
+    (on Windows, another drive or a network share)."""
+    try:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:  # ntpath.relpath: "path is on mount 'D:', start on mount 'C:'"
+        return Path(path).as_posix()
+
+
+def native_path(written: str) -> str:
+    """A path as a file wrote it, for this OS: '\\' from a file written on Windows is a separator here too (no one
+    names a photo with a backslash)."""
+    return written.replace("\\", "/") if os.sep == "/" else written
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -56,11 +78,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.chmod(tmp, _FILE_MODE)
     try:
         write(Path(tmp))
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _replace(tmp: str, path: Path) -> None:
+    """os.replace, retried a moment on Windows: there a file another program holds open (a virus scanner, a
+    sync client, the app reading status.json) cannot be replaced until it lets go."""
+    for wait in _REPLACE_WAITS if _WINDOWS else ():
+        try:
+            return os.replace(tmp, path)
+        except PermissionError:
+            time.sleep(wait)
+    os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -30,12 +30,14 @@ def cam_weights(fmap: torch.Tensor, grads: torch.Tensor, method: str) -> torch.T
     if method == "gradcam":
         return grads.mean(dim=(2, 3))
     if method == "gradcam++":
-        # float64 and eps 1e-6 as in pytorch-grad-cam: gradients are tiny, so cubes underflow in float32
-        g, a = grads.double(), fmap.double()
+        # float64 and eps 1e-6 as in pytorch-grad-cam: gradients are tiny, so cubes underflow in float32.
+        # Apple's MPS has no float64, so the (small: B x C x 7 x 7) arrays are weighed on the CPU there.
+        at = "cpu" if grads.device.type == "mps" else grads.device
+        g, a = grads.detach().to(at, torch.float64), fmap.detach().to(at, torch.float64)
         g2, g3 = g.pow(2), g.pow(3)
         denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3 + 1e-6
         aij = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
-        return (g.clamp(min=0) * aij).sum(dim=(2, 3)).float()
+        return (g.clamp(min=0) * aij).sum(dim=(2, 3)).to(grads.device, torch.float32)
     raise ValueError(f"CAM method must be one of {METHODS}, not {method!r}")
 
 

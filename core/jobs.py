@@ -25,7 +25,9 @@ from core.fileio import atomic_write_json, read_json_or_none
 
 RECIPES_DIR = PROJECT_ROOT / "train" / "configs"
 LOCK_NAME = "train.lock"          # in RUNS_DIR: the one training job allowed at a time
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,78}[A-Za-z0-9_-]$|^[A-Za-z0-9]$")  # no trailing '.'
+# names Windows reserves for devices, with or without an extension: a run folder cannot have them there
+WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CREATE_TIME_TOLERANCE = 0.01      # seconds: the same process reports the same creation time; a reused pid a later one
 
@@ -85,7 +87,8 @@ def popen_kwargs() -> dict:
     it training: its own session on POSIX, its own process group on Windows (start_new_session does not exist
     there)."""
     if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        # no window: without it the trainer shares the app's console and dies when that window is closed
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
     return {"start_new_session": True}
 
 
@@ -215,7 +218,7 @@ def list_recipes() -> list[Path]:
 
 def recipe_summary(path: str | Path) -> dict:
     """The parts of a recipe the form pre-fills: name, backbone, weights, init_from, stages."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     stages = [{"name": s.get("name"), "epochs": s.get("epochs"), "lr": s.get("lr"),
                "data": [d.get("manifest") or d.get("csv") for d in s.get("data") or []]}
               for s in raw.get("stages") or []]
@@ -286,7 +289,10 @@ def request_problems(req: TrainRequest, root: Path) -> list[str]:
     problems = []
     if not RUN_NAME_RE.match(req.name or ""):
         problems.append(f"run name {req.name!r}: use letters, digits, '.', '_' or '-' (max 80), starting with a "
-                        "letter or digit")
+                        "letter or digit and not ending in '.'")
+    elif WINDOWS_RESERVED.match(req.name):
+        problems.append(f"run name {req.name!r} is a device name on Windows (CON, PRN, AUX, NUL, COM1, LPT1...); "
+                        "pick another")
     elif (root / req.name).exists() and any((root / req.name).iterdir()):
         problems.append(f"{root / req.name} already exists; pick another run name (or resume that run)")
     try:
@@ -351,7 +357,8 @@ def _launch(root: Path, out: Path, cmd: list[str], device: str, env: dict | None
             log.flush()
             proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, **popen_kwargs(),
-                                    env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                                         "PYTHONIOENCODING": "utf-8"})  # console.log is read as UTF-8
     except BaseException:
         release_lock(root)
         raise

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.fileio import native_path, portable_path
+
 REQUIRED = ("image", "label")
 OPTIONAL = ("patient_id", "lesion_id", "domain", "fitzpatrick",
             "crop_left", "crop_top", "crop_width", "crop_height", "split")
@@ -119,7 +121,8 @@ def read_manifest(path: str | Path, labelled: bool = True) -> pd.DataFrame:
         raise ManifestError(f"{path}: split values must be {SPLITS}, found {odd}")
     if "label" in df:
         df["label"] = numeric.astype(int if labelled else "Int64")
-    df["image"] = [str((path.parent / p).resolve()) if not os.path.isabs(p) else p for p in df["image"]]
+    df["image"] = [str((path.parent / p).resolve()) if not os.path.isabs(p) else p
+                   for p in map(native_path, df["image"])]
     df.attrs["source"] = str(path)
     return df
 
@@ -131,7 +134,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path, relative: bool = True) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     out = df.copy()
     base = path.parent.resolve()
-    out["image"] = [os.path.relpath(Path(p).resolve(), base) if relative else str(Path(p).resolve())
+    out["image"] = [portable_path(Path(p).resolve(), base) if relative else str(Path(p).resolve())
                     for p in out["image"]]
     ordered = [c for c in (*REQUIRED, *OPTIONAL) if c in out.columns]
     out = out[ordered + [c for c in out.columns if c not in ordered]]

@@ -203,7 +203,7 @@ def write_config(run: str | Path, text: str) -> None:
 def read_config(run: str | Path) -> dict:
     """config.yaml as a dict ({} when there is none or it is unreadable)."""
     try:
-        raw = yaml.safe_load((Path(run) / CONFIG).read_text())
+        raw = yaml.safe_load((Path(run) / CONFIG).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return raw if isinstance(raw, dict) else {}
@@ -311,8 +311,13 @@ class RunFolder:
             write_config(self.out, text)
 
     def write_metrics(self, rows: list[dict]) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        try:
             write_metrics(self.out, rows)
+        except PermissionError as e:  # Windows: metrics.csv open in Excel. The checkpoint has every epoch already.
+            self.log(f"{METRICS} could not be written ({e.strerror or e}; is it open in another program?): the "
+                     "training goes on, and the file is written again after the next epoch")
 
     def save_checkpoint(self, model, optimizer, scheduler, state: dict) -> None:
         if self.is_main:

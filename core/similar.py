@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.fileio import portable_path
+
 DEFAULT_K = 6
 # Very large training sets are subsampled (seeded) so a bundle stays small; the README says so.
 MAX_ITEMS = 20000
@@ -113,8 +115,7 @@ class SimilarIndex:
     def relative_to(self, folder: Path) -> SimilarIndex:
         """The same index with image references relative to `folder` (a bundle that travels with its data
         beside it, e.g. the built-in demo and ../shared), so no machine's absolute paths are stored."""
-        import os
-        records = tuple({**r, "image": os.path.relpath(Path(str(r["image"])).resolve(), Path(folder).resolve())}
+        records = tuple({**r, "image": portable_path(Path(str(r["image"])).resolve(), Path(folder).resolve())}
                         for r in self.records)
         return SimilarIndex(self.embeddings, records, Path(folder))
 

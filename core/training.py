@@ -301,8 +301,8 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
                 weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
                 atomic_write(best_path, lambda tmp: save_file(weights, str(tmp)))
         state.epoch = epoch
-        rf.write_metrics(state.history)
         rf.save_checkpoint(model, optimizer, scheduler, asdict(state))
+        rf.write_metrics(state.history)  # after the checkpoint: an epoch in metrics.csv is one a resume keeps
         rf.log(f"stage {i} epoch {epoch}: train_loss {loss:.4f} val_loss {val_loss:.4f} "
                f"val_auc {_fmt(m['roc_auc'])} val_recall {_fmt(m['recall'])} ({row['seconds']}s)")
         check_stop(fabric)  # a request during validation: stop after this epoch's checkpoint

@@ -44,8 +44,17 @@ def no_model_message(where=None, short: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------ model picker
+def typed_path(text: str | None) -> str:
+    """A path as typed or pasted: surrounding blanks and one pair of quotes dropped (Windows Explorer's "Copy as
+    path" pastes "C:\\Users\\...\\photos.csv" with its quotes)."""
+    text = (text or "").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
 def _add_path() -> None:
-    path = (st.session_state.get("bundle_path_input") or "").strip()
+    path = typed_path(st.session_state.get("bundle_path_input"))
     st.session_state.pop("model_error_path", None)
     if not path:
         return

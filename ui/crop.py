@@ -66,14 +66,16 @@ def _goto(i: int) -> None:
 
 
 def dataset() -> None:
-    manifest_path = st.text_input("Manifest CSV (from `python -m train.data ...`)", key="ds_manifest").strip()
+    manifest_path = common.typed_path(st.text_input("Manifest CSV (from `python -m train.data ...`)",
+                                                    key="ds_manifest"))
     if not manifest_path:
         st.info("Give a manifest to step through its images. Boxes go to a crop-box CSV "
                 "(image_id, left, top, width, height, unusable, note) that training reads; it is saved after "
                 "every image, so you can stop and resume any time.")
         return
     default_crops = str(Path(manifest_path).with_name(Path(manifest_path).stem + "_crops.csv"))
-    crops_path = st.text_input("Crop-box file (created if missing)", value=default_crops, key="ds_crops").strip()
+    crops_path = common.typed_path(st.text_input("Crop-box file (created if missing)", value=default_crops,
+                                                 key="ds_crops"))
     try:
         df = read_manifest(manifest_path)
         crops = read_crops(crops_path)

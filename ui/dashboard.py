@@ -146,8 +146,9 @@ if loaded:
         st.caption("The chosen reports have no Fitzpatrick or domain columns.")
 
 st.subheader("PCA of the data (ISIC vs smartphone photos)")
-pca_extra = st.text_input("Another folder with PCA outputs (`python -m train.pca ... --out DIR`)", key="pca_dir")
-pcas = reports.find_pca(reports.pca_roots(root) + ([Path(pca_extra)] if pca_extra.strip() else []))
+pca_extra = common.typed_path(st.text_input("Another folder with PCA outputs (`python -m train.pca ... --out DIR`)",
+                                            key="pca_dir"))
+pcas = reports.find_pca(reports.pca_roots(root) + ([Path(pca_extra)] if pca_extra else []))
 if not pcas:
     st.caption("No PCA outputs found (a folder with summary.json and CSVs with pc1, pc2 columns).")
 for n, res in enumerate(pcas):

@@ -71,6 +71,7 @@ with st.expander("Start a new run", expanded=job is None):
     if submitted:
         sets = ()
         init_from = None
+        weights, manifest, data_root = map(common.typed_path, (weights, manifest, data_root))
         if init_choice == "none":
             sets = ("init_from=null",)
         elif not init_choice.startswith("(recipe"):
@@ -78,14 +79,13 @@ with st.expander("Start a new run", expanded=job is None):
         try:
             req = jobs.TrainRequest(recipe=str(recipe), name=name.strip(),
                                     backbone=backbone if backbone != summary["backbone"] else None,
-                                    weights=weights.strip() if weights.strip() != str(summary["weights"]) else None,
+                                    weights=weights if weights != str(summary["weights"]) else None,
                                     init_from=init_from, epochs=int(epochs) or None, lr=lr.strip() or None,
                                     device=device,
-                                    manifest=manifest.strip() or None, domain=domain.strip() or None, sets=sets,
+                                    manifest=manifest or None, domain=domain.strip() or None, sets=sets,
                                     folds=int(folds) if int(folds) != summary["folds"] else None,
                                     nested=bool(nested) if bool(nested) != summary["nested"] else None,
-                                    data_root=data_root.strip() if data_root.strip() != (summary["data_root"] or "")
-                                    else None)
+                                    data_root=data_root if data_root != (summary["data_root"] or "") else None)
             with st.spinner("Checking the run's data, weights and starting run…"):
                 record = jobs.start_training(req, root)
         except ValueError as e:  # LaunchError: every problem of the request, or of the run's inputs

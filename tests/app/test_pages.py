@@ -304,8 +304,8 @@ def test_dataset_crop_mode_saves_and_resumes(without_model, tmp_path, monkeypatc
     # a new session resumes at the first unlabelled image
     again = app()
     again.radio(key="crop_mode").set_value("A dataset (crop-box file for training)").run()
-    again.text_input(key="ds_manifest").set_value(str(without_model.manifest)).run()
-    again.text_input(key="ds_crops").set_value(str(crops)).run()
+    again.text_input(key="ds_manifest").set_value(f'"{without_model.manifest}" ').run()  # pasted with its quotes
+    again.text_input(key="ds_crops").set_value(f"'{crops}'").run()
     assert again.session_state["ds_index"] == 2 and "2 / 8 images done" in str(again.get("progress")[0].proto)
 
 
@@ -573,3 +573,11 @@ def test_a_fused_threshold_says_what_its_rule_gave_on_new_patients_where_the_bun
     assert f"On new patients, the same rule gave {said}" in texts(at, "caption")
     assert f"The photo + answers threshold's rule on new patients:** {said}" in everything(at)
     assert "The same rule on new patients" not in everything(at)
+
+
+def test_a_pasted_path_loses_its_quotes_and_blanks_only():
+    """Windows Explorer's "Copy as path" pastes the path in double quotes."""
+    from ui.common import typed_path
+    assert typed_path(' "C:\\Users\\ana\\photos.csv" ') == "C:\\Users\\ana\\photos.csv"
+    assert typed_path("'runs/my run'") == "runs/my run" and typed_path(None) == "" and typed_path('"') == '"'
+    assert typed_path("it's/a \"name\"") == "it's/a \"name\""  # quotes inside a path are kept

@@ -182,7 +182,7 @@ def test_entries_for_matches_as_apply_crops_does(tmp_path, manifest):
     upsert_crop(crops, "p2.jpg", None, unusable=True)                              # file name only
     upsert_crop(crops, "p1.jpg", None, unusable=True)                              # a path beats a file name
     entries = cropbox.entries_for(df, read_crops(crops))
-    assert [e and e["image_id"] for e in entries] == [os.path.join("img", "p0.jpg"), manifest["image"][1],
+    assert [e and e["image_id"] for e in entries] == ["img/p0.jpg", manifest["image"][1],
                                                       "p2.jpg", None]
     assert [cropbox.entry_box(e) for e in entries] == [BOXES["p0.jpg"], BOXES["p1.jpg"], None, None]
     assert [cropbox.is_labelled(e) for e in entries] == [True, True, True, False]
@@ -259,3 +259,17 @@ def test_every_crop_check_uses_the_one_rule(tmp_path):
     flat = {"left": 0, "top": 0, "width": 5, "height": 0}
     with pytest.raises(ManifestError, match=cropbox.box_problem(flat).split(" (")[0]):
         upsert_crop(tmp_path / "c.csv", "p.jpg", flat)
+
+
+def test_a_crop_file_and_manifest_made_on_windows_work_here(tmp_path, manifest):
+    """Windows writes 'img\\p0.jpg'; a research group's shared folder is opened on macOS and Linux too."""
+    (tmp_path / "m.csv").write_text("image,label\n" + "".join(f"img\\p{i}.jpg,{i % 2}\n" for i in range(4)),
+                                    encoding="utf-8")
+    df = read_manifest(tmp_path / "m.csv")
+    assert df["image"].tolist() == manifest["image"].tolist()
+    (tmp_path / "crops.csv").write_text("image_id,left,top,width,height,unusable,note\n"
+                                        "img\\p0.jpg,0,0,40,30,0,lésion floue\n", encoding="utf-8")
+    kept, report = apply_crops(df, read_crops(tmp_path / "crops.csv"))
+    assert [Path(p).name for p in kept["image"]] == ["p0.jpg"] and report.dropped == {"no crop box": 3}
+    assert cropbox.image_id_for(df["image"][0], df) == "img/p0.jpg"  # what this machine writes: '/' everywhere
+    assert read_crops(tmp_path / "crops.csv")["note"].tolist() == ["lésion floue"]

@@ -1,10 +1,11 @@
 """Atomic writes leave the old file intact on failure; tolerant JSON reads."""
 import json
+import os
 
 import numpy as np
 import pytest
 
-from core.fileio import atomic_write, atomic_write_json, read_json_or_none
+from core.fileio import atomic_write, atomic_write_json, portable_path, read_json_or_none
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
@@ -80,3 +81,53 @@ def test_check_writable_finds_what_would_fail_after_the_work(tmp_path, monkeypat
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(UnwritableError, match=r"out.csv: cannot be written \(Permission denied\)"):
         check_writable(tmp_path / "out.csv")
+
+
+def test_portable_path_is_relative_with_slashes_or_absolute_across_drives(tmp_path, monkeypatch):
+    assert portable_path(tmp_path / "photos" / "a.jpg", tmp_path / "manifests") == "../photos/a.jpg"
+
+    def other_drive(path, start):  # what ntpath.relpath does for D:\\photos\\a.jpg from C:\\project
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+    monkeypatch.setattr("core.fileio.os.path.relpath", other_drive)
+    assert portable_path(tmp_path / "photos" / "a.jpg", tmp_path) == (tmp_path / "photos" / "a.jpg").as_posix()
+
+
+def test_on_windows_a_file_held_open_a_moment_is_replaced_once_it_is_let_go(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open (PermissionError); a scanner or the app's
+    status read lets go within moments, Excel does not: the write is retried a moment, then the error is raised."""
+    import core.fileio as fileio
+    real, calls = os.replace, []
+
+    def held(src, dst, times):
+        calls.append(dst)
+        if len(calls) <= times:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real(src, dst)
+    monkeypatch.setattr(fileio, "_WINDOWS", True)
+    monkeypatch.setattr(fileio, "_REPLACE_WAITS", (0.001,) * 5)
+    monkeypatch.setattr(fileio.os, "replace", lambda s, d: held(s, d, 2))
+    atomic_write_json(tmp_path / "status.json", {"v": 2})
+    assert json.loads((tmp_path / "status.json").read_text()) == {"v": 2} and len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(fileio.os, "replace", lambda s, d: held(s, d, 99))
+    with pytest.raises(PermissionError):
+        atomic_write_json(tmp_path / "status.json", {"v": 3})
+    assert len(calls) == 6 and json.loads((tmp_path / "status.json").read_text()) == {"v": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary file left behind
+    monkeypatch.setattr(fileio, "_WINDOWS", False)  # elsewhere a PermissionError is a real one: no retry
+    calls.clear()
+    with pytest.raises(PermissionError):
+        atomic_write_json(tmp_path / "status.json", {"v": 4})
+    assert len(calls) == 1
+
+
+def test_a_metrics_file_held_open_does_not_stop_the_training(tmp_path, monkeypatch):
+    from core import runfolder
+
+    def held(run, rows):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(runfolder, "write_metrics", held)
+    rf = runfolder.RunFolder(tmp_path)
+    rf.write_metrics([{"epoch": 0}])
+    assert "metrics.csv could not be written (Permission denied; is it open in another program?)" in \
+        runfolder.log_tail(tmp_path)

@@ -145,6 +145,20 @@ def test_name_and_recipe_checks(tmp_path):
     assert jobs.current_job(root) is None
 
 
+@pytest.mark.parametrize("name, why", [("run.", "not ending in '.'"), ("con", "device name on Windows"),
+                                       ("NUL.v2", "device name on Windows"), ("com1", "device name on Windows"),
+                                       ("x" * 81, "max 80"), ("", "starting with a letter")])
+def test_run_names_a_windows_laptop_cannot_make_are_refused(tmp_path, name, why):
+    """Windows drops a trailing '.' (the folder would not match the run's name) and reserves device names."""
+    said = jobs.request_problems(TrainRequest(recipe=str(jobs.list_recipes()[0]), name=name), tmp_path)
+    assert len(said) == 1 and why in said[0]
+
+
+@pytest.mark.parametrize("name", ["a", "run.v2", "console", "com10", "lpt_1", "x" * 80, "demo-1_b"])
+def test_ordinary_run_names_pass(tmp_path, name):
+    assert jobs.request_problems(TrainRequest(recipe=str(jobs.list_recipes()[0]), name=name), tmp_path) == []
+
+
 def test_a_run_that_would_fail_on_its_inputs_is_refused_with_every_reason_before_it_starts(tmp_path):
     """train.fit --check builds the config as the run will: a bad learning rate, a manifest and a weights file that
     do not exist, and a run to start from that is not one are said at once, and nothing is launched."""
@@ -340,8 +354,14 @@ def test_force_stop_kills_the_process_tree_and_never_a_stranger(tmp_path):
 
 
 def test_launch_detaches_the_trainer_portably(monkeypatch):
-    monkeypatch.setattr(jobs.os, "name", "nt")
-    monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200, raising=False)
-    assert jobs.popen_kwargs() == {"creationflags": 0x200}
-    monkeypatch.setattr(jobs.os, "name", "posix")
-    assert jobs.popen_kwargs() == {"start_new_session": True}
+    """Windows: its own process group and no console window (closing the app's window must not kill it)."""
+    with monkeypatch.context() as m:  # os.name is global: restored before anything asserts (pytest needs it)
+        m.setattr(jobs.os, "name", "nt")
+        m.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200, raising=False)
+        m.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+        on_windows = jobs.popen_kwargs()
+    assert on_windows == {"creationflags": 0x08000200}
+    with monkeypatch.context() as m:
+        m.setattr(jobs.os, "name", "posix")
+        on_posix = jobs.popen_kwargs()
+    assert on_posix == {"start_new_session": True}
