@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 def _umask() -> int:
@@ -27,13 +27,17 @@ class UnwritableError(ValueError):
     """An output path that cannot be written, found before the work that would fill it."""
 
 
-def check_writable(path: str | Path) -> Path:
+def check_writable(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """Fail before the work, not after it: `path` can be written (its folder created if need be), tried by
     creating and removing a file beside it, which also catches what permission bits do not (a read-only mount,
-    a folder in the way, a full quota)."""
+    a folder in the way, a full quota); and it is none of the command's `inputs` (a photo, the manifest), which
+    the output would replace."""
     path = Path(path)
     if path.is_dir():
         raise UnwritableError(f"{path}: is a folder; give the name of the file to write")
+    if (same := _same_as_input(path, inputs)) is not None:
+        raise UnwritableError(f"{path}: is an input of this command ({same}); writing the output there would replace "
+                              "it. Give another output file")
     existing = next(p for p in path.parents if p.exists())
     if not existing.is_dir():
         raise UnwritableError(f"{path}: {existing} is a file, not a folder")
@@ -48,6 +52,13 @@ def check_writable(path: str | Path) -> Path:
         held = " (is it open in another program?)" if isinstance(e, PermissionError) and _WINDOWS else ""
         raise UnwritableError(f"{path}: cannot be written ({e.strerror or e}){held}") from None
     return path
+
+
+def _same_as_input(path: Path, inputs: Iterable[str | Path]) -> str | None:
+    """The input `path` names (symlinks followed; case-blind where the file system is), or None."""
+    key = lambda p: os.path.normcase(str(Path(p).resolve()))  # noqa: E731
+    target = key(path)
+    return next((str(p) for p in inputs if p is not None and key(p) == target), None)
 
 
 def portable_path(path: str | Path, base: str | Path) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.fileio import UnwritableError, check_writable
 from core.manifest import ManifestError, import_csv, import_folder, read_manifest, write_manifest
 
 ISIC_FIX = "install the official ISIC command line tool with `pip install isic-cli`"
@@ -42,16 +43,24 @@ def _midas(args) -> list:
     # Default as in the paper: one image per lesion in the cropped subset only.
     outputs = [(*(keep_one_per_lesion(df, report) if args.one_per_lesion else (df, report)), args.out)]
     if args.crops:
-        from core.cropbox import read_crops
-        crops = read_crops(args.crops)
+        crops = _given_crops(args.crops)
         once = True if args.one_per_lesion is None else args.one_per_lesion
         outputs.append((*midas_cropped(df, report, crops, one_per_lesion=once), args.cropped_out))
     return outputs
 
 
+def _given_crops(path):
+    """The crop-box file a command was given: the app treats a missing one as 'nothing cropped yet', a command
+    that was handed one must not (every image would be dropped as 'no crop box')."""
+    from core.cropbox import read_crops
+    if not Path(path).is_file():
+        raise ManifestError(f"{path}: crop-box file not found (the Crop page's dataset mode writes it)")
+    return read_crops(path)
+
+
 def _crops(args) -> list:
-    from core.cropbox import apply_crops, read_crops
-    df, report = apply_crops(read_manifest(args.manifest), read_crops(args.crops))
+    from core.cropbox import apply_crops
+    df, report = apply_crops(read_manifest(args.manifest), _given_crops(args.crops))
     if not len(df):
         raise ManifestError(f"{args.crops}: no image of {args.manifest} has a usable crop box "
                             f"({report.summary()})")
@@ -163,9 +172,14 @@ def context_line(df) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    given = [getattr(args, k, None) for k in ("labels", "metadata", "xlsx", "crops", "manifest")]
     try:
+        for out in (getattr(args, k, None) for k in ("out", "cropped_out")):
+            if out is not None and args.handler is not _isic_download:
+                check_writable(out, given)  # before the import's work: a folder in the way, an input file
         outputs = args.handler(args)
         for df, report, out in outputs:
+            check_writable(out, [*given, *df["image"]])
             path = write_manifest(df, out)
             print(f"{path}:")
             print(summary_table(df, report))
@@ -173,7 +187,7 @@ def main(argv=None) -> int:
                 print(f"  every dropped file or row is named, with its reason, in {named}")
             if line := context_line(df):
                 print(line)
-    except ManifestError as e:
+    except (ManifestError, UnwritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

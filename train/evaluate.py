@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         split = args.split or ("test" if "split" in df else "all")
         df, split = select_rows(df, split)
         default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
-        out = check_writable(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json")
+        out = check_writable(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json",
+                             [args.manifest, *df["image"]])
         check_images(df)  # every missing, damaged or unboxable image named at once, before any scoring
         device = pick_device(args.device)
         feats, logits = features_and_logits(bundle.model, df, device=device)  # one pass: score and gate features

@@ -286,8 +286,9 @@ def main(argv=None) -> int:
     try:
         bundle = load_bundle(args.run)
         df, inputs = inputs_from_args(args)
-        check_writable(out)
-        check_writable(sidecar_path(out))
+        given = [args.manifest, *df["image"]]
+        check_writable(out, given)
+        check_writable(sidecar_path(out), given)
     except (BundleError, ManifestError, UnwritableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

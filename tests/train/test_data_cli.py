@@ -243,3 +243,30 @@ def test_the_readmes_pad_layout_feeds_every_shared_demo_recipe(tmp_path):
         _, union = training.stage_rows(run_config_from_dict(fit.load_raw(args)))
         assert sorted(Path(p).name for p in union["image"]) == sorted(usable["img_id"]), recipe.name
         assert sorted(union["patient_id"]) == sorted(usable["patient_id"]), recipe.name
+
+
+def test_an_output_that_would_replace_an_input_or_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    """`--out` on the labels CSV replaced the user's own table (diagnoses and dropped rows gone), and `--out` on a
+    folder failed with a traceback after the import's work."""
+    make_image(tmp_path / "root" / "benign" / "a.jpg")
+    make_image(tmp_path / "root" / "malignant" / "b.jpg")
+    labels = tmp_path / "l.csv"
+    pd.DataFrame({"image": ["benign/a.jpg"], "label": ["benign"], "diagnosis": ["NEV"]}).to_csv(labels, index=False)
+    before = labels.read_bytes()
+    assert main(["csv", str(labels), "--images", str(tmp_path / "root"), "--out", str(labels)]) == 2
+    assert f"{labels}: is an input of this command ({labels})" in capsys.readouterr().err
+    assert labels.read_bytes() == before
+    assert main(["csv", str(labels), "--images", str(tmp_path / "root"), "--out", str(tmp_path / "root")]) == 2
+    assert "is a folder; give the name of the file to write" in capsys.readouterr().err
+    photo = tmp_path / "root" / "benign" / "a.jpg"
+    photo_bytes = photo.read_bytes()
+    assert main(["folder", str(tmp_path / "root"), "--out", str(photo)]) == 2  # a photo the import lists
+    assert "is an input of this command" in capsys.readouterr().err and photo.read_bytes() == photo_bytes
+
+
+def test_a_crop_file_that_is_not_there_is_named_not_taken_for_an_empty_one(tmp_path, capsys):
+    make_image(tmp_path / "x.jpg")
+    pd.DataFrame({"image": ["x.jpg"], "label": [1]}).to_csv(tmp_path / "m.csv", index=False)
+    rc = main(["crops", "--manifest", str(tmp_path / "m.csv"), "--crops", str(tmp_path / "typo.csv"),
+               "--out", str(tmp_path / "c.csv")])
+    assert rc == 2 and f"{tmp_path / 'typo.csv'}: crop-box file not found" in capsys.readouterr().err

@@ -73,3 +73,15 @@ def test_every_unusable_image_and_an_unwritable_report_are_named_before_any_scor
     assert main(["--run", "demo", "--manifest", str(good), "--out", str(tmp_path / "m.csv" / "r.json")]) == 2
     assert "m.csv is a file, not a folder" in capsys.readouterr().err
     assert not scored and not (tmp_path / "r.json").exists()
+
+
+def test_a_report_written_over_its_manifest_is_refused(tmp_path, capsys):
+    """`--out m.csv` wrote the JSON report over the manifest it was evaluating."""
+    from PIL import Image
+    for i in range(4):
+        Image.new("RGB", (64, 64), (120 + 20 * i, 80, 60)).save(tmp_path / f"p{i}.jpg")
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image": [f"p{i}.jpg" for i in range(4)], "label": [0, 1, 0, 1]}).to_csv(manifest, index=False)
+    text = manifest.read_text()
+    assert main(["--run", "demo", "--manifest", str(manifest), "--out", str(manifest)]) == 2
+    assert f"{manifest}: is an input of this command" in capsys.readouterr().err and manifest.read_text() == text

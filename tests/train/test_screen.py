@@ -442,3 +442,17 @@ def test_a_bundle_folder_finds_its_runs_split_files_and_a_lone_bundle_says_it_ca
     assert main(["--run", str(lone), "--images", str(photo_dir), "--out", str(out), "--workers", "0"]) == 0
     assert set(pd.read_csv(out, keep_default_na=False)["seen_by_model"]) == {"unknown"}
     assert "whether it trained on these photos is unknown" in capsys.readouterr().err
+
+
+def test_an_output_on_a_photo_or_the_manifest_is_refused_and_nothing_is_replaced(run_dir, photo_dir, tmp_path,
+                                                                                 capsys):
+    """`--out photos/p0.jpg` turned the photo into a CSV; `--out m.csv` replaced the manifest with predictions."""
+    photo = photo_dir / "p0.jpg"
+    before = photo.read_bytes()
+    assert main(["--run", str(run_dir), "--images", str(photo_dir), "--out", str(photo), "--workers", "0"]) == 2
+    assert f"{photo}: is an input of this command" in capsys.readouterr().err and photo.read_bytes() == before
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image": [str(photo)]}).to_csv(manifest, index=False)
+    text = manifest.read_text()
+    assert main(["--run", str(run_dir), "--manifest", str(manifest), "--out", str(manifest), "--workers", "0"]) == 2
+    assert "is an input of this command" in capsys.readouterr().err and manifest.read_text() == text
