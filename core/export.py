@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from core.bundle import WEIGHTS_FILE, Bundle
-from core.fileio import atomic_write_json
+from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
 
 SIDECAR_FORMAT = "skinscreen-onnx-model"
@@ -137,16 +137,24 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs = {} if opset is None else {"opset_version": opset}
     t0 = time.time()
-    try:
-        program = torch.onnx.export(wrapper, (example,), str(onnx_path), input_names=["image"],
-                                    output_names=wrapper.output_names(),
-                                    dynamic_shapes={"image": {0: batch}}, dynamo=True, external_data=False,
-                                    **kwargs)
-    except Exception as e:  # the exporter raises many types; all mean "no usable file"
-        raise ExportError(f"ONNX export of {bundle.spec.name} failed: {type(e).__name__}: {str(e)[:500]}") from e
-    export_s = time.time() - t0
-    check = verify_onnx(onnx_path, wrapper, s, check_batch, tolerance)
-    opset_used = _opset_of(onnx_path)
+    done = {}
+
+    def write(tmp: Path) -> None:  # into place only once checked: a failed export keeps the last good file
+        try:
+            done["program"] = torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"],
+                                                output_names=wrapper.output_names(),
+                                                dynamic_shapes={"image": {0: batch}}, dynamo=True,
+                                                external_data=False, **kwargs)
+        except Exception as e:  # the exporter raises many types; all mean "no usable file"
+            raise ExportError(f"ONNX export of {bundle.spec.name} failed: {type(e).__name__}: {str(e)[:500]}") from e
+        done["seconds"] = time.time() - t0
+        done["check"] = verify_onnx(tmp, wrapper, s, check_batch, tolerance, name=onnx_path)
+        done["opset"] = _opset_of(tmp)
+        if opset is not None and done["opset"] != opset:
+            raise ExportError(f"opset {opset} was asked for, but the exporter (torch {torch.__version__}) wrote opset "
+                              f"{done['opset']}; nothing was written (leave out --opset for its default)")
+    atomic_write(onnx_path, write)
+    program, export_s, check, opset_used = done["program"], done["seconds"], done["check"], done["opset"]
     meta = bundle.meta
     weights = Path(bundle.path) / WEIGHTS_FILE if bundle.path else None
     sidecar = {
@@ -179,9 +187,12 @@ def export_onnx(bundle: Bundle, onnx_path: str | Path, *, opset: int | None = No
     return sidecar
 
 
-def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tolerance: float) -> dict:
-    """Run the file in onnxruntime on a batch of `batch` images; compare every output with PyTorch."""
+def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tolerance: float,
+                name: str | Path | None = None) -> dict:
+    """Run the file in onnxruntime on a batch of `batch` images; compare every output with PyTorch. Errors name
+    the file as `name` (the file being written, not its temporary copy)."""
     import onnxruntime as ort
+    name = name or onnx_path
     x = example_inputs(size, batch, seed=1)
     names = wrapper.output_names()
     with torch.no_grad():
@@ -192,10 +203,10 @@ def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tole
         got = dict(zip(names, sess.run(names, {"image": x.numpy()})))
         logit, prob = got["logit"], got["prob_malignant"]
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ExportError(f"{onnx_path}: onnxruntime could not run the exported model on a batch of {batch}: "
+        raise ExportError(f"{name}: onnxruntime could not run the exported model on a batch of {batch}: "
                           f"{type(e).__name__}: {str(e)[:500]}") from e
     if prob.shape != ref_prob.shape:
-        raise ExportError(f"{onnx_path}: output shape {prob.shape} for a batch of {batch}, expected {ref_prob.shape}")
+        raise ExportError(f"{name}: output shape {prob.shape} for a batch of {batch}, expected {ref_prob.shape}")
     diff = float(np.abs(prob - ref_prob).max())
     result = {"runtime": f"onnxruntime {ort.__version__} (CPU)", "batch": batch,
               "max_abs_prob_diff": diff, "max_abs_logit_diff": float(np.abs(logit - ref_logit).max()),
@@ -212,7 +223,7 @@ def verify_onnx(onnx_path: Path, wrapper: nn.Module, size: int, batch: int, tole
         diff = max(diff, result["max_rel_ood_score_diff"])
     result["passed"] = diff <= tolerance
     if not diff <= tolerance:  # also catches NaN
-        raise ExportError(f"{onnx_path}: onnxruntime probabilities differ from PyTorch by {diff:.3g} "
+        raise ExportError(f"{name}: onnxruntime probabilities differ from PyTorch by {diff:.3g} "
                           f"(> {tolerance:g}) on a batch of {batch}")
     return result
 

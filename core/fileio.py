@@ -86,9 +86,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, _FILE_MODE)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _FILE_MODE)  # after writing: a writer may put its own new file there (safetensors does)
         _replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -133,3 +133,18 @@ def test_an_ensemble_exports_as_one_graph_with_its_members_gate(exported, tmp_pa
     assert np.allclose(member_probs, singles, atol=1e-4)
     assert np.allclose(prob[:, 0], singles.mean(1), atol=1e-4)
     assert np.allclose(ood_score[:, 0], ens.gate.score(feats.astype(np.float64)), rtol=1e-3)  # the app's gate
+
+
+def test_a_failed_export_keeps_the_last_good_file_and_its_sidecar(exported, tmp_path):
+    """The graph was written straight to --onnx: a failed check left a file its sidecar no longer described."""
+    import shutil
+    onnx_path = tmp_path / "model.onnx"
+    shutil.copy(exported["onnx"], onnx_path)
+    shutil.copy(sidecar_path(exported["onnx"]), sidecar_path(onnx_path))
+    good, sidecar = file_sha256(onnx_path), sidecar_path(onnx_path).read_text()
+    with pytest.raises(ExportError, match=f"{onnx_path}: onnxruntime probabilities differ from PyTorch"):
+        export_onnx(exported["bundle"], onnx_path, tolerance=-1.0)  # every check fails
+    with pytest.raises(ExportError, match="opset 5 was asked for, but the exporter .* wrote opset"):
+        export_onnx(exported["bundle"], onnx_path, opset=5)
+    assert file_sha256(onnx_path) == good and sidecar_path(onnx_path).read_text() == sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.json"]  # no partial files

@@ -131,3 +131,17 @@ def test_a_metrics_file_held_open_does_not_stop_the_training(tmp_path, monkeypat
     rf.write_metrics([{"epoch": 0}])
     assert "metrics.csv could not be written (Permission denied; is it open in another program?)" in \
         runfolder.log_tail(tmp_path)
+
+
+def test_a_written_file_gets_the_permissions_of_any_new_file_whoever_wrote_it(tmp_path):
+    """safetensors writes its own temporary file and renames it over ours: the bundle came out owner-only (0600),
+    unreadable by a colleague or by the app under another account."""
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from core.fileio import _FILE_MODE
+    atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    atomic_write(tmp_path / "t.txt", lambda tmp: tmp.write_text("x", encoding="utf-8"))
+    assert [stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in ("w.safetensors", "t.txt")] == [_FILE_MODE] * 2
