@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -321,3 +322,25 @@ def apply_override(raw: dict, dotted: str) -> None:
         node[k] = yaml.safe_load(value)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {dotted!r}: the value is not valid YAML ({e})") from None
+
+
+# What a resumed run may change: where and how fast it trains, not what it learns.
+RESUME_MAY_CHANGE = ("name", "precision", "device", "devices", "num_nodes", "num_workers", "decode_cache",
+                     "grad_checkpointing", "channels_last", "data_help")
+
+
+def changed_settings(started: dict, now: dict) -> list[str]:
+    """The settings (dotted keys, e.g. stages.0.lr) in which `now` differs from the config a run `started` with,
+    leaving aside RESUME_MAY_CHANGE."""
+    def walk(a, b, prefix: str):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if not (prefix == "" and k in RESUME_MAY_CHANGE):
+                    yield from walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                yield from walk(x, y, f"{prefix}{i}.")
+        elif a != b:
+            yield prefix.rstrip(".")
+    plain = lambda d: json.loads(json.dumps(d, default=str))  # noqa: E731  (tuples, lists compare alike)
+    return list(walk(plain(started), plain(now), ""))

@@ -28,7 +28,7 @@ from core.evaluation import build_report
 from core.fileio import atomic_write, atomic_write_json, report_data
 from core.manifest import file_sha256, import_csv, read_manifest, write_manifest
 from core.model import LesionClassifier
-from core.runfolder import BUNDLE, TEST_REPORT, VAL_REPORT, RunFolder
+from core.runfolder import BUNDLE, CHECKPOINT, TEST_REPORT, VAL_REPORT, RunFolder
 from core.splits import FixedSplit, assign_splits, split_counts
 from core.trust import attach, features_and_logits, fit_trust, quality_of, summary_lines, trust_report
 from core.transforms import eval_transform, train_transform
@@ -416,6 +416,8 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, *, split: FixedSp
             state = RunState(**blob["state"])
             model.load_state_dict(blob["model"])
             rf.log(f"resuming: stage {state.stage}, after epoch {state.epoch}")
+        elif resume:  # killed before its first checkpoint, or the file was removed: said, not silently redone
+            rf.log(f"resume: no {CHECKPOINT} in {out}, so the run starts again from its first epoch")
         here = hardware_record(accelerator, precision, cfg.precision, fabric.world_size)
         if not state.hardware or state.hardware[-1] != here:  # a run resumed on another machine records both
             state.hardware.append(here)

@@ -96,6 +96,11 @@ def main(argv=None) -> int:
         if args.resume and runfolder.is_cv_run(out) != cfg.cv.enabled and runfolder.holds_run(out):
             kind = "a cross-validation" if runfolder.is_cv_run(out) else "a single-split"
             raise ConfigError(f"{out} holds {kind} run: resume it with its own config (without changing --folds)")
+        if args.resume and (changed := _changed_on_resume(out, cfg)):
+            raise ConfigError(f"{out} was started with another config ({', '.join(changed[:8])} differ"
+                              f"{', ...' if len(changed) > 8 else ''}); a run resumes with the config it started with: "
+                              f"python -m train.fit --resume --out {out} (device and precision may change), or start "
+                              "a new run with the new config")
         if args.check:
             return _report_check(cfg)
         if cfg.cv.enabled:
@@ -120,6 +125,13 @@ def main(argv=None) -> int:
         return 130
     print(f"bundle: {bundle}")
     return 0
+
+
+def _changed_on_resume(out: Path, cfg) -> list[str]:
+    """What a resume's config would change in the run's own (config.yaml), beyond device and precision."""
+    from core.config import changed_settings
+    started = runfolder.read_config(out)
+    return changed_settings(started, cfg.to_dict()) if started else []
 
 
 def _report_check(cfg) -> int:

@@ -427,3 +427,43 @@ def test_refresh_similar_fills_the_shipped_bundles_diagnoses_and_keeps_its_weigh
     assert np.array_equal(after.similar.embeddings, before.similar.embeddings)
     assert [r["diagnosis"] for r in after.similar.records] == ["BCC" if r["label"] else "NEV"
                                                                for r in before.similar.records]
+
+
+def test_a_resume_with_another_config_is_refused_naming_what_differs(finished_run, tmp_path, capsys):
+    """--resume --config other.yaml trained on with the new learning rate while config.yaml kept the old one: the
+    model came from both and its records contradicted each other. Device and precision may change."""
+    run = str(finished_run / "run")
+    other = yaml.safe_load((finished_run / "cfg.yaml").read_text())
+    other["stages"][1]["lr"] = 0.05
+    other["seed"] = 7
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert fit_cli.main(["--resume", "--out", run, "--config", str(tmp_path / "other.yaml"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "was started with another config (seed, stages.1.lr differ)" in err and f"--resume --out {run}" in err
+    assert fit_cli.main(["--resume", "--out", run, "--set", "stages.0.epochs=5", "--check"]) == 2
+    assert "(stages.0.epochs differ)" in capsys.readouterr().err
+    assert fit_cli.main(["--resume", "--out", run, "--config", str(finished_run / "cfg.yaml"), "--check"]) == 0
+    assert fit_cli.main(["--resume", "--out", run, "--device", "cpu", "--precision", "32-true", "--check"]) == 0
+
+
+def test_changed_settings_walks_stages_and_leaves_the_machine_aside():
+    from core.config import changed_settings
+    started = {"seed": 0, "device": "cuda", "stages": [{"lr": 1e-4, "data": [{"csv": "a.csv"}]}],
+               "head": {"hidden": 256}}
+    assert changed_settings(started, started) == []
+    now = {"seed": 0, "device": "cpu", "stages": ({"lr": 1e-5, "data": ({"csv": "b.csv"},)},), "head": {}}
+    assert changed_settings(started, now) == ["head.hidden", "stages.0.data.0.csv", "stages.0.lr"]
+    assert changed_settings(started, {**started, "stages": []}) == ["stages"]  # a stage more or less
+
+
+def test_a_resume_without_a_checkpoint_says_it_starts_again(image_set, tmp_path):
+    """A run killed before its first checkpoint (or whose checkpoint was removed) trained from epoch 0 again
+    without a word in its log."""
+    labels, images = image_set
+    cfg = run_config_from_dict(tiny_config(labels, images, report_test=False))
+    training.fit(cfg, tmp_path / "run")
+    (tmp_path / "run" / runfolder.CHECKPOINT).unlink()
+    training.fit(cfg, tmp_path / "run", resume=True)
+    log = runfolder.log_tail(tmp_path / "run", lines=400)
+    assert f"resume: no checkpoint.pt in {tmp_path / 'run'}, so the run starts again from its first epoch" in log
+    assert "resuming: stage" not in log
