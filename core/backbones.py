@@ -1,6 +1,7 @@
 """A registry of backbone specs (timm model, weights tag, feature size, Grad-CAM layer, preprocessing) and their builder."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +16,9 @@ class WeightsError(RuntimeError):
     """Pretrained weights that cannot be obtained or do not fit the backbone."""
 
 
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # what core.transforms can resize with
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How images are turned into tensors for a backbone; it travels with the weights into every bundle."""
@@ -24,6 +28,18 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self):  # a hand-edited bundle fails here, by name, not mid-screening with NaN features
+        numbers = lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(  # noqa: E731
+            isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+        if not isinstance(self.input_size, int) or not 16 <= self.input_size <= 4096:
+            raise ValueError(f"input_size must be a whole number of pixels, 16-4096, not {self.input_size!r}")
+        if not isinstance(self.crop_pct, (int, float)) or not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], not {self.crop_pct!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        if not numbers(self.mean) or not numbers(self.std) or min(self.std) <= 0:
+            raise ValueError(f"mean and std must be 3 numbers each, std > 0, not {self.mean!r} and {self.std!r}")
+
     @property
     def resize_to(self) -> int:
         """Short side before the centre crop (timm's convention: input_size / crop_pct)."""
@@ -31,7 +47,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})  # TypeError/KeyError when malformed
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from core import calibration as calibration_mod
 from core import ood, similar as similar_mod
-from core.backbones import BackboneSpec
+from core.backbones import BackboneSpec, Preprocessing
 from core.context import ContextModel
 from core.fileio import atomic_write, atomic_write_json
 from core.manifest import file_sha256
@@ -227,7 +227,7 @@ class BundleMeta:
             raise BundleError(f"{where}: not a {FORMAT} (format={found!r})")
         version = d.get("format_version")
         if version not in READABLE_VERSIONS:
-            raise BundleError(f"{where}: bundle format version {version} but this tool reads version "
+            raise BundleError(f"{where}: bundle format version {version!r} but this tool reads version "
                               f"{FORMAT_VERSION} (and the older {', '.join(map(str, READABLE_VERSIONS[:-1]))}); "
                               f"re-export it with a matching version of the tool")
         body = {k: v for k, v in d.items() if k != "format"}
@@ -244,14 +244,21 @@ class BundleMeta:
             section = _section_type(hints[name])
             if section is not None and value is not None:
                 known[name] = _read_section(section, value, where, name)
+        _readable(lambda: BackboneSpec.from_dict(known["backbone"]), where, "backbone")  # it builds the model later
+        if known.get("preprocessing") is not None:
+            _readable(lambda: Preprocessing.from_dict(known["preprocessing"]), where, "preprocessing")
         return cls(**known)
 
 
 def _read_section(section, value, where: str, name: str):
     """One typed section; its own error type (e.g. core.context.ContextError) becomes a BundleError naming the file
     and section, so a reader that skips unusable bundles (the app's model list) skips this one too."""
+    return _readable(lambda: section.from_dict(value, f"{where} {name}"), where, name)
+
+
+def _readable(build, where: str, name: str):
     try:
-        return section.from_dict(value, f"{where} {name}")
+        return build()
     except BundleError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -403,8 +410,8 @@ def read_meta(folder: str | Path) -> BundleMeta:
         raise BundleError(f"{folder}: no {META_FILE} (not a model bundle or run folder)")
     try:
         raw = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        raise BundleError(f"{meta_path}: not valid JSON in UTF-8 ({e})") from e
     return replace(BundleMeta.from_dict(raw, str(meta_path)), folder=folder)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,9 @@ from core.transforms import AUGMENTATIONS
 
 SCHEDULERS = ("none", "plateau", "cosine")
 IMPORTERS = ("pad_ufes", "isic", "midas")
+# 'auto' (core.device.fabric_precision) or a Lightning Fabric precision; anything else fails only in the run
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
@@ -68,6 +72,9 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name!r}: {key} must be one of {allowed}, not {value!r}")
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
             raise ConfigError(f"stage {self.name!r}: epochs, lr and batch_size must be positive")
+        if not 0 <= self.dropout < 1 or self.weight_decay < 0:
+            raise ConfigError(f"stage {self.name!r}: dropout must be in [0, 1) and weight_decay >= 0, not "
+                              f"{self.dropout} and {self.weight_decay}")
         if not self.data:
             raise ConfigError(f"stage {self.name!r} names no data")
 
@@ -159,6 +166,12 @@ class RunConfig:
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if not DEVICE_RE.match(str(self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        if self.head.kind == "mlp" and self.head.hidden < 1:
+            raise ConfigError(f"head.hidden must be a positive number of units, not {self.head.hidden}")
         if self.select_metric not in selection_metrics():
             raise ConfigError(f"select_metric must be one of {', '.join(selection_metrics())}, "
                               f"not {self.select_metric!r}")

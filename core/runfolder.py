@@ -236,6 +236,17 @@ def load_checkpoint(run: str | Path) -> dict | None:
                               "the run again in a new --out") from e
 
 
+def load_best(run: str | Path, stage: int) -> dict:
+    """A stage's best-epoch weights (safetensors: never code), or CheckpointError naming the damaged file."""
+    from safetensors.torch import load_file
+    path = best_path(run, stage)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a cut or missing file raises SafetensorError, OSError...: one cause
+        raise CheckpointError(f"{path}: damaged or missing, the stage's best epoch cannot be read back "
+                              f"({type(e).__name__}: {str(e)[:200]}); start the run again in a new --out") from e
+
+
 # ---------------------------------------------------------------- stop requests
 def request_stop(run: str | Path, by: str = "") -> None:
     """Ask the trainer to stop at its next step boundary (it saves its state first). Works on every OS and from
@@ -332,6 +343,9 @@ class RunFolder:
 
     def best_path(self, stage: int) -> Path:
         return best_path(self.out, stage)
+
+    def load_best(self, stage: int) -> dict:
+        return load_best(self.out, stage)
 
     def split_path(self, stage: int, name: str) -> Path:
         return split_path(self.out, stage, name)

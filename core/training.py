@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import yaml
 from lightning_fabric import Fabric
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from core import metrics
@@ -117,6 +117,10 @@ def input_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"weights file not found: {cfg.weights} (use 'imagenet', 'none' or a file path)")
     elif cfg.weights == "imagenet" and not BACKBONES[cfg.backbone].downloadable:
         problems.append(BACKBONES[cfg.backbone].no_download_reason())
+    try:
+        pick_device(cfg.device)
+    except RuntimeError as e:  # 'cuda' on a machine without one
+        problems.append(str(e))
     if problems and cfg.data_help and any(p.startswith("data ") for p in problems):
         problems.append(f"where to get the data: {cfg.data_help}")
     return problems
@@ -307,7 +311,7 @@ def run_stage(fabric, rf: RunFolder, cfg: RunConfig, model: LesionClassifier, i:
                f"val_auc {_fmt(m['roc_auc'])} val_recall {_fmt(m['recall'])} ({row['seconds']}s)")
         check_stop(fabric)  # a request during validation: stop after this epoch's checkpoint
     fabric.barrier()
-    model.load_state_dict(load_file(str(best_path)))  # the stage ends on its best validation epoch
+    model.load_state_dict(rf.load_best(i))  # the stage ends on its best validation epoch
     state.stage_prov[i]["best_epoch"] = state.best_epoch
     rf.log(f"stage {i} done: best epoch {state.best_epoch} (validation {cfg.select_metric})")
 

@@ -56,8 +56,11 @@ def load_raw(args) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML in UTF-8 ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of settings (name:, backbone:, stages: ...), not a "
+                          f"{type(raw).__name__}")
     if args.init_from:  # starting from a run replaces the recipe's own starting model
         for key in ("weights", "head", "input_size"):
             raw.pop(key, None)
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
                               "a new run with the new config")
         if args.check:
             return _report_check(cfg)
+        _check_device(cfg.device)
         if cfg.cv.enabled:
             from core.cv import fit_cv
             bundle = fit_cv(cfg, out, resume=args.resume)
@@ -125,6 +129,15 @@ def main(argv=None) -> int:
         return 130
     print(f"bundle: {bundle}")
     return 0
+
+
+def _check_device(preference: str) -> None:
+    """A device asked for that this machine lacks, as a config error (not a traceback from inside the run)."""
+    from core.device import pick_device
+    try:
+        pick_device(preference)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _changed_on_resume(out: Path, cfg) -> list[str]:

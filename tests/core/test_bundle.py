@@ -197,3 +197,29 @@ def test_a_format_1_bundle_with_cut_weights_or_a_model_nobody_can_build_is_a_bun
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="describes a model this tool cannot build"):
         load_bundle(folder)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda d: d.update(backbone="resnet18"), "section 'backbone' unreadable"),
+    (lambda d: d["backbone"]["preprocessing"].update(input_size=0), "input_size must be a whole number"),
+    (lambda d: d["backbone"]["preprocessing"].update(input_size="big"), "input_size must be a whole number"),
+    (lambda d: d["backbone"]["preprocessing"].update(std=[0, 0, 0]), "std > 0"),
+    (lambda d: d["backbone"]["preprocessing"].update(mean=[0.5]), "3 numbers each"),
+    (lambda d: d["backbone"]["preprocessing"].update(interpolation="lanczos"), "interpolation must be one of"),
+    (lambda d: d.update(format_version="2"), "bundle format version '2' but this tool reads version 2"),
+])
+def test_a_hand_edited_model_json_is_a_bundle_error_before_any_photo_is_read(bundle_dir, edit, said):
+    """Each of these reached the user as a traceback (or, std 0, as NaN features mid-screening)."""
+    folder, _ = bundle_dir
+    raw = json.loads((folder / "model.json").read_text())
+    edit(raw)
+    (folder / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=said):
+        read_meta(folder)
+
+
+def test_a_model_json_that_is_not_utf8_is_named(bundle_dir):
+    folder, _ = bundle_dir
+    (folder / "model.json").write_bytes(b"\xff\xfe" + (folder / "model.json").read_bytes())
+    with pytest.raises(BundleError, match="model.json: not valid JSON in UTF-8"):
+        read_meta(folder)

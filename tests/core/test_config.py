@@ -52,6 +52,12 @@ def test_yaml_exponent_without_dot_is_read_as_a_number():
     (lambda c: c["stages"][0]["data"][0].pop("images"), "needs 'images'"),
     (lambda c: c["stages"][0].update(data=[{"manifest": "a.csv", "csv": "b.csv"}]), "exactly one"),
     (lambda c: c.update(threshold={"rule": "vibes"}), "threshold.rule"),
+    # found in the run before, as tracebacks after '--check' had said ok
+    (lambda c: c["stages"][0].update(dropout=2), r"dropout must be in \[0, 1\)"),
+    (lambda c: c["stages"][0].update(weight_decay=-1e-5), "weight_decay >= 0"),
+    (lambda c: c.update(head={"hidden": -3}), "head.hidden must be a positive number"),
+    (lambda c: c.update(precision="fp8"), "precision must be one of auto, 32-true"),
+    (lambda c: c.update(device="tpu"), "device must be auto, cpu, cuda, cuda:N or mps, not 'tpu'"),
 ])
 def test_mistakes_are_named(mutate, message):
     cfg = tiny_config("l.csv", "imgs")
@@ -121,6 +127,25 @@ def test_fit_refuses_a_mistyped_override_before_training(tmp_path, capsys):
     assert main(["--config", str(recipe), "--out", str(out), "--set", "threshold.target=ninety"]) == 2
     assert "threshold.target: expected a finite number (float), got 'ninety'" in capsys.readouterr().err
     assert not out.exists()  # nothing was started
+
+
+def test_fit_names_a_recipe_that_is_not_a_mapping_and_a_device_this_machine_lacks(tmp_path, capsys):
+    """A YAML list ended in AttributeError; device 'cuda' on a CPU-only machine in a RuntimeError traceback."""
+    import torch
+
+    from train.fit import main
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- name: tiny\n- stages: []\n")
+    assert main(["--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert "a recipe is a mapping of settings (name:, backbone:, stages: ...), not a list" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 'cuda' is not missing here")
+    (tmp_path / "l.csv").write_text("image,label\n")
+    recipe.write_text(yaml.safe_dump(tiny_config(str(tmp_path / "l.csv"), str(tmp_path / "imgs"), device="cuda")))
+    assert main(["--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert "error: device 'cuda' was asked for but no CUDA GPU is available" in capsys.readouterr().err
+    assert main(["--config", str(recipe), "--out", str(tmp_path / "run"), "--check"]) == 2
+    assert "device 'cuda' was asked for" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("split, message", [({"val": 0.0}, "val must be > 0"),

@@ -166,3 +166,17 @@ def test_a_cross_validation_holds_a_resumable_run_without_a_checkpoint(tmp_path)
         runfolder.write_metrics(runfolder.fold_path(run, k), [{"stage": 0, "epoch": e} for e in range(k + 1)])
     m = runfolder.read_fold_metrics(run)
     assert m["fold"].tolist() == [0, 1, 1] and m["step"].tolist() == [1, 1, 2]
+
+
+def test_a_cut_best_epoch_file_is_a_checkpoint_error_naming_it(tmp_path):
+    """A resume reading a damaged best_stage0.safetensors stopped with a SafetensorError traceback."""
+    import torch
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(64)}, str(runfolder.best_path(tmp_path, 0)))
+    assert runfolder.load_best(tmp_path, 0)["w"].shape == (64,)
+    data = runfolder.best_path(tmp_path, 0).read_bytes()
+    runfolder.best_path(tmp_path, 0).write_bytes(data[: len(data) // 2])
+    with pytest.raises(runfolder.CheckpointError, match=r"best_stage0.safetensors: damaged or missing"):
+        runfolder.load_best(tmp_path, 0)
+    with pytest.raises(runfolder.CheckpointError, match=r"best_stage1.safetensors: damaged or missing"):
+        runfolder.load_best(tmp_path, 1)
