@@ -96,9 +96,8 @@ def check_images(df: pd.DataFrame) -> None:
             continue
         if box and (why := box_problem(box, size)):
             problems.append(f"{row['image']}: crop box {box} {why}")
-    if problems:
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise ManifestError(f"{len(problems)} unusable image(s): " + "; ".join(problems[:10]) + more)
+    if problems:  # every one named: a user fixing them one run at a time would lose a run per photo
+        raise ManifestError(f"{len(problems)} unusable image(s):\n  " + "\n  ".join(problems))
 
 
 _SOUND: dict[tuple, tuple[int, int]] = {}  # (path, mtime, size) -> decoded size: a cross-validation checks once

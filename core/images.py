@@ -108,9 +108,8 @@ def load_image(source: Source, *, name: str | None = None, crop: CropBox | Mappi
     if crop is not None and not isinstance(crop, CropBox):
         crop = _crop_from_mapping(crop, label)
     with _open(source, label) as img:
-        if formats is not None and img.format not in formats:
-            raise ImageLoadError(f"{label}: {img.format or 'this'} format is not supported (supported: "
-                                 f"{', '.join(f for f in formats if f != 'MPO')})", "unsupported_type")
+        if formats is not None:
+            _check_format(img, formats, label)
         full_size = _oriented_size(img)
         if crop is not None:
             _validate_crop(crop, full_size, label)
@@ -123,6 +122,12 @@ def load_image(source: Source, *, name: str | None = None, crop: CropBox | Mappi
         _validate_crop(crop, out.size, label)  # guards a header/decoded orientation mismatch
         out = out.crop(crop.box)
     return out
+
+
+def _check_format(img: Image.Image, formats: Collection[str], label: str) -> None:
+    if img.format not in formats:
+        raise ImageLoadError(f"{label}: {img.format or 'this'} format is not supported (supported: "
+                             f"{', '.join(f for f in formats if f != 'MPO')})", "unsupported_type")
 
 
 def image_size(source: Source, name: str | None = None) -> tuple[int, int]:
@@ -138,6 +143,7 @@ def decoded_size(source: Source, name: str | None = None) -> tuple[int, int]:
     DCT still reads every byte), which costs a few milliseconds."""
     label = _label(source, name)
     with _open(source, label) as img:
+        _check_format(img, SUPPORTED_FORMATS, label)  # what screening refuses, training and import refuse too
         size = _oriented_size(img)
         _draft(img, None, min_side=1)
         _decode(img, label)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -66,3 +67,21 @@ def test_augment_seed_fixes_each_items_augmentation_and_leaves_the_global_rng_al
     assert all(torch.equal(x, y) for x, y in zip(a, [ds[i][0] for i in range(3)]))  # same seed and item: same crop
     ds.set_augment_seed(8)
     assert not all(torch.equal(x, ds[i][0]) for i, x in enumerate(a))
+
+
+def test_check_images_names_every_unusable_photo_and_refuses_what_screening_refuses(tmp_path):
+    """Only the first 10 were named ('and 5 more'), and a GIF passed here though train.screen refuses it."""
+    from PIL import Image
+
+    from core.dataset import check_images
+    from core.manifest import ManifestError
+    Image.new("RGB", (40, 30), (90, 60, 40)).save(tmp_path / "ok.jpg")
+    Image.new("RGB", (40, 30), (90, 60, 40)).save(tmp_path / "anim.gif")
+    images = [str(tmp_path / "ok.jpg"), str(tmp_path / "anim.gif")] + [str(tmp_path / f"miss_{i}.jpg")
+                                                                      for i in range(14)]
+    with pytest.raises(ManifestError) as said:
+        check_images(pd.DataFrame({"image": images, "label": 1}))
+    lines = str(said.value).splitlines()
+    assert lines[0] == "15 unusable image(s):" and len(lines) == 16
+    assert "anim.gif: GIF format is not supported" in lines[1]
+    assert all(f"miss_{i}.jpg: file not found" in lines[i + 2] for i in range(14))

@@ -224,7 +224,7 @@ def test_corrupt_image_is_reported_before_training(image_set, tmp_path):
     (images / "img005.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (images / "img006.png").write_bytes(b"")
     cfg = run_config_from_dict(tiny_config(labels, images))
-    with pytest.raises(ManifestError, match=r"2 unusable image\(s\).*img005\.png.*img006\.png"):
+    with pytest.raises(ManifestError, match=r"(?s)2 unusable image\(s\).*img005\.png.*img006\.png"):
         training.fit(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
