@@ -114,6 +114,8 @@ def scored_rows(source) -> pd.DataFrame:
 
     from core.reports import load_report
     path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (give a cross-validated run folder or a report JSON)")
     if path.is_dir():
         if not (path / runfolder.OOF).is_file():
             raise FileNotFoundError(f"{path} has no {runfolder.OOF} (not a cross-validated run); give a report "

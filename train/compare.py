@@ -6,12 +6,12 @@ test split) or an evaluation report JSON (e.g. runs/X/test_report.json, once the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from core import metrics
 from core.evaluation import compare_scores, scored_rows
+from core.fileio import atomic_write_json, check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.json:  # before the bootstrap, not after it
+            check_writable(args.json, [args.a, args.b])
         result = compare_scores(scored_rows(args.a), scored_rows(args.b), n_boot=args.n_boot, seed=args.seed)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # UnwritableError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = {"a": str(args.a), "b": str(args.b), **result}
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
               f"{metrics.format_estimate(r['difference'], '+.3f', '+.3f')}")
     print(f"({result['ci_method']})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        atomic_write_json(args.json, result, indent=1)
         print(f"wrote {args.json}")
     return 0
 

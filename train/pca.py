@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import pca, userdirs
+from core import builtin, pca, userdirs
 from core.backbones import BACKBONES, WeightsError
 from core.bundle import BundleError
 from core.dataset import check_images
@@ -49,7 +49,8 @@ def add_embedder_arguments(p: argparse.ArgumentParser, default_backbone: str | N
 
 
 def embedder_from_args(args):
-    return load_embedder(run=args.run, backbone=None if args.run else args.backbone, weights=args.weights,
+    run = str(builtin.resolve_model(args.run)) if args.run else None  # 'demo': the built-in model
+    return load_embedder(run=run, backbone=None if args.run else args.backbone, weights=args.weights,
                          seed=args.seed, input_size=args.input_size)
 
 

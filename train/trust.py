@@ -12,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from core import builtin
 from core.bundle import BundleError, load_bundle, other_sections, save_bundle
+from core.dataset import check_images
 from core.device import pick_device
 from core.manifest import ManifestError, read_manifest
 from core.runfolder import SPLITS
@@ -38,8 +40,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run = Path(args.run)
     try:
+        if builtin.is_builtin(builtin.resolve_model(run)):
+            raise BundleError("train.trust rebuilds a run's trust arrays inside its bundle; the built-in demo ships "
+                              "with its own (python -m train.build_demo rebuilds the demo)")
         bundle = load_bundle(run)
         df = read_manifest(last_split_file(run))
+        check_images(df[df["split"].isin(["train", "val"])])  # the photos fit_trust reads, every bad one named
     except (BundleError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -212,3 +212,22 @@ def test_summary_explains_an_ece_interval_that_lies_above_its_value():
                                   "ece": {"value": 0.099, "ci95": [0.105, 0.21]}}
     lines = summary_lines(trust)
     assert lines[-2].startswith("ECE: raw 0.1600") and lines[-1] == f"  ({ECE_INTERVAL})"
+
+
+def test_train_trust_names_every_bad_photo_first_and_leaves_the_built_in_demo_alone(trusted, tmp_path, capsys):
+    """A missing photo stopped it with an ImageLoadError traceback; '--run demo' was said to be accepted, and the
+    demo's bundle ships inside assets/ (its trust arrays are rebuilt with the demo, not in place)."""
+    from core.manifest import write_manifest
+    from core.runfolder import BUNDLE, split_path
+    from train.trust import main as trust_main
+    old = load_bundle(trusted["bundle"])
+    run = tmp_path / "run"
+    save_bundle(old.model, run / BUNDLE, threshold=old.meta.threshold, provenance=old.meta.provenance)
+    df = trusted["df"].copy()
+    df.loc[df.index[:2], "image"] = [str(tmp_path / "gone_a.jpg"), str(tmp_path / "gone_b.jpg")]
+    write_manifest(df, split_path(run, 0, "finetune"), relative=False)
+    assert trust_main(["--run", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "gone_a.jpg: file not found" in err and "gone_b.jpg: file not found" in err
+    assert trust_main(["--run", "demo"]) == 2
+    assert "the built-in demo ships with its own" in capsys.readouterr().err

@@ -62,3 +62,15 @@ def test_compare_refuses_other_photos_other_labels_and_sources_without_predictio
     assert compare.main([str(empty), str(report)]) == 2
     assert "no per-photo predictions" in capsys.readouterr().err
     assert compare.main([str(tmp_path / "nowhere.json"), str(report)]) == 2
+
+
+def test_a_missing_source_and_an_unwritable_json_are_named_before_the_bootstrap(two_sources, tmp_path, capsys):
+    """A typo'd path said 'not an evaluation report'; --json into a missing folder failed after all the work."""
+    run, report, *_ = two_sources
+    assert compare.main([str(tmp_path / "nope.json"), str(report)]) == 2
+    assert f"{tmp_path / 'nope.json'}: not found" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert compare.main([str(run), str(report), "--json", str(tmp_path / "a_file" / "c.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert compare.main([str(run), str(report), "--json", str(report)]) == 2  # the report it reads
+    assert "is an input of this command" in capsys.readouterr().err and json.loads(report.read_text())["metrics"] == {}

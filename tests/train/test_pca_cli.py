@@ -122,3 +122,12 @@ def test_an_unwritable_cache_is_reported_and_skipped(tmp_path, manifests, monkey
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["timings"]["embedding_cache"] is None and summary["timings"]["embeddings_computed"] == 30
     assert f"embedding cache {blocked / 'embeddings'} is not writable" in capsys.readouterr().err
+
+
+def test_the_built_in_demo_is_a_run_by_its_short_name(tmp_path, manifests):
+    """Its error said 'give a run folder, a bundle folder or demo', yet 'demo' was not accepted here."""
+    argv = ["--manifest", str(manifests[0]), "--out", str(tmp_path / "o"), "--run", "demo", "--pixel-size", "8",
+            "--device", "cpu", "--workers", "0", "--no-cache"]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["model"]["source"] == "run" and summary["model"]["run"].endswith("bundle")
