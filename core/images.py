@@ -6,6 +6,7 @@ import io
 import math
 import os
 import re
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,10 @@ except ImportError:  # pragma: no cover - pillow-heif is a runtime requirement
 # Phones take 48-50 MP photos; anything much larger is a scan, a panorama or a decompression bomb.
 # Kept below PIL's own warning threshold (~89.5 MP) so our check always speaks first.
 MAX_PIXELS = 80_000_000
+# PIL warns while it opens the header, before _open can refuse the file: the user saw a library warning above
+# the row that names the file as too_large. Every file past MAX_PIXELS is refused by name, so the warning says
+# nothing more (PIL's hard limit, twice its threshold, still raises and is reported the same way).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".heic", ".heif", ".bmp", ".tif", ".tiff", ".webp")
 # The same formats as PIL names them after reading a file's header (its content, not its name). MPO is how PIL
 # names the many phone JPEGs that carry a second (depth or preview) picture.

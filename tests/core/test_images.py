@@ -292,6 +292,21 @@ def test_decompression_bomb_warning_as_error(tmp_path):
     assert MAX_PIXELS == 80_000_000
 
 
+def test_a_file_past_the_limit_is_named_without_a_library_warning_first(tmp_path):
+    """PIL's DecompressionBombWarning printed above the row that already named the file as too_large. Run as a
+    user runs it: pytest replaces the warning filters a module sets when it is imported."""
+    import subprocess
+    import sys
+    (tmp_path / "photos").mkdir()
+    _png_claiming(tmp_path / "photos" / "big.png", 10000, 9000)
+    Image.fromarray(_smooth(256, 192)).save(tmp_path / "photos" / "fine.png")  # one to score: exit 0
+    done = subprocess.run([sys.executable, "-m", "train.screen", "--run", "demo", "--images", str(tmp_path / "photos"),
+                           "--out", str(tmp_path / "p.csv"), "--workers", "0"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "too_large" in (tmp_path / "p.csv").read_text() and "DecompressionBomb" not in done.stderr + done.stdout
+
+
 # --- sources ---------------------------------------------------------------------------------
 
 def test_bytes_and_file_like_sources(tmp_path):
