@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from core.fileio import UnwritableError, check_writable
-from core.manifest import ManifestError, import_csv, import_folder, read_manifest, write_manifest
+from core.manifest import (ManifestError, import_csv, import_folder, keep_decodable, read_manifest,
+                           write_manifest)
 
 ISIC_FIX = "install the official ISIC command line tool with `pip install isic-cli`"
 
@@ -179,6 +180,10 @@ def main(argv=None) -> int:
                 check_writable(out, given)  # before the import's work: a folder in the way, an input file
         outputs = args.handler(args)
         for df, report, out in outputs:
+            if args.handler is not _folder:  # the folder importer decodes as it lists
+                df = keep_decodable(df, report)
+                if df.empty:
+                    raise ManifestError(f"{out}: not written, no usable images ({report.summary()})")
             check_writable(out, [*given, *df["image"]])
             path = write_manifest(df, out)
             print(f"{path}:")

@@ -270,3 +270,23 @@ def test_a_crop_file_that_is_not_there_is_named_not_taken_for_an_empty_one(tmp_p
     rc = main(["crops", "--manifest", str(tmp_path / "m.csv"), "--crops", str(tmp_path / "typo.csv"),
                "--out", str(tmp_path / "c.csv")])
     assert rc == 2 and f"{tmp_path / 'typo.csv'}: crop-box file not found" in capsys.readouterr().err
+
+
+def test_csv_import_keeps_only_photos_that_decode_and_names_the_others(tmp_path, capsys):
+    """It checked only that a file existed: an empty .jpg, a text file named .png and a cut JPEG were 'kept'."""
+    make_image(tmp_path / "img" / "good.jpg")
+    make_image(tmp_path / "img" / "other.jpg")
+    (tmp_path / "img" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "img" / "text.png").write_text("not a photo")
+    whole = (tmp_path / "img" / "other.jpg").read_bytes()
+    (tmp_path / "img" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    pd.DataFrame({"image": ["good.jpg", "zero.jpg", "text.png", "cut.jpg"], "label": [1, 0, 1, 0]}).to_csv(
+        tmp_path / "l.csv", index=False)
+    assert main(["csv", str(tmp_path / "l.csv"), "--images", str(tmp_path / "img"),
+                 "--out", str(tmp_path / "m.csv")]) == 0
+    assert [Path(p).name for p in read_manifest(tmp_path / "m.csv")["image"]] == ["good.jpg"]
+    out = capsys.readouterr().out
+    assert re.search(r"kept\s+1\b", out) and "not a usable image (empty)" in out
+    assert "not a usable image (not_an_image)" in out and "not a usable image (corrupt)" in out
+    named = pd.read_csv(tmp_path / "m.dropped.csv")
+    assert sorted(Path(w.split(":")[0]).name for w in named["dropped"]) == ["cut.jpg", "text.png", "zero.jpg"]
