@@ -446,7 +446,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run-cpu", action="store_true", help="run every step on the CPU with tiny settings")
     p.add_argument("--json", help="results file (default: benchmarks/results/gpu_check_<gpu-name>.json; in the "
                                   "dry run, gpu_check_dry-run-cpu.json in the work folder)")
-    p.add_argument("--work", help="scratch folder for runs and logs (default: a new folder in the system's temporary folder)")
+    p.add_argument("--work", help="scratch folder for runs and logs (default: a new folder in the system's "
+                                  "temporary folder)")
     p.add_argument("--shared", help="the shared folder holding data/ and weights/ (default ../shared or ./shared)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     p.add_argument("--budget", type=float, help=f"seconds for all steps together (default {BUDGET_S})")

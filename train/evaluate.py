@@ -43,6 +43,16 @@ def select_rows(df, split):
     return chosen.reset_index(drop=True), split
 
 
+def check_once_each(df) -> None:
+    """Each photo once: a photo counted twice narrows every interval, and one listed with both labels is both a
+    hit and a miss (train.compare refuses such a report)."""
+    twice = df[df["image"].duplicated(keep=False)]
+    if len(twice):
+        listed = [f"{image} ({len(rows)} times, labels {', '.join(map(str, sorted(set(rows['label']))))})"
+                  for image, rows in twice.groupby("image", sort=False)]
+        raise ManifestError(f"{len(listed)} photo(s) listed more than once; list each once:\n  " + "\n  ".join(listed))
+
+
 def add_context(report: dict, df, probs, bundle, n_boot: int) -> str:
     """With a context stage and context columns in the manifest: image-only, context-only and fused side by side."""
     from core.context import context_of
@@ -64,6 +74,7 @@ def main(argv=None) -> int:
         df = read_manifest(args.manifest)
         split = args.split or ("test" if "split" in df else "all")
         df, split = select_rows(df, split)
+        check_once_each(df)
         default_dir = Path(".") if builtin.is_builtin(args.run) else Path(args.run)  # never write into assets/
         out = check_writable(args.out or default_dir / f"report_{Path(args.manifest).stem}_{split}.json",
                              [args.manifest, *df["image"]])

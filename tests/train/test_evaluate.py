@@ -85,3 +85,16 @@ def test_a_report_written_over_its_manifest_is_refused(tmp_path, capsys):
     text = manifest.read_text()
     assert main(["--run", "demo", "--manifest", str(manifest), "--out", str(manifest)]) == 2
     assert f"{manifest}: is an input of this command" in capsys.readouterr().err and manifest.read_text() == text
+
+
+def test_a_photo_listed_twice_is_named_not_counted_twice(tmp_path, capsys):
+    from PIL import Image
+    for i in range(3):
+        Image.new("RGB", (64, 64), (120 + 20 * i, 80, 60)).save(tmp_path / f"p{i}.jpg")
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image": ["p0.jpg", "p1.jpg", "p0.jpg", "p2.jpg", "p2.jpg"], "label": [0, 1, 1, 0, 0]}).to_csv(
+        manifest, index=False)
+    assert main(["--run", "demo", "--manifest", str(manifest), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "2 photo(s) listed more than once" in err and "p0.jpg (2 times, labels 0, 1)" in err
+    assert "p2.jpg (2 times, labels 0)" in err and not (tmp_path / "r.json").exists()
