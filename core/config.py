@@ -19,7 +19,8 @@ from core.transforms import AUGMENTATIONS
 SCHEDULERS = ("none", "plateau", "cosine")
 IMPORTERS = ("pad_ufes", "isic", "midas")
 # 'auto' (core.device.fabric_precision) or a Lightning Fabric precision; anything else fails only in the run
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+              "32", "16", "bf16", "64")  # the short names Fabric still maps onto the long ones
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -170,6 +171,8 @@ class RunConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if not DEVICE_RE.match(str(self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        if self.input_size is not None and not 16 <= self.input_size <= 4096:  # what a bundle can record
+            raise ConfigError(f"input_size must be 16-4096 pixels (or left out), not {self.input_size}")
         if self.head.kind == "mlp" and self.head.hidden < 1:
             raise ConfigError(f"head.hidden must be a positive number of units, not {self.head.hidden}")
         if self.select_metric not in selection_metrics():
@@ -337,9 +340,10 @@ def apply_override(raw: dict, dotted: str) -> None:
         raise ConfigError(f"override {dotted!r}: the value is not valid YAML ({e})") from None
 
 
-# What a resumed run may change: where and how fast it trains, not what it learns.
+# What a resumed run may change: where and how fast it trains, not what it learns; and cv.nested, which adds the
+# pair runs to a finished cross-validation (core.cv).
 RESUME_MAY_CHANGE = ("name", "precision", "device", "devices", "num_nodes", "num_workers", "decode_cache",
-                     "grad_checkpointing", "channels_last", "data_help")
+                     "grad_checkpointing", "channels_last", "data_help", "cv.nested")
 
 
 def changed_settings(started: dict, now: dict) -> list[str]:
@@ -348,7 +352,7 @@ def changed_settings(started: dict, now: dict) -> list[str]:
     def walk(a, b, prefix: str):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                if not (prefix == "" and k in RESUME_MAY_CHANGE):
+                if f"{prefix}{k}" not in RESUME_MAY_CHANGE:
                     yield from walk(a.get(k), b.get(k), f"{prefix}{k}.")
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):

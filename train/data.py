@@ -41,6 +41,7 @@ def _midas(args) -> list:
     if bool(args.crops) != bool(args.cropped_out):
         raise ManifestError("--crops and --cropped-out go together")
     df, report = import_midas(args.xlsx, args.images, domain=args.domain)
+    df = keep_decodable(df, report)  # before one photo per lesion is picked: a bad pick must not cost a lesion
     # Default as in the paper: one image per lesion in the cropped subset only.
     outputs = [(*(keep_one_per_lesion(df, report) if args.one_per_lesion else (df, report)), args.out)]
     if args.crops:
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
                 check_writable(out, given)  # before the import's work: a folder in the way, an input file
         outputs = args.handler(args)
         for df, report, out in outputs:
-            if args.handler is not _folder:  # the folder importer decodes as it lists
+            if args.handler not in (_folder, _midas):  # these decode as they import
                 df = keep_decodable(df, report)
                 if df.empty:
                     raise ManifestError(f"{out}: not written, no usable images ({report.summary()})")

@@ -61,6 +61,8 @@ def load_raw(args) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of settings (name:, backbone:, stages: ...), not a "
                           f"{type(raw).__name__}")
+    if args.resume and not args.config:
+        raw = _as_recipe(raw)
     if args.init_from:  # starting from a run replaces the recipe's own starting model
         for key in ("weights", "head", "input_size"):
             raw.pop(key, None)
@@ -140,11 +142,27 @@ def _check_device(preference: str) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _as_recipe(saved: dict) -> dict:
+    """A run's config.yaml read back as a recipe. A transfer run's model settings (weights, head, input size) come
+    from the run it started from, and a recipe with init_from must leave them out: the Train page's Resume of such
+    a run was refused ('init_from fixes the model')."""
+    if saved.get("init_from"):
+        return {k: v for k, v in saved.items() if k not in ("weights", "head", "input_size")}
+    return saved
+
+
 def _changed_on_resume(out: Path, cfg) -> list[str]:
-    """What a resume's config would change in the run's own (config.yaml), beyond device and precision."""
+    """What a resume's config would change in the run's own (config.yaml), beyond device and precision. The saved
+    config is rebuilt first, so a key added to the tool after the run started counts as its default, not a change."""
     from core.config import changed_settings
     started = runfolder.read_config(out)
-    return changed_settings(started, cfg.to_dict()) if started else []
+    if not started:
+        return []
+    try:
+        started = run_config_from_dict(_as_recipe(started)).to_dict()
+    except (ConfigError, TypeError, ValueError):  # a config an older version wrote that no longer builds: as saved
+        pass
+    return changed_settings(started, cfg.to_dict())
 
 
 def _report_check(cfg) -> int:

@@ -58,6 +58,7 @@ def test_yaml_exponent_without_dot_is_read_as_a_number():
     (lambda c: c.update(head={"hidden": -3}), "head.hidden must be a positive number"),
     (lambda c: c.update(precision="fp8"), "precision must be one of auto, 32-true"),
     (lambda c: c.update(device="tpu"), "device must be auto, cpu, cuda, cuda:N or mps, not 'tpu'"),
+    (lambda c: c.update(input_size=8), "input_size must be 16-4096 pixels"),
 ])
 def test_mistakes_are_named(mutate, message):
     cfg = tiny_config("l.csv", "imgs")
@@ -127,6 +128,12 @@ def test_fit_refuses_a_mistyped_override_before_training(tmp_path, capsys):
     assert main(["--config", str(recipe), "--out", str(out), "--set", "threshold.target=ninety"]) == 2
     assert "threshold.target: expected a finite number (float), got 'ninety'" in capsys.readouterr().err
     assert not out.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("short", ["32", "16", "bf16", "64"])
+def test_fabrics_short_precision_names_still_work(short):
+    """Lightning Fabric maps '32' onto '32-true' (and YAML's `precision: 32` arrives as '32')."""
+    assert run_config_from_dict(tiny_config("l.csv", "imgs", precision=short)).precision == short
 
 
 def test_fit_names_a_recipe_that_is_not_a_mapping_and_a_device_this_machine_lacks(tmp_path, capsys):

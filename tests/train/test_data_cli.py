@@ -177,6 +177,14 @@ def test_midas_cli_one_per_lesion_flag(midas):
     assert [Path(p).name for p in read_manifest(midas / "m.csv")["image"]] == ["a6.jpg", "b6.jpg"]
 
 
+def test_a_lesions_closest_photo_that_does_not_decode_leaves_it_its_other_photo(midas, capsys):
+    """Photos were decoded after one per lesion was picked: an empty closest photo cost its lesion the good one."""
+    (midas / "images" / "a6.jpg").write_bytes(b"")
+    assert main(_midas_args(midas, "--one-per-lesion")) == 0
+    assert [Path(p).name for p in read_manifest(midas / "m.csv")["image"]] == ["a12.jpg", "b6.jpg"]
+    assert "not a usable image (empty)" in capsys.readouterr().out
+
+
 def test_midas_cli_crops_needs_cropped_out(midas, capsys):
     assert main(_midas_args(midas, "--crops", str(midas / "crops.csv"))) == 2
     assert "--crops and --cropped-out go together" in capsys.readouterr().err

@@ -266,6 +266,8 @@ def test_init_from_on_the_command_line_replaces_the_recipes_starting_model(finis
     assert meta.provenance.parent.run_name == "tiny"
     assert meta.provenance.parent_weights_sha256 == load_bundle(finished_run / "run").meta.weights_sha256
     assert meta.preprocessing["input_size"] == 64  # from the parent bundle
+    # the Train page's Resume runs `--resume --out RUN` alone: a transfer run's saved config must read back
+    assert fit_cli.main(["--resume", "--out", str(out), "--check"]) == 0
 
 
 
@@ -444,6 +446,12 @@ def test_a_resume_with_another_config_is_refused_naming_what_differs(finished_ru
     assert "(stages.0.epochs differ)" in capsys.readouterr().err
     assert fit_cli.main(["--resume", "--out", run, "--config", str(finished_run / "cfg.yaml"), "--check"]) == 0
     assert fit_cli.main(["--resume", "--out", run, "--device", "cpu", "--precision", "32-true", "--check"]) == 0
+    import shutil  # a run saved before a config key existed (cv came later): the key's default is no change
+    shutil.copytree(run, tmp_path / "older")
+    saved = yaml.safe_load((tmp_path / "older" / "config.yaml").read_text())
+    saved.pop("cv")
+    (tmp_path / "older" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert fit_cli.main(["--resume", "--out", str(tmp_path / "older"), "--check"]) == 0, capsys.readouterr().err
 
 
 def test_changed_settings_walks_stages_and_leaves_the_machine_aside():
@@ -454,6 +462,10 @@ def test_changed_settings_walks_stages_and_leaves_the_machine_aside():
     now = {"seed": 0, "device": "cpu", "stages": ({"lr": 1e-5, "data": ({"csv": "b.csv"},)},), "head": {}}
     assert changed_settings(started, now) == ["head.hidden", "stages.0.data.0.csv", "stages.0.lr"]
     assert changed_settings(started, {**started, "stages": []}) == ["stages"]  # a stage more or less
+    # --resume --nested adds the pair runs to a finished cross-validation (README): allowed, folds are not
+    cv = {"cv": {"folds": 3, "nested": False}}
+    assert changed_settings(cv, {"cv": {"folds": 3, "nested": True}}) == []
+    assert changed_settings(cv, {"cv": {"folds": 5, "nested": False}}) == ["cv.folds"]
 
 
 def test_a_resume_without_a_checkpoint_says_it_starts_again(image_set, tmp_path):
