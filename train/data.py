@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import subprocess
@@ -69,16 +70,22 @@ def _crops(args) -> list:
     return [(df, report, args.out)]
 
 
+def shell_line(cmd: list[str], windows: bool = os.name == "nt") -> str:
+    """A command as the user's shell takes it when pasted: POSIX quoting, or the Windows convention (its shells
+    do not read single quotes)."""
+    return subprocess.list2cmdline(cmd) if windows else shlex.join(cmd)
+
+
 def _isic_download(args) -> list:
     from core.sources import import_isic, isic_download_command
     out = Path(args.out)
     cmd = isic_download_command(out, limit=args.limit, search=args.search)
-    print(shlex.join(cmd))
+    print(shell_line(cmd))
     manifest = out / "manifest.csv"
     then = ["python", "-m", "train.data", "isic", "--metadata", str(out / "metadata.csv"),
             "--images", str(out), "--out", str(manifest)]
     if not args.run:
-        print(f"# then: {shlex.join(then)}\n# (or rerun with --run to do both)")
+        print(f"# then: {shell_line(then)}\n# (or rerun with --run to do both)")
         return []
     exe = shutil.which(cmd[0])
     if exe is None:

@@ -160,7 +160,7 @@ def _changed_on_resume(out: Path, cfg) -> list[str]:
         return []
     try:
         started = run_config_from_dict(_as_recipe(started)).to_dict()
-    except (ConfigError, TypeError, ValueError):  # a config an older version wrote that no longer builds: as saved
+    except (TypeError, ValueError):  # ConfigError too: a config an older version wrote that no longer builds
         pass
     return changed_settings(started, cfg.to_dict())
 

@@ -52,6 +52,15 @@ def test_isic_download_prints_the_command(tmp_path, capsys):
     assert not (tmp_path / "isic").exists()  # printing downloads nothing
 
 
+def test_a_printed_command_is_quoted_for_the_users_shell():
+    """shlex quoting ('...') is not read by cmd.exe or PowerShell: Windows gets double quotes."""
+    from train.data import shell_line
+    cmd = ["isic", "image", "download", "--search", CLINICAL, "C:\\data\\my isic"]
+    assert shlex.split(shell_line(cmd, windows=False)) == cmd
+    assert shell_line(cmd, windows=True) == ('isic image download --search "image_type:\\"clinical: close-up\\" OR '
+                                             'image_type:\\"clinical: overview\\"" "C:\\data\\my isic"')
+
+
 def test_isic_download_run_without_the_tool_names_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert main(["isic-download", "--out", str(tmp_path / "isic"), "--run"]) == 2
