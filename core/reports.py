@@ -84,12 +84,13 @@ def load_report(path: str | Path) -> dict:
 
 def metrics_table(named: dict[str, dict]) -> pd.DataFrame:
     """The paper's Table 1/2 layout: one row per report, a column per registered metric (cells 'value [lo, hi]',
-    95% CI), plus n."""
+    95% CI). How many photos (and malignant ones) come first: an interval is read beside its n, and a wide table
+    scrolls its last columns out of view."""
     rows = []
     for name, rep in named.items():
         m = rep.get("metrics", {})
-        rows.append({"Model": name, **{x.display: x.format(m.get(x.key)) for x in metrics.METRICS},
-                     "n": rep.get("n"), "threshold": rep.get("threshold")})
+        rows.append({"Model": name, "n": rep.get("n"), "malignant": rep.get("n_positive"),
+                     **{x.display: x.format(m.get(x.key)) for x in metrics.METRICS}, "threshold": rep.get("threshold")})
     return pd.DataFrame(rows)
 
 
@@ -116,15 +117,16 @@ def cv_fold_table(report: dict) -> pd.DataFrame:
     shown = [m for m in metrics.METRICS if m.in_table]
     fmt = lambda m, v: m.format({"value": v})  # noqa: E731 - a point value (no CI), "n/a" when undefined
     count = lambda v: "" if v is None else str(v)  # noqa: E731 - text columns: blank, not "None", where no count
-    rows = [{"Fold": f"fold {f['fold']}", **{m.display: fmt(m, f["metrics"].get(m.key)) for m in shown},
-             "n": count(f.get("n")), "malignant": count(f.get("n_positive")),
+    rows = [{"Fold": f"fold {f['fold']}", "n": count(f.get("n")), "malignant": count(f.get("n_positive")),
+             **{m.display: fmt(m, f["metrics"].get(m.key)) for m in shown},
              "best epochs": ", ".join(map(str, f.get("best_epochs") or []))} for f in cv["per_fold"]]
     for what in ("mean", "sd"):
-        rows.append({"Fold": "mean of folds" if what == "mean" else "SD of folds",
+        rows.append({"Fold": "mean of folds" if what == "mean" else "SD of folds", "n": "", "malignant": "",
                      **{m.display: fmt(m, (cv["summary"].get(m.key) or {}).get(what)) for m in shown},
-                     "n": "", "malignant": "", "best epochs": ""})
-    rows.append({"Fold": "out-of-fold (95% CI)", **{m.display: m.format(report["metrics"].get(m.key)) for m in shown},
-                 "n": count(report.get("n")), "malignant": count(report.get("n_positive")), "best epochs": ""})
+                     "best epochs": ""})
+    rows.append({"Fold": "out-of-fold (95% CI)", "n": count(report.get("n")),
+                 "malignant": count(report.get("n_positive")),
+                 **{m.display: m.format(report["metrics"].get(m.key)) for m in shown}, "best epochs": ""})
     return pd.DataFrame(rows)
 
 

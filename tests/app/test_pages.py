@@ -315,8 +315,8 @@ def test_dashboard_from_saved_report(with_model):
     assert not at.exception
     assert at.multiselect(key="dash_reports").value == [f"{RUN_NAME}/val_report.json"]
     table = at.dataframe[0].value
-    assert list(table.columns[:7]) == ["Model", "Accuracy", "Precision (PPV)", "Sensitivity (recall)",
-                                       "Specificity", "F1", "ROC-AUC"]
+    assert list(table.columns[:9]) == ["Model", "n", "malignant", "Accuracy", "Precision (PPV)",
+                                       "Sensitivity (recall)", "Specificity", "F1", "ROC-AUC"]
     assert table.loc[0, "Model"] == f"{RUN_NAME}/val_report.json" and table.loc[0, "n"] == 8
     assert "[" in table.loc[0, "ROC-AUC"]  # value [lo, hi]
     charts = at.get("plotly_chart")

@@ -27,8 +27,8 @@ def test_reports_tables_and_examples(tmp_path):
     assert found == ["a/test_report.json", "a/val_report.json", "b/report_pad_test.json", "c/report_other.json"]
     loaded = reports.load_report(tmp_path / "a/val_report.json")
     table = reports.metrics_table({"A (val)": loaded})
-    assert list(table.columns[:7]) == ["Model", "Accuracy", "Precision (PPV)", "Sensitivity (recall)",
-                                       "Specificity", "F1", "ROC-AUC"]
+    assert list(table.columns[:9]) == ["Model", "n", "malignant", "Accuracy", "Precision (PPV)",
+                                       "Sensitivity (recall)", "Specificity", "F1", "ROC-AUC"]
     assert table.loc[0, "Accuracy"].startswith("0.667") and table.loc[0, "n"] == 6
     subs = reports.subgroup_tables(loaded)
     assert list(subs["fitzpatrick"]["fitzpatrick"]) == ["II", "V"]
