@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from core.cropbox import box_problem
 from core.images import ImageLoadError, decoded_size, load_image
-from core.manifest import ManifestError, crop_of
+from core.manifest import ImportReport, ManifestError, crop_of
 from core.quality import MIN_SIDE, WORK_LONG_SIDE
 from core.transforms import resize_short
 
@@ -83,9 +83,7 @@ def check_images(df: pd.DataFrame) -> None:
     """Decode every image (and check its crop box) before training or scoring starts, and list all problems at
     once: a photo cut short after a sound header is named here, not when a batch reaches it mid-run."""
     problems = []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        sizes = list(pool.map(_checked_size, df["image"]))
-    for (_, row), size in zip(df.iterrows(), sizes):
+    for (_, row), size in zip(df.iterrows(), _checked_sizes(df["image"])):
         if isinstance(size, ImageLoadError):
             problems.append(str(size))
             continue
@@ -98,6 +96,23 @@ def check_images(df: pd.DataFrame) -> None:
             problems.append(f"{row['image']}: crop box {box} {why}")
     if problems:  # every one named: a user fixing them one run at a time would lose a run per photo
         raise ManifestError(f"{len(problems)} unusable image(s):\n  " + "\n  ".join(problems))
+
+
+def keep_decodable(df: pd.DataFrame, report: ImportReport) -> pd.DataFrame:
+    """The rows whose photo decodes whole as a supported image; every other one dropped into `report` with its
+    reason, as import_folder does (an importer that only saw the file exist kept a text file named .png)."""
+    sizes = _checked_sizes(df["image"])
+    for e in (s for s in sizes if isinstance(s, ImageLoadError)):
+        report.drop(f"not a usable image ({e.reason})", what=str(e))
+    keep = [not isinstance(s, ImageLoadError) for s in sizes]
+    report.kept = int(sum(keep))
+    return df[keep].reset_index(drop=True)
+
+
+def _checked_sizes(paths) -> list:
+    """_checked_size of every path, in order, decoded in threads (PIL decodes without the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_checked_size, paths))
 
 
 _SOUND: dict[tuple, tuple[int, int]] = {}  # (path, mtime, size) -> decoded size: a cross-validation checks once

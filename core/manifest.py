@@ -252,28 +252,6 @@ def import_folder(root: str | Path, *, domain: str | None = None) -> tuple[pd.Da
     return finish_import(rows, report, str(root))
 
 
-def keep_decodable(df: pd.DataFrame, report: ImportReport) -> pd.DataFrame:
-    """The rows whose photo decodes whole as a supported image; every other one dropped into `report` with its
-    reason, as import_folder does (an importer that only saw the file exist kept a text file named .png)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from core.images import ImageLoadError, decoded_size
-
-    def problem(path):
-        try:
-            decoded_size(path)
-        except ImageLoadError as e:
-            return e
-        return None
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        problems = list(pool.map(problem, df["image"]))
-    for e in filter(None, problems):
-        report.drop(f"not a usable image ({e.reason})", what=str(e))
-    keep = [e is None for e in problems]
-    report.kept = int(sum(keep))
-    return df[keep].reset_index(drop=True)
-
-
 def finish_import(rows: list[dict], report: ImportReport, source: str) -> tuple[pd.DataFrame, ImportReport]:
     """Rows -> manifest frame; an import that kept nothing is an error saying what was dropped."""
     if not rows:

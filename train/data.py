@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from core.fileio import UnwritableError, check_writable
-from core.manifest import (ManifestError, import_csv, import_folder, keep_decodable, read_manifest,
-                           write_manifest)
+from core.dataset import keep_decodable
+from core.manifest import ManifestError, import_csv, import_folder, read_manifest, write_manifest
 
 ISIC_FIX = "install the official ISIC command line tool with `pip install isic-cli`"
 
