@@ -93,10 +93,23 @@ def find_shared(explicit: str | None) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------- helpers for steps
+def child_env(**extra: str) -> dict:
+    """This environment with the repository first on PYTHONPATH; a path already there stays (a GPU machine may hold
+    carried packages on it)."""
+    paths = [str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
+def cuda_test_files(tests: Path = ROOT / "tests") -> list[str]:
+    """The test modules that hold tests marked cuda: only those are collected, so a GPU machine needs the core's
+    packages alone (the app's tests import Streamlit, which such a machine may lack)."""
+    return sorted(str(f) for f in tests.rglob("test_*.py") if "pytest.mark.cuda" in f.read_text(encoding="utf-8"))
+
+
 def run_cmd(cmd: list[str], env: dict | None = None) -> int:
     """A command whose output goes to this step's log (stdout); the parent enforces the step's timeout."""
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.call(cmd, cwd=ROOT, env=child_env(**(env or {})))
 
 
 def synthetic_data(folder: Path, n: int = 48, size: int = 96) -> Path:
@@ -176,7 +189,7 @@ def step_cuda_tests(plan: dict) -> dict:
     xml = Path(plan["work"]) / "cuda_tests.xml"
     env = {"SKINSCREEN_CUDA_TESTS_ON_CPU": "1"} if plan["dry_run"] else {}
     rc = run_cmd([plan["python"], "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                  *plan["cuda_tests"]["pytest_args"], "tests"], env)
+                  *plan["cuda_tests"]["pytest_args"], *cuda_test_files()], env)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if xml.is_file():
         for suite in ET.parse(xml).getroot().iter("testsuite"):
@@ -214,6 +227,8 @@ def step_demo(plan: dict) -> dict:
                     f"{r['cpu_ci95'][1]:.2f}])" for r in enforced)
     details = {"wall_s": wall, "run": str(out), "comparison": rows, "reference": str(REFERENCE.relative_to(ROOT)),
                **run_summary(out)}
+    # the intervals only mean something for the same patients: say whether the split matched the CPU run's
+    details["same_split_counts_as_reference"] = details.get("split_counts") == reference.get("split_counts")
     if not plan["demo"]["enforce"]:
         return result("pass", f"dry run (tiny settings, interval check reported, not enforced): {auc}", **details)
     return result("fail" if misses else "pass", ("; ".join(misses) + "; " if misses else "") + auc + f"; {wall:.0f} s",
@@ -361,8 +376,8 @@ def run_step(name: str, plan: dict, timeout: float) -> dict:
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen([plan["python"], str(Path(__file__).resolve()), "--step", name, "--work", str(work)],
                                 cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, **jobs.popen_kwargs(),
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-                                     **({"SKINSCREEN_SHARED": plan["shared"]} if plan["shared"] else {})})
+                                env=child_env(PYTHONUNBUFFERED="1",
+                                              **({"SKINSCREEN_SHARED": plan["shared"]} if plan["shared"] else {})))
         try:
             rc = proc.wait(timeout=timeout)
             timed_out = False
@@ -411,6 +426,19 @@ def gpu_info() -> dict:
     return info
 
 
+def package_versions() -> dict:
+    """The installed versions of the packages the steps use: a GPU machine may hold other ones than the pins."""
+    from importlib import metadata
+    out = {}
+    for name in ("torch", "torchvision", "timm", "lightning-fabric", "numpy", "pandas", "scikit-learn", "pillow",
+                 "onnxruntime", "grad-cam"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def gpu_tag(info: dict) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", info["gpus"][0]["name"].lower()).strip("-")
     return name + (f"-x{info['count']}" if info["count"] > 1 else "")
@@ -441,6 +469,17 @@ def make_reference(run: Path) -> int:
     return 0
 
 
+def write_results(out: dict, path: Path, t_start: float, final: bool) -> None:
+    """The results so far; `complete` is False until every step has its result."""
+    from common import load_avg
+    out["total_s"] = round(time.time() - t_start, 1)
+    out["failed"] = [n for n, s in out["steps"].items() if s["status"] in FAILED]
+    out["complete"] = final
+    if final:
+        out["machine"]["load_avg_1min_at_end"] = round(load_avg(), 2)
+    path.write_text(json.dumps(out, indent=1, default=str) + "\n", encoding="utf-8")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run-cpu", action="store_true", help="run every step on the CPU with tiny settings")
@@ -453,6 +492,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, help=f"seconds for all steps together (default {BUDGET_S})")
     p.add_argument("--timeout", action="append", default=[], metavar="STEP=SECONDS",
                    help="another timeout for one step, e.g. --timeout demo=400 (repeatable)")
+    p.add_argument("--note", help="what differs from a plain run (e.g. how the photos reached this machine), kept in "
+                                  "the results file")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--make-reference", metavar="RUN", help="write the CPU reference from a finished shared_demo run")
     args = p.parse_args(argv)
@@ -488,12 +529,16 @@ def main(argv=None) -> int:
     budget = args.budget or BUDGET_S["dry-run-cpu" if dry else "cuda"]
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import load_avg, machine_info
+    from common import machine_info
     gpu = gpu_info()
     out = {"mode": "dry-run-cpu" if dry else "cuda", "machine": machine_info(), "gpu": gpu,
-           "budget_s": budget, "work": str(work), "shared": plan["shared"], "steps": {}}
+           "budget_s": budget, "work": str(work), "shared": plan["shared"], "note": args.note,
+           "versions": package_versions(), "steps": {}}
     print(f"GPU check ({out['mode']}): {', '.join(g['name'] for g in gpu.get('gpus', [])) or 'CPU'} | torch "
           f"{torch.__version__} | work folder {work} | budget {budget:.0f} s", flush=True)
+    path = Path(args.json) if args.json else (work / "gpu_check_dry-run-cpu.json" if dry else
+                                              RESULTS / f"gpu_check_{gpu_tag(gpu)}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     for name in args.steps:
         left = budget - (time.time() - t_start)
@@ -503,13 +548,8 @@ def main(argv=None) -> int:
             out["steps"][name] = run_step(name, plan, min(plan["timeouts"][name], left))
         s = out["steps"][name]
         print(f"[{name}] {s['status']} ({s.get('seconds', 0):.0f} s): {s['summary']}", flush=True)
-    out["total_s"] = round(time.time() - t_start, 1)
-    out["failed"] = [n for n, s in out["steps"].items() if s["status"] in FAILED]
-    out["machine"]["load_avg_1min_at_end"] = round(load_avg(), 2)
-    path = Path(args.json) if args.json else (work / "gpu_check_dry-run-cpu.json" if dry else
-                                              RESULTS / f"gpu_check_{gpu_tag(gpu)}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str) + "\n", encoding="utf-8")
+        write_results(out, path, t_start, final=False)  # a machine taken back mid-check still leaves the steps done
+    write_results(out, path, t_start, final=True)
     print("\n" + summary_table(out["steps"]))
     print(f"\n{len(out['steps']) - len(out['failed'])}/{len(out['steps'])} steps passed in {out['total_s']:.0f} s"
           + (f"; failed: {', '.join(out['failed'])}" if out["failed"] else "") + f"\nwrote {path}")

@@ -56,6 +56,24 @@ def test_the_committed_reference_is_the_shared_demo_cpu_run():
         assert ref["splits"][split]["n"] == n and auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
 
 
+def test_steps_keep_a_pythonpath_already_set_behind_the_repository(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/tmp/site", str(ROOT)]))
+    env = gpu_check.child_env(X="1")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/tmp/site"] and env["X"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert gpu_check.child_env()["PYTHONPATH"] == str(ROOT)
+
+
+def test_only_the_modules_holding_cuda_tests_are_collected(tmp_path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "test_page.py").write_text("import streamlit\n", encoding="utf-8")
+    (tmp_path / "test_gpu.py").write_text("pytestmark = pytest.mark.cuda\n", encoding="utf-8")
+    assert gpu_check.cuda_test_files(tmp_path) == [str(tmp_path / "test_gpu.py")]
+    files = gpu_check.cuda_test_files()
+    assert str(ROOT / "tests" / "core" / "test_cuda.py") in files
+    assert not any("app" in Path(f).relative_to(ROOT).parts for f in files)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_step_past_its_timeout_is_killed_recorded_and_the_check_goes_on(tmp_path):
