@@ -38,7 +38,7 @@ from common import (DEFAULT_BACKBONES, TFLITE_WEIGHTS, machine_info, make_bundle
                     random_model, real_photos, set_threads, finish)
 import core.engine as engine_mod
 import core.inference as inf
-from core.device import fast_dtype
+from core.device import fast_dtype, ieee_fp32
 from core.gradcam import reference_cam
 from core.images import load_image
 from core.inference import Predictor
@@ -65,12 +65,14 @@ def naive_predict(model, tf, data) -> tuple[float, np.ndarray, dict]:
     t0 = time.perf_counter()
     img = load_image(data)  # full resolution
     t1 = time.perf_counter()
-    x = tf(img).unsqueeze(0).to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    x = tf(img).unsqueeze(0).to(device)
     t2 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), ieee_fp32(device):  # the fp32 reference is IEEE fp32 on a GPU too (no TF32)
         prob = float(torch.sigmoid(model(x)).item())
     t3 = time.perf_counter()
-    cam = reference_cam(model, x)[0]
+    with ieee_fp32(device):
+        cam = reference_cam(model, x)[0]
     t4 = time.perf_counter()
     return prob, cam, {"decode": t1 - t0, "transform": t2 - t1, "forward": t3 - t2, "gradcam": t4 - t3}
 
@@ -92,10 +94,11 @@ def accuracy(predictor, naive_model, tf, photos, with_naive: bool) -> dict:
             e2e.append(abs(pred.prob - naive_predict(naive_model, tf, str(path))[0]))
         img = load_image(str(path), **predictor.decode_kw)  # the fast path's decode
         x, _ = predictor.prepare(img)
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32(x.device):
             p32 = float(torch.sigmoid(naive_model(x.contiguous())).item())
         same.append(abs(pred.prob - p32))
-        corrs.append(corr(pred.cam, reference_cam(naive_model, x.contiguous())[0]))
+        with ieee_fp32(x.device):
+            corrs.append(corr(pred.cam, reference_cam(naive_model, x.contiguous())[0]))
     out = {"max_abs_prob_diff": round(max(same), 5), "cam_corr": round(float(np.mean(corrs)), 4),
            "cam_corr_min": round(float(np.min(corrs)), 4)}
     if with_naive:
@@ -103,13 +106,13 @@ def accuracy(predictor, naive_model, tf, photos, with_naive: bool) -> dict:
     return out
 
 
-def batch_ms(predictors: dict, model, batch: int, reps: int = 2) -> dict:
+def batch_ms(predictors: dict, model, batch: int, reps: int = 2, device: str = "cpu") -> dict:
     """Median ms for a batch of `batch` photo-like inputs: screening (Predictor.outputs, per engine) and embeddings
     (fp32 pooled features: PyTorch's backbone vs the ONNX graph). One untimed call each first; calls alternate."""
-    x = inf.check_inputs(model.spec.preprocessing, "cpu", n=batch)
+    x = inf.check_inputs(model.spec.preprocessing, device, n=batch)
     fns = {f"screen_{e}": p.outputs for e, p in predictors.items() if e != "auto"}
     backbone = copy.deepcopy(model.backbone).eval()
-    fns["embed_pytorch"] = lambda t: backbone(t.contiguous())
+    fns["embed_pytorch"] = lambda t: backbone(t.contiguous()).cpu()  # .cpu(): a GPU call returns before it ends
     # a Predictor holds one feature engine per ensemble member (one here); the ONNX Runtime one, if any was built
     ort = next((f for p in predictors.values() for f in p._features if isinstance(f, engine_mod.OrtFeatures)), None)
     if ort is not None:
@@ -199,7 +202,7 @@ def bench_backbone(name: str, jpeg: bytes, photos, repeats: int, warmup: int, en
         "naive_breakdown_ms": {k: median_ms([p[k] for p in naive_parts]) for k in naive_parts[0]},
         "fast_breakdown_ms": main["fast_breakdown_ms"],
         "engines": per_engine,
-        "batch": batch_ms(predictors, naive_model, batch) if batch else None,
+        "batch": batch_ms(predictors, naive_model, batch, device=device) if batch else None,
         "naive_all_ms": [round(t * 1e3, 1) for t in naive_t], "fast_all_ms": main["fast_all_ms"],
     }
 

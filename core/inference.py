@@ -330,7 +330,8 @@ def _reduced_and_errors(member: nn.Module, x: torch.Tensor, dtype, device) -> tu
     """A member's reduced-precision copy, its largest relative feature-map error and its largest probability change."""
     reduced = reduced_precision_copy(member, dtype)
     with torch.no_grad():
-        f32 = member.feature_map(x).float()
+        with autocast(device, None):  # the reference is IEEE fp32 (no TF32 on CUDA)
+            f32 = member.feature_map(x).float()
         with autocast(device, dtype):
             low = reduced.feature_map(x).float()
         p32 = torch.sigmoid(member.logit_from_map(f32).float())

@@ -88,3 +88,20 @@ def test_predictor_keeps_fp32_when_the_candidate_cannot_run(monkeypatch, tmp_pat
     assert "float16 not usable on cpu" in p.precision["reason"]
     from PIL import Image
     assert 0.0 <= p.predict_image(Image.new("RGB", (80, 80), (150, 100, 90))).prob <= 1.0  # and it predicts
+
+
+def test_fp32_on_cuda_turns_tf32_off_inside_and_restores_the_flags_after():
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True  # torch's conv default, and
+    try:                                                                                 # a user's matmul choice
+        with device.autocast(torch.device("cuda"), None):  # the flags are settable without a GPU
+            assert flags() == (False, False)
+        assert flags() == (True, True)
+        with pytest.raises(ValueError), device.ieee_fp32(torch.device("cuda")):
+            raise ValueError  # restored on an error too
+        assert flags() == (True, True)
+        with device.autocast(torch.device("cpu"), None):
+            assert flags() == (True, True)  # not a CUDA device: untouched
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
