@@ -301,7 +301,7 @@ class Predictor:
         p = torch.sigmoid(combine_logits(member_logits, self.combine)).squeeze(1).cpu().numpy().astype(np.float64)
         near = np.flatnonzero(np.abs(p - self.bundle.threshold) <= PRECISION_TOLERANCE)
         if self.dtype is not None and len(near):
-            with self._lock, torch.no_grad():
+            with self._lock, torch.no_grad(), autocast(self.device, None):  # IEEE fp32 (no TF32 on CUDA)
                 exact = torch.sigmoid(self.model(x[near].to(self.device)).float()).squeeze(1)
             p[near] = exact.cpu().numpy()
         return p, feats, member_p
