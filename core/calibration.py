@@ -7,7 +7,9 @@ Which of the two maps is used is chosen on the validation photos alone, by patie
 validation sets of tens of photos its step function overfits (it was not measurably better held out).
 
 Brier score and expected calibration error (ECE, 10 equal-width bins) come with 95% patient-bootstrap
-intervals, resampled the same way as ``core.metrics`` (whole patients move together).
+intervals, resampled the same way as ``core.metrics`` (whole patients move together). So does each photo's
+calibrated probability: the map is refitted on BOOT_FITS patient resamples of the same photos, and the 2.5th-97.5th
+percentiles of the photo's calibrated probability over those maps are its interval (``Calibration.interval``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from core.scores import logit, sigmoid
 
 METHODS = ("platt", "temperature")
 N_BINS = 10
+BOOT_FITS = 200  # refits of the map for a photo's interval: stored in the bundle (two numbers each)
+BOOT_MEANING = ("the same map refitted on patient-bootstrap resamples of the same photos; a photo's 95% interval is "
+                "the 2.5th-97.5th percentiles of its calibrated probability over these maps")
 # why an ECE interval may not contain its value (the same words in reports, the Dashboard and the README)
 ECE_INTERVAL = ("ECE is biased upward on small sets (bins of a few photos), and a resample's ECE more so, so its "
                 "interval is the spread of resampled ECEs and can lie above the observed value")
@@ -41,6 +46,8 @@ class Calibration:
     prevalence: float
     chosen_by: str = ""
     fitted_on: str = "validation"  # the word the app puts before "photos": "validation" or "out-of-fold"
+    boot: tuple[tuple[float, float], ...] = ()  # (slope, intercept) refitted per resample; () in older bundles
+    boot_unit: str = "patients"  # what was resampled: "patients", or "images" when no patient ids were known
 
     def apply_logit(self, logits) -> np.ndarray:
         return sigmoid(self.slope * np.asarray(logits, dtype=np.float64) + self.intercept)
@@ -49,28 +56,67 @@ class Calibration:
         """Calibrated probability from the raw sigmoid output."""
         return self.apply_logit(logit(probs))
 
+    def interval(self, raw_prob: float, level: float = 0.95) -> tuple[float, float] | None:
+        """The calibrated probability's `level` interval for one raw score over the refitted maps; None when this
+        calibration has none (a bundle from before they were stored). A percentile interval need not contain the
+        fitted map's own value (when nearly all refits fall on one side): it is then widened to it, so the number
+        on screen never lies outside its interval."""
+        if not self.boot:
+            return None
+        z = float(logit(np.array([raw_prob]))[0])
+        a, b = np.asarray(self.boot, dtype=np.float64).T
+        lo, hi = np.quantile(sigmoid(a * z + b), [(1 - level) / 2, (1 + level) / 2])
+        point = float(sigmoid(self.slope * z + self.intercept))
+        return min(float(lo), point), max(float(hi), point)
+
     def threshold(self, raw_threshold: float) -> float:
         """The raw decision threshold expressed on the calibrated scale (same verdicts)."""
         return float(self.apply(np.array([raw_threshold]))[0])
 
     def to_meta(self) -> dict:
-        return {"method": self.method, "slope": self.slope, "intercept": self.intercept, "n": self.n,
+        meta = {"method": self.method, "slope": self.slope, "intercept": self.intercept, "n": self.n,
                 "prevalence": self.prevalence, "chosen_by": self.chosen_by, "fitted_on": self.fitted_on,
                 "formula": "p_calibrated = 1 / (1 + exp(-(slope * logit + intercept))), logit = log(p / (1 - p))"}
+        if self.boot:
+            meta["bootstrap"] = {"meaning": BOOT_MEANING, "unit": self.boot_unit, "fits": len(self.boot),
+                                 "slopes": [a for a, _ in self.boot], "intercepts": [b for _, b in self.boot]}
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict) -> Calibration:
         try:
+            boot = meta.get("bootstrap") or {}
             return cls(str(meta["method"]), float(meta["slope"]), float(meta["intercept"]), int(meta["n"]),
                        float(meta["prevalence"]), str(meta.get("chosen_by", "")),
-                       str(meta.get("fitted_on", "validation")))  # bundles before the key: always validation
-        except (KeyError, TypeError, ValueError) as e:
+                       str(meta.get("fitted_on", "validation")),  # bundles before the key: always validation
+                       _boot_pairs(boot.get("slopes", []), boot.get("intercepts", [])),
+                       str(boot.get("unit", "patients")))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CalibrationError(f"calibration description incomplete or malformed: {e}") from e
 
 
-def fit_calibration(logits, y, method: str = "auto", groups=None, folds: int = 5, seed: int = 0) -> Calibration:
-    """Fit the map on validation logits and labels. "auto" picks platt or temperature by grouped CV Brier."""
+def _boot_pairs(slopes, intercepts) -> tuple[tuple[float, float], ...]:
+    """The stored refits as (slope, intercept) pairs: as many slopes as intercepts, all finite, slopes > 0."""
+    a, b = np.asarray(slopes, dtype=np.float64), np.asarray(intercepts, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()) or (a <= 0).any():
+        raise ValueError("bootstrap: need equal-length lists of finite slopes (> 0) and intercepts")
+    return tuple(zip(a.tolist(), b.tolist()))
+
+
+def fit_calibration(logits, y, method: str = "auto", groups=None, folds: int = 5, seed: int = 0,
+                    n_boot: int = BOOT_FITS) -> Calibration:
+    """Fit the map on validation logits and labels. "auto" picks platt or temperature by grouped CV Brier. The
+    chosen map is then refitted on `n_boot` resamples of the same groups (patients) for photos' intervals."""
+    from dataclasses import replace
     z, y = _inputs(logits, y)
+    fitted = _choose_and_fit(z, y, method, groups, folds, seed)
+    if not n_boot:
+        return fitted
+    return replace(fitted, boot=_refits(z, y, fitted.method, groups, n_boot, seed),
+                   boot_unit="images" if groups is None else "patients")
+
+
+def _choose_and_fit(z, y, method, groups, folds, seed) -> Calibration:
     if method == "auto":
         g = np.arange(len(y)) if groups is None else group_codes(groups, len(y))[0]
         n_splits = _n_splits(y, g, folds)
@@ -94,12 +140,24 @@ def _fit(z, y, method, why) -> Calibration:
     return Calibration(method, slope, intercept, int(len(y)), float(y.mean()), why)
 
 
-def _fit_params(z: np.ndarray, y: np.ndarray, method: str) -> tuple[float, float]:
+def _refits(z, y, method, groups, n_boot, seed) -> tuple[tuple[float, float], ...]:
+    """The map refitted on resamples of whole groups; a resample holding one class only is skipped (no map)."""
+    codes, n_groups = (np.arange(len(y)), len(y)) if groups is None else group_codes(groups, len(y))[:2]
+    fits = []
+    for chunk in resample_weights(codes, n_groups, n_boot, seed):
+        fits += [_fit_params(z, y, method, w) for w in chunk if w @ y > 0 and w @ (1 - y) > 0]
+    return tuple(fits)
+
+
+def _fit_params(z: np.ndarray, y: np.ndarray, method: str, w: np.ndarray | None = None) -> tuple[float, float]:
+    """Maximum likelihood (slope, intercept); `w` weights each photo (a bootstrap resample's counts)."""
+    w = np.ones_like(z) if w is None else w
+
     def nll(params):
         a, b = (params[0], params[1]) if method == "platt" else (params[0], 0.0)
         s = a * z + b
         # log(1 + exp(s)) - y s, stable for large |s|
-        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+        return float(np.sum(w * (np.logaddexp(0.0, s) - y * s)) / np.sum(w))
     x0 = [1.0, 0.0] if method == "platt" else [1.0]
     res = minimize(nll, x0, method="L-BFGS-B",
                    bounds=[(1e-3, 100.0)] + ([(-50.0, 50.0)] if method == "platt" else []))

@@ -43,7 +43,8 @@ from core.images import load_image
 from core.model import EnsembleClassifier, combine_logits
 from core.quality import QualityWarning, quality_warnings
 from core.similar import SimilarCase
-from core.trust import FLAGGED, NOT_ASSESSED, NOT_FLAGGED, Assessment, assess, assess_batch, reference_population
+from core.trust import (FLAGGED, NOT_ASSESSED, NOT_FLAGGED, Assessment, assess, assess_batch, interval_sentence,
+                        reference_population)
 from core.transforms import eval_transform, resize_short
 
 # The load-time check accepts the reduced precision only if, on a fixed batch of photo-like inputs, the last
@@ -74,6 +75,7 @@ class Prediction:
     similar: list[SimilarCase] = field(default_factory=list)  # most similar training/validation photos first
     lacks: list[str] = field(default_factory=list)            # what an older bundle cannot do (no gate, ...)
     reference: str | None = None     # the population the calibrated probability refers to
+    interval_note: str | None = None  # what the calibrated probability's interval means, or why there is none
     threshold_calibrated: float | None = None
     disagreement: Disagreement | None = None  # an ensemble's members' raw scores (None: one model)
 
@@ -88,6 +90,12 @@ class Prediction:
     @property
     def prob_calibrated(self) -> float | None:
         return self.assessment.prob_calibrated if self.assessment else None
+
+    @property
+    def prob_calibrated_ci95(self) -> tuple[float, float] | None:
+        """The calibrated probability's 95% interval over the calibration's refits (None: not assessed, no
+        calibration, or a bundle from before the refits were stored)."""
+        return self.assessment.prob_calibrated_ci95 if self.assessment else None
 
     @property
     def not_assessed_reason(self) -> str | None:
@@ -224,6 +232,8 @@ class Predictor:
         similar = b.similar.query(feats, SIMILAR_K)[0] if b.similar is not None and assessment.assessed else []
         return {"assessment": assessment, "similar": similar, "lacks": b.lacks(),
                 "reference": reference_population(b.calibration),
+                "interval_note": interval_sentence(b.calibration, assessment.prob_calibrated_ci95)
+                if assessment.assessed else None,
                 "threshold_calibrated": b.calibration.threshold(b.threshold) if b.calibration else None}
 
     def predict_image(self, img: Image.Image, cam_method: str | None = "gradcam", context: dict | None = None

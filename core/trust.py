@@ -8,6 +8,7 @@ Every prediction path (the app, train.screen, train.evaluate) decides a photo's 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,7 @@ class Assessment:
     reason: str | None = None         # plain language, for the app and the CSV
     quality_codes: tuple[str, ...] = field(default=())
     members: object = None            # an ensemble's core.ensemble.Disagreement (None: one model)
+    prob_calibrated_ci95: tuple[float, float] | None = None  # over the calibration's refits (None: none stored)
 
     @property
     def assessed(self) -> bool:
@@ -105,7 +107,7 @@ def assess(raw_prob: float, threshold: float, *, calibration: cal.Calibration | 
         return Assessment(NOT_ASSESSED, raw_prob, None, score, "out_of_distribution",
                           OOD_MESSAGE.format(detail=gate_result.reason), codes)
     return Assessment(FLAGGED if raw_prob >= threshold else NOT_FLAGGED, raw_prob, prob_cal, score, None, None,
-                      codes)
+                      codes, prob_calibrated_ci95=None if calibration is None else calibration.interval(raw_prob))
 
 
 def assess_batch(raw_probs, threshold: float, *, calibration=None, gate=None, feats=None,
@@ -131,6 +133,35 @@ def reference_population(calibration: cal.Calibration | None) -> str | None:
             f"malignant")
 
 
+def interval_sentence(calibration: cal.Calibration | None, ci: tuple[float, float] | None) -> str | None:
+    """What a calibrated probability's interval means, or why there is none; None without a calibration."""
+    if calibration is None:
+        return None
+    if ci is None:
+        return "No interval: this model was saved before calibration intervals were stored."
+    unit = "patients" if calibration.boot_unit == "patients" else "photos"
+    return (f"95% interval {interval_text(ci)}: the calibration "
+            f"refitted on {len(calibration.boot)} resamples of the {calibration.n} {calibration.fitted_on} photos' "
+            f"{unit} put this number in that range, so with other {calibration.fitted_on} {unit} it could have read "
+            "anywhere in it.")
+
+
+def interval_text(ci: tuple[float, float]) -> str:
+    """'15%–34%': whole percentages rounded outwards, so the printed interval never claims to be narrower."""
+    return f"{percent_outward(ci[0], math.floor)}–{percent_outward(ci[1], math.ceil)}"
+
+
+def percent_outward(p: float, rounding) -> str:
+    """A whole percentage rounded away from the interval's centre (floor low ends, ceil high ends); never '0%' or
+    '100%' for a probability strictly between them."""
+    whole = int(rounding(round(p * 100, 9)))
+    if whole <= 0 < p:
+        return "<1%"
+    if whole >= 100 > p * 100:
+        return ">99%"
+    return f"{whole}%"
+
+
 # -------------------------------------------------------------------- evaluation
 def trust_report(df: pd.DataFrame, logits: np.ndarray, feats: np.ndarray, bundle, *, quality_lists=None,
                  n_boot: int = 1000, seed: int = 0) -> dict:
@@ -151,7 +182,9 @@ def trust_report(df: pd.DataFrame, logits: np.ndarray, feats: np.ndarray, bundle
     if bundle.calibration is not None:
         out["calibration_after"] = cal.calibration_report(y, bundle.calibration.apply_logit(logits), groups=groups,
                                                           n_boot=n_boot, seed=seed)
-        out["calibration_map"] = bundle.calibration.to_meta()
+        meta = bundle.calibration.to_meta()
+        out["calibration_map"] = {k: v for k, v in meta.items() if k != "bootstrap"}  # the refits stay in the bundle
+        out["calibration_map"]["bootstrap_fits"] = len(bundle.calibration.boot)
     accepted = ~refused
     if accepted.any() and refused.any():
         sub = df[accepted].reset_index(drop=True)

@@ -47,6 +47,9 @@ COLUMNS = {
     "not_assessed_reason": "why no verdict: a quality refusal, or the photo is unlike the training photos",
     "prob_calibrated": "calibrated probability of malignancy among photos like the validation set (empty: the model "
                        "has no calibration map)",
+    "prob_calibrated_low": "lower end of prob_calibrated's 95% interval: the calibration map refitted on bootstrap "
+                           "resamples of its patients (empty: no calibration, or a model from before these were kept)",
+    "prob_calibrated_high": "upper end of the same interval",
     "raw_score": "the model's uncalibrated sigmoid output; threshold applies to it",
     "ood_score": "distance from the training photos in the model's feature space; > the gate's threshold = refused",
     "members_flagging": "ensemble only: how many of its models flag the photo on their own (raw score >= threshold)",
@@ -159,6 +162,7 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
     loader = DataLoader(ds, batch_size=batch_size, num_workers=min(workers, -(-len(todo) // batch_size)),
                         collate_fn=collate)
     probs, calibrated, ood_scores = (np.full(len(df), np.nan) for _ in range(3))
+    cal_ci = np.full((len(df), 2), np.nan)  # the calibrated probability's 95% interval per photo
     quality, verdicts, reasons = ([""] * len(df) for _ in range(3))
     flagging, spread = np.full(len(df), np.nan), np.full(len(df), np.nan)
     from tqdm import tqdm
@@ -175,6 +179,7 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
                 probs[i], quality[i], verdicts[i], reasons[i] = a.raw_prob, ";".join(a.quality_codes), a.verdict, \
                     a.reason or ""
                 calibrated[i] = np.nan if a.prob_calibrated is None else a.prob_calibrated
+                cal_ci[i] = (np.nan, np.nan) if a.prob_calibrated_ci95 is None else a.prob_calibrated_ci95
                 ood_scores[i] = np.nan if a.ood_score is None else a.ood_score
                 if a.members is not None:
                     flagging[i], spread[i] = a.members.n_flagging, a.members.sd
@@ -185,6 +190,7 @@ def screen(predictor: Predictor, df: pd.DataFrame, *, batch_size: int, workers: 
     out["verdict"] = verdicts
     out["not_assessed_reason"] = reasons
     out["prob_calibrated"] = np.round(calibrated, 6)
+    out["prob_calibrated_low"], out["prob_calibrated_high"] = np.round(cal_ci[:, 0], 6), np.round(cal_ci[:, 1], 6)
     out["raw_score"] = np.round(probs, 6)
     out["threshold"] = b.threshold
     out["threshold_calibrated"] = b.calibration.threshold(b.threshold) if b.calibration else np.nan

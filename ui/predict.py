@@ -12,6 +12,7 @@ from core.gradcam import overlay
 from core.images import ImageLoadError
 from core.metrics import format_score, format_whole_percent, spell_apart
 from core.similar import seen_in_training
+from core.trust import interval_text
 from ui import common
 
 st.title("Predict")
@@ -112,9 +113,12 @@ with right:
             flagged, thr_text = fused.malignant, f"the photo + answers threshold, {thr}"
         elif pred.prob_calibrated is not None:
             prob, thr = spell_apart(pred.prob_calibrated, pred.threshold_calibrated, format_whole_percent)
-            st.markdown(f"### Calibrated probability of malignancy: {prob}")
+            ci = pred.prob_calibrated_ci95
+            st.markdown(f"### Calibrated probability of malignancy: {prob}"
+                        + (f" (95% interval {interval_text(ci)})" if ci else ""))
             st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {prob} of "
-                       "photos scored like this one were malignant. It describes that population, not this patient.")
+                       "photos scored like this one were malignant. It describes that population, not this patient. "
+                       + (pred.interval_note or ""))
             flagged = pred.verdict == "flagged"
             thr_text = f"the model's threshold, {thr} calibrated (raw score {format_score(pred.threshold)})"
         else:

@@ -109,3 +109,57 @@ def test_the_population_a_map_was_fitted_on_round_trips_and_defaults_to_validati
     assert cal.Calibration.from_meta(oof.to_meta()) == oof
     old = {k: v for k, v in c.to_meta().items() if k != "fitted_on"}  # a bundle written before the key
     assert cal.Calibration.from_meta(old).fitted_on == "validation"
+
+
+def _scores(n, seed):
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 3 == 0).astype(float)
+    return rng.normal(0, 1, n) + 2.0 * y, y
+
+
+def test_a_photos_interval_contains_its_calibrated_probability_and_narrows_with_more_photos():
+    z, y = _scores(60, 1)
+    small = cal.fit_calibration(z, y, method="platt", seed=0)
+    z, y = _scores(1200, 1)
+    large = cal.fit_calibration(z, y, method="platt", seed=0)
+    assert len(small.boot) == len(large.boot) == cal.BOOT_FITS and small.boot_unit == "images"
+    for p in (0.05, 0.3, 0.7):
+        for c in (small, large):
+            lo, hi = c.interval(p)
+            assert lo <= float(c.apply([p])[0]) <= hi and 0 < lo < hi < 1
+        assert np.diff(large.interval(p)) < 0.6 * np.diff(small.interval(p))
+
+
+def test_the_refits_resample_whole_patients():
+    z, y = _scores(80, 2)
+    once = cal.fit_calibration(z, y, method="platt", groups=np.arange(80), seed=3)
+    # every photo twice, as two photos of the same patient: the same patients are drawn, so the same maps
+    twice = cal.fit_calibration(np.repeat(z, 2), np.repeat(y, 2), method="platt", groups=np.repeat(np.arange(80), 2),
+                                seed=3)
+    assert twice.interval(0.4) == pytest.approx(once.interval(0.4), abs=1e-6) and twice.boot_unit == "patients"
+    # the copies taken as independent photos claim twice the data: a narrower interval
+    naive = cal.fit_calibration(np.repeat(z, 2), np.repeat(y, 2), method="platt", seed=3)
+    assert np.diff(naive.interval(0.4)) < 0.85 * np.diff(once.interval(0.4))
+
+
+def test_resamples_with_one_class_are_skipped_and_no_refits_when_asked():
+    z = np.array([2.0, 1.5, -1.0, -0.5, -2.0, 0.1, -0.3, -1.2])
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0])
+    c = cal.fit_calibration(z, y, method="temperature", seed=0)
+    assert 0 < len(c.boot) < cal.BOOT_FITS  # some resamples hold no malignant photo: no map from them
+    assert all(np.isfinite(a) and a > 0 and b == 0.0 for a, b in c.boot)
+    assert cal.fit_calibration(z, y, method="temperature", n_boot=0).interval(0.5) is None
+
+
+def test_the_refits_round_trip_and_older_or_broken_descriptions_are_handled():
+    z, y = _scores(60, 4)
+    c = cal.fit_calibration(z, y, groups=[f"P{i // 2}" for i in range(60)], seed=0)
+    meta = c.to_meta()
+    assert meta["bootstrap"]["fits"] == len(meta["bootstrap"]["slopes"]) == cal.BOOT_FITS
+    assert cal.Calibration.from_meta(meta) == c
+    old = {k: v for k, v in meta.items() if k != "bootstrap"}  # a bundle from before the refits were stored
+    assert cal.Calibration.from_meta(old).interval(0.3) is None
+    for bad in ({"slopes": [1.0, 2.0], "intercepts": [0.0]}, {"slopes": [-1.0], "intercepts": [0.0]},
+                {"slopes": [float("nan")], "intercepts": [0.0]}, {"slopes": "1", "intercepts": "0"}):
+        with pytest.raises(cal.CalibrationError, match="bootstrap"):
+            cal.Calibration.from_meta({**old, "bootstrap": bad})

@@ -154,8 +154,12 @@ def test_screen_evaluate_app_and_onnx_agree_on_the_same_photos(trusted, tmp_path
         assert float(row["raw_score"]) == pytest.approx(app.prob, abs=1e-4) == rep["prob"]
         if app.assessed:
             assert float(row["prob_calibrated"]) == pytest.approx(app.prob_calibrated, abs=1e-4)
+            lo, hi = app.prob_calibrated_ci95  # the CSV carries the app's interval
+            assert float(row["prob_calibrated_low"]) == pytest.approx(lo, abs=1e-5) and lo <= app.prob_calibrated
+            assert float(row["prob_calibrated_high"]) == pytest.approx(hi, abs=1e-5) and hi >= app.prob_calibrated
         else:  # no calibrated probability for a photo the model cannot assess; the raw score stays
             assert row["prob_calibrated"] == "" and rep["prob_calibrated"] is None
+            assert row["prob_calibrated_low"] == row["prob_calibrated_high"] == "" and app.interval_note is None
         assert float(row["ood_score"]) == pytest.approx(app.assessment.ood_score, abs=1e-4)
         x = predictor.prepare(Image.open(path).convert("RGB"))[0].float().contiguous().numpy()
         out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": x})))
@@ -231,3 +235,31 @@ def test_train_trust_names_every_bad_photo_first_and_leaves_the_built_in_demo_al
     assert "gone_a.jpg: file not found" in err and "gone_b.jpg: file not found" in err
     assert trust_main(["--run", "demo"]) == 2
     assert "the built-in demo ships with its own" in capsys.readouterr().err
+
+
+def test_interval_wording_rounds_outwards_and_says_what_was_resampled():
+    from core.calibration import Calibration
+    from core.trust import interval_sentence, interval_text
+    assert interval_text((0.153, 0.337)) == "15%–34%"
+    assert interval_text((0.004, 0.9991)) == "<1%–>99%"  # never 0% or 100% for a probability strictly between
+    assert interval_text((0.0, 0.2)) == "0%–20%"
+    c = Calibration("platt", 1.0, 0.0, 74, 0.4, boot=((1.0, 0.0), (1.1, 0.1)))
+    text = interval_sentence(c, (0.153, 0.337))
+    assert text.startswith("95% interval 15%–34%") and "2 resamples of the 74 validation photos' patients" in text
+    assert "photos' photos" in interval_sentence(Calibration("platt", 1.0, 0.0, 74, 0.4, boot=((1.0, 0.0),),
+                                                             boot_unit="images"), (0.1, 0.2))
+    assert interval_sentence(c, None).startswith("No interval")
+    assert interval_sentence(None, None) is None
+
+
+def test_assessed_photos_get_the_interval_refused_ones_none():
+    from core.calibration import fit_calibration
+    from core.quality import QualityWarning
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 2
+    c = fit_calibration(rng.normal(0, 1, 80) + 2 * y, y, seed=0)
+    a = assess(0.6, 0.5, calibration=c)
+    lo, hi = a.prob_calibrated_ci95
+    assert lo < a.prob_calibrated < hi and (lo, hi) == c.interval(0.6)
+    refused = assess(0.6, 0.5, calibration=c, quality=[QualityWarning("dark", "too dark", refusal=True)])
+    assert refused.prob_calibrated is None and refused.prob_calibrated_ci95 is None
