@@ -4,6 +4,7 @@
     python -m train.build_demo --run runs/NAME   # packages a run that already finished
     python -m train.build_demo --run runs/NAME --refresh-reports   # only re-measures its evidence reports
     python -m train.build_demo --run runs/NAME --refresh-similar   # only fills its similar cases' diagnoses
+    python -m train.build_demo --run runs/NAME --refresh-calibration   # only adds its calibration's refits
 
 What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
 no probability on the run's validation photos by more than 0.01, else float32), evidence/ (the run's
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-similar", action="store_true",
                    help="with --run: give the shipped bundle's similar cases the fields (diagnosis) they lack from "
                         "the run's split files; weights, gate and embeddings stay as they are")
+    p.add_argument("--refresh-calibration", action="store_true",
+                   help="with --run: give the shipped bundle's calibration map the refits a photo's interval needs "
+                        "(the run's validation logits measured again; the map must come out as stored)")
     return p
 
 
@@ -168,6 +172,44 @@ def refresh_similar(run: Path, bundle_dir: Path) -> int:
     return sum(a != b for a, b in zip(before, bundle.similar.records))
 
 
+CALIBRATION_TOLERANCE = 1e-3  # the refitted map may differ from the stored one by float noise only
+
+
+def refresh_calibration(run: Path, bundle_dir: Path) -> int:
+    """Add the refits (core.calibration.BOOT_FITS) to the shipped bundle's calibration map, in place. The run's
+    validation logits are measured again with the shipped weights and the map refitted with the run's seed: it must
+    come out as the stored map (else nothing is written). Weights, gate and index stay. Returns the refits' count."""
+    import dataclasses
+
+    import torch
+
+    from core.bundle import load_bundle, repack
+    from core.calibration import fit_calibration
+    from core.config import run_config_from_dict
+    from core.evaluation import groups_of
+    from core.trust import features_and_logits
+    bundle = load_bundle(bundle_dir)
+    stored, weights = bundle.calibration, bundle.meta.weights_sha256
+    if stored is None:
+        raise SystemExit(f"{bundle_dir} has no calibration map")
+    val = run_rows(run)
+    val = val[val["split"] == "val"].reset_index(drop=True)
+    _, z = features_and_logits(bundle.model, val, device="cpu")
+    seed = run_config_from_dict(runfolder.read_config(run)).seed
+    fresh = fit_calibration(z, val["label"].to_numpy(), groups=groups_of(val), seed=seed)
+    drift = max(abs(fresh.slope - stored.slope), abs(fresh.intercept - stored.intercept))
+    if (fresh.method, fresh.n) != (stored.method, stored.n) or drift > CALIBRATION_TOLERANCE:
+        raise SystemExit(f"the refitted map ({fresh.method}, {fresh.slope:.4f}, {fresh.intercept:.4f} on {fresh.n}) is "
+                         f"not the stored one ({stored.method}, {stored.slope:.4f}, {stored.intercept:.4f} on "
+                         f"{stored.n}): is {run} the run this bundle came from? Nothing was written")
+    bundle.calibration = dataclasses.replace(stored, boot=fresh.boot, boot_unit=fresh.boot_unit)
+    stored_as = (read_json_or_none(bundle_dir.parent / "weights_storage.json") or {}).get("weights_dtype")
+    repack(bundle, bundle_dir, weights_dtype=torch.float16 if stored_as == "float16" else None)
+    if load_bundle(bundle_dir).meta.weights_sha256 != weights:
+        raise SystemExit(f"{bundle_dir}: re-writing changed the weights (restore it from git)")
+    return len(fresh.boot)
+
+
 def write_evidence(run: Path, dest: Path, pca: bool) -> None:
     dest.mkdir(parents=True)
     write_reports(run, dest)
@@ -238,6 +280,14 @@ def main(argv=None) -> int:
             return 2
         n = refresh_similar(Path(args.run), Path(args.out) / "bundle")
         print(f"{n} similar-case records in {Path(args.out) / 'bundle'} gained fields from {args.run}'s split files")
+        return 0
+    if args.refresh_calibration:
+        if not args.run:
+            print("error: --refresh-calibration needs --run (the finished run the demo was packaged from)",
+                  file=sys.stderr)
+            return 2
+        n = refresh_calibration(Path(args.run), Path(args.out) / "bundle")
+        print(f"the calibration map in {Path(args.out) / 'bundle'} gained {n} refits (its photos' 95% intervals)")
         return 0
     run = Path(args.run) if args.run else train_run(args.config)
     out = Path(args.out)

@@ -431,6 +431,38 @@ def test_refresh_similar_fills_the_shipped_bundles_diagnoses_and_keeps_its_weigh
                                                                for r in before.similar.records]
 
 
+def test_refresh_calibration_gives_an_older_bundle_its_refits_only_when_the_map_comes_out_the_same(finished_run,
+                                                                                                    tmp_path):
+    """train.build_demo --refresh-calibration: a bundle saved before the refits were stored gains them (the same
+    ones training now stores); a run whose refitted map is not the stored one writes nothing."""
+    import shutil
+
+    import pytest
+
+    from train import build_demo
+    run = finished_run / "run"
+    bundle = tmp_path / "demo" / "bundle"
+    shutil.copytree(run / "bundle", bundle)
+    trained = load_bundle(bundle)
+    assert trained.calibration is not None and len(trained.calibration.boot) > 0  # training stores them now
+    meta = json.loads((bundle / "model.json").read_text())
+    del meta["calibration"]["bootstrap"]  # as an older version wrote it
+    (bundle / "model.json").write_text(json.dumps(meta))
+    assert load_bundle(bundle).calibration.interval(0.5) is None
+    assert build_demo.refresh_calibration(run, bundle) == len(trained.calibration.boot)
+    after = load_bundle(bundle)
+    assert after.meta.weights_sha256 == trained.meta.weights_sha256
+    assert (after.calibration.slope, after.calibration.intercept) == (trained.calibration.slope,
+                                                                     trained.calibration.intercept)  # kept as stored
+    for p in (0.1, 0.5, 0.9):  # the refits from logits measured again (training may have run them in bf16)
+        assert after.calibration.interval(p) == pytest.approx(trained.calibration.interval(p), abs=0.01)
+    meta["calibration"]["slope"] += 0.5  # not the map this run's validation photos give
+    (bundle / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="not the stored one"):
+        build_demo.refresh_calibration(run, bundle)
+    assert json.loads((bundle / "model.json").read_text()) == meta  # nothing written
+
+
 def test_a_resume_with_another_config_is_refused_naming_what_differs(finished_run, tmp_path, capsys):
     """--resume --config other.yaml trained on with the new learning rate while config.yaml kept the old one: the
     model came from both and its records contradicted each other. Device and precision may change."""
