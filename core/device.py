@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -49,20 +50,32 @@ def fast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
+_TF32_LOCK = threading.Lock()
+_tf32_off = {"depth": 0, "saved": None}  # contexts open across threads, and the flags the first one found
+
+
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device):
     """fp32 that is fp32 on CUDA too: cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) by default, which moved
     a MobileNetV2's probability by 0.011 from the CPU's on an H200 (the GPU check), past the 0.01 this project holds
-    every device to. Elsewhere a no-op. The flags are process-wide: restored on exit."""
+    every device to. Elsewhere a no-op. The flags are process-wide: the first context to open turns TF32 off, the
+    last to close restores what it found (the app predicts from several threads; one thread's exit must not turn
+    TF32 back on under another's forward pass)."""
     if torch.device(device).type != "cuda":
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with _TF32_LOCK:
+        if _tf32_off["depth"] == 0:
+            _tf32_off["saved"] = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_off["depth"] += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        with _TF32_LOCK:
+            _tf32_off["depth"] -= 1
+            if _tf32_off["depth"] == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_off["saved"]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -105,3 +105,30 @@ def test_fp32_on_cuda_turns_tf32_off_inside_and_restores_the_flags_after():
             assert flags() == (True, True)  # not a CUDA device: untouched
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_overlapping_fp32_contexts_in_two_threads_keep_tf32_off_until_the_last_one_closes():
+    import threading
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def other_thread():
+        with device.ieee_fp32(torch.device("cuda")):
+            entered.set()
+            release.wait(10)
+            seen.append(flags())  # after the first thread's context closed
+
+    try:
+        with device.ieee_fp32(torch.device("cuda")):
+            t = threading.Thread(target=other_thread)
+            t.start()
+            assert entered.wait(10)
+        assert flags() == (False, False)  # the other thread is still inside: TF32 stays off
+        release.set()
+        t.join(10)
+        assert seen == [(False, False)] and flags() == (True, False)  # the last one out restores what the first found
+    finally:
+        release.set()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
