@@ -139,7 +139,9 @@ with right:
             said = "flagged" if fused.image_malignant else "not flagged"
             if pred.prob_calibrated is not None:
                 prob, thr = spell_apart(pred.prob_calibrated, pred.threshold_calibrated, format_whole_percent)
-                alone = f"calibrated probability {prob}, {said} at its own threshold ({thr} calibrated)"
+                ci = pred.prob_calibrated_ci95
+                alone = (f"calibrated probability {prob}" + (f" (95% interval {interval_text(ci)})" if ci else "")
+                         + f", {said} at its own threshold ({thr} calibrated)")
             else:
                 prob, thr = spell_apart(fused.image_prob, fused.image_threshold)
                 alone = f"score {prob}, {said} at its own threshold ({thr})"

@@ -39,6 +39,20 @@ def test_try_an_example_on_predict(without_model):
     assert first.path.name in shown and ("Calibrated probability of malignancy" in shown or "Model score" in shown)
 
 
+def test_the_demos_calibrated_probability_keeps_its_interval_beside_the_photo_and_answers_result(without_model):
+    import re
+    at = app()
+    at.switch_page("ui/predict.py").run()
+    at.button(key="predict_example_1").click().run()
+    shown = "\n".join(str(m.value) for m in at.markdown)
+    assert re.search(r"### Calibrated probability of malignancy: [\d.]+% \(95% interval [<\d]+%–[>\d]+%\)", shown)
+    at.selectbox(key="ctx_bleed").set_value("yes").run()  # the demo has a clinical-context stage
+    assert not at.exception, at.exception
+    photo_alone = [e.value for e in (*at.caption, *at.warning) if "photo alone" in e.value]
+    assert photo_alone and re.search(r"calibrated probability [\d.]+% \(95% interval [<\d]+%–[>\d]+%\)",
+                                     photo_alone[0])
+
+
 
 def test_dashboard_opens_on_the_demo_evidence(without_model):
     at = app().switch_page("ui/dashboard.py").run()
