@@ -211,9 +211,10 @@ def calibration_results(sets, logits, raw_threshold, n_boot) -> dict:
     raw = 1 / (1 + np.exp(-logits["test"]))
     res = {"raw": cal.calibration_report(yt, raw, groups=groups, n_boot=n_boot)}
     for method in ("temperature", "platt", "auto"):
-        c = cal.fit_calibration(logits["val"], yv, method=method, groups=groups_of(val))
+        c = cal.fit_calibration(logits["val"], yv, method=method, groups=groups_of(val), n_boot=0)
         res[method] = {**cal.calibration_report(yt, c.apply_logit(logits["test"]), groups=groups, n_boot=n_boot),
-                       "map": c.to_meta(), "threshold_calibrated": c.threshold(raw_threshold),
+                       "map": {k: v for k, v in c.to_meta().items() if k != "bootstrap"},  # refits: bundle only
+                       "threshold_calibrated": c.threshold(raw_threshold),
                        "same_verdicts": bool(np.array_equal(raw >= raw_threshold,
                                                             c.apply_logit(logits["test"]) >=
                                                             c.threshold(raw_threshold)))}

@@ -8,8 +8,10 @@ validation sets of tens of photos its step function overfits (it was not measura
 
 Brier score and expected calibration error (ECE, 10 equal-width bins) come with 95% patient-bootstrap
 intervals, resampled the same way as ``core.metrics`` (whole patients move together). So does each photo's
-calibrated probability: the map is refitted on BOOT_FITS patient resamples of the same photos, and the 2.5th-97.5th
-percentiles of the photo's calibrated probability over those maps are its interval (``Calibration.interval``).
+calibrated probability: a Platt map is refitted on BOOT_FITS patient resamples of the same photos, and the
+2.5th-97.5th percentiles of the photo's calibrated probability over those maps are its interval
+(``Calibration.interval``). The refits are Platt maps even when temperature scaling was chosen: temperature fixes
+the intercept at 0, so its refits all send a raw score of 0.5 to 0.5 and would claim no uncertainty there.
 """
 from __future__ import annotations
 
@@ -18,14 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from core.metrics import group_codes, percentile_interval, resample_weights
+from core.metrics import MIN_VALID_FRACTION, group_codes, percentile_interval, resample_weights
 from core.scores import logit, sigmoid
 
 METHODS = ("platt", "temperature")
 N_BINS = 10
-BOOT_FITS = 200  # refits of the map for a photo's interval: stored in the bundle (two numbers each)
-BOOT_MEANING = ("the same map refitted on patient-bootstrap resamples of the same photos; a photo's 95% interval is "
-                "the 2.5th-97.5th percentiles of its calibrated probability over these maps")
+BOOT_FITS = 1000  # Platt refits for a photo's interval, stored in the bundle (two numbers each); 200 left the
+#                   interval's ends moving by about 0.01 from one seed to the next
+BOOT_MEANING = ("Platt maps refitted on bootstrap resamples of the same photos, whole units (see unit) resampled; a "
+                "photo's 95% interval is the 2.5th-97.5th percentiles of its calibrated probability over these maps, "
+                "widened to contain the fitted map's value where it falls outside")
 # why an ECE interval may not contain its value (the same words in reports, the Dashboard and the README)
 ECE_INTERVAL = ("ECE is biased upward on small sets (bins of a few photos), and a resample's ECE more so, so its "
                 "interval is the spread of resampled ECEs and can lie above the observed value")
@@ -46,8 +50,8 @@ class Calibration:
     prevalence: float
     chosen_by: str = ""
     fitted_on: str = "validation"  # the word the app puts before "photos": "validation" or "out-of-fold"
-    boot: tuple[tuple[float, float], ...] = ()  # (slope, intercept) refitted per resample; () in older bundles
-    boot_unit: str = "patients"  # what was resampled: "patients", or "images" when no patient ids were known
+    boot: tuple[tuple[float, float], ...] = ()  # Platt (slope, intercept) per resample; () in older bundles
+    boot_unit: str = "patients"  # what was resampled whole: patients, lesions, photos (no ids known), or groups
 
     def apply_logit(self, logits) -> np.ndarray:
         return sigmoid(self.slope * np.asarray(logits, dtype=np.float64) + self.intercept)
@@ -104,16 +108,18 @@ def _boot_pairs(slopes, intercepts) -> tuple[tuple[float, float], ...]:
 
 
 def fit_calibration(logits, y, method: str = "auto", groups=None, folds: int = 5, seed: int = 0,
-                    n_boot: int = BOOT_FITS) -> Calibration:
-    """Fit the map on validation logits and labels. "auto" picks platt or temperature by grouped CV Brier. The
-    chosen map is then refitted on `n_boot` resamples of the same groups (patients) for photos' intervals."""
+                    n_boot: int = BOOT_FITS, unit: str | None = None) -> Calibration:
+    """Fit the map on validation logits and labels. "auto" picks platt or temperature by grouped CV Brier. A Platt
+    map is then refitted on `n_boot` resamples of the same groups for photos' intervals; `unit` names the groups
+    (default: patients, or photos without groups). Fewer than half the resamples holding both classes: no refits
+    (the ones left would be the surer-looking subset)."""
     from dataclasses import replace
     z, y = _inputs(logits, y)
     fitted = _choose_and_fit(z, y, method, groups, folds, seed)
-    if not n_boot:
-        return fitted
-    return replace(fitted, boot=_refits(z, y, fitted.method, groups, n_boot, seed),
-                   boot_unit="images" if groups is None else "patients")
+    boot = _refits(z, y, groups, n_boot, seed) if n_boot else ()
+    if len(boot) < MIN_VALID_FRACTION * n_boot:
+        boot = ()
+    return replace(fitted, boot=boot, boot_unit=unit or ("photos" if groups is None else "patients"))
 
 
 def _choose_and_fit(z, y, method, groups, folds, seed) -> Calibration:
@@ -140,12 +146,12 @@ def _fit(z, y, method, why) -> Calibration:
     return Calibration(method, slope, intercept, int(len(y)), float(y.mean()), why)
 
 
-def _refits(z, y, method, groups, n_boot, seed) -> tuple[tuple[float, float], ...]:
-    """The map refitted on resamples of whole groups; a resample holding one class only is skipped (no map)."""
+def _refits(z, y, groups, n_boot, seed) -> tuple[tuple[float, float], ...]:
+    """Platt maps refitted on resamples of whole groups; a resample holding one class only is skipped (no map)."""
     codes, n_groups = (np.arange(len(y)), len(y)) if groups is None else group_codes(groups, len(y))[:2]
     fits = []
     for chunk in resample_weights(codes, n_groups, n_boot, seed):
-        fits += [_fit_params(z, y, method, w) for w in chunk if w @ y > 0 and w @ (1 - y) > 0]
+        fits += [_fit_params(z, y, "platt", w) for w in chunk if w @ y > 0 and w @ (1 - y) > 0]
     return tuple(fits)
 
 

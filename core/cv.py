@@ -26,7 +26,7 @@ import yaml
 from core import metrics, nested, runfolder
 from core.bundle import Threshold, load_bundle, read_meta
 from core.config import ConfigError, CVConfig, RunConfig
-from core.evaluation import build_report, groups_of
+from core.evaluation import build_report, groups_of, resample_unit
 from core.fileio import atomic_write_json, report_data
 from core.manifest import ManifestError, read_manifest, write_manifest
 from core.runfolder import BUNDLE, CV_REPORT, RunFolder
@@ -242,7 +242,8 @@ def finish_cv(rf: RunFolder, cfg: RunConfig, stages: list[pd.DataFrame], how: st
         fitted_on = "nested out-of-fold"
     try:
         calibration = replace(fit_calibration(fit_df["logit"].to_numpy(), fit_df["label"].to_numpy().astype(int),
-                                              groups=groups_of(fit_df), seed=cfg.seed), fitted_on=fitted_on)
+                                              groups=groups_of(fit_df), seed=cfg.seed, unit=resample_unit(fit_df)),
+                              fitted_on=fitted_on)
     except CalibrationError as e:
         calibration = None
         report["notes"].append(f"no calibration map: {e}")

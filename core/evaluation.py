@@ -40,6 +40,15 @@ def groups_of(df: pd.DataFrame):
     return None if by == "image" else groups.tolist()
 
 
+UNITS = {"patient_id": "patients", "lesion_id": "lesions", "image": "photos"}
+
+
+def resample_unit(df: pd.DataFrame) -> str:
+    """What groups_of resamples whole, in words: patients, lesions, photos, or groups (a mix)."""
+    from core.splits import grouping
+    return UNITS.get(grouping(df)[0], "groups")
+
+
 def build_report(df: pd.DataFrame, probs: np.ndarray, threshold: float, *, n_boot=1000, seed=0,
                  model_meta=None, split: str | None = None) -> dict:
     """The evaluation report: metrics with 95% CIs, confusion matrix, ROC points, per-image rows, subgroups."""

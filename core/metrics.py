@@ -654,8 +654,16 @@ def format_score(p: float, extra: int = 0) -> str:
 
 
 def format_whole_percent(p: float, extra: int = 0) -> str:
-    """A calibrated probability as a whole percentage (33%): more digits would claim a precision it lacks."""
-    return f"{float(p):.{extra}%}"
+    """A calibrated probability as a whole percentage (33%): more digits would claim a precision it lacks. A
+    calibrated probability is a sigmoid, never 0 or 1 however it rounds (or saturates in floating point): it reads
+    '<1%' or '>99%' ('<0.1%' with one extra digit), never '0%' or '100%'."""
+    text = f"{float(p):.{extra}%}"
+    step = 10.0 ** -extra
+    if float(text[:-1]) <= 0:
+        return f"<{step:.{extra}f}%"
+    if float(text[:-1]) >= 100:
+        return f">{100 - step:.{extra}f}%"
+    return text
 
 
 def spell_apart(score: float, threshold: float, spell=format_score) -> tuple[str, str]:

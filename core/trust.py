@@ -72,7 +72,7 @@ def features_and_logits(model, df: pd.DataFrame, *, device="cpu", batch_size: in
 def fit_trust(model, split_df: pd.DataFrame, *, device="cpu", seed: int = 0) -> TrustParts:
     """Gate (train photos describe, validation photos set the threshold), calibration (validation logits) and the
     similar-case index (train + validation photos) for a trained model. Test rows are never read."""
-    from core.evaluation import groups_of
+    from core.evaluation import groups_of, resample_unit
     train = split_df[split_df["split"] == "train"].reset_index(drop=True)
     val = split_df[split_df["split"] == "val"].reset_index(drop=True)
     both = pd.concat([train, val], ignore_index=True)
@@ -85,7 +85,8 @@ def fit_trust(model, split_df: pd.DataFrame, *, device="cpu", seed: int = 0) -> 
     except ood.GateError as e:
         notes.append(f"no out-of-distribution gate: {e}")
     try:
-        calibration = cal.fit_calibration(z_val, val["label"].to_numpy(), groups=groups_of(val), seed=seed)
+        calibration = cal.fit_calibration(z_val, val["label"].to_numpy(), groups=groups_of(val), seed=seed,
+                                          unit=resample_unit(val))
     except cal.CalibrationError as e:
         notes.append(f"no calibration map: {e}")
     return TrustParts(gate, calibration, build_index(both, feats, seed=seed), tuple(notes))
@@ -133,31 +134,37 @@ def reference_population(calibration: cal.Calibration | None) -> str | None:
             f"malignant")
 
 
+RESAMPLED = {"patients": "whole patients resampled", "lesions": "whole lesions resampled",
+             "photos": "photo by photo: no patient ids"}
+
+
 def interval_sentence(calibration: cal.Calibration | None, ci: tuple[float, float] | None) -> str | None:
     """What a calibrated probability's interval means, or why there is none; None without a calibration."""
     if calibration is None:
         return None
+    unit = calibration.boot_unit
     if ci is None:
-        return "No interval: this model was saved before calibration intervals were stored."
-    unit = "patients" if calibration.boot_unit == "patients" else "photos"
-    return (f"95% interval {interval_text(ci)}: the calibration "
-            f"refitted on {len(calibration.boot)} resamples of the {calibration.n} {calibration.fitted_on} photos' "
-            f"{unit} put this number in that range, so with other {calibration.fitted_on} {unit} it could have read "
-            "anywhere in it.")
+        return ("No interval: this model's calibration has no refits stored (it was saved before they were kept, or "
+                f"it had too few malignant and benign {unit} to refit it).")
+    return (f"95% interval {interval_text(ci)}: the calibration refitted on {len(calibration.boot)} bootstrap "
+            f"resamples of its {calibration.n} {calibration.fitted_on} photos "
+            f"({RESAMPLED.get(unit, 'whole groups resampled')}) put this number in that range; with other {unit} "
+            "it would most likely have read within it.")
 
 
 def interval_text(ci: tuple[float, float]) -> str:
-    """'15%–34%': whole percentages rounded outwards, so the printed interval never claims to be narrower."""
-    return f"{percent_outward(ci[0], math.floor)}–{percent_outward(ci[1], math.ceil)}"
+    """'15% to 34%': whole percentages rounded outwards, so the printed interval never claims to be narrower ('to',
+    not a dash: '90%–>99%' read as an arrow)."""
+    return f"{percent_outward(ci[0], math.floor)} to {percent_outward(ci[1], math.ceil)}"
 
 
 def percent_outward(p: float, rounding) -> str:
-    """A whole percentage rounded away from the interval's centre (floor low ends, ceil high ends); never '0%' or
-    '100%' for a probability strictly between them."""
+    """A whole percentage rounded away from the interval's centre (floor low ends, ceil high ends). A calibrated
+    probability is a sigmoid, never 0 or 1 (even where it saturates in floating point): '<1%' and '>99%' instead."""
     whole = int(rounding(round(p * 100, 9)))
-    if whole <= 0 < p:
+    if whole <= 0:
         return "<1%"
-    if whole >= 100 > p * 100:
+    if whole >= 100:
         return ">99%"
     return f"{whole}%"
 

@@ -186,7 +186,7 @@ def refresh_calibration(run: Path, bundle_dir: Path) -> int:
     from core.bundle import load_bundle, repack
     from core.calibration import fit_calibration
     from core.config import run_config_from_dict
-    from core.evaluation import groups_of
+    from core.evaluation import groups_of, resample_unit
     from core.trust import features_and_logits
     bundle = load_bundle(bundle_dir)
     stored, weights = bundle.calibration, bundle.meta.weights_sha256
@@ -196,7 +196,7 @@ def refresh_calibration(run: Path, bundle_dir: Path) -> int:
     val = val[val["split"] == "val"].reset_index(drop=True)
     _, z = features_and_logits(bundle.model, val, device="cpu")
     seed = run_config_from_dict(runfolder.read_config(run)).seed
-    fresh = fit_calibration(z, val["label"].to_numpy(), groups=groups_of(val), seed=seed)
+    fresh = fit_calibration(z, val["label"].to_numpy(), groups=groups_of(val), seed=seed, unit=resample_unit(val))
     drift = max(abs(fresh.slope - stored.slope), abs(fresh.intercept - stored.intercept))
     if (fresh.method, fresh.n) != (stored.method, stored.n) or drift > CALIBRATION_TOLERANCE:
         raise SystemExit(f"the refitted map ({fresh.method}, {fresh.slope:.4f}, {fresh.intercept:.4f} on {fresh.n}) is "

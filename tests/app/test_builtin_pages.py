@@ -45,11 +45,11 @@ def test_the_demos_calibrated_probability_keeps_its_interval_beside_the_photo_an
     at.switch_page("ui/predict.py").run()
     at.button(key="predict_example_1").click().run()
     shown = "\n".join(str(m.value) for m in at.markdown)
-    assert re.search(r"### Calibrated probability of malignancy: [\d.]+% \(95% interval [<\d]+%–[>\d]+%\)", shown)
+    assert re.search(r"### Calibrated probability of malignancy: [<>\d.]+% \(95% interval [<\d]+% to [>\d]+%\)", shown)
     at.selectbox(key="ctx_bleed").set_value("yes").run()  # the demo has a clinical-context stage
     assert not at.exception, at.exception
     photo_alone = [e.value for e in (*at.caption, *at.warning) if "photo alone" in e.value]
-    assert photo_alone and re.search(r"calibrated probability [\d.]+% \(95% interval [<\d]+%–[>\d]+%\)",
+    assert photo_alone and re.search(r"calibrated probability [<>\d.]+% \(95% interval [<\d]+% to [>\d]+%\)",
                                      photo_alone[0])
 
 

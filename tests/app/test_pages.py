@@ -183,8 +183,9 @@ def test_trusted_model_calibrated_headline_similar_cases_and_refusal(with_truste
     assert "### Calibrated probability of malignancy:" in md
     assert "among photos like the 12 validation photos, where 50% were malignant" in captions.lower()
     # the number comes with its interval, in the headline and explained below it
-    assert re.search(r"### Calibrated probability of malignancy: [\d.]+% \(95% interval [<\d]+%–[>\d]+%\)", md)
-    assert "refitted on 200 resamples of the 12 validation photos' patients" in captions
+    assert re.search(r"### Calibrated probability of malignancy: [<>\d.]+% \(95% interval [<\d]+% to [>\d]+%\)", md)
+    assert re.search(r"refitted on \d+ bootstrap resamples of its 12 validation photos \(whole patients resampled\)",
+                     captions)
     assert "Most similar photos in the model's training and validation data" in texts(at, "subheader")
     similar = [c for im in at.main.get("image") for c in im.captions if "similarity" in c]
     assert len(similar) == 6 and any("(MEL)" in c or "(NEV)" in c for c in similar)

@@ -122,7 +122,7 @@ def test_a_photos_interval_contains_its_calibrated_probability_and_narrows_with_
     small = cal.fit_calibration(z, y, method="platt", seed=0)
     z, y = _scores(1200, 1)
     large = cal.fit_calibration(z, y, method="platt", seed=0)
-    assert len(small.boot) == len(large.boot) == cal.BOOT_FITS and small.boot_unit == "images"
+    assert len(small.boot) == len(large.boot) == cal.BOOT_FITS and small.boot_unit == "photos"
     for p in (0.05, 0.3, 0.7):
         for c in (small, large):
             lo, hi = c.interval(p)
@@ -147,8 +147,27 @@ def test_resamples_with_one_class_are_skipped_and_no_refits_when_asked():
     y = np.array([1, 1, 0, 0, 0, 0, 0, 0])
     c = cal.fit_calibration(z, y, method="temperature", seed=0)
     assert 0 < len(c.boot) < cal.BOOT_FITS  # some resamples hold no malignant photo: no map from them
-    assert all(np.isfinite(a) and a > 0 and b == 0.0 for a, b in c.boot)
+    assert all(np.isfinite(a) and a > 0 for a, b in c.boot)
     assert cal.fit_calibration(z, y, method="temperature", n_boot=0).interval(0.5) is None
+
+
+def test_too_few_two_class_resamples_give_no_interval_rather_than_the_surer_looking_rest(monkeypatch):
+    z = np.array([2.0, 1.5, -1.0, -0.5, -2.0, 0.1, -0.3, -1.2])
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0])  # about 90% of resamples hold a malignant photo
+    assert cal.fit_calibration(z, y, method="platt", seed=0).interval(0.5) is not None
+    monkeypatch.setattr(cal, "MIN_VALID_FRACTION", 0.95)
+    assert cal.fit_calibration(z, y, method="platt", seed=0).interval(0.5) is None
+
+
+def test_a_temperature_map_still_has_an_interval_at_a_raw_score_of_one_half():
+    """Temperature scaling sends 0.5 to 0.5 whatever its temperature: refits of it would claim 50%-50% there. The
+    refits are Platt maps, so the intercept's uncertainty shows."""
+    for seed in range(3):
+        z, y = _overconfident(40, seed)  # no shift: temperature is the right family here
+        c = cal.fit_calibration(z, y, method="temperature", seed=0)
+        assert c.method == "temperature" and c.apply([0.5])[0] == pytest.approx(0.5)
+        lo, hi = c.interval(0.5)
+        assert hi - lo > 0.2 and lo <= 0.5 <= hi  # 40 photos cannot pin the intercept down
 
 
 def test_the_refits_round_trip_and_older_or_broken_descriptions_are_handled():

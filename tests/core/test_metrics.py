@@ -642,6 +642,10 @@ def test_spell_apart_gives_a_score_and_its_threshold_digits_until_they_differ():
     assert spell_apart(0.0044512, 0.0044538) == ("0.4451%", "0.4454%")  # below 1%: significant digits grow
     assert spell_apart(0.331, 0.334, format_whole_percent) == ("33.1%", "33.4%")
     assert spell_apart(0.25, 0.75, format_whole_percent) == ("25%", "75%")
+    # a calibrated probability never reads 0% or 100%, however it rounds or saturates
+    assert [format_whole_percent(p) for p in (0.004, 0.0, 0.996, 1.0)] == ["<1%", "<1%", ">99%", ">99%"]
+    assert spell_apart(0.003, 0.002, format_whole_percent) == ("0.3%", "0.2%")
+    assert format_whole_percent(0.0004, 1) == "<0.1%" and format_whole_percent(0.9996, 1) == ">99.9%"
     rng = np.random.default_rng(0)
     for a, b in rng.uniform(0, 1, (200, 2)) * rng.choice([1e-3, 1], (200, 1)):
         sa, sb = spell_apart(a, b)

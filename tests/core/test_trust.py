@@ -240,15 +240,17 @@ def test_train_trust_names_every_bad_photo_first_and_leaves_the_built_in_demo_al
 def test_interval_wording_rounds_outwards_and_says_what_was_resampled():
     from core.calibration import Calibration
     from core.trust import interval_sentence, interval_text
-    assert interval_text((0.153, 0.337)) == "15%–34%"
-    assert interval_text((0.004, 0.9991)) == "<1%–>99%"  # never 0% or 100% for a probability strictly between
-    assert interval_text((0.0, 0.2)) == "0%–20%"
+    assert interval_text((0.153, 0.337)) == "15% to 34%"
+    # a calibrated probability is a sigmoid: never 0% or 100%, also where it saturates in floating point
+    assert interval_text((0.004, 0.9991)) == interval_text((0.0, 1.0)) == "<1% to >99%"
     c = Calibration("platt", 1.0, 0.0, 74, 0.4, boot=((1.0, 0.0), (1.1, 0.1)))
     text = interval_sentence(c, (0.153, 0.337))
-    assert text.startswith("95% interval 15%–34%") and "2 resamples of the 74 validation photos' patients" in text
-    assert "photos' photos" in interval_sentence(Calibration("platt", 1.0, 0.0, 74, 0.4, boot=((1.0, 0.0),),
-                                                             boot_unit="images"), (0.1, 0.2))
-    assert interval_sentence(c, None).startswith("No interval")
+    assert text.startswith("95% interval 15% to 34%: the calibration refitted on 2 bootstrap resamples of its 74 "
+                           "validation photos (whole patients resampled)") and "with other patients" in text
+    photos = interval_sentence(replace(c, boot_unit="photos", fitted_on="out-of-fold"), (0.1, 0.2))
+    assert "its 74 out-of-fold photos (photo by photo: no patient ids)" in photos and "with other photos" in photos
+    assert "(whole lesions resampled)" in interval_sentence(replace(c, boot_unit="lesions"), (0.1, 0.2))
+    assert interval_sentence(c, None).startswith("No interval: this model's calibration has no refits stored")
     assert interval_sentence(None, None) is None
 
 
