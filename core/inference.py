@@ -92,6 +92,12 @@ class Prediction:
         return self.assessment.prob_calibrated if self.assessment else None
 
     @property
+    def cam_empty(self) -> bool:
+        """The heat-map is flat: Grad-CAM's ReLU left nothing (the weighted map was negative everywhere), so the
+        overlay is uniform blue, which would read as 'nothing suspicious' beside any verdict."""
+        return self.cam is not None and float(self.cam.max() - self.cam.min()) < 1e-6
+
+    @property
     def prob_calibrated_ci95(self) -> tuple[float, float] | None:
         """The calibrated probability's 95% interval over the calibration's refits (None: not assessed, no
         calibration, or a bundle from before the refits were stored)."""

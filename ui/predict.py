@@ -84,7 +84,13 @@ st.subheader("Result")
 left, right = st.columns([1, 1], gap="large")
 with left:
     h, w = pred.model_input.shape[:2]
-    if pred.assessed:
+    if pred.assessed and pred.cam_empty:  # a uniform overlay would read as "nothing suspicious here"
+        st.image(pred.model_input, width="stretch", caption=f"The {w}×{h} px image the model saw.")
+        st.info(f"{method_label} found no region that pushed the score towards 'malignant' (its weighted map is "
+                "negative everywhere), so it has no heat-map to show. That does not mean the photo is unremarkable. "
+                + ("Grad-CAM++ weighs the gradients differently and may show where the model looked."
+                   if method == "gradcam" else ""), icon=":material/info:")
+    elif pred.assessed:
         st.image(overlay(pred.model_input, pred.cam, opacity), width="stretch",
                  caption=f"{method_label} on the {w}×{h} px image the model saw: warmer colours mark the regions "
                          "that pushed the score towards 'malignant' (not a lesion outline).")

@@ -319,3 +319,17 @@ def test_reduced_precision_is_checked_for_every_member(ensemble_dirs, monkeypatc
     p = Predictor(load_bundle(ensemble_dirs[1]), device="cpu")
     assert p.dtype == torch.bfloat16 and len(p._features) == 2
     assert all(any(t.dtype == torch.bfloat16 for t in f.state_dict().values()) for f in p._features)
+
+
+def test_a_heat_map_with_nothing_pushing_towards_malignant_is_flagged_empty(bundle_dir):
+    from core.gradcam import cams
+    fmap = torch.rand(1, 8, 7, 7) + 0.1                  # positive activations ...
+    grads = -torch.rand(1, 8, 7, 7) - 0.1                # ... whose every weight lowers the malignant logit
+    flat = cams(fmap, grads, (32, 32), "gradcam")
+    assert flat.shape == (1, 32, 32) and flat.max() == 0  # ReLU leaves nothing: a uniform overlay
+    pred = Predictor(load_bundle(bundle_dir), device="cpu").predict_source(photo_bytes(seed=4), cam_method="gradcam")
+    assert not pred.cam_empty  # a real map
+    pred.cam = flat[0]
+    assert pred.cam_empty
+    pred.cam = None  # no heat-map asked for: nothing to call empty
+    assert not pred.cam_empty
