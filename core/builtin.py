@@ -13,6 +13,9 @@ DEMO_BUNDLE = DEMO_DIR / "bundle"
 DEMO_EVIDENCE = DEMO_DIR / "evidence"      # its validation/test reports and PCA summary (no photos)
 DEMO_EXPECTED = DEMO_DIR / "expected_predictions.json"
 EXAMPLES_DIR = ASSETS / "examples"
+# where the demo's photos are when ../shared sits beside the checkout (its similar cases resolve there too); its
+# evidence reports keep file names only
+DEMO_PHOTOS = PROJECT_ROOT.parent / "shared" / "data" / "pad_ufes_20_subset" / "images"
 DEMO_LABEL = "Built-in demo (PAD-UFES-20)"  # short: the sidebar's picker cuts longer labels
 SHORT_NAMES = ("demo", "builtin")
 

@@ -275,6 +275,24 @@ def example_predictions(report: dict, n: int = 4) -> dict[str, list[dict]]:
     return {"correct": correct[:n], "incorrect": wrong[:n]}
 
 
+def example_image(row: dict, report_path: str | Path) -> str:
+    """Where an example's photo is on this machine: the path its report recorded, else, for the built-in demo's
+    reports (file names only), the shared folder the demo was trained from, when present."""
+    image = Path(str(row.get("image") or ""))
+    if not image.is_file() and Path(report_path).resolve().is_relative_to(builtin.DEMO_EVIDENCE.resolve()):
+        shared = builtin.DEMO_PHOTOS / image.name
+        if shared.is_file():
+            return str(shared)
+    return str(image)
+
+
+def example_caption(row: dict, threshold: float) -> str:
+    """File name, truth, and the raw score beside the threshold it was judged against, spelled apart."""
+    score, thr = metrics.spell_apart(row["prob"], threshold)
+    truth = "malignant" if int(row["label"]) == 1 else "benign"
+    return f"{Path(str(row.get('image', '?'))).name}\ntruth {truth} · raw score {score} (threshold {thr})"
+
+
 @dataclass(frozen=True)
 class PcaResult:
     folder: Path

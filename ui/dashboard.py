@@ -185,9 +185,8 @@ if loaded:
             continue
         cols = st.columns(4)
         for col, row in zip(cols, rows):
-            truth = "malignant" if int(row["label"]) == 1 else "benign"
-            caption = f"{Path(str(row.get('image', '?'))).name}\ntruth {truth} · P={row['prob']:.2f} (thr {thr:.2f})"
-            thumb = common.thumbnail(row.get("image") or "", 160)
+            caption = reports.example_caption(row, thr)
+            thumb = common.thumbnail(reports.example_image(row, labels[label]), 160)
             if thumb is not None:
                 col.image(thumb, caption=caption)
             else:

@@ -153,3 +153,23 @@ def test_trust_table_says_why_photos_were_not_assessed_in_words():
         "of them: unusable photo": 1, "Brier (raw)": "0.2000 [0.100, 0.300]", "Brier (calibrated)": "n/a",
         "ECE (raw)": "n/a", "ECE (calibrated)": "n/a"}
     assert len(table) == 1
+
+
+def test_example_captions_spell_the_threshold_so_it_never_reads_zero():
+    row = {"image": "/data/PAT_1_2_3.png", "label": 0, "prob": 0.96}
+    caption = reports.example_caption(row, 0.0044)  # the demo's threshold printed as 'thr 0.00' before
+    assert caption == "PAT_1_2_3.png\ntruth benign · raw score 96.0% (threshold 0.44%)"
+    assert reports.example_caption({**row, "prob": 0.3314}, 0.3312).endswith("raw score 33.14% (threshold 33.12%)")
+
+
+def test_the_demos_example_photos_are_found_in_the_shared_folder_its_reports_name_them_from(tmp_path):
+    from core import builtin
+    from tests.conftest import shared_path
+    name = next(shared_path("data", "pad_ufes_20_subset", "images").iterdir()).name
+    demo_report = builtin.DEMO_EVIDENCE / "test_report.json"
+    assert reports.example_image({"image": name}, demo_report) == str(builtin.DEMO_PHOTOS / name)
+    own = tmp_path / "run" / "test_report.json"  # a user's report: its recorded path, found or not
+    assert reports.example_image({"image": name}, own) == name
+    photo = tmp_path / "p.png"
+    photo.write_bytes(b"x")
+    assert reports.example_image({"image": str(photo)}, demo_report) == str(photo)
