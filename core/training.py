@@ -438,7 +438,9 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, *, split: FixedSp
         rf.status(state="finished", finished=time.time())
         return bundle
     except (Stopped, KeyboardInterrupt) as e:
-        rf.log(f"stopped on request ({str(e) or type(e).__name__}); resume with --resume")
+        rf.log(f"stopped on request ({str(e) or type(e).__name__}); " + (
+            "resume with --resume" if rf.has_checkpoint() else
+            "no epoch of this run had finished, so nothing was saved to resume from"))  # a fold: its CV run resumes
         rf.status(state="stopped")
         rf.clear_stop()  # acted on: a resumed run starts clean
         raise

@@ -146,12 +146,15 @@ def progress_panel() -> None:
         st.progress(min(1.0, (info.epoch) / info.epochs), text=where)
     b1, b2, b3 = st.columns(3)
     if info.alive:
-        b1.button("Stop (saves a checkpoint)", on_click=_stop, args=(run_path,), key="stop_btn")
+        b1.button("Stop (keeps the finished epochs)", on_click=_stop, args=(run_path,), key="stop_btn")
         b2.button("Force stop", on_click=_stop, args=(run_path, True), key="kill_btn",
                   help="Kills the trainer and its workers at once: the current epoch is lost (resume from the last "
                        "checkpoint)")
     elif info.resumable:
         b1.button("Resume", on_click=_resume, args=(run_path,), key="resume_btn", disabled=job is not None)
+    elif info.state == "stopped" and not info.has_bundle:
+        st.warning("Stopped before its first epoch finished: nothing was saved, so it cannot be resumed. Start it "
+                   "again.")
     if st.session_state.get("train_msg"):
         b3.caption(st.session_state["train_msg"])
     m = runfolder.read_fold_metrics(run_path) if info.cv else runfolder.read_metrics(run_path)

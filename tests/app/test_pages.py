@@ -455,6 +455,18 @@ def test_train_page_shows_a_cross_validations_fold_progress_and_each_folds_curve
     assert any(b.label == "Resume" for b in at.button)  # resumable: the fold runs hold the checkpoints
 
 
+def test_a_run_stopped_before_its_first_epoch_says_it_cannot_be_resumed(with_model):
+    from core import runfolder
+    run = with_model.runs / "early"
+    run.mkdir()
+    runfolder.update_status(run, state="stopped", stage=0, stage_name="head", epoch=0, epochs=1)  # no checkpoint
+    at = app().switch_page("ui/train.py").run()
+    at.selectbox(key="train_watch").set_value("early").run()
+    assert not at.exception
+    assert any("nothing was saved, so it cannot be resumed" in w.value for w in at.warning)
+    assert not any(b.label == "Resume" for b in at.button)
+
+
 # ------------------------------------------------------------------ clinical context
 @pytest.fixture
 def with_context_model(app_env, tmp_path, monkeypatch):

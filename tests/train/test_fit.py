@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from core import runfolder, training
+from core import jobs, runfolder, training
 from core.bundle import load_bundle
 from core.config import run_config_from_dict
 from core.manifest import file_sha256
@@ -212,6 +212,9 @@ def test_a_stop_request_is_seen_at_the_next_training_step(image_set, tmp_path, m
         training.fit(cfg, run)
     assert len(steps) == 2 and runfolder.read_metrics(run).empty  # no epoch finished
     assert runfolder.read_status(run)["state"] == "stopped"
+    # nothing was saved: the log and the Train page must not offer a resume
+    assert "nothing was saved to resume from" in (run / runfolder.LOG).read_text()
+    assert not jobs.run_info(run).resumable
 
 
 def test_fit_cli_refuses_to_overwrite_a_run_without_resume(finished_run, capsys):
