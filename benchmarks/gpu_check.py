@@ -103,7 +103,8 @@ def child_env(**extra: str) -> dict:
 def cuda_test_files(tests: Path = ROOT / "tests") -> list[str]:
     """The test modules that hold tests marked cuda: only those are collected, so a GPU machine needs the core's
     packages alone (the app's tests import Streamlit, which such a machine may lack)."""
-    return sorted(str(f) for f in tests.rglob("test_*.py") if "pytest.mark.cuda" in f.read_text(encoding="utf-8"))
+    marked = re.compile(r"^\s*(pytestmark\s*=.*pytest\.mark\.cuda|@pytest\.mark\.cuda)", re.M)
+    return sorted(str(f) for f in tests.rglob("test_*.py") if marked.search(f.read_text(encoding="utf-8")))
 
 
 def run_cmd(cmd: list[str], env: dict | None = None) -> int:
@@ -188,8 +189,11 @@ def result(status: str, summary: str, **details) -> dict:
 def step_cuda_tests(plan: dict) -> dict:
     xml = Path(plan["work"]) / "cuda_tests.xml"
     env = {"SKINSCREEN_CUDA_TESTS_ON_CPU": "1"} if plan["dry_run"] else {}
+    files = cuda_test_files()
+    if not files:  # pytest given no file would collect every test, the app's too
+        return result("fail", "no test module marked cuda was found under tests/")
     rc = run_cmd([plan["python"], "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                  *plan["cuda_tests"]["pytest_args"], *cuda_test_files()], env)
+                  *plan["cuda_tests"]["pytest_args"], *files], env)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if xml.is_file():
         for suite in ET.parse(xml).getroot().iter("testsuite"):
@@ -469,15 +473,24 @@ def make_reference(run: Path) -> int:
     return 0
 
 
+def partial_path(path: Path) -> Path:
+    """Where the results go while steps remain: beside the results file, so an interrupted re-run never replaces
+    a complete earlier one."""
+    return path.with_name(path.stem + ".partial" + path.suffix)
+
+
 def write_results(out: dict, path: Path, t_start: float, final: bool) -> None:
-    """The results so far; `complete` is False until every step has its result."""
+    """The results so far (to partial_path until the last step; `complete` says which)."""
     from common import load_avg
     out["total_s"] = round(time.time() - t_start, 1)
     out["failed"] = [n for n, s in out["steps"].items() if s["status"] in FAILED]
     out["complete"] = final
     if final:
         out["machine"]["load_avg_1min_at_end"] = round(load_avg(), 2)
-    path.write_text(json.dumps(out, indent=1, default=str) + "\n", encoding="utf-8")
+    (path if final else partial_path(path)).write_text(json.dumps(out, indent=1, default=str) + "\n",
+                                                       encoding="utf-8")
+    if final:
+        partial_path(path).unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:

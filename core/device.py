@@ -51,23 +51,44 @@ def fast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 _TF32_LOCK = threading.Lock()
-_tf32_off = {"depth": 0, "saved": None}  # contexts open across threads, and the flags the first one found
+_tf32_off = {"depth": 0, "saved": None}  # contexts open across threads, and the settings the first one found
+
+
+def _fp32_settings():
+    """(read, write) for the cuDNN-convolution and CUDA-matmul fp32 precision: torch's per-backend API where it has
+    one (mixing it with the legacy allow_tf32 flags makes torch refuse to read them), else the legacy flags."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        def read():
+            return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+
+        def write(values):
+            torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = values
+        return read, write, ("ieee", "ieee")
+
+    def read_legacy():
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+    def write_legacy(values):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = values
+    return read_legacy, write_legacy, (False, False)
 
 
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device):
     """fp32 that is fp32 on CUDA too: cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) by default, which moved
     a MobileNetV2's probability by 0.011 from the CPU's on an H200 (the GPU check), past the 0.01 this project holds
-    every device to. Elsewhere a no-op. The flags are process-wide: the first context to open turns TF32 off, the
-    last to close restores what it found (the app predicts from several threads; one thread's exit must not turn
-    TF32 back on under another's forward pass)."""
+    every device to. Elsewhere a no-op. The settings are process-wide: the first context to open turns TF32 off,
+    the last to close restores what it found (the app predicts from several threads; one thread's exit must not
+    turn TF32 back on under another's forward pass)."""
     if torch.device(device).type != "cuda":
         yield
         return
+    read, write, ieee = _fp32_settings()
     with _TF32_LOCK:
         if _tf32_off["depth"] == 0:
-            _tf32_off["saved"] = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            _tf32_off["saved"] = read()
+            write(ieee)
         _tf32_off["depth"] += 1
     try:
         yield
@@ -75,7 +96,7 @@ def ieee_fp32(device: torch.device):
         with _TF32_LOCK:
             _tf32_off["depth"] -= 1
             if _tf32_off["depth"] == 0:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_off["saved"]
+                write(_tf32_off["saved"])
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from core.backbones import BackboneSpec, Preprocessing, build_backbone, get_spec
 from core.dataset import DECODE_VERSION, ManifestDataset
+from core.device import ieee_fp32
 from core.fileio import atomic_write
 from core.manifest import crop_of, file_sha256
 from core.transforms import eval_transform
@@ -160,14 +161,15 @@ def _forward(module: nn.Module, df: pd.DataFrame, pp: Preprocessing, device, bat
     ds = ManifestDataset(df, eval_transform(pp), short_side=pp.resize_to, interpolation=pp.interpolation)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     # PyTorch or ONNX Runtime, whichever is faster on this job's first batches; both fp32 on purpose: cached
-    # vectors must not depend on the device's reduced precision.
-    features = batch_features(module, pp, len(loader), device, engine=engine)
+    # vectors must not depend on the device's reduced precision (IEEE fp32: no TF32 on a GPU either).
     out = None
-    for x, _, idx in loader:
-        feats = features(x.to(device)).float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(ds), feats.shape[1]), dtype=np.float32)
-        out[idx.numpy()] = feats
+    with ieee_fp32(torch.device(device)):
+        features = batch_features(module, pp, len(loader), device, engine=engine)
+        for x, _, idx in loader:
+            feats = features(x.to(device)).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(ds), feats.shape[1]), dtype=np.float32)
+            out[idx.numpy()] = feats
     if report is not None:
         report["engine"] = features.record
     return out

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from core import calibration as cal
+from core.device import ieee_fp32
 from core import ood
 from core.scores import sigmoid
 from core.similar import SimilarIndex, build_index
@@ -64,7 +65,8 @@ def features_and_logits(model, df: pd.DataFrame, *, device="cpu", batch_size: in
     was_training = model.training
     model.eval()
     head = model.head.to(device)
-    logits = head(torch.from_numpy(feats).to(device)).float().squeeze(1).cpu().numpy().astype(np.float64)
+    with ieee_fp32(torch.device(device)):  # the logits calibration is fitted on: IEEE fp32 as the app's fp32 path
+        logits = head(torch.from_numpy(feats).to(device)).float().squeeze(1).cpu().numpy().astype(np.float64)
     model.train(was_training)
     return feats, logits
 

@@ -68,10 +68,24 @@ def test_only_the_modules_holding_cuda_tests_are_collected(tmp_path):
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "test_page.py").write_text("import streamlit\n", encoding="utf-8")
     (tmp_path / "test_gpu.py").write_text("pytestmark = pytest.mark.cuda\n", encoding="utf-8")
-    assert gpu_check.cuda_test_files(tmp_path) == [str(tmp_path / "test_gpu.py")]
+    (tmp_path / "test_one.py").write_text("@pytest.mark.cuda\ndef test_x(): pass\n", encoding="utf-8")
+    (tmp_path / "test_mentions.py").write_text('text = "pytestmark = [pytest.mark.cuda]"\n', encoding="utf-8")
+    assert gpu_check.cuda_test_files(tmp_path) == [str(tmp_path / "test_gpu.py"), str(tmp_path / "test_one.py")]
     files = gpu_check.cuda_test_files()
     assert str(ROOT / "tests" / "core" / "test_cuda.py") in files
     assert not any("app" in Path(f).relative_to(ROOT).parts for f in files)
+    assert str(ROOT / "tests" / "benchmarks" / "test_gpu_check.py") not in files  # it only mentions the marker
+
+
+def test_results_stay_partial_until_the_last_step(tmp_path):
+    out = {"machine": {}, "steps": {"cuda_tests": {"status": "pass"}}}
+    path = tmp_path / "gpu_check_x.json"
+    path.write_text('{"complete": true}')  # a complete earlier run
+    gpu_check.write_results(out, path, 0.0, final=False)
+    assert json.loads(path.read_text()) == {"complete": True}  # untouched while steps remain
+    assert json.loads(gpu_check.partial_path(path).read_text())["complete"] is False
+    gpu_check.write_results(out, path, 0.0, final=True)
+    assert json.loads(path.read_text())["complete"] is True and not gpu_check.partial_path(path).exists()
 
 
 @pytest.mark.slow

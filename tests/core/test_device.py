@@ -90,45 +90,47 @@ def test_predictor_keeps_fp32_when_the_candidate_cannot_run(monkeypatch, tmp_pat
     assert 0.0 <= p.predict_image(Image.new("RGB", (80, 80), (150, 100, 90))).prob <= 1.0  # and it predicts
 
 
-def test_fp32_on_cuda_turns_tf32_off_inside_and_restores_the_flags_after():
-    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
-    before = flags()
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True  # torch's conv default, and
-    try:                                                                                 # a user's matmul choice
-        with device.autocast(torch.device("cuda"), None):  # the flags are settable without a GPU
-            assert flags() == (False, False)
-        assert flags() == (True, True)
+def test_fp32_on_cuda_turns_tf32_off_inside_and_restores_the_settings_after():
+    read, write, ieee = device._fp32_settings()  # settable without a GPU
+    before = read()
+    tf32 = ("tf32", "tf32") if ieee == ("ieee", "ieee") else (True, True)
+    write(tf32)
+    try:
+        with device.autocast(torch.device("cuda"), None):
+            assert read() == ieee
+        assert read() == tf32
         with pytest.raises(ValueError), device.ieee_fp32(torch.device("cuda")):
             raise ValueError  # restored on an error too
-        assert flags() == (True, True)
+        assert read() == tf32
         with device.autocast(torch.device("cpu"), None):
-            assert flags() == (True, True)  # not a CUDA device: untouched
+            assert read() == tf32  # not a CUDA device: untouched
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        write(before)
 
 
 def test_overlapping_fp32_contexts_in_two_threads_keep_tf32_off_until_the_last_one_closes():
     import threading
-    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
-    before = flags()
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    read, write, ieee = device._fp32_settings()
+    before = read()
+    mixed = ("tf32", "ieee") if ieee == ("ieee", "ieee") else (True, False)
+    write(mixed)
     entered, release, seen = threading.Event(), threading.Event(), []
 
     def other_thread():
         with device.ieee_fp32(torch.device("cuda")):
             entered.set()
             release.wait(10)
-            seen.append(flags())  # after the first thread's context closed
+            seen.append(read())  # after the first thread's context closed
 
     try:
         with device.ieee_fp32(torch.device("cuda")):
             t = threading.Thread(target=other_thread)
             t.start()
             assert entered.wait(10)
-        assert flags() == (False, False)  # the other thread is still inside: TF32 stays off
+        assert read() == ieee  # the other thread is still inside: TF32 stays off
         release.set()
         t.join(10)
-        assert seen == [(False, False)] and flags() == (True, False)  # the last one out restores what the first found
+        assert seen == [ieee] and read() == mixed  # the last one out restores what the first found
     finally:
         release.set()
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        write(before)
