@@ -19,6 +19,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MAX_BUNDLE_UNZIPPED = 4 << 30     # a zip that expands beyond this is refused (zip bomb guard)
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a command run from the project root takes it: relative inside the project, else absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
 def runs_dir() -> Path:
     """RUNS_DIR from the environment (relative to the working directory), else <project>/runs."""
     env = os.environ.get("RUNS_DIR")

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - pillow-heif is a runtime requirement
 # Phones take 48-50 MP photos; anything much larger is a scan, a panorama or a decompression bomb.
 # Kept below PIL's own warning threshold (~89.5 MP) so our check always speaks first.
 MAX_PIXELS = 80_000_000
+TOO_LARGE_ADVICE = "; crop the lesion or save a smaller copy (a phone's 12-megapixel photo is fine)"
 # PIL warns while it opens the header, before _open can refuse the file: the user saw a library warning above
 # the row that names the file as too_large. Every file past MAX_PIXELS is refused by name, so the warning says
 # nothing more (PIL's hard limit, twice its threshold, still raises and is reported the same way).
@@ -270,8 +271,8 @@ def _open(source: Source, label: str) -> Image.Image:
     w, h = img.size
     if w * h > MAX_PIXELS:
         img.close()
-        raise ImageLoadError(f"{label}: {w}x{h} pixels exceeds the "
-                             f"{MAX_PIXELS // 1_000_000}-megapixel limit", "too_large")
+        raise ImageLoadError(f"{label}: {w}x{h} pixels exceeds the {MAX_PIXELS // 1_000_000}-megapixel limit"
+                             f"{TOO_LARGE_ADVICE}", "too_large")
     return img
 
 
@@ -350,7 +351,7 @@ def _pil_errors(label: str):
         raise  # OSErrors with their own message: the caller words them
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # PIL refuses before we can see the size; its message carries the pixel count.
-        raise ImageLoadError(f"{label}: {_bomb_detail(exc)} exceeds the "
-                             f"{MAX_PIXELS // 1_000_000}-megapixel limit", "too_large") from exc
+        raise ImageLoadError(f"{label}: {_bomb_detail(exc)} exceeds the {MAX_PIXELS // 1_000_000}-megapixel limit"
+                             f"{TOO_LARGE_ADVICE}", "too_large") from exc
     except _CORRUPT_ERRORS as exc:
         raise ImageLoadError(f"{label}: truncated or corrupt image data", "corrupt") from exc

@@ -238,7 +238,8 @@ class Predictor:
         similar = b.similar.query(feats, SIMILAR_K)[0] if b.similar is not None and assessment.assessed else []
         return {"assessment": assessment, "similar": similar, "lacks": b.lacks(),
                 "reference": reference_population(b.calibration),
-                "interval_note": interval_sentence(b.calibration, assessment.prob_calibrated_ci95)
+                "interval_note": interval_sentence(b.calibration, assessment.prob_calibrated_ci95,
+                                                   b.calibration.threshold(b.threshold) if b.calibration else None)
                 if assessment.assessed else None,
                 "threshold_calibrated": b.calibration.threshold(b.threshold) if b.calibration else None}
 

@@ -17,6 +17,7 @@ import torch
 
 from core import calibration as cal
 from core.device import ieee_fp32
+from core.metrics import format_whole_percent
 from core import ood
 from core.scores import sigmoid
 from core.similar import SimilarIndex, build_index
@@ -140,8 +141,11 @@ RESAMPLED = {"patients": "whole patients resampled", "lesions": "whole lesions r
              "photos": "photo by photo: no patient ids"}
 
 
-def interval_sentence(calibration: cal.Calibration | None, ci: tuple[float, float] | None) -> str | None:
-    """What a calibrated probability's interval means, or why there is none; None without a calibration."""
+def interval_sentence(calibration: cal.Calibration | None, ci: tuple[float, float] | None,
+                      threshold: float | None = None) -> str | None:
+    """What a calibrated probability's interval means, or why there is none; None without a calibration.
+    `threshold`: the calibrated threshold, named when the interval holds it (that reads as 'borderline', but each
+    refit moves score and threshold alike, so the verdict holds under every one)."""
     if calibration is None:
         return None
     unit = calibration.boot_unit
@@ -151,7 +155,10 @@ def interval_sentence(calibration: cal.Calibration | None, ci: tuple[float, floa
     return (f"95% interval {interval_text(ci)}: the calibration refitted on {len(calibration.boot)} bootstrap "
             f"resamples of its {calibration.n} {calibration.fitted_on} photos "
             f"({RESAMPLED.get(unit, 'whole groups resampled')}) put this number in that range; with other {unit} "
-            "it would most likely have read within it.")
+            "it would most likely have read within it." + (
+                f" The threshold ({format_whole_percent(threshold)} calibrated) lies in this range too, yet the verdict "
+                "holds under every refit: each one moves the threshold with the score."
+                if threshold is not None and ci[0] <= threshold <= ci[1] else ""))
 
 
 def interval_text(ci: tuple[float, float]) -> str:

@@ -78,7 +78,8 @@ if warnings:
     st.subheader("Image quality")
     for w in warnings:
         st.warning(w.message, icon=":material/warning:")
-    st.caption("These problems make the result below less reliable. Retake the photo if you can.")
+    if pred.assessed:  # a refused photo has no result for them to qualify
+        st.caption("These problems make the result below less reliable. Retake the photo if you can.")
 
 st.subheader("Result")
 left, right = st.columns([1, 1], gap="large")

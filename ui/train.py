@@ -1,6 +1,7 @@
 """Train: start `python -m train.fit` in the background (one job at a time), watch it, stop or resume it.
 All state lives in the run folders, so refreshing or restarting the app loses nothing."""
 import time
+from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -98,7 +99,7 @@ with st.expander("Start a new run", expanded=job is None):
             job = record
     st.caption("This recipe as it stands, from a terminal: `" + " ".join(jobs.training_command(
         jobs.TrainRequest(recipe=str(recipe.relative_to(appstate.PROJECT_ROOT)), name=summary["name"]),
-        f"runs/{summary['name']}", python="python")) + "`")
+        appstate.shown_path(Path(root) / summary["name"]), python="python")) + "`")
 
 # ------------------------------------------------------------------ runs
 runs = jobs.list_runs(root)

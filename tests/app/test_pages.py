@@ -174,6 +174,7 @@ def test_unusable_photo_gets_no_verdict_and_says_what_to_do(with_model):
     first_warning = next(i for i, s in enumerate(order) if s.startswith("Warning:"))
     result = next(i for i, s in enumerate(order) if "Not assessed" in s)
     assert first_warning < result
+    assert "less reliable" not in texts(at, "caption")  # no result below for the warning to qualify
 
 
 def test_trusted_model_calibrated_headline_similar_cases_and_refusal(with_trusted_model, tmp_path):
@@ -390,6 +391,8 @@ def test_train_page_lists_runs_and_refuses_second_job(with_model):
         assert any("Training **busy_run** on **cpu**" in i.value for i in at.main.info)
         assert f"**{RUN_NAME}**: finished" in texts(at)
         assert len(at.get("plotly_chart")) == 1  # loss and AUC curves from metrics.csv
+        # the terminal command writes where this app looks for runs (RUNS_DIR), not to the project's runs/
+        assert any(f"--out {root.resolve() / 'shared_demo'}" in c.value for c in at.caption)
         at.text_input(key="tf_name_shared_demo").set_value("second_job")
         next(b for b in at.button if b.label == "Start training").click().run()
         assert not at.exception

@@ -251,6 +251,10 @@ def test_interval_wording_rounds_outwards_and_says_what_was_resampled():
     assert "its 74 out-of-fold photos (photo by photo: no patient ids)" in photos and "with other photos" in photos
     assert "(whole lesions resampled)" in interval_sentence(replace(c, boot_unit="lesions"), (0.1, 0.2))
     assert interval_sentence(c, None).startswith("No interval: this model's calibration has no refits stored")
+    # a threshold inside the interval reads as borderline: the sentence says why the verdict still holds
+    assert "The threshold (21% calibrated) lies in this range too, yet the verdict holds under every refit" in \
+        interval_sentence(c, (0.05, 0.27), threshold=0.21)
+    assert "lies in this range" not in interval_sentence(c, (0.05, 0.20), threshold=0.21)
     assert interval_sentence(None, None) is None
 
 
