@@ -173,7 +173,8 @@ with right:
             + " So a lesion that is not flagged can still be malignant, and many flagged lesions "
             "are benign. A flag is a screening signal, not a diagnosis.")
         raw, raw_thr = spell_apart(pred.prob, pred.threshold)
-        st.caption(f"Raw model score {raw} (the model's threshold applies to it: {raw_thr}). The result depends on "
+        st.caption(f"Raw model score {raw} (not a probability of malignancy; the model's threshold, {raw_thr}, "
+                   "applies to it). The result depends on "
                    "the photo (distance, light, focus) and "
                    "on how similar it is to the training data. Dermoscopic images (taken through a dermatoscope) "
                    "are outside what a smartphone-photo model was trained on, and its out-of-distribution check "
