@@ -265,6 +265,14 @@ class ContextModel:
                 "these two numbers lean optimistic; held-out patients measure them (a test report, or a "
                 "cross-validated run's check on new patients).")
 
+    def answered_note(self, used) -> str | None:
+        """When fewer questions were answered than the stage has: its numbers were measured with the validation
+        photos' own answers to all of them, so for this photo they are not measured."""
+        if len(set(used)) >= len(self.fields):
+            return None
+        return (f"Those numbers come from photos with answers to the stage's {len(self.fields)} questions (as their "
+                f"records had them); with {len(set(used))} answered here, how well it does is not measured.")
+
     def per_field_weights(self) -> dict:
         """Each field's weight in the fused logit (context weight x fusion weight): what each answer adds."""
         c = self.fusion["context"]

@@ -140,8 +140,9 @@ with right:
             (st.warning if pred.disagreement.split else st.caption)(
                 pred.disagreement.sentence() + (" Treat this photo as uncertain." if pred.disagreement.split else ""))
         if fused.used:
-            st.caption(stage.threshold_note() + (f" On new patients, the same rule gave {d['fused_new_patients']}."
-                                                 if d["fused_new_patients"] else ""))
+            st.caption(stage.threshold_note() + (f" {note}" if (note := stage.answered_note(fused.used)) else "")
+                       + (f" On new patients, the same rule gave {d['fused_new_patients']}."
+                          if d["fused_new_patients"] else ""))
         if fused.used:  # the photo-only result stays in view: a differing verdict as a warning, else a caption
             said = "flagged" if fused.image_malignant else "not flagged"
             if pred.prob_calibrated is not None:

@@ -512,6 +512,8 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     assert "### Probability of malignancy from the photo and the answers:" in texts(at)
     assert ("Photo + answers threshold chosen on the validation split: sensitivity 92%, specificity 60% on 30 "
             "images") in texts(at, "caption")
+    # measured with answers to all 4 of the stage's questions: with 2 here, the page says it is not measured
+    assert "with 2 answered here, how well it does is not measured" in texts(at, "caption")
     up = _headline(at)
     _answer(at, age=20.0, bleed="no")
     down = _headline(at)

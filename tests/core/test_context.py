@@ -335,3 +335,11 @@ def test_context_frame_can_count_a_bad_answer_as_unanswered_and_say_why():
     assert frame["age"].isna().tolist() == [True, False, True] and frame["bleed"].fillna("-").tolist() == ["yes", "-", "-"]
     assert sorted(problems) == [0, 1, 2]  # row positions, whatever the index
     assert "outside 0-120" in problems[0][0] and "yes/no/unknown" in problems[1][0] and "not a number" in problems[2][0]
+
+
+def test_fewer_answers_than_the_stage_has_are_said_to_be_unmeasured():
+    from core.context import ContextModel
+    from tests.conftest import hand_context_stage
+    stage = ContextModel.from_dict(hand_context_stage())  # 4 questions
+    assert "with 2 answered here, how well it does is not measured" in stage.answered_note(["age", "bleed"])
+    assert stage.answered_note(["age", "site", "bleed", "grew"]) is None
