@@ -322,7 +322,7 @@ def context_form(stage) -> dict:
             # no min/max on the widget: out of range it would keep showing the typed value while the last valid
             # one is used; the range is checked here and an answer outside it is said and left out
             lo, hi = NUMERIC_RANGE[name]
-            value = st.number_input(spec.label, step=1.0, key=key, placeholder=NOT_ANSWERED,
+            value = st.number_input(spec.label, step=1.0, key=key, placeholder=NOT_ANSWERED, format="%g",
                                     help=f"{lo:g} to {hi:g}; leave empty when not known")
             if value is not None and not lo <= value <= hi:
                 st.error(f"{value:g} is outside {lo:g}-{hi:g}: this answer is not used.")
