@@ -33,9 +33,16 @@ def _fresh_runs_dir(tmp_path: Path) -> Path | None:
     return empty
 
 
+FLAT_CAM = "found no region that pushed the score"  # said instead of a uniform overlay (ui/predict.py)
+
+
 def _result_shown(page) -> str:
+    """The result's text once its headline and its heat-map (or the note that the heat-map is empty) are shown."""
     page.get_by_text(HEADLINE).first.wait_for(timeout=120_000)
-    browser.wait_for_image(page, browser.heatmap(page))
+    flat = page.get_by_text(FLAT_CAM).first
+    browser.heatmap(page).or_(flat).first.wait_for(timeout=60_000)
+    if not flat.is_visible():
+        browser.wait_for_image(page, browser.heatmap(page))
     browser.settle(page)
     assert not page.locator('[data-testid="stException"]').count()
     return page.locator('[data-testid="stMain"]').inner_text()
@@ -64,7 +71,8 @@ def test_example_and_upload_on_a_fresh_install(tmp_path):
             page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(upload))
             page.get_by_text(f"Photo {upload.name}").first.wait_for(timeout=60_000)
             main = _result_shown(page)
-            assert HEADLINE.search(main) and "Grad-CAM on the" in main
+            # this example's Grad-CAM is empty on some machines: the page then says so instead of an overlay
+            assert HEADLINE.search(main) and ("Grad-CAM on the" in main or FLAT_CAM in main)
 
             # an example picked after an upload stays picked (the uploader still holds the old file)
             browser.try_example(page)
