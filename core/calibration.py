@@ -16,6 +16,7 @@ the intercept at 0, so its refits all send a raw score of 0.5 to 0.5 and would c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.optimize import minimize
@@ -60,6 +61,11 @@ class Calibration:
         """Calibrated probability from the raw sigmoid output."""
         return self.apply_logit(logit(probs))
 
+    @cached_property
+    def _boot_arrays(self) -> np.ndarray:
+        """The refits as a (2, K) array, built once per map rather than once per photo."""
+        return np.asarray(self.boot, dtype=np.float64).T
+
     def interval(self, raw_prob: float, level: float = 0.95) -> tuple[float, float] | None:
         """The calibrated probability's `level` interval for one raw score over the refitted maps; None when this
         calibration has none (a bundle from before they were stored). A percentile interval need not contain the
@@ -68,7 +74,7 @@ class Calibration:
         if not self.boot:
             return None
         z = float(logit(np.array([raw_prob]))[0])
-        a, b = np.asarray(self.boot, dtype=np.float64).T
+        a, b = self._boot_arrays
         lo, hi = np.quantile(sigmoid(a * z + b), [(1 - level) / 2, (1 + level) / 2])
         point = float(sigmoid(self.slope * z + self.intercept))
         return min(float(lo), point), max(float(hi), point)
