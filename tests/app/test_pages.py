@@ -342,7 +342,7 @@ def test_dashboard_from_saved_report(with_model):
     others = [o for o in at.multiselect(key="dash_reports").options if o != f"{RUN_NAME}/val_report.json"]
     at.multiselect(key="dash_reports").set_value([f"{RUN_NAME}/val_report.json", others[0]]).run()
     assert not at.exception  # the demo's evidence report scores other photos: said, not compared
-    assert "No paired comparison: the two score sets are not the same photos" in texts(at)
+    assert "No paired comparison: these reports score different photos (none in common" in texts(at)
     at.selectbox(key="model_label").set_value("Built-in demo (PAD-UFES-20)").run()  # switched on this page
     assert at.multiselect(key="dash_reports").value[0] == "built-in demo: test_report.json"
     at.selectbox(key="model_label").set_value(RUN_NAME).run()  # and back: its own report again

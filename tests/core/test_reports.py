@@ -53,6 +53,9 @@ def test_paired_comparison_of_two_reports_on_the_same_photos_or_why_not():
                                                                            "sets are not the same photos")
     assert reports.paired_comparison("old", weak, "new", {"metrics": {}}) == \
         "No paired comparison: new: no per-photo predictions (missing image, label, prob)."
+    other = {**strong, "predictions": [{**r, "image": r["image"] + ".test"} for r in strong["predictions"]]}
+    assert reports.paired_comparison("val", weak, "test", other).startswith(
+        "No paired comparison: these reports score different photos (none in common")
 
 
 def test_find_pca(tmp_path):
