@@ -156,9 +156,14 @@ def interval_sentence(calibration: cal.Calibration | None, ci: tuple[float, floa
             f"resamples of its {calibration.n} {calibration.fitted_on} photos "
             f"({RESAMPLED.get(unit, 'whole groups resampled')}) put this number in that range; with other {unit} "
             "it would most likely have read within it." + (
-                f" The threshold ({format_whole_percent(threshold)} calibrated) lies in this range too, yet the verdict "
-                "holds under every refit: each one moves the threshold with the score."
+                f" The threshold ({format_whole_percent(threshold)} calibrated) lies in this range too, yet the "
+                "verdict holds under every refit: each one moves the threshold with the score."
                 if threshold is not None and ci[0] <= threshold <= ci[1] else ""))
+
+
+def with_interval(text: str, ci: tuple[float, float] | None) -> str:
+    """'97% (95% interval 89% to >99%)', or the text alone when there is no interval."""
+    return text + (f" (95% interval {interval_text(ci)})" if ci else "")
 
 
 def interval_text(ci: tuple[float, float]) -> str:

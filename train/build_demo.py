@@ -157,19 +157,26 @@ def write_bundle(run: Path, dest: Path) -> dict:
 def refresh_similar(run: Path, bundle_dir: Path) -> int:
     """Fill the shipped bundle's similar-case records from the run's split files, in place; the weights are written
     back in the dtype they are stored in, and must keep their hash. Returns how many records gained a field."""
-    import torch
-
-    from core.bundle import load_bundle, repack
+    from core.bundle import load_bundle
     bundle = load_bundle(bundle_dir)
     if bundle.similar is None:
         raise SystemExit(f"{bundle_dir} has no similar-case index")
     before, weights = bundle.similar.records, bundle.meta.weights_sha256
     bundle.similar = bundle.similar.filled_from(run_rows(run))
+    rewrite_in_place(bundle, bundle_dir, weights)
+    return sum(a != b for a, b in zip(before, bundle.similar.records))
+
+
+def rewrite_in_place(bundle, bundle_dir: Path, weights_sha256: str) -> None:
+    """Write a shipped bundle back where it is, its weights in the dtype they are stored in; they must keep their
+    hash (only the description or trust parts were meant to change)."""
+    import torch
+
+    from core.bundle import load_bundle, repack
     stored = (read_json_or_none(bundle_dir.parent / "weights_storage.json") or {}).get("weights_dtype")
     repack(bundle, bundle_dir, weights_dtype=torch.float16 if stored == "float16" else None)
-    if load_bundle(bundle_dir).meta.weights_sha256 != weights:
+    if load_bundle(bundle_dir).meta.weights_sha256 != weights_sha256:
         raise SystemExit(f"{bundle_dir}: re-writing changed the weights (restore it from git)")
-    return sum(a != b for a, b in zip(before, bundle.similar.records))
 
 
 CALIBRATION_TOLERANCE = 1e-3  # the refitted map may differ from the stored one by float noise only
@@ -181,9 +188,7 @@ def refresh_calibration(run: Path, bundle_dir: Path) -> int:
     come out as the stored map (else nothing is written). Weights, gate and index stay. Returns the refits' count."""
     import dataclasses
 
-    import torch
-
-    from core.bundle import load_bundle, repack
+    from core.bundle import load_bundle
     from core.calibration import fit_calibration
     from core.config import run_config_from_dict
     from core.evaluation import groups_of, resample_unit
@@ -203,10 +208,7 @@ def refresh_calibration(run: Path, bundle_dir: Path) -> int:
                          f"not the stored one ({stored.method}, {stored.slope:.4f}, {stored.intercept:.4f} on "
                          f"{stored.n}): is {run} the run this bundle came from? Nothing was written")
     bundle.calibration = dataclasses.replace(stored, boot=fresh.boot, boot_unit=fresh.boot_unit)
-    stored_as = (read_json_or_none(bundle_dir.parent / "weights_storage.json") or {}).get("weights_dtype")
-    repack(bundle, bundle_dir, weights_dtype=torch.float16 if stored_as == "float16" else None)
-    if load_bundle(bundle_dir).meta.weights_sha256 != weights:
-        raise SystemExit(f"{bundle_dir}: re-writing changed the weights (restore it from git)")
+    rewrite_in_place(bundle, bundle_dir, weights)
     return len(fresh.boot)
 
 

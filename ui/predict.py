@@ -12,7 +12,7 @@ from core.gradcam import overlay
 from core.images import ImageLoadError
 from core.metrics import format_score, format_whole_percent, spell_apart
 from core.similar import seen_in_training
-from core.trust import interval_text
+from core.trust import with_interval
 from ui import common
 
 st.title("Predict")
@@ -120,9 +120,7 @@ with right:
             flagged, thr_text = fused.malignant, f"the photo + answers threshold, {thr}"
         elif pred.prob_calibrated is not None:
             prob, thr = spell_apart(pred.prob_calibrated, pred.threshold_calibrated, format_whole_percent)
-            ci = pred.prob_calibrated_ci95
-            st.markdown(f"### Calibrated probability of malignancy: {prob}"
-                        + (f" (95% interval {interval_text(ci)})" if ci else ""))
+            st.markdown(f"### Calibrated probability of malignancy: {with_interval(prob, pred.prob_calibrated_ci95)}")
             st.caption(f"{pred.reference[0].upper() + pred.reference[1:]}, about {prob} of "
                        "photos scored like this one were malignant. It describes that population, not this patient. "
                        + (pred.interval_note or ""))
@@ -147,9 +145,8 @@ with right:
             said = "flagged" if fused.image_malignant else "not flagged"
             if pred.prob_calibrated is not None:
                 prob, thr = spell_apart(pred.prob_calibrated, pred.threshold_calibrated, format_whole_percent)
-                ci = pred.prob_calibrated_ci95
-                alone = (f"calibrated probability {prob}" + (f" (95% interval {interval_text(ci)})" if ci else "")
-                         + f", {said} at its own threshold ({thr} calibrated)")
+                alone = (f"calibrated probability {with_interval(prob, pred.prob_calibrated_ci95)}, {said} at its "
+                         f"own threshold ({thr} calibrated)")
             else:
                 prob, thr = spell_apart(fused.image_prob, fused.image_threshold)
                 alone = f"score {prob}, {said} at its own threshold ({thr})"
