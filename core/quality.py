@@ -88,7 +88,13 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
     rgb = _working_copy(img)
     luma = np.asarray(rgb.convert("L"), dtype=np.float32)
     brightness = float(luma.mean(dtype=np.float64))
-    if refuse and brightness < REFUSE_DARK:
+    contrast, chroma = colour_contrast(rgb), colourfulness(rgb)
+    # A black-and-white image with something in it (a screenshot of text, a scanned page, a greyscale picture) is
+    # refused for having no colour. Its brightness is the page's, not the light's: no lighting advice for it.
+    monochrome = refuse and chroma < REFUSE_CHROMA and contrast >= REFUSE_CONTRAST
+    if monochrome:
+        pass
+    elif refuse and brightness < REFUSE_DARK:
         out.append(QualityWarning(
             "far_too_dark", f"The photo is almost black (brightness {brightness:.0f} < {REFUSE_DARK:.0f} out of "
                             "255): nothing can be assessed. Retake it in daylight or good indoor light.", True))
@@ -105,7 +111,6 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
         out.append(QualityWarning(
             "too_bright", f"The photo looks overexposed (brightness {brightness:.0f} > {bright:.0f} "
                           "out of 255); retake it without flash glare or direct sunlight."))
-    contrast = colour_contrast(rgb)
     if refuse and contrast < REFUSE_CONTRAST and not any(x.code in ("far_too_dark", "far_too_bright") for x in out):
         out.append(QualityWarning(
             "nearly_uniform", f"The photo is nearly one flat colour (contrast {contrast:.1f} < {REFUSE_CONTRAST:g}): "
@@ -115,11 +120,12 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
         out.append(QualityWarning(
             "low_contrast", f"The photo has very little contrast ({contrast:.1f} < {min_contrast:.0f}); "
                             "check that the lesion is in frame and the lens is clean."))
-    if refuse and not any(x.refusal for x in out) and (chroma := colourfulness(rgb)) < REFUSE_CHROMA:
+    if refuse and not any(x.refusal for x in out) and chroma < REFUSE_CHROMA:
         out.append(QualityWarning(
             "no_colour", f"The photo has no colour (colourfulness {chroma:.1f} < {REFUSE_CHROMA:g}: a black-and-white "
-                         "image): the model needs a colour photo of the skin. Retake it with the phone's normal "
-                         "camera, without a black-and-white filter.", True))
+                         "image, such as a screenshot of text or a scanned page): the model needs a colour photo of "
+                         "the skin. If this is a lesion, retake it with the phone's normal camera, without a "
+                         "black-and-white filter" + _page_light(brightness) + ".", True))
     score = laplacian_variance(luma)
     # A flat image has no edges at all; "low contrast" already explains it, so don't also blame focus.
     if score < blur_threshold and contrast >= min_contrast:
@@ -127,6 +133,16 @@ def quality_warnings(img: Image.Image, *, min_side: int = MIN_SIDE, blur_thresho
             "blurry", f"The photo looks blurred (sharpness {score:.1f} < {blur_threshold:g}); "
                       "retake it in focus, holding the phone steady."))
     return out
+
+
+def _page_light(brightness: float) -> str:
+    """For a black-and-white image that is also almost black or white: the light, said second (a page of text is
+    white because it is a page, a photo because of the flash)."""
+    if brightness > REFUSE_BRIGHT:
+        return f", and without flash or direct sunlight (it is almost white: brightness {brightness:.0f})"
+    if brightness < REFUSE_DARK:
+        return f", and in better light (it is almost black: brightness {brightness:.0f})"
+    return ""
 
 
 def sharpness(img: Image.Image) -> float:

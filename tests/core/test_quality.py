@@ -122,6 +122,41 @@ def test_accepts_non_rgb_modes_but_refuses_black_and_white():
     assert quality_warnings(_textured().convert("L"), refuse=False) == []  # a warning-only check says nothing
 
 
+def _text_page(background, ink, size=(390, 844), spacing=24) -> Image.Image:
+    """A phone screenshot of text: a flat page, lines of ink, no colour."""
+    from PIL import ImageDraw
+    page = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(page)
+    for y in range(20, size[1] - 20, spacing):
+        draw.text((10, y), "Messages  Are you free at 12:45 tomorrow?", fill=ink)
+    return page
+
+
+@pytest.mark.parametrize("page, light", [
+    (_text_page((255, 255, 255), (0, 0, 0)), None),                     # brightness 244: white, not blown out
+    (_text_page((0, 0, 0), (255, 255, 255)), "almost black"),           # dark mode: brightness 11
+    (_text_page((255, 255, 255), (60, 60, 60), spacing=48), "almost white"),  # sparse text: brightness > 245
+    (_text_page((30, 30, 30), (200, 200, 200), spacing=96), None)])    # a dim grey page: under the warning
+def test_a_screenshot_of_text_is_refused_for_having_no_colour_not_for_the_light(page, light):
+    found = quality_warnings(page)
+    assert [w.code for w in found if w.code != "blurry"] == ["no_colour"] and found[0].refusal
+    message = found[0].message
+    assert "screenshot of text" in message and "daylight" not in message
+    if light:  # the light is said too, after the colour
+        assert light in message and message.index("black-and-white filter") < message.index(light)
+    else:
+        assert "almost" not in message
+    codes = _codes(page)
+    assert "too_dark" not in codes and "too_bright" not in codes  # no lighting warning beside it either
+
+
+def test_a_blown_out_or_black_frame_is_still_refused_for_the_light():
+    # nothing in it (contrast below the refusal limit): the light is the problem, and the advice says so
+    for colour, code in (((252, 252, 252), "far_too_bright"), ((3, 3, 3), "far_too_dark")):
+        found = quality_warnings(Image.new("RGB", (640, 480), colour))
+        assert [w.code for w in found] == [code] and "daylight" in found[0].message
+
+
 def test_warning_is_frozen_value():
     w = QualityWarning("blurry", "x")
     assert w == QualityWarning("blurry", "x")
