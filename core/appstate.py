@@ -145,6 +145,7 @@ def describe_model(meta: BundleMeta) -> dict:
         "weights": prov.weights or "?",
         "weights_hash": meta.short_hash or "not recorded (format-1 bundle)",
         "training_data": data_lines or ["not recorded"],
+        "training_sets": _data_sets(prov),
         "splits": split_text,
         "threshold": thr.value,
         "threshold_rule": metrics.describe_rule(thr.rule, thr.target, on=thr.population),
@@ -179,6 +180,16 @@ def _data_lines(prov) -> list[str]:
                     f"{src.get('malignant', '?')} malignant (from {where})")
             lines.setdefault(line, []).append(stage)
     return [f"{line}; stage{'s' if len(used) > 1 else ''} {', '.join(used)}" for line, used in lines.items()]
+
+
+def _data_sets(prov) -> str:
+    """The datasets a model learned from, in a clinician's words ('pad_ufes_20 (518 photos)'): once each, however
+    many stages used them; 'not recorded' when the bundle does not say."""
+    sets = {}
+    for sources in prov.data or []:
+        for src in sources or []:
+            sets.setdefault(src.get("domain") or "a dataset with no name", src.get("images", "?"))
+    return ", ".join(f"{name} ({n} photos)" for name, n in sets.items()) or "not recorded"
 
 
 def own_test_report(meta: BundleMeta) -> dict | None:

@@ -104,7 +104,7 @@ with right:
     if not pred.assessed:
         st.error(f"**Not assessed.** {pred.not_assessed_reason}", icon=":material/block:")
         if pred.assessment.refusal == "out_of_distribution":
-            st.markdown(f"This model knows only photos like its training data: {'; '.join(d['training_data'])}. "
+            st.markdown(f"This model knows only photos like the ones it learned from ({d['training_sets']}). "
                         "Photos of something other than skin, screenshots, scans and photos taken very differently "
                         "are outside it. If this is a lesion, retake a close-up smartphone photo in daylight, in "
                         "focus, with the lesion in the centre.")

@@ -205,6 +205,10 @@ def test_trusted_model_calibrated_headline_similar_cases_and_refusal(with_truste
     errors = "\n".join(e.value for e in at.main.error)
     assert "This photo does not look like the photos this model was trained on" in errors
     assert "the model cannot assess it" in errors and "retake a close-up smartphone photo" in texts(at)
+    # what the model learned from, in a clinician's words: the datasets, not files, stages or malignant counts
+    refusal = next(m for m in texts(at).splitlines() if m.startswith("This model knows only photos"))
+    assert re.match(r"This model knows only photos like the ones it learned from \(\w+ \(\d+ photos\)", refusal)
+    assert "malignant" not in refusal and ".csv" not in refusal and "stage" not in refusal
     assert "Calibrated probability" not in texts(at) and any("unreliable" in e.label for e in at.main.expander)
 
 

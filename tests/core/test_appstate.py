@@ -215,3 +215,8 @@ def test_training_data_names_each_dataset_once_with_the_stages_that_used_it(bund
     assert appstate.describe_model(replace(meta, provenance=prov))["training_data"] == [
         "isic: 300 images, 90 malignant (from labels.csv); stage head",
         "pad_ufes_20: 518 images, 200 malignant (from metadata.csv); stages head, finetune"]
+    # the same, said to a clinician (the Predict page's refusal): each dataset once, no files or stages
+    assert appstate.describe_model(replace(meta, provenance=prov))["training_sets"] == (
+        "isic (300 photos), pad_ufes_20 (518 photos)")
+    assert appstate.describe_model(replace(meta, provenance=replace(prov, data=None)))["training_sets"] == \
+        "not recorded"
