@@ -82,6 +82,9 @@ def set_threads(threads: int) -> int:
     return threads
 
 
+NOTE_ENV = "SKINSCREEN_BENCH_NOTE"  # e.g. "machine otherwise idle": kept in every result's machine.note
+
+
 def machine_info() -> dict:
     import PIL
     import timm
@@ -91,7 +94,8 @@ def machine_info() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_avg_1min_at_start": round(load_avg(), 2),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "note": "shared machine: other engineers' tests ran at the same time; numbers are medians"}
+            # what the run's machine was doing, said by whoever ran it; the load averages measure it either way
+            "note": os.environ.get(NOTE_ENV) or "numbers are medians; see the load averages at start and end"}
     try:
         import onnxruntime
         info["onnxruntime"] = onnxruntime.__version__

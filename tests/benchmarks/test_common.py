@@ -54,3 +54,11 @@ def test_on_linux_the_class_comes_from_the_cpu_flags(tmp_path, monkeypatch):
     info = common.machine_info()
     assert (info["isa_class"], info["isa"], info["isa_source"]) == ("avx2", ["avx2", "fma"], str(cpuinfo))
     assert common.cpu_model() == "AMD EPYC 7B13" and common.cpu_tag().startswith("epyc-")
+
+
+def test_the_machine_note_says_what_the_runner_says_and_claims_nothing_by_default(monkeypatch):
+    monkeypatch.delenv(common.NOTE_ENV, raising=False)
+    default = common.machine_info()["note"]
+    assert "medians" in default and "other engineers" not in default  # no claim about a machine nobody described
+    monkeypatch.setenv(common.NOTE_ENV, "machine otherwise idle")
+    assert common.machine_info()["note"] == "machine otherwise idle"
