@@ -151,16 +151,28 @@ def compare_scores(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed
         if len(twice):
             raise ValueError(f"the {name} score set lists {len(twice)} photos more than once, e.g. {twice.iloc[0]}; "
                              "each photo must be scored once")
-    only_a, only_b = set(a["image"]) - set(b["image"]), set(b["image"]) - set(a["image"])
-    if only_a or only_b:
-        example = sorted(only_a or only_b)[:3]
-        raise ValueError(f"the two score sets are not the same photos ({len(a)} and {len(b)} rows; {len(only_a)} "
-                         f"only in the first, {len(only_b)} only in the second{', e.g. ' if example else ''}"
-                         f"{', '.join(example)}); compare runs scored on the same photos")
+    a, b, matched_by = _matched(a, b)
     both = a.merge(b[["image", "label", "prob"]], on="image", suffixes=("_a", "_b"))
     differ = both["label_a"].astype(int) != both["label_b"].astype(int)
     if differ.any():
         raise ValueError(f"{int(differ.sum())} photos have different labels in the two score sets, e.g. "
                          f"{both.loc[differ, 'image'].iloc[0]}")
     return metrics.paired_auc_difference(both["label_a"].astype(int), both["prob_a"], both["prob_b"],
-                                         groups=groups_of(both), n_boot=n_boot, seed=seed)
+                                         groups=groups_of(both), n_boot=n_boot, seed=seed) | {"matched_by": matched_by}
+
+
+def _matched(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The two score sets keyed alike: by image path, or by file name where one side keeps file names only (the
+    built-in demo's shipped reports) and every name is unique on both sides; else a ValueError naming the
+    photos only one side has."""
+    from pathlib import Path
+    if set(a["image"]) == set(b["image"]):
+        return a, b, "image path"
+    names = [rows.assign(image=rows["image"].map(lambda p: Path(str(p)).name)) for rows in (a, b)]
+    if all(not n["image"].duplicated().any() for n in names) and set(names[0]["image"]) == set(names[1]["image"]):
+        return names[0], names[1], "file name (one side names photos without their folders)"
+    only_a, only_b = set(a["image"]) - set(b["image"]), set(b["image"]) - set(a["image"])
+    example = sorted(only_a or only_b)[:3]
+    raise ValueError(f"the two score sets are not the same photos ({len(a)} and {len(b)} rows; {len(only_a)} "
+                     f"only in the first, {len(only_b)} only in the second{', e.g. ' if example else ''}"
+                     f"{', '.join(example)}); compare runs scored on the same photos")

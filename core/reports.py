@@ -100,7 +100,8 @@ def paired_comparison(label_a: str, a: dict, label_b: str, b: dict, *, n_boot: i
     from core.evaluation import compare_scores, prediction_rows  # imports torch: only when two reports are compared
     try:
         rows_a, rows_b = prediction_rows(a, label_a), prediction_rows(b, label_b)
-        if set(rows_a["image"]).isdisjoint(rows_b["image"]):  # e.g. a model's validation and test reports
+        names = [{Path(str(i)).name for i in rows["image"]} for rows in (rows_a, rows_b)]  # the demo's: names only
+        if names[0].isdisjoint(names[1]):  # e.g. a model's validation and test reports
             return ("No paired comparison: these reports score different photos (none in common, as a model's "
                     "validation and test photos are), so read each one's ROC-AUC with its own interval.")
         result = compare_scores(rows_a, rows_b, n_boot=n_boot)

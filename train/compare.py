@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         r = result[key]
         print(f"{metrics.display_name(key):8s} a {r['a']:.3f}  b {r['b']:.3f}  b - a "
               f"{metrics.format_estimate(r['difference'], '+.3f', '+.3f')}")
-    print(f"({result['ci_method']})")
+    print(f"({result['ci_method']}; photos matched by {result['matched_by']})")
     if args.json:
         atomic_write_json(args.json, result, indent=1)
         print(f"wrote {args.json}")

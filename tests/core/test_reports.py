@@ -56,6 +56,9 @@ def test_paired_comparison_of_two_reports_on_the_same_photos_or_why_not():
     other = {**strong, "predictions": [{**r, "image": r["image"] + ".test"} for r in strong["predictions"]]}
     assert reports.paired_comparison("val", weak, "test", other).startswith(
         "No paired comparison: these reports score different photos (none in common")
+    # the built-in demo's shipped reports name photos without their folders: still the same photos
+    in_folder = {**strong, "predictions": [{**r, "image": "/data/pad/" + r["image"]} for r in strong["predictions"]]}
+    assert reports.paired_comparison("old", weak, "new", in_folder, n_boot=200) == text
 
 
 def test_find_pca(tmp_path):

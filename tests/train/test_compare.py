@@ -64,6 +64,21 @@ def test_compare_refuses_other_photos_other_labels_and_sources_without_predictio
     assert compare.main([str(tmp_path / "nowhere.json"), str(report)]) == 2
 
 
+def test_a_report_that_keeps_file_names_only_is_matched_to_a_run_by_file_name(two_sources):
+    """The built-in demo ships its reports with file names only; a run's report names the same photos by path."""
+    _, _, y, weak, strong = two_sources
+    with_paths = _rows(strong, y).assign(image=lambda r: "/data/pad/images/" + r["image"])
+    result = compare_scores(_rows(weak, y), with_paths, n_boot=200)
+    same = compare_scores(_rows(weak, y), _rows(strong, y), n_boot=200)
+    assert result["roc_auc"] == same["roc_auc"] and result["n"] == 80
+    assert result["matched_by"].startswith("file name") and same["matched_by"] == "image path"
+    # two folders holding a photo of the same name: file names cannot tell them apart, so no match is made
+    clash = with_paths.copy()
+    clash.loc[1, "image"] = "/other/" + clash.loc[0, "image"].rsplit("/", 1)[1]
+    with pytest.raises(ValueError, match="not the same photos"):
+        compare_scores(_rows(weak, y), clash)
+
+
 def test_a_missing_source_and_an_unwritable_json_are_named_before_the_bootstrap(two_sources, tmp_path, capsys):
     """A typo'd path said 'not an evaluation report'; --json into a missing folder failed after all the work."""
     run, report, *_ = two_sources
