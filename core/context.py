@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
+from core.metrics import RESAMPLED
 from core.scores import logit, sigmoid
 
 YES_NO = ("yes", "no", "unknown")   # "unknown": the patient was asked and does not know (PAD-UFES-20's UNK)
@@ -30,6 +32,9 @@ SITES = ("head_neck", "torso_front", "torso_back", "torso_side", "upper_limb", "
 NUMERIC_RANGE = {"age": (0.0, 120.0), "diameter_mm": (0.0, 300.0)}
 QUESTIONS = {"itch": "Does it itch?", "grew": "Has it grown?", "hurt": "Does it hurt?",
              "changed": "Has it changed (colour, shape)?", "bleed": "Has it bled?", "elevation": "Is it raised?"}
+# what each answer is called in a sentence ("photo + 2 answers: age, bleeding"), not the field's column name
+WORDS = {"age": "age", "sex": "sex", "site": "body site", "itch": "itching", "grew": "growth", "hurt": "pain",
+         "changed": "change", "bleed": "bleeding", "elevation": "raised", "diameter_mm": "diameter"}
 
 
 @dataclass(frozen=True)
@@ -38,14 +43,15 @@ class FieldSpec:
     kind: str                      # 'numeric' or 'categorical'
     levels: tuple[str, ...] = ()   # categorical answers
     label: str = ""
+    word: str = ""                 # the answer's name in a sentence (WORDS)
 
 
 FIELDS: dict[str, FieldSpec] = {
-    "age": FieldSpec("age", "numeric", label="Age (years)"),
-    "sex": FieldSpec("sex", "categorical", SEXES, "Sex"),
-    "site": FieldSpec("site", "categorical", SITES, "Body site"),
-    **{q: FieldSpec(q, "categorical", YES_NO, text) for q, text in QUESTIONS.items()},
-    "diameter_mm": FieldSpec("diameter_mm", "numeric", label="Largest diameter (mm)"),
+    "age": FieldSpec("age", "numeric", label="Age (years)", word=WORDS["age"]),
+    "sex": FieldSpec("sex", "categorical", SEXES, "Sex", WORDS["sex"]),
+    "site": FieldSpec("site", "categorical", SITES, "Body site", WORDS["site"]),
+    **{q: FieldSpec(q, "categorical", YES_NO, text, WORDS[q]) for q, text in QUESTIONS.items()},
+    "diameter_mm": FieldSpec("diameter_mm", "numeric", label="Largest diameter (mm)", word=WORDS["diameter_mm"]),
 }
 CONTEXT_COLUMNS = tuple(FIELDS)
 
@@ -212,12 +218,14 @@ class ContextModel:
     context_threshold: dict = field(default_factory=dict)  # context-only threshold + its validation numbers
     excluded: dict = field(default_factory=dict)           # field -> why it is not in the model
     fitted: dict = field(default_factory=dict)             # what it was fitted on, and the measured choices
+    fusion_bootstrap: dict = field(default_factory=dict)   # the fusion's refits (FUSION_BOOT_KEYS); {}: none kept
 
     def to_dict(self) -> dict:
         return {"kind": "logistic_context_fusion", "fields": list(self.fields), "intercept": self.intercept,
                 "weights": self.weights, "fusion": self.fusion, "missing_rule": self.missing_rule,
                 "threshold": self.threshold, "context_threshold": self.context_threshold,
                 "excluded": self.excluded, "fitted": self.fitted,
+                **({"fusion_bootstrap": self.fusion_bootstrap} if self.fusion_bootstrap else {}),
                 "formula": "context_logit = intercept + sum_f contribution_f (an unanswered field contributes its "
                            "'missing' weight; numeric: weight * clip((x - mean) / std, -4, 4)); fused_logit = "
                            "fusion.intercept + fusion.image * logit(P_image) + fusion.context * context_logit; "
@@ -233,9 +241,37 @@ class ContextModel:
                        fusion=dict(d["fusion"]), missing_rule=str(d["missing_rule"]),
                        threshold=dict(d.get("threshold") or {}), context_threshold=dict(d.get("context_threshold")
                                                                                          or {}),
-                       excluded=dict(d.get("excluded") or {}), fitted=dict(d.get("fitted") or {}))
+                       excluded=dict(d.get("excluded") or {}), fitted=dict(d.get("fitted") or {}),
+                       fusion_bootstrap=check_fusion_bootstrap(d.get("fusion_bootstrap") or {}, where))
         except KeyError as e:
             raise ContextError(f"{where}: context stage description lacks {e}") from None
+
+    @cached_property
+    def _refits(self) -> np.ndarray:
+        """The fusion's refits as a (3, K) array (intercept, image, context), built once per stage."""
+        return np.array([self.fusion_bootstrap[k] for k in FUSION_BOOT_KEYS], dtype=np.float64)
+
+    def fused_interval(self, image_prob: float, answers: Mapping, level: float = 0.95) -> tuple[float, float] | None:
+        """The fused probability's `level` interval over the fusion's refits (None when none are stored), widened
+        to contain the fitted fusion's own value, as core.calibration does for the photo-only probability."""
+        if not self.fusion_bootstrap:
+            return None
+        a, b, c = self._refits
+        values = sigmoid(a + b * image_logit(image_prob) + c * self.context_logit(answers))
+        lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+        point = float(sigmoid(self.fused_logit(image_prob, answers)))
+        return min(float(lo), point), max(float(hi), point)
+
+    def interval_sentence(self, ci: tuple[float, float] | None, text: str) -> str:
+        """What the fused probability's interval (printed as `text`) means, or why there is none."""
+        if ci is None:
+            return ("No interval: this context stage has no refits of its fusion stored (it was saved before they "
+                    "were kept, or too few of its resamples held both malignant and benign photos).")
+        b = self.fusion_bootstrap
+        return (f"95% interval {text}: the fusion refitted on {b['fits']} bootstrap resamples of the {b['n']} photos "
+                f"it was fitted on ({RESAMPLED.get(b['unit'], 'whole groups resampled')}) put this number in that range. The photo model and "
+                "the answers' weights are held fixed, so the range shows how much fitting the fusion on other patients "
+                "would move it, not every uncertainty.")
 
     def contribution(self, name: str, value) -> float:
         w = self.weights[name]
@@ -299,11 +335,17 @@ class Fused:
     image_malignant: bool
     image_threshold: float
     ignored: tuple[str, ...] = ()  # answers given for fields this model does not use
+    ci95: tuple[float, float] | None = None  # prob's interval over the fusion's refits (None: none stored, or unfused)
 
     @property
     def inputs(self) -> str:
         n = len(self.used)
         return "photo only" if not n else f"photo + {n} answer{'s' if n != 1 else ''}"
+
+    @property
+    def used_words(self) -> str:
+        """The answers used, named as a clinician would ('age, bleeding'), in the stage's field order."""
+        return ", ".join(FIELDS[f].word for f in self.used)
 
     @property
     def verdicts_differ(self) -> bool:
@@ -324,7 +366,7 @@ def fuse(model: ContextModel | None, image_prob: float, image_threshold: float, 
     p = sigmoid(model.fused_logit(image_prob, clean))
     t = float(model.threshold["value"])
     return Fused(p, p >= t, t, tuple(f for f in model.fields if f in clean), image_prob, image_malignant,
-                 image_threshold, ignored)
+                 image_threshold, ignored, model.fused_interval(image_prob, clean))
 
 
 def fused_probs(model: ContextModel, image_probs, answers: pd.DataFrame, image_threshold: float
@@ -340,6 +382,23 @@ def image_logit(p) -> float | np.ndarray:
     """The image probability on the logit scale, as the fusion reads it (clipped at 1e-6: the clip every stored
     context stage was fitted with; a different clip would move the fused score of very confident photos)."""
     return logit(p, eps=1e-6)
+
+
+FUSION_BOOT_KEYS = ("intercept", "image", "context")
+
+
+def check_fusion_bootstrap(boot: Mapping, where: str = "context") -> dict:
+    """A stored set of fusion refits: equal-length lists of finite numbers under FUSION_BOOT_KEYS, `fits` of them."""
+    if not boot:
+        return {}
+    try:
+        arrays = [np.asarray(boot[k], dtype=np.float64) for k in FUSION_BOOT_KEYS]
+        fits = int(boot["fits"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ContextError(f"{where}: fusion_bootstrap incomplete or malformed: {e}") from None
+    if any(x.ndim != 1 or len(x) != fits or not np.isfinite(x).all() for x in arrays) or fits < 1:
+        raise ContextError(f"{where}: fusion_bootstrap needs {fits} finite numbers under each of {FUSION_BOOT_KEYS}")
+    return dict(boot)
 
 
 def _z(x, mean, std) -> float:

@@ -25,7 +25,8 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import GroupKFold
 
 from core import metrics
-from core.context import FIELDS, ContextError, ContextModel, check_fields, context_frame, image_logit
+from core.context import (FIELDS, FUSION_BOOT_KEYS, ContextError, ContextModel, check_fields, context_frame,
+                          image_logit)
 from core.scores import sigmoid
 
 MISSING_RULES = ("masked_level", "expected")
@@ -35,6 +36,10 @@ MASK_P = 0.5           # each answer withheld with this probability in a copy
 FUSION_C = 1.0
 MISSING_LEAK_P = 1e-3  # Fisher exact test, missing x label, on the training rows
 MIN_ANSWERS = 10
+FUSION_BOOT_MEANING = ("the fusion's three numbers refitted on bootstrap resamples of the rows it was fitted on, whole "
+                       "units (see unit) resampled; the image scores and the answers' weights held fixed. A photo's "
+                       "95% interval is the 2.5th-97.5th percentiles of its fused probability over these refits, "
+                       "widened to contain the fitted fusion's value")
 MIN_ANSWER_PATIENTS = 5  # answers from fewer patients teach the model those patients' labels, not the question
 
 
@@ -73,6 +78,7 @@ def fit_context(train_df: pd.DataFrame, val_df: pd.DataFrame, val_image_probs, f
                                                "(answers only)",
                               "fusion": f"validation split: {len(a_val)} images, {len(set(g_val))} patients (the "
                                         "image model's logits, never trained on)"})
+    model = _with_refits(model, z_img, ctx_val, y_val, val_df, n_boot, seed)
     fused = sigmoid(np.array([model.fused_logit(p, r) for p, r in zip(val_image_probs, _records(a_val))]))
     return _with_thresholds(model, fused, sigmoid(ctx_val), y_val, g_val, "validation split", rule, target, n_boot,
                             seed)
@@ -112,6 +118,7 @@ def fit_context_cv(df: pd.DataFrame, image_probs, fields, *, where: str, rule="s
                               "fusion": f"{where}: {n} images, {n_patients} patients (image models that never "
                                         f"trained on them), with context logits cross-fitted over the {k_folds} folds "
                                         "(each fold's answers scored by a context model fitted on the other folds)"})
+    model = _with_refits(model, z_img, ctx, y, df, n_boot, seed)
     fused = sigmoid(fusion["intercept"] + fusion["image"] * z_img + fusion["context"] * ctx)
     return _with_thresholds(model, fused, sigmoid(ctx), y, g, where, rule, target, n_boot, seed)
 
@@ -336,6 +343,44 @@ def _fit_fusion(z_img, z_ctx, y) -> dict:
         raise ContextError("the validation split needs malignant and benign images to fit the fusion")
     lr = _fit_lr(np.column_stack([z_img, z_ctx]), y, FUSION_C)
     return {"intercept": float(lr.intercept_[0]), "image": float(lr.coef_[0][0]), "context": float(lr.coef_[0][1])}
+
+
+def refresh_fusion_refits(model: ContextModel, df: pd.DataFrame, image_probs, *, n_boot: int = 1000,
+                          seed: int = 0) -> tuple[ContextModel, float]:
+    """A stored stage given the fusion refits it lacks (one saved before they were kept), from the rows its fusion
+    was fitted on and their image probabilities. Returns the stage and how far the fusion refitted on these rows
+    lies from the stored one (largest absolute difference of the three numbers): the caller decides whether the
+    rows and scores are the ones it was fitted on. The stored fusion itself is kept."""
+    a = context_frame(df, model.fields)
+    z_img, z_ctx, y = image_logit(np.asarray(image_probs, float)), _context_logits(model, a), _y(df)
+    fresh = _fit_fusion(z_img, z_ctx, y)
+    drift = max(abs(fresh[k] - float(model.fusion[k])) for k in FUSION_BOOT_KEYS)
+    return _with_refits(model, z_img, z_ctx, y, df, n_boot, seed), drift
+
+
+def _with_refits(model: ContextModel, z_img, z_ctx, y, df: pd.DataFrame, n_boot: int, seed: int) -> ContextModel:
+    """The stage with its fusion refitted on `n_boot` resamples of the rows it was fitted on, whole patients (or
+    lesions, or photos without ids) moving together; the answers' weights and the image scores stay as they are. A
+    resample holding one class is skipped; with fewer than half left, none are kept (the rest would be the
+    surer-looking subset), as core.calibration does."""
+    from dataclasses import replace
+
+    from core.evaluation import resample_unit
+    if not n_boot:
+        return model
+    codes, n_groups = metrics.group_codes(_groups(df), len(y))[:2]
+    x, fits = np.column_stack([z_img, z_ctx]), []
+    for chunk in metrics.resample_weights(codes, n_groups, n_boot, seed):
+        for w in chunk:
+            if w @ y > 0 and w @ (1 - y) > 0:
+                lr = _fit_lr(x, y, FUSION_C, w)
+                fits.append((lr.intercept_[0], *lr.coef_[0]))
+    if len(fits) < metrics.MIN_VALID_FRACTION * n_boot:
+        return model
+    columns = np.round(np.array(fits).T, 6).tolist()
+    return replace(model, fusion_bootstrap={
+        "meaning": FUSION_BOOT_MEANING, "unit": resample_unit(df), "n": int(len(y)), "fits": len(fits),
+        **dict(zip(FUSION_BOOT_KEYS, columns))})
 
 
 def _scenarios(fields, n, rng) -> list[dict]:

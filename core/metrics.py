@@ -286,6 +286,10 @@ def _bootstrap_samples(
     return {name: np.concatenate([part[name] for part in parts]) for name in _keys()}
 
 
+RESAMPLED = {"patients": "whole patients resampled", "lesions": "whole lesions resampled",
+             "photos": "photo by photo: no patient ids"}  # what a bootstrap's unit means, in words
+
+
 def resample_weights(codes: np.ndarray, n_groups: int, n_boot: int, seed):
     """Chunks of (m, n) item weights, n_boot rows in all: how often each item appears in a resample of the groups."""
     rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ import torch
 
 from core import calibration as cal
 from core.device import ieee_fp32
-from core.metrics import format_whole_percent
+from core.metrics import RESAMPLED, format_whole_percent
 from core import ood
 from core.scores import sigmoid
 from core.similar import SimilarIndex, build_index
@@ -135,10 +135,6 @@ def reference_population(calibration: cal.Calibration | None) -> str | None:
         return None
     return (f"among photos like the {calibration.n} {calibration.fitted_on} photos, where {calibration.prevalence:.0%} were "
             f"malignant")
-
-
-RESAMPLED = {"patients": "whole patients resampled", "lesions": "whole lesions resampled",
-             "photos": "photo by photo: no patient ids"}
 
 
 def interval_sentence(calibration: cal.Calibration | None, ci: tuple[float, float] | None,

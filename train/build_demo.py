@@ -5,6 +5,7 @@
     python -m train.build_demo --run runs/NAME --refresh-reports   # only re-measures its evidence reports
     python -m train.build_demo --run runs/NAME --refresh-similar   # only fills its similar cases' diagnoses
     python -m train.build_demo --run runs/NAME --refresh-calibration   # only adds its calibration's refits
+    python -m train.build_demo --refresh-context   # only adds its context stage's fusion refits (no run needed)
 
 What it writes (no photos, only numbers and file names): assets/demo/bundle (weights in float16 when that moves
 no probability on the run's validation photos by more than 0.01, else float32), evidence/ (the run's
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-calibration", action="store_true",
                    help="with --run: give the shipped bundle's calibration map the refits a photo's interval needs "
                         "(the run's validation logits measured again; the map must come out as stored)")
+    p.add_argument("--refresh-context", action="store_true",
+                   help="give the shipped bundle's context stage the fusion refits a photo + answers interval needs "
+                        "(its validation patients, from the demo's splits.csv and ../shared, scored again with the "
+                        "shipped weights; the fusion must come out as stored)")
     return p
 
 
@@ -212,6 +217,46 @@ def refresh_calibration(run: Path, bundle_dir: Path) -> int:
     return len(fresh.boot)
 
 
+CONTEXT_TOLERANCE = 0.05  # the shipped float16 weights move validation logits by a little, and the fusion with them
+
+
+def refresh_context(demo: Path, config: str) -> int:
+    """Add the fusion refits to the shipped bundle's context stage, in place. Its validation rows are the demo's
+    splits.csv `val` photos, imported from ../shared as the recipe imports them (answers included), scored again with
+    the shipped weights; the fusion refitted on them must come out as stored (else nothing is written). Returns the
+    refits' count."""
+    import dataclasses
+
+    import yaml
+
+    from core.bundle import load_bundle
+    from core.config import run_config_from_dict
+    from core.context_fit import refresh_fusion_refits
+    from core.scores import sigmoid
+    from core.sources import import_pad_ufes
+    from core.trust import features_and_logits
+    bundle = load_bundle(demo / "bundle")
+    stage, weights = bundle.meta.context, bundle.meta.weights_sha256
+    if stage is None:
+        raise SystemExit(f"{demo / 'bundle'} has no context stage")
+    cfg = run_config_from_dict(yaml.safe_load(Path(config).read_text(encoding="utf-8")))
+    rows, _ = import_pad_ufes(SHARED / "pad_ufes_20_subset" / "metadata.csv", SHARED / "pad_ufes_20_subset" / "images")
+    split = pd.read_csv(demo / "splits.csv")
+    val_names = set(split.loc[split["split"] == "val", "image"])
+    val = rows[rows["image"].map(lambda p: Path(p).name).isin(val_names)].reset_index(drop=True)
+    if len(val) != stage.fitted.get("n_val") or len(val) != len(val_names):
+        raise SystemExit(f"found {len(val)} of the demo's {len(val_names)} validation photos in {SHARED} (its context "
+                         f"stage was fitted on {stage.fitted.get('n_val')}); nothing was written")
+    _, z = features_and_logits(bundle.model, val, device="cpu")
+    fresh, drift = refresh_fusion_refits(stage, val, sigmoid(z), n_boot=cfg.n_boot, seed=cfg.seed)
+    if drift > CONTEXT_TOLERANCE or not fresh.fusion_bootstrap:
+        raise SystemExit(f"the fusion refitted on these photos lies {drift:.4f} from the stored one (limit "
+                         f"{CONTEXT_TOLERANCE}), or no refit held both classes: nothing was written")
+    bundle.meta = dataclasses.replace(bundle.meta, context=fresh)
+    rewrite_in_place(bundle, demo / "bundle", weights)
+    return fresh.fusion_bootstrap["fits"]
+
+
 def write_evidence(run: Path, dest: Path, pca: bool) -> None:
     dest.mkdir(parents=True)
     write_reports(run, dest)
@@ -290,6 +335,11 @@ def main(argv=None) -> int:
             return 2
         n = refresh_calibration(Path(args.run), Path(args.out) / "bundle")
         print(f"the calibration map in {Path(args.out) / 'bundle'} gained {n} refits (its photos' 95% intervals)")
+        return 0
+    if args.refresh_context:
+        n = refresh_context(Path(args.out), args.config)
+        print(f"the context stage in {Path(args.out) / 'bundle'} gained {n} fusion refits (photo + answers 95% "
+              "intervals)")
         return 0
     run = Path(args.run) if args.run else train_run(args.config)
     out = Path(args.out)

@@ -50,6 +50,9 @@ COLUMNS = {
     "prob_calibrated_low": "lower end of prob_calibrated's 95% interval: the calibration map refitted on bootstrap "
                            "resamples of its patients (empty: no calibration, or a model from before these were kept)",
     "prob_calibrated_high": "upper end of the same interval",
+    "fused_prob_low": "lower end of fused_prob's 95% interval when answers were used: the fusion refitted on bootstrap "
+                      "resamples of its patients (empty: photo only, or a model from before these were kept)",
+    "fused_prob_high": "upper end of the same interval",
     "raw_score": "the model's uncalibrated sigmoid output; threshold applies to it",
     "ood_score": "distance from the training photos in the model's feature space; > the gate's threshold = refused",
     "members_flagging": "ensemble only: how many of its models flag the photo on their own (raw score >= threshold)",
@@ -220,6 +223,8 @@ def add_context(out: pd.DataFrame, df: pd.DataFrame, predictor: Predictor) -> pd
     rows = [fuse(stage, p, thr, a) if not np.isnan(p) and v != NOT_ASSESSED else None
             for p, a, v in zip(out["raw_score"], answers, out["verdict"])]
     out["fused_prob"] = [round(r.prob, 6) if r else np.nan for r in rows]
+    for end, col in enumerate(("fused_prob_low", "fused_prob_high")):
+        out[col] = [round(r.ci95[end], 6) if r and r.ci95 and r.used else np.nan for r in rows]
     out["fused_verdict"] = [NOT_ASSESSED if v == NOT_ASSESSED else "" if r is None else
                             FLAGGED if r.malignant else NOT_FLAGGED for r, v in zip(rows, out["verdict"])]
     out["fused_threshold"] = [r.threshold if r else np.nan for r in rows]

@@ -12,7 +12,7 @@ from core.gradcam import overlay
 from core.images import ImageLoadError
 from core.metrics import format_score, format_whole_percent, spell_apart
 from core.similar import seen_in_training
-from core.trust import with_interval
+from core.trust import interval_text, with_interval
 from ui import common
 
 st.title("Predict")
@@ -113,10 +113,12 @@ with right:
                         "says nothing about the skin in it and must not be read as a risk.")
     else:
         fused = pred.fused
-        st.markdown(f"**Inputs used: {fused.inputs}**" + (f" ({', '.join(fused.used)})" if fused.used else ""))
+        st.markdown(f"**Inputs used: {fused.inputs}**" + (f" ({fused.used_words})" if fused.used else ""))
         if fused.used:  # the clinical-context stage: photo score and answers fused, with its own threshold
             prob, thr = spell_apart(fused.prob, fused.threshold)
-            st.markdown(f"### Probability of malignancy from the photo and the answers: {prob}")
+            st.markdown("### Probability of malignancy from the photo and the answers: "
+                        + with_interval(prob, fused.ci95))
+            st.caption(stage.interval_sentence(fused.ci95, interval_text(fused.ci95) if fused.ci95 else ""))
             flagged, thr_text = fused.malignant, f"the photo + answers threshold, {thr}"
         elif pred.prob_calibrated is not None:
             prob, thr = spell_apart(pred.prob_calibrated, pred.threshold_calibrated, format_whole_percent)

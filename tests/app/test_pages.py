@@ -490,6 +490,24 @@ def with_context_model(app_env, tmp_path, monkeypatch):
     return app_env
 
 
+@pytest.fixture
+def with_context_refits(app_env, tmp_path, monkeypatch):
+    """As with_context_model, its fusion refitted on 3 resamples (by hand: only the intercept moves)."""
+    from dataclasses import replace
+
+    from core.bundle import load_bundle, save_bundle
+    from core.context import ContextModel
+    from tests.conftest import hand_context_stage
+    b = load_bundle(app_env.bundle)
+    refits = {"fits": 3, "n": 30, "unit": "patients", "intercept": [-0.5, 0.0, 0.5], "image": [1.0] * 3,
+              "context": [1.0] * 3}
+    save_bundle(b.model, tmp_path / "runs" / "ctx_run" / "bundle", threshold=b.meta.threshold,
+                provenance=replace(b.meta.provenance, run_name="ctx_run"),
+                context=ContextModel.from_dict({**hand_context_stage(), "fusion_bootstrap": refits}))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    return app_env
+
+
 def _answer(at, **answers):
     for name, value in answers.items():
         widget = at.number_input(key=f"ctx_{name}") if name == "age" else at.selectbox(key=f"ctx_{name}")
@@ -512,10 +530,11 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     image_prob = _headline(at)
     _answer(at, age=80.0, bleed="yes")
     assert not at.exception, at.exception
-    assert "Inputs used: photo + 2 answers** (age, bleed)" in texts(at)
+    assert "Inputs used: photo + 2 answers** (age, bleeding)" in texts(at)
     assert "### Probability of malignancy from the photo and the answers:" in texts(at)
     assert ("Photo + answers threshold chosen on the validation split: sensitivity 92%, specificity 60% on 30 "
             "images") in texts(at, "caption")
+    assert "No interval: this context stage has no refits of its fusion stored" in texts(at, "caption")
     # measured with answers to all 4 of the stage's questions: with 2 here, the page says it is not measured
     assert "with 2 answered here, how well it does is not measured" in texts(at, "caption")
     up = _headline(at)
@@ -535,14 +554,29 @@ def test_clinical_context_form_round_trips_and_says_what_it_used(with_context_mo
     assert "Inputs used: photo only" in texts(at) and at.selectbox(key="ctx_bleed").value == "not answered"
 
 
+def test_the_photo_and_answers_probability_shows_its_interval_and_what_it_means(with_context_refits):
+    import math
+    at = _answer(_predict_page(with_context_refits), age=50.0, bleed="no")  # a moderate probability
+    assert not at.exception, at.exception
+    line = next(m for m in texts(at).splitlines() if m.startswith("### Probability of malignancy from the photo"))
+    lo, hi = (float(x) / 100 for x in re.fullmatch(r".*\(95% interval (\d+)% to (\d+)%\)", line).groups())
+    # the refits move the fitted fusion's intercept by -0.5, 0 and +0.5: the 2.5th and 97.5th percentiles of three
+    # values lie 0.475 either side on the logit scale (whole percentages, rounded outwards)
+    z = math.log((p := _headline(at)) / (1 - p))
+    assert lo <= p <= hi
+    assert abs(lo - 1 / (1 + math.exp(-(z - 0.475)))) < 0.015 and abs(hi - 1 / (1 + math.exp(-(z + 0.475)))) < 0.015
+    assert ("the fusion refitted on 3 bootstrap resamples of the 30 photos it was fitted on (whole patients "
+            "resampled)") in texts(at, "caption")
+
+
 def test_an_out_of_range_age_is_said_and_not_used(with_context_model):
     """Widget bounds would keep showing 150 while silently using the last valid age: the range is ours to check."""
     at = _answer(_predict_page(with_context_model), age=80.0, bleed="yes")
-    assert "photo + 2 answers** (age, bleed)" in texts(at)
+    assert "photo + 2 answers** (age, bleeding)" in texts(at)
     at = _answer(at, age=150.0)
     assert not at.exception, at.exception
     assert "150 is outside 0-120: this answer is not used." in texts(at, "error")
-    assert "photo + 1 answer** (bleed)" in texts(at)
+    assert "photo + 1 answer** (bleeding)" in texts(at)
 
 
 def test_a_new_photo_clears_the_last_photos_answers_and_says_so(with_context_model):

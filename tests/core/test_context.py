@@ -39,7 +39,7 @@ def synthetic(n=240, seed=0, leak_sex=False) -> tuple[pd.DataFrame, np.ndarray]:
 
 def fitted(df, prob, fields=("age", "site", "bleed", "grew", "itch", "hurt", "changed", "elevation"), **kw):
     tr, va = df[df["split"] == "train"], df[df["split"] == "val"]
-    return fit_context(tr, va, prob[(df["split"] == "val").to_numpy()], fields, n_boot=50, **kw)
+    return fit_context(tr, va, prob[(df["split"] == "val").to_numpy()], fields, **{"n_boot": 50, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,8 @@ def test_cv_context_stage_is_fitted_on_all_non_test_rows_and_thresholded_on_out_
     assert model.threshold["val_roc_auc"]["value"] > roc_auc_score(df["label"], prob) + 0.02
     assert fuse(model, 0.4, 0.5, {"bleed": "yes"}).prob > fuse(model, 0.4, 0.5, {"bleed": "no"}).prob
     assert "out-of-fold predictions (4 folds): sensitivity" in model.threshold_note()
+    assert model.fusion_bootstrap["n"] == len(df) and model.fusion_bootstrap["unit"] == "patients"
+    assert fuse(model, 0.4, 0.5, {"bleed": "yes"}).ci95 is not None
 
 
 @pytest.mark.parametrize("change, message", [
@@ -192,6 +194,15 @@ def test_any_subset_of_answers_predicts(model_and_data):
     assert fuse(model, 0.4, 0.5, {"bleed": "yes"}).prob > fuse(model, 0.4, 0.5, {"bleed": "no"}).prob
 
 
+def test_the_answers_used_are_named_in_words_not_column_names(model_and_data):
+    from core.context import FIELDS
+    model, _, _ = model_and_data
+    r = fuse(model, 0.4, 0.5, {"bleed": "yes", "age": 70, "elevation": "no"})
+    assert r.used == ("age", "bleed", "elevation") and r.used_words == "age, bleeding, raised"
+    words = [spec.word for spec in FIELDS.values()]
+    assert all(words) and len(set(words)) == len(words)  # every field named, no two alike
+
+
 def test_no_answer_gives_the_image_only_result(model_and_data):
     model, _, _ = model_and_data
     for answers in (None, {}, {"age": None, "bleed": ""}, {"bleed": "not answered"}):
@@ -225,6 +236,80 @@ def test_model_round_trips_through_plain_json_and_applies_by_its_formula(model_a
         sum(w[f]["missing"] for f in d["fields"] if f not in answers)
     z = d["fusion"]["intercept"] + d["fusion"]["image"] * np.log(0.3 / 0.7) + d["fusion"]["context"] * by_hand
     assert fuse(back, 0.3, 0.5, answers).prob == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-9)
+
+
+# ---------------------------------------------------------------- the fused probability's interval
+def _refits(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.array(model.fusion_bootstrap[k]) for k in ("intercept", "image", "context"))
+
+
+def test_fused_probability_interval_spans_the_fusion_refitted_on_resampled_patients(model_and_data):
+    model, df, _ = model_and_data
+    boot = model.fusion_bootstrap
+    assert boot["unit"] == "patients" and boot["n"] == int((df["split"] == "val").sum())
+    assert 25 <= boot["fits"] <= 50 and "held fixed" in boot["meaning"]
+    a, b, c = _refits(model)
+    assert a.std() > 0.01 and b.std() > 0.01 and c.std() > 0.01  # resampled data move all three numbers
+    assert abs(np.median(b) - model.fusion["image"]) < 3 * b.std()  # around the fitted fusion, not elsewhere
+    answers = {"age": 70, "bleed": "yes"}
+    r = fuse(model, 0.4, 0.5, answers)
+    z_ctx = model.context_logit({"age": 70.0, "bleed": "yes"})
+    lo, hi = np.quantile(1 / (1 + np.exp(-(a + b * np.log(0.4 / 0.6) + c * z_ctx))), [0.025, 0.975])
+    assert r.ci95 == pytest.approx((min(lo, r.prob), max(hi, r.prob)), abs=1e-12)
+    assert r.ci95[0] < r.prob < r.ci95[1] and r.ci95[1] - r.ci95[0] > 0.01
+    assert fuse(model, 0.4, 0.5, {}).ci95 is None  # photo only: the photo-only result, with its own interval
+    sentence = model.interval_sentence(r.ci95, "A to B")
+    assert sentence.startswith(f"95% interval A to B: the fusion refitted on {boot['fits']} bootstrap resamples of "
+                               f"the {boot['n']} photos it was fitted on (whole patients resampled)")
+
+
+def test_fused_interval_narrows_with_more_validation_patients():
+    widths = []
+    for n in (240, 960):
+        df, prob = synthetic(n=n, seed=3)
+        r = fuse(fitted(df, prob), 0.4, 0.5, {"age": 70, "bleed": "yes"})
+        widths.append(r.ci95[1] - r.ci95[0])
+    assert widths[1] < 0.75 * widths[0]
+
+
+def test_fused_interval_is_contained_around_its_point_and_survives_json(model_and_data):
+    model, _, _ = model_and_data
+    back = ContextModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert back.fusion_bootstrap == model.fusion_bootstrap
+    assert fuse(back, 0.7, 0.5, {"bleed": "no"}).ci95 == fuse(model, 0.7, 0.5, {"bleed": "no"}).ci95
+    # refits all on one side of the fitted fusion: the interval is widened to hold the number shown
+    d = model.to_dict()
+    k = d["fusion_bootstrap"]["fits"]
+    one_sided = ContextModel.from_dict({**d, "fusion_bootstrap": {**d["fusion_bootstrap"], "intercept": [5.0] * k,
+                                                                  "image": [0.0] * k, "context": [0.0] * k}})
+    r = fuse(one_sided, 0.3, 0.5, {"bleed": "no"})
+    assert r.ci95[0] == r.prob and r.ci95[1] == pytest.approx(1 / (1 + np.exp(-5.0)))
+
+
+def test_a_stage_without_refits_has_no_interval_and_says_why(model_and_data):
+    df, prob = synthetic()
+    assert fitted(df, prob, n_boot=0).fusion_bootstrap == {}
+    model, _, _ = model_and_data
+    old = {k: v for k, v in model.to_dict().items() if k != "fusion_bootstrap"}  # a bundle from before them
+    stage = ContextModel.from_dict(old)
+    r = fuse(stage, 0.4, 0.5, {"bleed": "yes"})
+    assert r.ci95 is None and stage.interval_sentence(None, "").startswith("No interval: this context stage has no "
+                                                                             "refits")
+
+
+@pytest.mark.parametrize("change", [{"image": [1.0]}, {"context": "x"}, {"fits": 0},
+                                    {"intercept": [float("nan")] * 50}])
+def test_malformed_fusion_refits_are_refused_when_loaded(model_and_data, change):
+    model, _, _ = model_and_data
+    d = model.to_dict()
+    boot = {**d["fusion_bootstrap"], "fits": 50, "intercept": [0.0] * 50, "image": [1.0] * 50, "context": [1.0] * 50}
+    with pytest.raises(ContextError, match="fusion_bootstrap"):
+        ContextModel.from_dict({**d, "fusion_bootstrap": {**boot, **change}}, where="bundle.json context")
+
+
+def test_without_patient_ids_the_fusion_refits_resample_photos():
+    df, prob = synthetic()
+    assert fitted(df.drop(columns="patient_id"), prob).fusion_bootstrap["unit"] == "photos"
 
 
 def test_threshold_and_validation_numbers_are_stored(model_and_data):

@@ -258,8 +258,34 @@ def test_manifest_context_columns_give_fused_results(run_dir, photo_dir, tmp_pat
     assert out["fused_threshold"].tolist() == [0.5, 0.5, THRESHOLD]
     assert out["fused_verdict"].tolist() == ["flagged" if p >= t else "not flagged"
                                              for p, t in zip(out["fused_prob"], out["fused_threshold"])]
+    assert out["fused_prob_low"].tolist() == out["fused_prob_high"].tolist() == ["", "", ""]  # no refits stored
     side = json.loads(sidecar_path(tmp_path / "p.csv").read_text())
     assert side["context_stage"]["fields"] == ["age", "site", "bleed", "grew"]
+
+
+def test_screen_writes_the_fused_probabilitys_interval_when_the_stage_has_refits(run_dir, photo_dir, tmp_path):
+    from core.context import ContextModel
+    from tests.conftest import hand_context_stage
+    bundle = load_bundle(run_dir)
+    refits = {"fits": 3, "n": 30, "unit": "patients", "intercept": [-0.5, 0.0, 0.5], "image": [1.0, 1.0, 1.0],
+              "context": [1.0, 1.0, 1.0]}
+    stage = ContextModel.from_dict({**hand_context_stage(), "fusion_bootstrap": refits})
+    save_bundle(bundle.model, tmp_path / "ctx" / "bundle", threshold=bundle.meta.threshold,
+                provenance=bundle.meta.provenance, context=stage)
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image": [str(photo_dir / f"p{i}.jpg") for i in range(2)], "label": [1, 0],
+                  "bleed": ["True", None]}).to_csv(manifest, index=False)
+    assert main(["--run", str(tmp_path / "ctx"), "--manifest", str(manifest), "--out", str(tmp_path / "p.csv"),
+                 "--workers", "0"]) == 0
+    out = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    z = np.log(out["raw_score"][0] / (1 - out["raw_score"][0])) + 2.0  # bleed yes
+    lo, hi = np.quantile(1 / (1 + np.exp(-(z + np.array([-0.5, 0.0, 0.5])))), [0.025, 0.975])
+    low, high = float(out["fused_prob_low"][0]), float(out["fused_prob_high"][0])  # a column with blanks: text
+    assert low == pytest.approx(lo, abs=1e-5) and high == pytest.approx(hi, abs=1e-5)
+    assert low < float(out["fused_prob"][0]) < high
+    assert out["fused_prob_low"][1] == out["fused_prob_high"][1] == ""  # photo only: prob_calibrated's interval applies
+    side = json.loads(sidecar_path(tmp_path / "p.csv").read_text())
+    assert "fused_prob_low" in side["columns"]
 
 
 @pytest.fixture
