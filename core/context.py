@@ -268,10 +268,11 @@ class ContextModel:
             return ("No interval: this context stage has no refits of its fusion stored (it was saved before they "
                     "were kept, or too few of its resamples held both malignant and benign photos).")
         b = self.fusion_bootstrap
+        unit = RESAMPLED.get(b["unit"], "whole groups resampled")
         return (f"95% interval {text}: the fusion refitted on {b['fits']} bootstrap resamples of the {b['n']} photos "
-                f"it was fitted on ({RESAMPLED.get(b['unit'], 'whole groups resampled')}) put this number in that range. The photo model and "
-                "the answers' weights are held fixed, so the range shows how much fitting the fusion on other patients "
-                "would move it, not every uncertainty.")
+                f"it was fitted on ({unit}) put this number in that range. The photo model and the answers' weights "
+                "are held fixed, so the range shows how much fitting the fusion on other patients would move it, not "
+                "every uncertainty.")
 
     def contribution(self, name: str, value) -> float:
         w = self.weights[name]

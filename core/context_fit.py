@@ -34,12 +34,12 @@ C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
 MASK_COPIES = 4        # training copies with answers withheld at random (masked_level)
 MASK_P = 0.5           # each answer withheld with this probability in a copy
 FUSION_C = 1.0
-MISSING_LEAK_P = 1e-3  # Fisher exact test, missing x label, on the training rows
-MIN_ANSWERS = 10
 FUSION_BOOT_MEANING = ("the fusion's three numbers refitted on bootstrap resamples of the rows it was fitted on, whole "
                        "units (see unit) resampled; the image scores and the answers' weights held fixed. A photo's "
                        "95% interval is the 2.5th-97.5th percentiles of its fused probability over these refits, "
                        "widened to contain the fitted fusion's value")
+MISSING_LEAK_P = 1e-3  # Fisher exact test, missing x label, on the training rows
+MIN_ANSWERS = 10
 MIN_ANSWER_PATIENTS = 5  # answers from fewer patients teach the model those patients' labels, not the question
 
 
