@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from core import builtin
 from core.bundle import load_bundle
-from core.context import fuse
+from core.context import FUSION_BOOT_KEYS, fuse
 from train import build_demo
 
 pytestmark = pytest.mark.slow
@@ -37,8 +38,13 @@ def test_refresh_context_gives_the_demo_its_fusion_refits_and_keeps_everything_e
     assert after.meta.context.fusion == meta["context"]["fusion"]  # the stored fusion is kept, not replaced
     boot = after.meta.context.fusion_bootstrap
     assert boot["n"] == 74 and boot["unit"] == "patients"
-    # the same refits as the committed demo's: the same photos, weights and seed
-    assert boot == shipped.meta.context.fusion_bootstrap
+    # the same refits as the committed demo's: the same photos, weights and seed (to float noise: the photos'
+    # logits may differ in their last bits with the machine's threads and kernels)
+    committed = shipped.meta.context.fusion_bootstrap
+    assert {k: v for k, v in boot.items() if k not in FUSION_BOOT_KEYS} == {
+        k: v for k, v in committed.items() if k not in FUSION_BOOT_KEYS}
+    for key in FUSION_BOOT_KEYS:
+        np.testing.assert_allclose(boot[key], committed[key], atol=1e-4)
     lo, hi = fuse(after.meta.context, 0.01, 0.5, {"bleed": "yes"}).ci95
     assert lo < fuse(after.meta.context, 0.01, 0.5, {"bleed": "yes"}).prob < hi
 
